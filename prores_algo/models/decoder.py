@@ -1,0 +1,375 @@
+"""Reference Llama-style decoder with five residual/norm placements, for ProRes experiments.
+
+Torch only (no Composer import), so it also runs on a plain PyTorch GPU box.
+
+Architecture (as in the ProRes paper, arXiv 2603.05369): RMSNorm, SwiGLU MLP, rotary position
+embeddings (RoPE), causal `scaled_dot_product_attention`, no biases. One `Block` per layer; the norm
+placement is chosen by `DecoderConfig.norm` (F = attention or MLP branch, l = 1..L):
+
+    pre / lns   h = x + F(Norm(x))
+    post        h = Norm(x + F(x))
+    sandwich    h = x + Norm'(F(Norm(x)))
+    deepnorm    h = Norm(beta * x + F(x)),  beta = (2L)^(1/4)
+
+ProRes scales each F by alpha(l, t). The contract with the surgery is `Block.prores_branches`: the
+dotted names (relative to the block) of the modules whose output *is* the branch entering the
+residual add, so multiplying those outputs by alpha gives exactly the formulas above with alpha * F.
+
+Initialisation follows the official code (DESIGN.md section 2): Linear weights normal(0, init_std),
+token embedding normal(0, init_std * sqrt(d_model)), norm weights 1 (lns: 1/sqrt(l) for layer l),
+DeepNorm: xavier-normal with gain (8L)^(-1/4) on v/o and the FFN, gain 1 on q/k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ['NORM_PLACEMENTS', 'DecoderConfig', 'RotaryEmbedding', 'Attention', 'SwiGLU', 'Block', 'Decoder',
+           'build_decoder']
+
+NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm', 'lns')
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_pos_float(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def default_d_ffn(d_model: int) -> int:
+    """SwiGLU hidden size: 8/3 * d_model rounded up to a multiple of 64 (keeps ~the FLOPs of a 4x MLP)."""
+    return -(-8 * d_model // (3 * 64)) * 64
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ffn: Optional[int] = None  # None -> default_d_ffn(d_model); resolved in __post_init__
+    max_seq_len: int = 1024
+    norm: str = 'pre'  # one of NORM_PLACEMENTS
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len'):
+            value = getattr(self, name)
+            if not _is_pos_int(value):
+                raise ValueError(f'DecoderConfig.{name} must be a positive int, got {value!r}')
+        if self.d_ffn is None:
+            self.d_ffn = default_d_ffn(self.d_model)
+        elif not _is_pos_int(self.d_ffn):
+            raise ValueError(f'DecoderConfig.d_ffn must be a positive int or None, got {self.d_ffn!r}')
+        if self.norm not in NORM_PLACEMENTS:
+            raise ValueError(f'DecoderConfig.norm must be one of {NORM_PLACEMENTS}, got {self.norm!r}')
+        for name in ('rope_theta', 'norm_eps', 'init_std'):
+            value = getattr(self, name)
+            if not _is_pos_float(value):
+                raise ValueError(f'DecoderConfig.{name} must be a positive finite number, got {value!r}')
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f'DecoderConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}')
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f'DecoderConfig.d_model ({self.d_model}) must be divisible by '
+                             f'DecoderConfig.n_heads ({self.n_heads})')
+        if self.head_dim % 2 != 0:
+            raise ValueError(f'head dim d_model / n_heads = {self.head_dim} must be even for RoPE '
+                             f'(DecoderConfig.d_model={self.d_model}, DecoderConfig.n_heads={self.n_heads})')
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# ---------------------------------------------------------------------------------------------------
+# Init bookkeeping. Every module that directly owns parameters carries `_init_spec = (kind, value)`;
+# `Decoder.param_init_fn(module)` initialises one module from it. Keeping the rule on the module (not
+# in a loop over the model) is what lets Composer's meta-device/FSDP init, which visits modules one at
+# a time, reproduce exactly the same initialisation as `Decoder.init_weights()`.
+#   ('normal', std)    weight ~ N(0, std)
+#   ('xavier', gain)   weight ~ xavier_normal(gain)
+#   ('const', value)   weight = value (norms)
+#   ('tied', None)     weight is another module's parameter: leave it alone
+# ---------------------------------------------------------------------------------------------------
+
+def _set_init(module: nn.Module, kind: str, value: Optional[float]) -> nn.Module:
+    module._init_spec = (kind, value)
+    return module
+
+
+def _rms_norm(config: DecoderConfig, init_value: float = 1.0) -> nn.RMSNorm:
+    return _set_init(nn.RMSNorm(config.d_model, eps=config.norm_eps), 'const', init_value)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables (Llama's rotate-half convention).
+
+    `cos`/`sin` are non-persistent buffers (not in the state_dict); `reset_parameters()` recomputes
+    them in place on whatever device they live on, so a model built on `meta` works after
+    `to_empty()` + `init_weights()` (or Composer's meta init, which calls `param_init_fn`).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer('cos', torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer('sin', torch.empty(max_seq_len, head_dim), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        device = self.cos.device
+        inv_freq = 1.0 / (self.theta**(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) /
+                                       self.head_dim))
+        pos = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, head_dim)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, S, head_dim) by position; computed in fp32 (bf16 angles drift at long positions)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE; `o_proj`'s output is the branch F."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        d, self.n_heads, self.head_dim = config.d_model, config.n_heads, config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); `down_proj`'s output is the branch F."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ffn, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ffn, bias=False)
+        self.down_proj = nn.Linear(config.d_ffn, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One transformer layer (`layer_idx` is 0-based; the paper's l = layer_idx + 1).
+
+    Submodules: `attn`, `mlp`, `norm1`, `norm2`, and for sandwich also `attn_post_norm`,
+    `mlp_post_norm`. `prores_branches` (plain tuple of str) names the branch-final modules for ProRes.
+    """
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = config.norm
+        L = config.n_layers
+        self.attn = Attention(config)
+        self.mlp = SwiGLU(config)
+        # LNS (LayerNorm Scaling): the layer's norm weights start at 1/sqrt(l), l 1-based.
+        norm_init = 1.0 / math.sqrt(layer_idx + 1) if config.norm == 'lns' else 1.0
+        self.norm1 = _rms_norm(config, norm_init)
+        self.norm2 = _rms_norm(config, norm_init)
+        if config.norm == 'sandwich':
+            self.attn_post_norm = _rms_norm(config)
+            self.mlp_post_norm = _rms_norm(config)
+            # The post-norm's output is what enters the residual add; scaling o_proj/down_proj
+            # instead would be undone by that norm.
+            self.prores_branches: tuple[str, ...] = ('attn_post_norm', 'mlp_post_norm')
+        else:
+            self.prores_branches = ('attn.o_proj', 'mlp.down_proj')
+        # DeepNorm (DeepNet, decoder-only): residual up-weighted by beta, branch weights down-scaled.
+        self.beta = (2.0 * L)**0.25 if config.norm == 'deepnorm' else 1.0
+
+        std = config.init_std
+        for lin in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj,
+                    self.mlp.up_proj, self.mlp.down_proj):
+            _set_init(lin, 'normal', std)
+        if config.norm == 'deepnorm':
+            gain = (8.0 * L)**-0.25
+            for lin in (self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
+                _set_init(lin, 'xavier', gain)
+            _set_init(self.attn.q_proj, 'xavier', 1.0)
+            _set_init(self.attn.k_proj, 'xavier', 1.0)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.norm in ('pre', 'lns'):
+            h = x + self.attn(self.norm1(x), cos, sin)
+            return h + self.mlp(self.norm2(h))
+        if self.norm == 'sandwich':
+            h = x + self.attn_post_norm(self.attn(self.norm1(x), cos, sin))
+            return h + self.mlp_post_norm(self.mlp(self.norm2(h)))
+        if self.norm == 'post':
+            h = self.norm1(x + self.attn(x, cos, sin))
+            return self.norm2(h + self.mlp(h))
+        # deepnorm
+        h = self.norm1(self.beta * x + self.attn(x, cos, sin))
+        return self.norm2(self.beta * h + self.mlp(h))
+
+    def extra_repr(self) -> str:
+        return f'layer_idx={self.layer_idx}, norm={self.norm!r}, beta={self.beta:.4g}'
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM: embed -> blocks -> [final_norm] -> lm_head. `forward(input_ids) -> logits`."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f'config must be a DecoderConfig, got {type(config).__name__}')
+        self.config = config
+        self.embed = _set_init(nn.Embedding(config.vocab_size, config.d_model), 'normal',
+                               config.init_std * math.sqrt(config.d_model))
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so it needs a final norm.
+        # Post-LN and DeepNorm end every block with a norm: the last block's output already is
+        # normalised and a second norm would be redundant.
+        if config.norm in ('pre', 'sandwich', 'lns'):
+            self.final_norm: Optional[nn.RMSNorm] = _rms_norm(config)
+        else:
+            self.final_norm = None
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+            _set_init(self.lm_head, 'tied', None)  # initialised as the embedding
+        else:
+            _set_init(self.lm_head, 'normal', config.init_std)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.ndim != 2:
+            raise ValueError(f'input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}')
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f'sequence length {seq_len} exceeds DecoderConfig.max_seq_len={self.config.max_seq_len}')
+        cos, sin = self.rope(seq_len)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.lm_head(x)
+
+    # ------------------------------------------------------------------------------------- init
+    @torch.no_grad()
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialise the parameters/buffers `module` owns directly (not its children).
+
+        Named for Composer's FSDP/meta-init hook (`obj.param_init_fn(module)`), which calls it per
+        module after `to_empty`; `init_weights()` applies it to every module.
+        """
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters()
+            return
+        spec = getattr(module, '_init_spec', None)
+        if spec is None:
+            # A module swapped in after construction (e.g. by another algorithm): use its own init.
+            if next(module.parameters(recurse=False), None) is not None:
+                if not callable(getattr(module, 'reset_parameters', None)):
+                    raise RuntimeError(f'no initialisation rule for {type(module).__name__}')
+                module.reset_parameters()
+            return
+        kind, value = spec
+        if kind == 'tied':
+            return
+        if kind == 'normal':
+            nn.init.normal_(module.weight, mean=0.0, std=value)
+        elif kind == 'xavier':
+            nn.init.xavier_normal_(module.weight, gain=value)
+        elif kind == 'const':
+            nn.init.constant_(module.weight, value)
+        else:
+            raise RuntimeError(f'unknown init kind {kind!r}')
+        if getattr(module, 'bias', None) is not None:
+            nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the RoPE buffers, e.g. after `to_empty()` from `meta`."""
+        if self.config.tie_embeddings:
+            # `to_empty()` may replace Parameter objects, which unties them; tie again.
+            self.lm_head.weight = self.embed.weight
+        for module in self.modules():
+            self.param_init_fn(module)
+
+    # Composer hooks (plain methods; Composer looks them up by name): shard / checkpoint per block.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, Block)
+
+    # ----------------------------------------------------------------------------- accounting
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of (unique) parameters; `exclude_embeddings` drops the token embedding (and so a tied
+        head, which is the same tensor). An untied `lm_head` is a real matmul and is always counted."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward) for MFU, llm-foundry's formula.
+
+        llm-foundry (`ComposerMPTCausalLM.flops_per_batch`, used by Composer's `SpeedMonitor` for MFU):
+            flops_per_seq = 3 * (2 * N * S + n_layers * 2 * 2 * d_model * S**2)
+        with N = all parameters (llm-foundry's `n_active_params`, embeddings included), S = seq_len,
+        backward = 2x forward; attention scores (QK^T) and A@V cost 2 * 2 * d_model * S^2 per layer,
+        counted without the causal halving. Per token (divide by S):
+            6 * N + 12 * n_layers * d_model * S
+        """
+        c = self.config
+        return 3 * (2 * self.num_params() + 2 * 2 * c.n_layers * c.d_model * seq_len)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer param groups as in the paper: weight decay on Linear weights only; none on norm
+        weights, biases or embeddings (a tied head is the embedding, so it gets none either)."""
+        decay: list[nn.Parameter] = []
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not (self.config.tie_embeddings and module is self.lm_head):
+                decay.append(module.weight)
+        decay_ids = {id(p) for p in decay}
+        no_decay = [p for p in self.parameters() if id(p) not in decay_ids]
+        return [
+            {'params': decay, 'weight_decay': float(weight_decay)},
+            {'params': no_decay, 'weight_decay': 0.0},
+        ]
+
+
+def build_decoder(**kwargs) -> Decoder:
+    """`Decoder(DecoderConfig(**kwargs))`."""
+    return Decoder(DecoderConfig(**kwargs))

@@ -1,0 +1,314 @@
+"""Attach ProRes to a model: find each layer's residual branches and scale them by the layer's α.
+
+Mechanism (DESIGN §3): a forward hook on every branch-final module multiplies its output by a 0-dim,
+non-persistent buffer `prores_alpha` that lives on that module and is updated in place with `fill_`.
+Because of that choice:
+  * parameter names and `state_dict` keys do not change (HF checkpoints still load);
+  * optimizers built before the surgery keep working (no parameter is replaced);
+  * FSDP / ZeRO-3 never shard α, and `.to(device)` moves it with the module;
+  * `torch.compile` sees α as a buffer input, so updating it does not recompile;
+  * activation checkpointing recomputes with the same α;
+  * no branch is skipped at α = 0 (DDP/FSDP would otherwise see unused parameters).
+Once every α is 1 for good (t >= W), `remove()` takes the hooks and buffers away: zero overhead.
+
+This module imports only torch and the pure-Python schedules: it runs without Composer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from prores_algo import schedules
+from prores_algo.policies import BRANCHES_ATTRIBUTE, LAYER_POLICIES
+
+__all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER']
+
+ALPHA_BUFFER = 'prores_alpha'
+
+
+@dataclass(frozen=True)
+class ResidualLayer:
+    """One transformer layer: where it sits in the model and the names of its branch-final modules."""
+    index: int  # 0-based depth
+    path: str  # dotted name in the model
+    module: nn.Module
+    branches: tuple[str, ...]  # dotted names relative to `module`
+
+
+def _scale_branch_output(module: nn.Module, args, output):
+    """Forward hook: output · α. α is looked up at call time so it follows `.to()` and FSDP moves.
+
+    A 0-dim fp32 tensor does not promote a bf16/fp16 activation (0-dim tensors don't take part in type
+    promotion against dimensioned ones of the same category), so the branch keeps its dtype.
+    """
+    alpha = module._buffers[ALPHA_BUFFER]
+    if isinstance(output, torch.Tensor):
+        return output * alpha
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (output[0] * alpha, *output[1:])
+    raise TypeError(f'ProRes cannot scale the output of {type(module).__name__}: expected a tensor or a tuple '
+                    f'starting with one, got {type(output).__name__}. Name a different branch module.')
+
+
+def _is_layer(path: str, module: nn.Module, layer_class, layer_pattern: str | None) -> bool:
+    if layer_pattern is not None:
+        return fnmatch.fnmatchcase(path, layer_pattern)
+    if layer_class is not None:
+        if isinstance(layer_class, str):
+            return type(module).__name__ == layer_class
+        return isinstance(module, layer_class)
+    return type(module).__name__ in LAYER_POLICIES or isinstance(getattr(module, BRANCHES_ATTRIBUTE, None), tuple)
+
+
+def _branches_for(module: nn.Module, branches: Sequence[str] | None) -> tuple[str, ...] | None:
+    if branches is not None:
+        return tuple(branches)
+    own = getattr(module, BRANCHES_ATTRIBUTE, None)
+    if isinstance(own, tuple):
+        return own
+    return LAYER_POLICIES.get(type(module).__name__)
+
+
+def _repeated_module_classes(model: nn.Module) -> list[str]:
+    """Classes that occur several times inside ModuleLists: the likely transformer layers (for errors)."""
+    counts: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            counts.update(type(m).__name__ for m in module)
+    return [name for name, n in counts.most_common(5) if n > 1]
+
+
+def find_residual_layers(model: nn.Module,
+                         layer_class: type | str | None = None,
+                         branches: Sequence[str] | None = None,
+                         layer_pattern: str | None = None) -> list[ResidualLayer]:
+    """Find every transformer layer of `model` (outermost match, in module order = depth order)."""
+    if layer_class is not None and layer_pattern is not None:
+        raise ValueError('pass either layer_class or layer_pattern, not both')
+    if branches is not None:
+        if isinstance(branches, str) or not all(isinstance(b, str) and b for b in branches) or not branches:
+            raise ValueError(f'branches must be a non-empty list of dotted module names (e.g. '
+                             f"['attn.o_proj', 'mlp.down_proj']), got {branches!r}")
+    layers: list[ResidualLayer] = []
+    inside: str | None = None  # path of the layer we are inside: nested matches belong to it
+    for path, module in model.named_modules():
+        if inside is not None and (path == inside or path.startswith(inside + '.')):
+            continue
+        if not _is_layer(path, module, layer_class, layer_pattern):
+            continue
+        names = _branches_for(module, branches)
+        if names is None:
+            raise ValueError(
+                f'layer {path!r} ({type(module).__name__}) matched layer_class/layer_pattern but ProRes does not know '
+                f"its residual branches: pass branches=['<attention output module>', '<mlp output module>'] "
+                f'(dotted names inside the layer), or prores_algo.register_policy({type(module).__name__!r}, ...).')
+        for name in names:
+            try:
+                module.get_submodule(name)
+            except AttributeError:
+                children = [n for n, _ in module.named_modules() if n][:40]
+                raise ValueError(
+                    f'branch {name!r} not found in layer {path!r} ({type(module).__name__}); fix `branches`. '
+                    f'Submodules of that layer: {children}') from None
+        layers.append(ResidualLayer(len(layers), path, module, names))
+        inside = path
+    if not layers:
+        hint = ''
+        if layer_class is None and layer_pattern is None:
+            candidates = _repeated_module_classes(model)
+            hint = (f' Repeated module classes in this model: {candidates}.' if candidates else '')
+        how = (f'layer_class={layer_class!r}' if layer_class is not None else
+               f'layer_pattern={layer_pattern!r}' if layer_pattern is not None else
+               f'none of its modules is a known transformer layer ({sorted(LAYER_POLICIES)}) or defines '
+               f'`{BRANCHES_ATTRIBUTE}`')
+        raise ValueError(
+            f'ProRes found no residual branch in {type(model).__name__}: {how}.{hint} Pass '
+            f"layer_class='YourBlock' and branches=['attn.out_proj', 'mlp.down_proj'] (the modules whose output is "
+            f'added to the residual stream), or register_policy() them.')
+    return layers
+
+
+def _check_warmup(warmup_steps) -> float:
+    if isinstance(warmup_steps, str):
+        raise ValueError(f't_warmup={warmup_steps!r}: apply_prores takes a number of steps; Time strings such as '
+                         "'24000ba' or '0.1dur' are resolved by the Composer algorithm prores_algo.ProRes")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or not warmup_steps > 0 \
+            or math.isinf(warmup_steps):
+        raise ValueError(f't_warmup must be a positive, finite number of steps, got {warmup_steps!r}')
+    return float(warmup_steps)
+
+
+class ProResController:
+    """Owns the hooks of one model; `set_step(t)` moves every α to the schedule's value at t."""
+
+    def __init__(self, layers: list[ResidualLayer], schedule: str, warmup_steps: float | None,
+                 remove_when_done: bool = True):
+        self.layers = layers
+        self.schedule = schedules.canonical_name(schedule)
+        self._warmup_steps = None if warmup_steps is None else _check_warmup(warmup_steps)
+        self.remove_when_done = remove_when_done
+        self.step: float = 0.0
+        self._alphas: list[float] = [0.0] * len(layers)
+        self._hooks: list[tuple[int, str, nn.Module, torch.utils.hooks.RemovableHandle]] = []
+        self.removed = False
+        for layer in layers:  # check everything before touching anything: no half-applied state
+            for name in layer.branches:
+                if ALPHA_BUFFER in layer.module.get_submodule(name)._buffers:
+                    raise ValueError(f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
+                                     'call remove() on the first controller before applying ProRes again.')
+        for layer in layers:
+            for name in layer.branches:
+                self._attach(layer, name)
+        if self._warmup_steps is not None:
+            self.set_step(0)
+
+    # --- public API --------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def warmup_steps(self) -> float | None:
+        return self._warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: float) -> None:
+        self._warmup_steps = _check_warmup(value)
+
+    @property
+    def alphas(self) -> list[float]:
+        """α per layer (shallowest first), as Python floats: reading them never syncs a device."""
+        return [1.0] * len(self.layers) if self.removed else list(self._alphas)
+
+    def alphas_at(self, step: float) -> list[float]:
+        return schedules.alphas(self.schedule, self.num_layers, step, self._require_warmup())
+
+    def done(self, step: float | None = None) -> bool:
+        """True once every α is 1 for good (t >= W), after which the scaling can be removed."""
+        return (self.step if step is None else step) >= self._require_warmup()
+
+    def set_step(self, step: float) -> list[float]:
+        """Set every α to its value at time `step` (in the unit of `warmup_steps`)."""
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or math.isnan(step):
+            raise ValueError(f'step must be a number, got {step!r}')
+        if self.removed:
+            if step >= self._require_warmup():
+                self.step = float(step)
+                return self.alphas
+            raise RuntimeError(f'ProRes scaling was removed (warmup ended at {self._warmup_steps}); '
+                               f'cannot go back to step {step}. Apply ProRes again to a fresh model.')
+        self.step = float(step)
+        new = self.alphas_at(step)
+        for i, (old, a) in enumerate(zip(self._alphas, new)):
+            if a != old:
+                self._fill(i, a)
+        self._alphas = new
+        if self.remove_when_done and self.done():
+            self.remove()
+        return self.alphas
+
+    def refresh(self) -> int:
+        """Re-attach to branch modules another surgery replaced after us; returns how many moved.
+
+        Composer algorithms such as `gated_linear_units` swap modules at Event.INIT; if they run after
+        ProRes, our hook would be left on a module that is no longer part of the model.
+        """
+        if self.removed:
+            return 0
+        moved = 0
+        for k, (layer_idx, name, module, handle) in enumerate(list(self._hooks)):
+            layer = self.layers[layer_idx]
+            try:
+                current = layer.module.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f'branch {name!r} of layer {layer.path!r} disappeared after another algorithm modified the '
+                    f'model; name the new branch module in `branches`.') from None
+            if current is not module:
+                handle.remove()
+                module._buffers.pop(ALPHA_BUFFER, None)
+                self._hooks[k] = self._make_hook(layer_idx, name, current)
+                current._buffers[ALPHA_BUFFER].fill_(self._alphas[layer_idx])
+                moved += 1
+        return moved
+
+    def remove(self) -> None:
+        """Take every hook and α buffer away: the model is exactly the un-scaled model (α = 1)."""
+        for _, _, module, handle in self._hooks:
+            handle.remove()
+            module._buffers.pop(ALPHA_BUFFER, None)
+        self._hooks.clear()
+        self.removed = True
+
+    @property
+    def num_hooks(self) -> int:
+        return len(self._hooks)
+
+    # --- internals ---------------------------------------------------------------------------------
+    def _require_warmup(self) -> float:
+        if self._warmup_steps is None:
+            raise RuntimeError('t_warmup is not resolved yet (it is set at Event.FIT_START for dur fractions)')
+        return self._warmup_steps
+
+    def _make_hook(self, layer_idx: int, name: str, module: nn.Module):
+        if ALPHA_BUFFER in module._buffers:
+            raise ValueError(f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
+                             f'{self.layers[layer_idx].path!r}: call remove() on the first controller before '
+                             'applying ProRes again.')
+        device = next((t.device for t in module.parameters(recurse=True)), None)
+        if device is None:
+            device = next((t.device for t in module.buffers(recurse=True)), torch.device('cpu'))
+        # float32 so that α = 0 and α = 1 are exact and intermediate α keep full precision;
+        # persistent=False keeps it out of state_dict.
+        module.register_buffer(ALPHA_BUFFER, torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        handle = module.register_forward_hook(_scale_branch_output)
+        return layer_idx, name, module, handle
+
+    def _attach(self, layer: ResidualLayer, name: str) -> None:
+        module = layer.module.get_submodule(name)
+        self._hooks.append(self._make_hook(layer.index, name, module))
+
+    def _fill(self, layer_idx: int, value: float) -> None:
+        for idx, _, module, _ in self._hooks:
+            if idx == layer_idx:
+                module._buffers[ALPHA_BUFFER].fill_(value)
+
+    def __repr__(self) -> str:
+        return (f'ProResController(schedule={self.schedule!r}, num_layers={self.num_layers}, '
+                f'warmup_steps={self._warmup_steps}, step={self.step}, removed={self.removed})')
+
+
+def apply_prores(model: nn.Module,
+                 schedule: str = 'linear',
+                 t_warmup: float | None = None,
+                 *,
+                 layer_class: type | str | None = None,
+                 branches: Sequence[str] | None = None,
+                 layer_pattern: str | None = None,
+                 remove_when_done: bool = True) -> ProResController:
+    """Scale every residual branch of `model` by its layer's α and return the controller.
+
+    Args:
+        model: any torch module containing transformer layers (HF models, Composer's HuggingFaceModel,
+            our reference decoder, your own).
+        schedule: name from `prores_algo.schedules.names()` (or an alias).
+        t_warmup: W, in optimizer steps (or whatever unit you will pass to `set_step`): the time at which
+            every α reaches 1. Default: the paper's 1000 steps per layer (W = 1000·L).
+        layer_class / layer_pattern: which modules are layers (class or class name / fnmatch over module
+            paths), when the model is not in `prores_algo.policies.LAYER_POLICIES`.
+        branches: dotted names, inside each layer, of the modules whose output enters the residual add.
+        remove_when_done: remove hooks and buffers as soon as `set_step(t)` sees t >= W.
+
+    The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
+    """
+    layers = find_residual_layers(model, layer_class, branches, layer_pattern)
+    if t_warmup is None:
+        t_warmup = 1000 * len(layers)
+    return ProResController(layers, schedule, t_warmup, remove_when_done)
