@@ -133,20 +133,21 @@ class ProRes(Algorithm):
         """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START)."""
         assert self.controller is not None
         tw = self.t_warmup if self.t_warmup is not None else Time(1000 * self.controller.num_layers, TimeUnit.BATCH)
-        if tw.unit == TimeUnit.DURATION:
+        value, unit = float(tw.value), tw.unit
+        if unit == TimeUnit.DURATION:
             max_duration = state.max_duration
             if max_duration is None:
                 return False
             if max_duration.unit == TimeUnit.EPOCH:
                 if state.dataloader_len is None:
                     return False
-                tw = Time(tw.value * max_duration.value * int(state.dataloader_len), TimeUnit.BATCH)
+                value, unit = value * max_duration.value * int(state.dataloader_len), TimeUnit.BATCH
             elif max_duration.unit in _UNIT_FIELD:
-                tw = Time(tw.value * max_duration.value, max_duration.unit)
+                value, unit = value * max_duration.value, max_duration.unit
             else:
                 raise ValueError(f't_warmup={self.t_warmup} cannot be resolved against max_duration={max_duration}')
-        self._unit = tw.unit
-        self.controller.warmup_steps = float(tw.value)
+        self._unit = unit
+        self.controller.warmup_steps = value
         return True
 
     def _warn_if_longer_than_run(self, state: State) -> None:

@@ -13,7 +13,7 @@ Checked on transformers 4.57: tests/test_surgery.py verifies every entry numeric
 
 from __future__ import annotations
 
-__all__ = ['LAYER_POLICIES', 'register_policy', 'BRANCHES_ATTRIBUTE']
+__all__ = ['LAYER_POLICIES', 'BRANCH_REWRITES', 'register_policy', 'BRANCHES_ATTRIBUTE']
 
 # Attribute a layer module may define to declare its own branch-final modules.
 BRANCHES_ATTRIBUTE = 'prores_branches'
@@ -40,6 +40,15 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     'BertLayer': ('attention.output.dropout', 'output.dropout'),
     # llm-foundry's MPT block.
     'MPTBlock': ('resid_attn_dropout', 'resid_ffn_dropout'),
+}
+
+
+# When another surgery replaces the module that holds a branch, the branch may end elsewhere in the
+# replacement: container class name -> {policy child name: child that really ends the branch}.
+BRANCH_REWRITES: dict[str, dict[str, str]] = {
+    # Composer's gated_linear_units swaps BertOutput for BERTGatedFFOutput, whose dropout comes *before*
+    # its output projection `wo` (and whose bias would not be scaled by scaling the dropout).
+    'BERTGatedFFOutput': {'dropout': 'wo'},
 }
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prores_algo import schedules
-from prores_algo.policies import BRANCHES_ATTRIBUTE, LAYER_POLICIES
+from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES
 
 __all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER']
 
@@ -76,6 +76,14 @@ def _branches_for(module: nn.Module, branches: Sequence[str] | None) -> tuple[st
     return LAYER_POLICIES.get(type(module).__name__)
 
 
+def resolve_branch(layer: nn.Module, name: str) -> nn.Module:
+    """The module ending branch `name` of `layer`, following BRANCH_REWRITES (AttributeError if absent)."""
+    parent_name, _, child = name.rpartition('.')
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    child = BRANCH_REWRITES.get(type(parent).__name__, {}).get(child, child)
+    return parent.get_submodule(child)
+
+
 def _repeated_module_classes(model: nn.Module) -> list[str]:
     """Classes that occur several times inside ModuleLists: the likely transformer layers (for errors)."""
     counts: Counter[str] = Counter()
@@ -111,7 +119,7 @@ def find_residual_layers(model: nn.Module,
                 f'(dotted names inside the layer), or prores_algo.register_policy({type(module).__name__!r}, ...).')
         for name in names:
             try:
-                module.get_submodule(name)
+                resolve_branch(module, name)
             except AttributeError:
                 children = [n for n, _ in module.named_modules() if n][:40]
                 raise ValueError(
@@ -160,7 +168,7 @@ class ProResController:
         self.removed = False
         for layer in layers:  # check everything before touching anything: no half-applied state
             for name in layer.branches:
-                if ALPHA_BUFFER in layer.module.get_submodule(name)._buffers:
+                if ALPHA_BUFFER in resolve_branch(layer.module, name)._buffers:
                     raise ValueError(f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
                                      'call remove() on the first controller before applying ProRes again.')
         for layer in layers:
@@ -226,7 +234,7 @@ class ProResController:
         for k, (layer_idx, name, module, handle) in enumerate(list(self._hooks)):
             layer = self.layers[layer_idx]
             try:
-                current = layer.module.get_submodule(name)
+                current = resolve_branch(layer.module, name)
             except AttributeError:
                 raise ValueError(
                     f'branch {name!r} of layer {layer.path!r} disappeared after another algorithm modified the '
@@ -272,7 +280,7 @@ class ProResController:
         return layer_idx, name, module, handle
 
     def _attach(self, layer: ResidualLayer, name: str) -> None:
-        module = layer.module.get_submodule(name)
+        module = resolve_branch(layer.module, name)
         self._hooks.append(self._make_hook(layer.index, name, module))
 
     def _fill(self, layer_idx: int, value: float) -> None:
