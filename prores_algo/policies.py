@@ -13,7 +13,7 @@ Checked on transformers 4.57: tests/test_surgery.py verifies every entry numeric
 
 from __future__ import annotations
 
-__all__ = ['LAYER_POLICIES', 'BRANCH_REWRITES', 'register_policy', 'BRANCHES_ATTRIBUTE']
+__all__ = ['LAYER_POLICIES', 'BRANCH_REWRITES', 'FOLD_TARGETS', 'register_policy', 'BRANCHES_ATTRIBUTE']
 
 # Attribute a layer module may define to declare its own branch-final modules.
 BRANCHES_ATTRIBUTE = 'prores_branches'
@@ -40,6 +40,28 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     'BertLayer': ('attention.output.dropout', 'output.dropout'),
     # llm-foundry's MPT block.
     'MPTBlock': ('resid_attn_dropout', 'resid_ffn_dropout'),
+    # --- more families (transformers 4.57; tests/test_more_architectures.py checks each numerically) ---
+    # Gemma (Pre-LN, RMSNorm computing x·(1+w)): like Llama.
+    'GemmaDecoderLayer': _LLAMA_LIKE,
+    # Phi-1/2: parallel block, x + drop(dense(attn(ln(x)))) + drop(fc2(mlp(ln(x)))); one shared resid_dropout
+    # module serves both branches, so scale the projections in front of it (dropout commutes with α).
+    'PhiDecoderLayer': ('self_attn.dense', 'mlp.fc2'),
+    # Phi-3: Pre-LN, x + resid_attn_dropout(o_proj(..)), h + resid_mlp_dropout(down_proj(..)).
+    'Phi3DecoderLayer': _LLAMA_LIKE,
+    # StableLM: sequential or parallel (use_parallel_residual) residual; the attention output is added
+    # undropped, the MLP output through `dropout`.
+    'StableLmDecoderLayer': _LLAMA_LIKE,
+    # Falcon: sequential, parallel (parallel_attn) and new_decoder_architecture; `mlp_output += attention_output`
+    # then dropout_add, so both projections' outputs enter the residual add linearly.
+    'FalconDecoderLayer': ('self_attention.dense', 'mlp.dense_4h_to_h'),
+    # GPT-J: parallel, x + resid_dropout(out_proj(attn(ln(x)))) + dropout(fc_out(mlp(ln(x)))).
+    'GPTJBlock': ('attn.out_proj', 'mlp.fc_out'),
+    # Mixtral: the whole sparse-MoE block is the MLP branch; it returns (hidden, router_logits) and the
+    # surgery hook scales only the first element (router logits, hence the aux loss, are unchanged).
+    'MixtralDecoderLayer': ('self_attn.o_proj', 'block_sparse_moe'),
+    # Qwen2-MoE: `mlp` is a Qwen2MoeSparseMoeBlock (tuple output, experts + gated shared expert) or, on
+    # mlp_only_layers / decoder_sparse_step, a dense Qwen2MoeMLP: scaling `mlp`'s output covers both.
+    'Qwen2MoeDecoderLayer': ('self_attn.o_proj', 'mlp'),
 }
 
 
@@ -49,6 +71,24 @@ BRANCH_REWRITES: dict[str, dict[str, str]] = {
     # Composer's gated_linear_units swaps BertOutput for BERTGatedFFOutput, whose dropout comes *before*
     # its output projection `wo` (and whose bias would not be scaled by scaling the dropout).
     'BERTGatedFFOutput': {'dropout': 'wo'},
+}
+
+
+# For `prores_algo.export.fold_prores`: a branch-final module without weights of its own (a dropout, a
+# whole MoE block) cannot absorb α; α goes into the modules named here instead, whose output reaches the
+# branch output linearly (only dropout / routing weights in between). layer class name ->
+# {branch name (as in LAYER_POLICIES): fnmatch patterns of module paths relative to the layer}. Every
+# module matching any pattern is scaled; at least one must match. Branches whose module has its own
+# weight (Linear, Conv1D, norms) need no entry.
+FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    'GPT2Block': {'attn.resid_dropout': ('attn.c_proj',), 'mlp.dropout': ('mlp.c_proj',)},
+    'GPTNeoXLayer': {'post_attention_dropout': ('attention.dense',), 'post_mlp_dropout': ('mlp.dense_4h_to_h',)},
+    'BertLayer': {'attention.output.dropout': ('attention.output.dense',), 'output.dropout': ('output.dense',)},
+    'MPTBlock': {'resid_attn_dropout': ('attn.out_proj',), 'resid_ffn_dropout': ('ffn.down_proj',)},
+    # sum_e r_e(x)·w2_e(...): scaling every expert's output projection scales the block output
+    'MixtralDecoderLayer': {'block_sparse_moe': ('block_sparse_moe.experts.*.w2',)},
+    # sparse block: experts + sigmoid-gated shared expert; dense layers: the MLP's down_proj
+    'Qwen2MoeDecoderLayer': {'mlp': ('mlp.down_proj', 'mlp.experts.*.down_proj', 'mlp.shared_expert.down_proj')},
 }
 
 
