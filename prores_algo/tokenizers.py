@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Protocol, runtime_checkable
 
+import numpy as np
+
 __all__ = ['Tokenizer', 'ByteTokenizer', 'HFTokenizer', 'load_tokenizer']
 
 
@@ -42,6 +44,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode('utf-8'))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int32 array without a Python list in between (the packer's fast path)."""
+        return np.frombuffer(text.encode('utf-8'), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
         # Skip eos (and anything out of byte range) so decode(encode(x) + [eos]) == x.

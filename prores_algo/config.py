@@ -1,0 +1,186 @@
+"""The training configuration: YAML + `key=value` overrides → a validated, typed config.
+
+OmegaConf loads the YAML (safe loader: no code execution) and merges dot-list overrides; pydantic
+validates it with `extra='forbid'`, so a typo is an error that names the key and suggests the
+nearest valid one. Names of things (models, algorithms, schedulers, callbacks, loggers) are looked
+up in explicit tables, never imported from strings.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+__all__ = ['TrainConfig', 'load_config', 'ConfigError', 'check_kwargs']
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and the fix in its message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra='forbid', protected_namespaces=())
+
+
+class ModelConfig(BaseModel):
+    """`name` picks the family; every other key is that family's argument (checked by the builder)."""
+    model_config = ConfigDict(extra='allow', protected_namespaces=())
+    name: Literal['reference', 'hf_causal_lm']
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Strict):
+    path: str  # MDS folder (built from `source` if missing) or a remote URL of prebuilt shards
+    source: Optional[str] = 'stdlib'  # text to build shards from: 'stdlib', a local path, 'hf:NAME[:CONFIG]'
+    seq_len: int = 128
+    max_tokens: Optional[int] = None
+    max_bytes: Optional[int] = None
+    val_fraction: float = 0.05
+    num_workers: int = 0
+    shuffle: bool = True
+    local_cache: Optional[str] = None
+
+
+class OptimizerConfig(_Strict):
+    name: Literal['adamw', 'decoupled_adamw'] = 'adamw'
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra='allow')
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    run_name: Optional[str] = None
+    seed: int = 17
+    model: ModelConfig
+    tokenizer: str = 'byte'
+    data: DataConfig
+    global_train_batch_size: int
+    device_train_microbatch_size: Union[int, Literal['auto'], None] = None
+    eval_batch_size: Optional[int] = None
+    optimizer: OptimizerConfig
+    scheduler: Optional[SchedulerConfig] = None
+    algorithms: dict[str, Optional[dict[str, Any]]] = {}
+    callbacks: dict[str, Optional[dict[str, Any]]] = {}
+    loggers: dict[str, Optional[dict[str, Any]]] = {}
+    precision: Literal['fp32', 'amp_bf16', 'amp_fp16', 'amp_fp8'] = 'fp32'
+    device: Optional[Literal['cpu', 'gpu']] = None
+    max_duration: str
+    eval_interval: Union[str, int] = '500ba'
+    eval_subset_num_batches: int = -1
+    eval_first: bool = True
+    save_folder: Optional[str] = None
+    save_interval: Union[str, int] = '1000ba'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: Optional[str] = None
+    console_log_interval: Union[str, int] = '50ba'
+    progress_bar: bool = False
+    compile: bool = False
+    parallelism: Optional[dict[str, Any]] = None  # {'fsdp': {...FSDP/FSDP2 config...}}
+    dist_timeout: float = 300.0
+
+    @field_validator('global_train_batch_size')
+    @classmethod
+    def _positive(cls, v):
+        if v < 1:
+            raise ValueError('must be a positive int')
+        return v
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def _fields_of(model_cls, loc) -> list[str]:
+    """Valid keys at location `loc` (a tuple of keys) of the schema, for 'did you mean'."""
+    cls = model_cls
+    for part in loc:
+        field = getattr(cls, 'model_fields', {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in getattr(ann, '__args__', (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                cls = cand
+                break
+        else:
+            return []
+    return list(getattr(cls, 'model_fields', {}))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e['loc'] if not isinstance(p, int))
+        dotted = '.'.join(str(p) for p in e['loc'])
+        if e['type'] == 'extra_forbidden':
+            valid = _fields_of(TrainConfig, loc[:-1])
+            lines.append(f"unknown key '{dotted}'{_suggest(loc[-1], valid)}; valid keys here: {sorted(valid)}")
+        elif e['type'] == 'missing':
+            lines.append(f"missing required key '{dotted}'")
+        else:
+            lines.append(f"'{dotted}': {e['msg']} (got {e.get('input')!r})")
+    return f'{source}: ' + '; '.join(lines)
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None,
+                data: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """Load a YAML file (or a dict) and apply `key=value` overrides (OmegaConf dot-list syntax)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f'config file {str(path)!r} not found: pass the path of a YAML under yamls/')
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and OmegaConf errors: point at the file
+            raise ConfigError(f'{path}: not valid YAML: {e}') from None
+    else:
+        cfg = OmegaConf.create(data or {})
+    for item in overrides or []:
+        if '=' not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. max_duration=100ba")
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f'{path or "config"}: {e}') from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: the top level of the YAML must be a mapping of keys')
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path or 'config'))) from None
+
+
+def check_kwargs(where: str, target, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Fail with the key and the accepted names if `kwargs` has a key `target`'s signature lacks."""
+    import inspect
+    params = inspect.signature(target).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    valid = [n for n in params if n not in ('self', *skip)]
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, valid)}; accepted: {valid}")
+    return kwargs

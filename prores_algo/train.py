@@ -1,0 +1,358 @@
+"""Training entry: `python -m prores_algo.train CONFIG.yaml [key=value ...]`.
+
+Runs under the `composer` launcher (`composer -n N -m prores_algo.train CONFIG.yaml`), torchrun, or
+plain python; also installed as the console script `prores-train`. The YAML is validated by
+`prores_algo.config`; this module only turns it into Composer objects and runs the Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
+
+__all__ = ['main', 'build_trainer', 'build_model', 'ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
+
+
+def _snake(name: str) -> str:
+    name = re.sub(r'(?<=[a-z0-9])(?=[A-Z])', '_', name)
+    return re.sub(r'(?<=[A-Z])(?=[A-Z][a-z])', '_', name).lower()
+
+
+def _registry(module, base) -> dict[str, Any]:
+    """snake_case name → class, for every public subclass of `base` in a Composer package."""
+    out = {}
+    for name in getattr(module, '__all__', []):
+        obj = getattr(module, name, None)
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
+            out[_snake(name)] = obj
+    return out
+
+
+def _algorithms() -> dict[str, Any]:
+    import composer.algorithms as algos
+    from composer.core import Algorithm
+
+    from prores_algo.algorithm import ProRes
+    table = _registry(algos, Algorithm)
+    table['low_precision_layernorm'] = algos.LowPrecisionLayerNorm  # Composer's own spelling
+    table['prores'] = ProRes
+    return table
+
+
+def _schedulers() -> dict[str, Any]:
+    from composer import optim
+
+    from prores_algo.lr_schedules import WSDScheduler
+    return {
+        'wsd': WSDScheduler,
+        'constant': optim.ConstantScheduler,
+        'constant_with_warmup': optim.ConstantWithWarmupScheduler,
+        'linear': optim.LinearScheduler,
+        'linear_with_warmup': optim.LinearWithWarmupScheduler,
+        'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
+        'cosine': optim.CosineAnnealingScheduler,
+        'polynomial_with_warmup': optim.PolynomialWithWarmupScheduler,
+    }
+
+
+def _callbacks() -> dict[str, Any]:
+    import composer.callbacks as cbs
+    from composer.core import Callback
+    table = _registry(cbs, Callback)
+    try:
+        from prores_algo.monitor import ResidualMonitor
+        table['residual_monitor'] = ResidualMonitor
+    except ImportError:  # pragma: no cover
+        pass
+    return table
+
+
+def _loggers() -> dict[str, Any]:
+    import composer.loggers as lg
+    from composer.loggers import LoggerDestination
+    table = _registry(lg, LoggerDestination)
+    return {k.removesuffix('_logger') if k.endswith('_logger') else k: v for k, v in table.items()}
+
+
+ALGORITHMS, SCHEDULERS, CALLBACKS, LOGGERS = _algorithms, _schedulers, _callbacks, _loggers
+
+
+def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict[str, Any]]]) -> list[Any]:
+    objs = []
+    for name, kwargs in spec.items():
+        if name not in table:
+            from prores_algo.config import _suggest
+            raise ConfigError(f"{kind}: unknown name '{name}'{_suggest(name, table)}; available: {sorted(table)}")
+        kwargs = dict(kwargs or {})
+        check_kwargs(f'{kind}.{name}', table[name], kwargs)
+        try:
+            objs.append(table[name](**kwargs))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'{kind}.{name}: {e}') from None
+    return objs
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
+    """The ComposerModel named by `model.name`; checks vocab against the tokenizer and seq_len."""
+    kwargs = cfg.model.kwargs
+    if cfg.model.name == 'reference':
+        from prores_algo.models.composer_decoder import ComposerDecoder
+        from prores_algo.models.decoder import DecoderConfig
+        check_kwargs('model (reference)', DecoderConfig, kwargs)
+        kwargs.setdefault('max_seq_len', cfg.data.seq_len)
+        try:
+            dcfg = DecoderConfig(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'model: {e}') from None
+        vocab, max_len = dcfg.vocab_size, dcfg.max_seq_len
+    else:
+        vocab, max_len, dcfg = None, None, None
+    if tokenizer_vocab is not None and vocab is not None and vocab < tokenizer_vocab:
+        raise ConfigError(f'model.vocab_size={vocab} is smaller than the tokenizer\'s vocabulary ({tokenizer_vocab} '
+                          f'ids, tokenizer {cfg.tokenizer!r}): set model.vocab_size >= {tokenizer_vocab}')
+    if max_len is not None and cfg.data.seq_len > max_len:
+        raise ConfigError(f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}: raise '
+                          'model.max_seq_len or lower data.seq_len')
+    if cfg.model.name == 'reference':
+        return ComposerDecoder(dcfg)
+    return _build_hf_causal_lm(kwargs, tokenizer_vocab, cfg.data.seq_len)
+
+
+def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], seq_len: int):
+    """A transformers causal LM built from a config (no download), wrapped in Composer's HuggingFaceModel."""
+    import transformers
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    from composer.models import HuggingFaceModel
+    kwargs = dict(kwargs)
+    model_type = kwargs.pop('model_type', None)
+    if not model_type:
+        raise ConfigError("model (hf_causal_lm): set model_type, e.g. 'llama', 'qwen2', 'gpt2', 'mistral'")
+    try:
+        hf_cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f'model.model_type={model_type!r}: {e}') from None
+    unknown = [k for k in kwargs if k not in hf_cfg.to_dict()]
+    if unknown:
+        raise ConfigError(f'model (hf_causal_lm, {model_type}): unknown config key(s) {unknown}')
+    vocab = getattr(hf_cfg, 'vocab_size', None)
+    if tokenizer_vocab is not None and vocab is not None and vocab < tokenizer_vocab:
+        raise ConfigError(f'model.vocab_size={vocab} is smaller than the tokenizer\'s vocabulary ({tokenizer_vocab}): '
+                          f'set model.vocab_size >= {tokenizer_vocab}')
+    max_pos = getattr(hf_cfg, 'max_position_embeddings', None) or getattr(hf_cfg, 'n_positions', None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ConfigError(f'data.seq_len={seq_len} exceeds the model\'s max_position_embeddings={max_pos}')
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
+    return HuggingFaceModel(model, use_logits=True, metrics=metrics, eval_metrics=metrics, shift_labels=True)
+
+
+def _add_labels(batch):
+    """HF causal LMs compute the (shifted) loss from `labels`; our shards carry only `input_ids`."""
+    if isinstance(batch, dict) and 'labels' not in batch:
+        batch = {**batch, 'labels': batch['input_ids']}
+    return batch
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """The paper: weight decay on matrices only — none on biases, norm weights, embeddings."""
+    if hasattr(model, 'param_groups'):
+        return model.param_groups(weight_decay)
+    embed_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def _build_optimizer(cfg: TrainConfig, model):
+    o = cfg.optimizer
+    groups = _param_groups(model, o.weight_decay)
+    if o.name == 'adamw':
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    from composer.optim import DecoupledAdamW
+    return DecoupledAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _build_scheduler(cfg: TrainConfig):
+    if cfg.scheduler is None:
+        return None
+    table = _schedulers()
+    name = cfg.scheduler.name
+    if name not in table:
+        from prores_algo.config import _suggest
+        raise ConfigError(f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}")
+    kwargs = cfg.scheduler.kwargs
+    check_kwargs(f'scheduler ({name})', table[name], kwargs)
+    return table[name](**kwargs)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def _is_url(path: str) -> bool:
+    return '://' in path
+
+
+def _prepare_data(cfg: TrainConfig):
+    """Build MDS shards from `data.source` if `data.path` holds none (local rank 0 builds, others wait)."""
+    from composer.utils import dist
+
+    from prores_algo.data import ensure_dataset
+    d = cfg.data
+    if _is_url(d.path):
+        return
+    if dist.get_local_rank() == 0:
+        if d.source is None:
+            if not os.path.isdir(d.path):
+                raise ConfigError(f'data.path={d.path!r} does not exist and data.source is null: build shards with '
+                                  '`prores-data` or set data.source (e.g. stdlib, a folder of text, hf:allenai/c4:en)')
+        else:
+            ensure_dataset(d.source, d.path, tokenizer=cfg.tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction,
+                           max_tokens=d.max_tokens, seed=cfg.seed, max_bytes=d.max_bytes,
+                           progress=dist.get_global_rank() == 0)
+    dist.barrier()
+
+
+def _loaders(cfg: TrainConfig, vocab_size: Optional[int], hf: bool):
+    from composer.utils import dist
+
+    from prores_algo.data import build_dataloader
+    world = dist.get_world_size()
+    if cfg.global_train_batch_size % world:
+        raise ConfigError(f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by the number of '
+                          f'processes ({world})')
+    per_device = cfg.global_train_batch_size // world
+    common = dict(seq_len=cfg.data.seq_len, num_workers=cfg.data.num_workers, vocab_size=vocab_size,
+                  local_cache=cfg.data.local_cache, seed=cfg.seed)
+    train = build_dataloader(cfg.data.path, 'train', per_device, shuffle=cfg.data.shuffle, **common)
+    val = build_dataloader(cfg.data.path, 'val', cfg.eval_batch_size or per_device, shuffle=False, drop_last=False,
+                           **common)
+    if hf:
+        train.device_transforms = _add_labels
+        val.device_transforms = _add_labels
+    return train, val
+
+
+# --- the trainer ----------------------------------------------------------------------------------------
+
+def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()):
+    """Every object the YAML names, assembled into a Composer Trainer (data shards built if needed)."""
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist, get_device, reproducibility
+
+    from prores_algo.tokenizers import load_tokenizer
+    device = get_device(cfg.device)
+    if not dist.is_initialized() and dist.get_world_size() > 1:
+        dist.initialize_dist(device, timeout=cfg.dist_timeout)
+    reproducibility.seed_all(cfg.seed)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except ValueError as e:
+        raise ConfigError(f'tokenizer: {e}') from None
+    algorithms = _build_named('algorithms', _algorithms(), cfg.algorithms)
+    callbacks = _build_named('callbacks', _callbacks(), cfg.callbacks) + list(extra_callbacks)
+    loggers = _build_named('loggers', _loggers(), cfg.loggers) + list(extra_loggers)
+    scheduler = _build_scheduler(cfg)
+    model = build_model(cfg, tokenizer.vocab_size)
+    _prepare_data(cfg)
+    hf = cfg.model.name == 'hf_causal_lm'
+    vocab = model.model.config.vocab_size if hf else model.model.config.vocab_size
+    train_loader, val_loader = _loaders(cfg, vocab, hf)
+    optimizer = _build_optimizer(cfg, model)
+    trainer = Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=Evaluator(label='val', dataloader=val_loader),
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        precision=cfg.precision,
+        device=device,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        seed=cfg.seed,
+        progress_bar=cfg.progress_bar,
+        log_to_console=not cfg.progress_bar,
+        console_log_interval=cfg.console_log_interval,
+        compile_config={} if cfg.compile else None,
+        parallelism_config=cfg.parallelism,
+        dist_timeout=cfg.dist_timeout,
+    )
+    return trainer
+
+
+def _val_loss(trainer) -> float:
+    values = trainer.state.eval_metric_values
+    return float(values['LanguageCrossEntropy'])
+
+
+def run(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()) -> dict[str, float]:
+    """Train as configured; returns {'val_loss_start', 'val_loss', 'val_ppl', 'wall_s'} (rank 0 prints them)."""
+    from composer.utils import dist
+    t0 = time.time()
+    trainer = build_trainer(cfg, extra_callbacks, extra_loggers)
+    result: dict[str, float] = {}
+    if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:
+        trainer.eval()
+        result['val_loss_start'] = _val_loss(trainer)
+        _say(f"[prores] validation loss before training: {result['val_loss_start']:.4f}")
+    trainer.fit()
+    trainer.eval()
+    result['val_loss'] = _val_loss(trainer)
+    result['val_ppl'] = math.exp(result['val_loss'])
+    result['wall_s'] = time.time() - t0
+    msg = f"[prores] validation loss after {trainer.state.timestamp.batch.value} batches: {result['val_loss']:.4f} " \
+          f"(perplexity {result['val_ppl']:.2f}"
+    if 'val_loss_start' in result:
+        msg += f", from {result['val_loss_start']:.4f}"
+    _say(msg + f") in {result['wall_s']:.0f} s")
+    trainer.close()
+    return result
+
+
+def _say(msg: str) -> None:
+    from composer.utils import dist
+    if dist.get_global_rank() == 0:
+        print(msg, flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(__doc__.strip())
+        print('\nusage: prores-train CONFIG.yaml [key=value ...]   e.g. prores-train yamls/quickstart.yaml max_duration=50ba')
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        run(cfg)
+    except ConfigError as e:
+        print(f'config error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
