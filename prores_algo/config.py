@@ -133,7 +133,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         dotted = '.'.join(str(p) for p in e['loc'])
         if e['type'] == 'extra_forbidden':
             valid = _fields_of(TrainConfig, loc[:-1])
-            lines.append(f"unknown key '{dotted}'{_suggest(loc[-1], valid)}; valid keys here: {sorted(valid)}")
+            prefix = '.'.join(str(p) for p in loc[:-1])
+            near = _suggest(loc[-1], valid).replace("'", f"'{prefix}.", 1) if prefix else _suggest(loc[-1], valid)
+            lines.append(f"unknown key '{dotted}'{near}; valid keys here: {sorted(valid)}")
         elif e['type'] == 'missing':
             lines.append(f"missing required key '{dotted}'")
         else:

@@ -270,9 +270,10 @@ class ProResController:
             raise ValueError(f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
                              f'{self.layers[layer_idx].path!r}: call remove() on the first controller before '
                              'applying ProRes again.')
-        device = next((t.device for t in module.parameters(recurse=True)), None)
-        if device is None:
-            device = next((t.device for t in module.buffers(recurse=True)), torch.device('cpu'))
+        # A dropout branch end (GPT-2, NeoX, BERT, MPT) owns no tensor: fall back to the layer's device.
+        layer = self.layers[layer_idx].module
+        device = next((t.device for m in (module, layer) for t in (*m.parameters(), *m.buffers())),
+                      torch.device('cpu'))
         # float32 so that α = 0 and α = 1 are exact and intermediate α keep full precision;
         # persistent=False keeps it out of state_dict.
         module.register_buffer(ALPHA_BUFFER, torch.zeros((), dtype=torch.float32, device=device), persistent=False)

@@ -153,13 +153,26 @@ def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], 
         raise ConfigError(f'data.seq_len={seq_len} exceeds the model\'s max_position_embeddings={max_pos}')
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
-    return HuggingFaceModel(model, use_logits=True, metrics=metrics, eval_metrics=metrics, shift_labels=True)
+
+    class CausalLM(HuggingFaceModel):
+        """HF causal LMs take the (shifted) loss from `labels`; our shards carry only `input_ids`."""
+
+        def forward(self, batch):
+            return super().forward(_with_labels(batch))
+
+        def eval_forward(self, batch, outputs=None):
+            return super().eval_forward(_with_labels(batch), outputs)
+
+        def update_metric(self, batch, outputs, metric):
+            return super().update_metric(_with_labels(batch), outputs, metric)
+
+    return CausalLM(model, use_logits=True, metrics=metrics, eval_metrics=metrics, shift_labels=True)
 
 
-def _add_labels(batch):
-    """HF causal LMs compute the (shifted) loss from `labels`; our shards carry only `input_ids`."""
+def _with_labels(batch):
     if isinstance(batch, dict) and 'labels' not in batch:
-        batch = {**batch, 'labels': batch['input_ids']}
+        # a copy: HuggingFaceModel.eval_forward shifts labels in place
+        batch = {**batch, 'labels': batch['input_ids'].clone()}
     return batch
 
 
@@ -224,7 +237,7 @@ def _prepare_data(cfg: TrainConfig):
     dist.barrier()
 
 
-def _loaders(cfg: TrainConfig, vocab_size: Optional[int], hf: bool):
+def _loaders(cfg: TrainConfig, vocab_size: Optional[int]):
     from composer.utils import dist
 
     from prores_algo.data import build_dataloader
@@ -238,9 +251,6 @@ def _loaders(cfg: TrainConfig, vocab_size: Optional[int], hf: bool):
     train = build_dataloader(cfg.data.path, 'train', per_device, shuffle=cfg.data.shuffle, **common)
     val = build_dataloader(cfg.data.path, 'val', cfg.eval_batch_size or per_device, shuffle=False, drop_last=False,
                            **common)
-    if hf:
-        train.device_transforms = _add_labels
-        val.device_transforms = _add_labels
     return train, val
 
 
@@ -267,9 +277,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     scheduler = _build_scheduler(cfg)
     model = build_model(cfg, tokenizer.vocab_size)
     _prepare_data(cfg)
-    hf = cfg.model.name == 'hf_causal_lm'
-    vocab = model.model.config.vocab_size if hf else model.model.config.vocab_size
-    train_loader, val_loader = _loaders(cfg, vocab, hf)
+    train_loader, val_loader = _loaders(cfg, model.model.config.vocab_size)
     optimizer = _build_optimizer(cfg, model)
     trainer = Trainer(
         run_name=cfg.run_name,
