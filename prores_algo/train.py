@@ -306,10 +306,26 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         log_to_console=not cfg.progress_bar,
         console_log_interval=cfg.console_log_interval,
         compile_config={} if cfg.compile else None,
-        parallelism_config=cfg.parallelism,
+        parallelism_config=_parallelism(cfg.parallelism),
         dist_timeout=cfg.dist_timeout,
     )
     return trainer
+
+
+def _parallelism(spec: Optional[dict[str, Any]]):
+    """`parallelism: {fsdp: {...}}` is Composer's FSDP (v1, or v2 under FSDP_VERSION=2);
+    `parallelism: {fsdp2: {...}}` asks for FSDP2 (fully_shard, runs on CPU too) without the env var."""
+    if not spec:
+        return None
+    unknown = set(spec) - {'fsdp', 'fsdp2', 'tp'}
+    if unknown or ('fsdp' in spec and 'fsdp2' in spec):
+        raise ConfigError(f'parallelism: use one of fsdp (FSDP1 / FSDP_VERSION=2) or fsdp2, got keys {sorted(spec)}')
+    if 'fsdp2' in spec:
+        from composer.utils.parallelism import FSDP2Config
+        kwargs = dict(spec['fsdp2'] or {})
+        check_kwargs('parallelism.fsdp2', FSDP2Config, kwargs)
+        return {'fsdp': FSDP2Config(**kwargs)}
+    return spec
 
 
 def _val_loss(trainer) -> float:
