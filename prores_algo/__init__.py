@@ -6,19 +6,27 @@ The core (`schedules`, `surgery`, `policies`) needs only torch; `ProRes` (the Co
 
 from prores_algo import schedules
 from prores_algo.policies import register_policy
+from prores_algo.export import fold_prores
 from prores_algo.surgery import ProResController, apply_prores, find_residual_layers
 
 __version__ = '0.1.0'
 
 __all__ = ['ProRes', 'apply_prores', 'find_residual_layers', 'ProResController', 'register_policy', 'schedules',
-           'WSDScheduler', 'wsd_multiplier', '__version__']
+           'WSDScheduler', 'wsd_multiplier', 'fold_prores', 'ResidualMonitor', 'ProResCallback', 'plot_alpha_heatmap',
+           '__version__']
+
+_LAZY = {
+    'ProRes': 'prores_algo.algorithm',
+    'WSDScheduler': 'prores_algo.lr_schedules',
+    'wsd_multiplier': 'prores_algo.lr_schedules',
+    'ResidualMonitor': 'prores_algo.monitor',
+    'ProResCallback': 'prores_algo.integrations.hf',
+    'plot_alpha_heatmap': 'prores_algo.preview',
+}
 
 
 def __getattr__(name):
-    if name == 'ProRes':
-        from prores_algo.algorithm import ProRes
-        return ProRes
-    if name in ('WSDScheduler', 'wsd_multiplier'):
-        from prores_algo import lr_schedules
-        return getattr(lr_schedules, name)
+    if name in _LAZY:  # Composer / transformers / matplotlib are imported only when asked for
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -97,6 +97,7 @@ class ProRes(Algorithm):
         layers = find_residual_layers(state.model, self.layer_class, self.branches, self.layer_pattern)
         # W stays unresolved (every α = 0) until max_duration is known when t_warmup is a 'dur' fraction.
         self.controller = ProResController(layers, self.schedule, None, self.remove_when_done)
+        self.controller.model = state.model
         if self._try_resolve_warmup(state):
             self.controller.set_step(self._now(state))
         log.info('ProRes: %d layers, schedule %s, t_warmup %s', self.controller.num_layers, self.schedule,

@@ -166,6 +166,7 @@ class ProResController:
         self._alphas: list[float] = [0.0] * len(layers)
         self._hooks: list[tuple[int, str, nn.Module, torch.utils.hooks.RemovableHandle]] = []
         self.removed = False
+        self.model: nn.Module | None = None  # set by apply_prores / the integrations (fold_prores uses it)
         for layer in layers:  # check everything before touching anything: no half-applied state
             for name in layer.branches:
                 if ALPHA_BUFFER in resolve_branch(layer.module, name)._buffers:
@@ -320,4 +321,6 @@ def apply_prores(model: nn.Module,
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
         t_warmup = 1000 * len(layers)
-    return ProResController(layers, schedule, t_warmup, remove_when_done)
+    controller = ProResController(layers, schedule, t_warmup, remove_when_done)
+    controller.model = model
+    return controller

@@ -1,0 +1,532 @@
+"""Watch the residual stream while ProRes warms it up: per-layer RMS, gradient norm, update size, spikes.
+
+`ResidualMonitor` (Composer `Callback`) and `ResidualMonitorCallback` (`transformers.TrainerCallback`)
+log, every `interval` optimizer steps, for each transformer layer i (found with
+`surgery.find_residual_layers`, the same layers ProRes scales):
+
+  monitor/rms/layer_{i}           RMS of the layer's output (the residual stream after layer i) over the
+                                  whole batch (all micro-batches; all ranks when distributed)
+  monitor/grad_norm/layer_{i}     L2 norm of the gradient of the layer's parameters after the last
+                                  backward of the step, before clipping and the optimizer step
+  monitor/update_ratio/layer_{i}  ||θ_after − θ_before|| / ||θ_before|| over the layer's parameters, for
+                                  the optimizer step of that batch
+
+and, counted over every step (OLMo's definition: a value is a spike when it is >= mean + spike_std·std
+of the previous `spike_window` values, population std, once that many values exist; with std = 0 the
+value must also exceed the mean):
+
+  monitor/loss_spikes, monitor/grad_spikes   cumulative counts (grad: the global gradient norm)
+
+Cost: nothing is registered between measured steps except what the spike counters need (Composer:
+the loss it already syncs, one fused norm over the gradients per micro-batch when `grad_norm`; HF: the
+loss from each forward output and the Trainer's logged `grad_norm`). On a measured step: one forward
+hook per layer, one norm per parameter, and (for `update_ratio`) a copy of the layers' parameters.
+Activation-checkpointing recomputation is not counted twice (only the real forward is recorded).
+
+Distributed: RMS sums are all-reduced over ranks; gradient and parameter norms are all-reduced when the
+parameters are sharded (FSDP / DTensor), not under DDP (replicated). Under DeepSpeed ZeRO the HF
+callback logs RMS and spikes; per-layer gradient norms and update ratios need the parameters' own
+`.grad` / data, which ZeRO-2/3 partition, and are skipped there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from prores_algo.surgery import find_residual_layers
+
+__all__ = ['SpikeCounter', 'LayerStats', 'ResidualMonitor', 'ResidualMonitorCallback']
+
+
+# --- spike counting ---------------------------------------------------------------------------------
+
+class SpikeCounter:
+    """Counts values >= mean + k·std of the previous `window` values (OLMo's loss / grad-norm spikes)."""
+
+    def __init__(self, window: int = 100, num_std: float = 7.0):
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f'spike_window must be an int >= 2, got {window!r}')
+        if isinstance(num_std, bool) or not isinstance(num_std, (int, float)) or not num_std > 0:
+            raise ValueError(f'spike_std must be a positive number, got {num_std!r}')
+        self.window, self.num_std = window, float(num_std)
+        self.values: deque[float] = deque(maxlen=window)
+        self.count = 0
+
+    def is_spike(self, value: float) -> bool:
+        if len(self.values) < self.window:
+            return False
+        n = len(self.values)
+        mean = math.fsum(self.values) / n
+        std = math.sqrt(math.fsum((v - mean)**2 for v in self.values) / n)
+        return value >= mean + self.num_std * std and value > mean
+
+    def push(self, value: float) -> bool:
+        """Add one value; True if it was a spike. NaN/inf count as spikes and stay out of the window."""
+        value = float(value)
+        if not math.isfinite(value):
+            self.count += 1
+            return True
+        spike = self.is_spike(value)
+        self.count += spike
+        self.values.append(value)
+        return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'values': list(self.values), 'count': self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values = deque((float(v) for v in state.get('values', [])), maxlen=self.window)
+        self.count = int(state.get('count', 0))
+
+
+# --- per-layer measurements --------------------------------------------------------------------------
+
+def _dist_world() -> int:
+    return torch.distributed.get_world_size() if (torch.distributed.is_available() and
+                                                  torch.distributed.is_initialized()) else 1
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(local tensor, is sharded): a DTensor's local shard, else the tensor itself."""
+    local = getattr(t, '_local_tensor', None)
+    if local is not None:
+        return local, True
+    return t, False
+
+
+def _sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in tensors])
+    return torch.stack([n.float() for n in norms]).square().sum()
+
+
+class LayerStats:
+    """Framework-free measurements over the residual layers of one model (shared by both callbacks)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], sharded: Optional[bool] = None):
+        self.model = model
+        self.layers = list(layers)
+        self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        self.sharded = (any(_local(p)[1] for ps in self.params for p in ps) if sharded is None else sharded)
+        self.recording = False  # True during a real forward pass of a measured step
+        self._rms_handles: list = []
+        self._sumsq: list[torch.Tensor] = []
+        self._count: list[int] = []
+        self._snapshot: Optional[list[list[torch.Tensor]]] = None
+
+    # RMS of each layer's output ----------------------------------------------------------------------
+    def start_rms(self) -> None:
+        self.stop_rms()
+        self._sumsq = [torch.zeros((), dtype=torch.float64) for _ in self.layers]
+        self._count = [0] * len(self.layers)
+        for i, layer in enumerate(self.layers):
+            self._rms_handles.append(layer.register_forward_hook(self._make_rms_hook(i)))
+
+    def _make_rms_hook(self, i: int):
+        def hook(module, args, output):
+            if not self.recording:
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, torch.Tensor):
+                return
+            with torch.no_grad():
+                s = out.detach().float().square().sum().double()
+                if self._sumsq[i].device != s.device:
+                    self._sumsq[i] = self._sumsq[i].to(s.device)
+                self._sumsq[i] += s
+                self._count[i] += out.numel()
+        return hook
+
+    def stop_rms(self) -> None:
+        for h in self._rms_handles:
+            h.remove()
+        self._rms_handles = []
+
+    def rms(self) -> Optional[list[float]]:
+        """RMS per layer over everything recorded since start_rms (None if no forward was recorded)."""
+        self.stop_rms()
+        if not self._count or not any(self._count):
+            return None
+        device = next((s.device for s in self._sumsq if s.device.type != 'cpu'), torch.device('cpu'))
+        packed = torch.stack([s.to(device) for s in self._sumsq] +
+                             [torch.tensor(float(c), dtype=torch.float64, device=device) for c in self._count])
+        if _dist_world() > 1:
+            torch.distributed.all_reduce(packed)
+        n = len(self.layers)
+        sums, counts = packed[:n].tolist(), packed[n:].tolist()
+        return [math.sqrt(s / c) if c else float('nan') for s, c in zip(sums, counts)]
+
+    # gradient norms --------------------------------------------------------------------------------
+    def grad_norms_sq(self) -> Optional[torch.Tensor]:
+        """Squared gradient norm per layer (a device tensor, no sync); None if no parameter has a grad."""
+        rows, any_grad = [], False
+        for ps in self.params:
+            grads = [_local(p.grad)[0] for p in ps if p.grad is not None]
+            any_grad |= bool(grads)
+            rows.append(_sum_squares(grads))
+        if not any_grad:
+            return None
+        device = next((r.device for r in rows if r.device.type != 'cpu'), rows[0].device)
+        return torch.stack([r.to(device) for r in rows])
+
+    def reduce_sharded(self, t: torch.Tensor) -> torch.Tensor:
+        if self.sharded and _dist_world() > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    # relative update size --------------------------------------------------------------------------
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self._snapshot = [[_local(p.detach())[0].clone() for p in ps] for ps in self.params]
+
+    @torch.no_grad()
+    def update_ratios(self) -> Optional[list[float]]:
+        if self._snapshot is None:
+            return None
+        before, self._snapshot = self._snapshot, None
+        diff_sq, base_sq = [], []
+        for ps, olds in zip(self.params, before):
+            news = [_local(p.detach())[0] for p in ps]
+            if any(n.shape != o.shape for n, o in zip(news, olds)):
+                return None  # parameters were re-partitioned in between (ZeRO-3): cannot compare
+            diff_sq.append(_sum_squares([n.float() - o.float() for n, o in zip(news, olds)]))
+            base_sq.append(_sum_squares(olds))
+        device = next((d.device for d in diff_sq if d.device.type != 'cpu'), torch.device('cpu'))
+        packed = self.reduce_sharded(torch.stack([d.to(device) for d in diff_sq + base_sq]))
+        n = len(self.layers)
+        d, b = packed[:n].tolist(), packed[n:].tolist()
+        return [math.sqrt(x) / math.sqrt(y) if y > 0 else float('nan') for x, y in zip(d, b)]
+
+
+def _parse_interval(interval: Union[int, str]) -> int:
+    value = interval
+    if isinstance(interval, str):
+        text = interval.strip()
+        if text.endswith('ba'):
+            text = text[:-2]
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}")
+    return value
+
+
+def _metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]:
+    return {} if values is None else {f'monitor/{prefix}/layer_{i}': float(v) for i, v in enumerate(values)}
+
+
+class _MonitorBase:
+    def __init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class, branches,
+                 layer_pattern):
+        self.interval = _parse_interval(interval)
+        self.track_rms, self.track_grad_norm, self.track_update_ratio = bool(rms), bool(grad_norm), bool(update_ratio)
+        self.spikes = spike_window is not None and spike_window > 0
+        self.loss_spikes = SpikeCounter(spike_window, spike_std) if self.spikes else None
+        self.grad_spikes = SpikeCounter(spike_window, spike_std) if self.spikes else None
+        self.layer_class, self.branches, self.layer_pattern = layer_class, branches, layer_pattern
+        self.stats: Optional[LayerStats] = None
+        self.measuring = False
+
+    def _find(self, model: nn.Module, sharded: Optional[bool] = None) -> LayerStats:
+        layers = find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
+        return LayerStats(model, [l.module for l in layers], sharded=sharded)
+
+    def _begin_measure(self) -> None:
+        self.measuring = True
+        if self.track_rms:
+            self.stats.start_rms()
+        if self.track_update_ratio:
+            self.stats.snapshot()
+
+    def spike_metrics(self) -> dict[str, float]:
+        if not self.spikes:
+            return {}
+        return {'monitor/loss_spikes': self.loss_spikes.count, 'monitor/grad_spikes': self.grad_spikes.count}
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.spikes:
+            return {}
+        return {'loss_spikes': self.loss_spikes.state_dict(), 'grad_spikes': self.grad_spikes.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.spikes and state:
+            self.loss_spikes.load_state_dict(state.get('loss_spikes', {}))
+            self.grad_spikes.load_state_dict(state.get('grad_spikes', {}))
+
+
+# --- Composer --------------------------------------------------------------------------------------
+
+try:
+    from composer.core import Callback as _ComposerCallback
+except ImportError:  # a plain PyTorch / HF environment: only the HF callback and the helpers are usable
+    _ComposerCallback = object
+
+
+class ResidualMonitor(_MonitorBase, _ComposerCallback):
+    """Composer callback: per-layer residual RMS, gradient norm and update ratio, plus spike counters.
+
+    Args:
+        interval: measure every this many batches (optimizer steps): int or 'Nba' (default '10ba').
+        rms, grad_norm, update_ratio: which per-layer quantities to measure.
+        spike_window, spike_std: the spike rule (previous `spike_window` values, `spike_std` std);
+            spike_window=0 turns the counters off.
+        layer_class, branches, layer_pattern: for models `find_residual_layers` does not know.
+    """
+
+    def __init__(self,
+                 interval: Union[int, str] = '10ba',
+                 rms: bool = True,
+                 grad_norm: bool = True,
+                 update_ratio: bool = True,
+                 spike_window: int = 100,
+                 spike_std: float = 7.0,
+                 layer_class: Optional[str] = None,
+                 branches: Optional[Sequence[str]] = None,
+                 layer_pattern: Optional[str] = None):
+        _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
+                              branches, layer_pattern)
+        self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
+        self._total_grad_sq: Optional[torch.Tensor] = None
+        self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
+
+    def fit_start(self, state, logger) -> None:
+        if self.stats is None:
+            self.stats = self._find(state.model, sharded=None if not getattr(state, 'fsdp_enabled', False) else True)
+
+    def batch_start(self, state, logger) -> None:
+        if self.stats is None:
+            self.fit_start(state, logger)
+        self._grad_sq = self._total_grad_sq = None
+        if int(state.timestamp.batch) % self.interval == 0:
+            self._begin_measure()
+
+    def before_forward(self, state, logger) -> None:
+        self.stats.recording = self.measuring
+
+    def after_forward(self, state, logger) -> None:
+        self.stats.recording = False
+
+    def after_backward(self, state, logger) -> None:
+        need_layers = self.measuring and self.track_grad_norm
+        need_total = self.spikes and self.track_grad_norm
+        if not (need_layers or need_total):
+            return
+        per_layer = self.stats.grad_norms_sq() if need_layers else None
+        scaler = getattr(state, 'scaler', None)
+        scale = None
+        if scaler is not None and getattr(scaler, 'is_enabled', lambda: False)():
+            scale = scaler.get_scale()  # AFTER_BACKWARD grads are still multiplied by the loss scale
+        if per_layer is not None:
+            self._grad_sq = per_layer / (scale * scale) if scale else per_layer
+        if need_total:
+            grads = [_local(p.grad)[0] for p in state.model.parameters() if p.grad is not None]
+            if grads:
+                total = _sum_squares(grads)
+                self._total_grad_sq = total / (scale * scale) if scale else total
+
+    def batch_end(self, state, logger) -> None:
+        metrics: dict[str, float] = {}
+        if self.spikes:
+            loss = (getattr(state, 'total_loss_dict', None) or {}).get('loss/train/total')
+            if loss is not None:
+                self.loss_spikes.push(float(loss))
+            if self._total_grad_sq is not None:
+                self._pending_grad.append(self.stats.reduce_sharded(self._total_grad_sq.reshape(1)))
+        if self.measuring:
+            self.measuring = False
+            self.stats.recording = False
+            if self.track_rms:
+                metrics.update(_metrics('rms', self.stats.rms()))
+            if self._grad_sq is not None:
+                metrics.update(_metrics('grad_norm', self.stats.reduce_sharded(self._grad_sq).sqrt().tolist()))
+            if self.track_update_ratio:
+                metrics.update(_metrics('update_ratio', self.stats.update_ratios()))
+            if self.spikes:  # one sync per interval for the deferred grad norms
+                if self._pending_grad:
+                    for g in torch.cat([g.to(self._pending_grad[0].device) for g in self._pending_grad]).sqrt().tolist():
+                        self.grad_spikes.push(g)
+                    self._pending_grad = []
+                metrics.update(self.spike_metrics())
+        if metrics:
+            logger.log_metrics(metrics)
+
+    def fit_end(self, state, logger) -> None:
+        if self.stats is not None:
+            self.stats.stop_rms()
+        if self._pending_grad:
+            for g in torch.cat(self._pending_grad).sqrt().tolist():
+                self.grad_spikes.push(g)
+            self._pending_grad = []
+
+
+# --- Hugging Face ----------------------------------------------------------------------------------
+
+def _hf_base():
+    try:
+        from transformers import TrainerCallback
+        return TrainerCallback
+    except ImportError:
+        return object
+
+
+class ResidualMonitorCallback(_MonitorBase, _hf_base()):
+    """`transformers.TrainerCallback` with the same measurements as `ResidualMonitor`.
+
+    Steps are optimizer steps (`state.global_step`). Metrics of a measured step are added to the next
+    `on_log` (place the callback first with `install(trainer)` for reporting integrations to see them).
+    Per-layer gradient norms are taken from each parameter's gradient after its last accumulation of
+    the step (a post-accumulate-grad hook), i.e. before the Trainer clips. The grad-spike counter uses
+    the Trainer's own logged `grad_norm` (pre-clipping global norm), so its window holds logged steps;
+    the loss-spike counter uses the mean forward loss of every step.
+    """
+
+    def __init__(self,
+                 interval: Union[int, str] = 10,
+                 rms: bool = True,
+                 grad_norm: bool = True,
+                 update_ratio: bool = True,
+                 spike_window: int = 100,
+                 spike_std: float = 7.0,
+                 layer_class: Optional[str] = None,
+                 branches: Optional[Sequence[str]] = None,
+                 layer_pattern: Optional[str] = None):
+        _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
+                              branches, layer_pattern)
+        self._root_handles: list = []
+        self._grad_handles: list = []
+        self._param_sq: dict[int, torch.Tensor] = {}
+        self._step_losses: list[torch.Tensor] = []
+        self._pending_losses: list[torch.Tensor] = []
+        self._pending: dict[str, float] = {}
+
+    def install(self, trainer) -> 'ResidualMonitorCallback':
+        handler = trainer.callback_handler
+        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
+        handler.callbacks.insert(0, self)
+        return self
+
+    # root-model hooks: record only real forwards; collect the loss of each training forward
+    def _pre_forward(self, module, args):
+        if module.training and self.stats is not None:
+            self.stats.recording = self.measuring
+
+    def _post_forward(self, module, args, output):
+        if self.stats is not None:
+            self.stats.recording = False
+        if not (self.spikes and module.training and torch.is_grad_enabled()):
+            return
+        loss = getattr(output, 'loss', None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get('loss')
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._step_losses.append(loss.detach().float().reshape(1))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from prores_algo.integrations.hf import unwrap_model
+        model = unwrap_model(model)
+        if self.stats is not None and self.stats.model is model:
+            return
+        for h in self._root_handles:
+            h.remove()
+        zero = bool(getattr(args, 'deepspeed', None)) if args is not None else False
+        self.stats = self._find(model)
+        self._zero = zero or any(hasattr(p, 'ds_id') for p in model.parameters())
+        self._root_handles = [model.register_forward_pre_hook(self._pre_forward),
+                              model.register_forward_hook(self._post_forward)]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_losses = []
+        if self.stats is None or int(state.global_step) % self.interval != 0:
+            return
+        self._begin_measure_hf()
+
+    def _begin_measure_hf(self) -> None:
+        self.measuring = True
+        if self.track_rms:
+            self.stats.start_rms()
+        if self._zero:
+            return  # ZeRO partitions .grad and parameter data: per-layer grad / update are not measurable here
+        if self.track_update_ratio:
+            self.stats.snapshot()
+        if self.track_grad_norm:
+            self._param_sq = {}
+            for ps in self.stats.params:
+                for p in ps:
+                    self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._param_sq[id(p)] = _sum_squares([_local(p.grad)[0].detach()])
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        if self.measuring and self._param_sq:
+            rows = []
+            for ps in self.stats.params:
+                vals = [self._param_sq[id(p)] for p in ps if id(p) in self._param_sq]
+                rows.append(torch.stack(vals).sum() if vals else torch.zeros(()))
+            device = next((r.device for r in rows if r.device.type != 'cpu'), torch.device('cpu'))
+            grad_sq = self.stats.reduce_sharded(torch.stack([r.to(device) for r in rows]))
+            self._pending.update(_metrics('grad_norm', grad_sq.sqrt().tolist()))
+            self._param_sq = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for h in self._grad_handles:  # a step without on_pre_optimizer_step (should not happen)
+            h.remove()
+        self._grad_handles = []
+        if self.spikes and self._step_losses:
+            self._pending_losses.append(torch.cat(self._step_losses).mean().reshape(1))
+        self._step_losses = []
+        if not self.measuring:
+            return
+        self.measuring = False
+        self.stats.recording = False
+        if self.track_rms:
+            self._pending.update(_metrics('rms', self.stats.rms()))
+        if self.track_update_ratio and not self._zero:
+            self._pending.update(_metrics('update_ratio', self.stats.update_ratios()))
+        if self.spikes:
+            self._flush_losses()
+            self._pending.update(self.spike_metrics())
+
+    def _flush_losses(self) -> None:
+        if self._pending_losses:
+            device = self._pending_losses[0].device
+            for v in torch.cat([l.to(device) for l in self._pending_losses]).tolist():
+                self.loss_spikes.push(v)
+            self._pending_losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        if self.spikes and 'grad_norm' in logs and logs['grad_norm'] is not None:
+            self.grad_spikes.push(float(logs['grad_norm']))
+            self._pending.update(self.spike_metrics())
+        if not self._pending:
+            return
+        last = state.log_history[-1] if state.log_history else None
+        if isinstance(last, dict) and last.get('step') == state.global_step and all(
+                k in last for k in logs if k != 'step'):
+            last.update(self._pending)
+        logs.update(self._pending)
+        self._pending = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stats is not None:
+            self.stats.stop_rms()
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        if self.spikes:
+            self._flush_losses()

@@ -1,0 +1,300 @@
+"""ProResCallback in a real `transformers.Trainer` (CPU), with gradient accumulation and with DeepSpeed ZeRO-3.
+
+`transformers.Trainer` needs the `accelerate` package (TrainingArguments raises ImportError without it);
+where it is missing the real-Trainer tests are skipped and the Trainer-free tests below still drive the
+callback through transformers' own CallbackHandler in the Trainer's event order.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+from prores_algo import schedules
+from prores_algo.export import fold_prores
+from prores_algo.integrations.hf import ProResCallback, unwrap_model
+from prores_algo.surgery import ALPHA_BUFFER
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_ACCELERATE = importlib.util.find_spec('accelerate') is not None
+needs_accelerate = pytest.mark.skipif(
+    not HAVE_ACCELERATE, reason='transformers.Trainer requires the `accelerate` package (not installed here)')
+L = 3
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=L, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64))
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=48, seq=8, seed=0):
+        self.x = torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {'input_ids': self.x[i], 'labels': self.x[i]}
+
+
+def alpha_by_layer(model):
+    """{layer index: α} read from the buffers the forward pass uses (both branches must agree)."""
+    out = {}
+    for name, buf in model.named_buffers():
+        if name.endswith(ALPHA_BUFFER):
+            layer = int(name.split('layers.')[1].split('.')[0])
+            assert out.setdefault(layer, float(buf)) == float(buf)
+    return out
+
+
+class StepRecorder(T.TrainerCallback):
+    """Remembers the optimizer step at which each forward pass runs (Trainer events only)."""
+
+    def __init__(self):
+        self.step = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
+def record_forwards(model, recorder):
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((recorder.step, alpha_by_layer(m))) if m.training
+                                    else None)
+    return seen
+
+
+def check_alphas(seen, warmup, grad_accum):
+    steps = [s for s, _ in seen]
+    # every optimizer step runs `grad_accum` micro-batch forwards, all with the same α
+    assert steps == sorted(steps) and all(steps.count(s) == grad_accum for s in set(steps)), steps
+    for step, alphas in seen:
+        if step < warmup:
+            assert alphas == {i: pytest.approx(a, abs=1e-7)
+                              for i, a in enumerate(schedules.alphas('linear', L, step, warmup))}, step
+        else:
+            assert alphas == {}, f'hooks must be removed once t >= W (step {step})'
+
+
+# --- a real transformers.Trainer -------------------------------------------------------------------
+
+@needs_accelerate
+def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
+    model = tiny_llama()
+    cb, rec = ProResCallback(t_warmup=6), StepRecorder()
+    seen = record_forwards(model, rec)
+    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=9,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
+                               save_strategy='no', learning_rate=1e-3, disable_tqdm=True, seed=0)
+    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec])
+    trainer.train()
+    assert [s for s, _ in seen][::2] == list(range(9))
+    check_alphas(seen, warmup=6, grad_accum=2)
+    logs = [h for h in trainer.state.log_history if 'loss' in h]
+    assert len(logs) == 9 and all(torch.isfinite(torch.tensor(h['loss'])) for h in logs)
+    # log of step n (written after optimizer step n-1) carries the α that step trained with
+    for h in logs:
+        assert h['prores/alpha/layer_2'] == pytest.approx(schedules.alpha('linear', 2, L, h['step'] - 1, 6))
+    assert cb.controller.removed and cb.controller.num_hooks == 0
+    assert not any(ALPHA_BUFFER in n for n, _ in model.named_buffers())
+
+
+@needs_accelerate
+def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_alpha(tmp_path):
+    model = tiny_llama()
+    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4,
+                               per_device_train_batch_size=2, logging_steps=1, save_strategy='steps', save_steps=2,
+                               learning_rate=1e-3, disable_tqdm=True, seed=0)
+    cb = ProResCallback(t_warmup='1.0dur')
+    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens())
+    cb.install(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    assert cb.controller.warmup_steps == 4
+    # resume from the step-2 checkpoint with a fresh model and callback: α continues from step 2
+    model2, cb2, rec = tiny_llama(), ProResCallback(t_warmup='1.0dur'), StepRecorder()
+    seen = record_forwards(model2, rec)
+    trainer2 = T.Trainer(model=model2, args=args, train_dataset=Tokens(), callbacks=[cb2, rec])
+    trainer2.train(resume_from_checkpoint=str(tmp_path / 'checkpoint-2'))
+    assert [s for s, _ in seen] == [2, 3]
+    check_alphas(seen, warmup=4, grad_accum=1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+DS_SCRIPT = textwrap.dedent('''
+    import json, sys, tempfile
+    import torch, transformers as T
+    sys.path.insert(0, sys.argv[1])
+    from tests.test_hf_trainer import ProResCallback, StepRecorder, Tokens, record_forwards, tiny_llama
+    ds_config = {'train_micro_batch_size_per_gpu': 'auto', 'gradient_accumulation_steps': 'auto',
+                 'train_batch_size': 'auto', 'gradient_clipping': 'auto',
+                 'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0},
+                 'zero_force_ds_cpu_optimizer': False}
+    args = T.TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, deepspeed=ds_config, max_steps=6,
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2, report_to=[],
+                               logging_steps=1, save_strategy='no', learning_rate=1e-3, disable_tqdm=True, seed=0)
+    model = tiny_llama()
+    cb, rec = ProResCallback(t_warmup=4), StepRecorder()
+    from prores_algo.monitor import ResidualMonitorCallback
+    mon = ResidualMonitorCallback(interval=2, spike_window=2)
+    seen = record_forwards(model, rec)
+    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec, mon])
+    trainer.train()
+    engine = trainer.model_wrapped
+    logs = [h for h in trainer.state.log_history if 'loss' in h]
+    print('RESULT ' + json.dumps({'engine': type(engine).__name__, 'stage': engine.zero_optimization_stage(),
+                                  'seen': seen, 'removed': cb.controller.removed,
+                                  'rms': [h.get('monitor/rms/layer_2') for h in logs],
+                                  'grad_norm_logged': any('monitor/grad_norm/layer_0' in h for h in logs),
+                                  'loss_spikes': logs[-1].get('monitor/loss_spikes'),
+                                  'losses': [h['loss'] for h in trainer.state.log_history if 'loss' in h]}))
+''')
+
+
+@needs_accelerate
+@pytest.mark.timeout(600)
+def test_real_trainer_deepspeed_zero3_cpu_single_process(tmp_path):
+    """HF Trainer + DeepSpeed ZeRO-3 on CPU, one process (gloo/ccl-free: DeepSpeed's CPU accelerator)."""
+    pytest.importorskip('deepspeed')
+    script = tmp_path / 'ds_hf.py'
+    script.write_text(DS_SCRIPT)
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(_free_port()), 'RANK': '0',
+           'WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': os.pathsep.join(p for p in [str(REPO), os.environ.get('PYTHONPATH', '')] if p)}
+    proc = subprocess.run([sys.executable, str(script), str(REPO)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=540)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith('RESULT ')), None)
+    assert proc.returncode == 0 and line, f'stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
+    result = json.loads(line[len('RESULT '):])
+    assert result['engine'] == 'DeepSpeedEngine' and result['stage'] == 3
+    seen = [(s, {int(k): v for k, v in a.items()}) for s, a in result['seen']]
+    assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    check_alphas(seen, warmup=4, grad_accum=2)
+    assert result['removed'] and len(result['losses']) == 6
+    # the monitor under ZeRO-3: residual RMS on measured steps 0, 2, 4; per-layer grads are partitioned
+    assert [r is not None for r in result['rms']] == [True, False] * 3 and all(r > 0 for r in result['rms'][::2])
+    assert result['grad_norm_logged'] is False and result['loss_spikes'] == 0
+    assert all(torch.isfinite(torch.tensor(result['losses'])))
+
+
+# --- Trainer-free: transformers' CallbackHandler driven in Trainer.train's event order ------------------
+
+def simulated_train(model, callbacks, steps, grad_accum, start_step=0, lr=1e-2):
+    """A faithful copy of the event order of Trainer._inner_training_loop (no accelerate needed)."""
+    args = None  # TrainingArguments itself needs accelerate; the callbacks here do not read it
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    handler = CallbackHandler(callbacks, model, None, opt, None)
+    state, control = TrainerState(), TrainerControl()
+    state.global_step, state.max_steps = start_step, steps
+    data = Tokens(n=steps * grad_accum * 2)
+    control = handler.on_train_begin(args, state, control)
+    losses = []
+    for step in range(start_step, steps):
+        for micro in range(grad_accum):
+            if micro == 0:
+                control = handler.on_step_begin(args, state, control)
+            i = (step * grad_accum + micro) * 2
+            batch = {k: torch.stack([data[j][k] for j in (i, i + 1)]) for k in ('input_ids', 'labels')}
+            loss = model(**batch).loss / grad_accum
+            loss.backward()
+            losses.append(float(loss))
+            if micro < grad_accum - 1:
+                control = handler.on_substep_end(args, state, control)
+        control = handler.on_pre_optimizer_step(args, state, control)
+        opt.step()
+        control = handler.on_optimizer_step(args, state, control)
+        model.zero_grad()
+        state.global_step += 1
+        control = handler.on_step_end(args, state, control)
+        logs = {'loss': losses[-1]}
+        state.log_history.append({**logs, 'step': state.global_step})
+        control = handler.on_log(args, state, control, logs)
+    handler.on_train_end(args, state, control)
+    return state, losses
+
+
+def test_callback_event_order_gradient_accumulation_without_trainer():
+    model = tiny_llama()
+    cb, rec = ProResCallback(t_warmup=5), StepRecorder()
+    seen = record_forwards(model, rec)
+    state, losses = simulated_train(model, [cb, rec], steps=7, grad_accum=3)
+    check_alphas(seen, warmup=5, grad_accum=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert state.log_history[2]['prores/alpha/layer_1'] == pytest.approx(schedules.alpha('linear', 1, L, 2, 5))
+    assert cb.controller.removed
+
+
+def test_resume_midway_starts_at_global_step_alpha():
+    model = tiny_llama()
+    cb, rec = ProResCallback(t_warmup=6, schedule='linear_square'), StepRecorder()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((rec.step, alpha_by_layer(m))))
+    simulated_train(model, [cb, rec], steps=5, grad_accum=1, start_step=3)
+    assert [s for s, _ in seen] == [3, 4]
+    for step, alphas in seen:
+        assert alphas == {i: pytest.approx(a) for i, a in enumerate(schedules.alphas('linear_square', L, step, 6))}
+
+
+def test_unwrap_compiled_and_fold_through_callback():
+    model = tiny_llama()
+    compiled = torch.compile(model)  # lazily compiled: wrapping costs nothing until called
+    assert unwrap_model(compiled) is model
+    cb = ProResCallback(t_warmup=8)
+    state = TrainerState()
+    state.global_step, state.max_steps = 3, 10
+    cb.on_train_begin(None, state, TrainerControl(), model=compiled)
+    assert cb.model is model and cb.alphas == pytest.approx(schedules.alphas('linear', L, 3, 8))
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        hooked = model(input_ids=ids).logits
+        assert fold_prores(cb) is model
+        torch.testing.assert_close(model(input_ids=ids).logits, hooked, rtol=0, atol=1e-5)
+
+
+def test_default_and_fractional_warmup_and_validation():
+    state = TrainerState()
+    state.global_step, state.max_steps = 0, 200
+    cb = ProResCallback()
+    cb.on_train_begin(None, state, TrainerControl(), model=tiny_llama())
+    assert cb.controller.warmup_steps == 1000 * L
+    cb = ProResCallback(t_warmup='0.25dur')
+    cb.on_train_begin(None, state, TrainerControl(), model=tiny_llama())
+    assert cb.controller.warmup_steps == 50
+    cb = ProResCallback(t_warmup='120ba')
+    cb.on_train_begin(None, state, TrainerControl(), model=tiny_llama())
+    assert cb.controller.warmup_steps == 120
+    for bad in (0, -3, 'soon', '2dur', float('inf')):
+        with pytest.raises(ValueError):
+            c = ProResCallback(t_warmup=bad)
+            c.on_train_begin(None, state, TrainerControl(), model=tiny_llama())
+    with pytest.raises(ValueError, match='unknown schedule'):
+        ProResCallback(schedule='bogus')
+
+
+def test_second_train_on_same_model_reuses_hooks():
+    model = tiny_llama()
+    cb = ProResCallback(t_warmup=10)
+    state = TrainerState()
+    state.global_step, state.max_steps = 2, 20
+    cb.on_train_begin(None, state, TrainerControl(), model=model)
+    first = cb.controller
+    state.global_step = 4
+    cb.on_train_begin(None, state, TrainerControl(), model=model)
+    assert cb.controller is first and first.num_hooks == 2 * L
+    assert cb.alphas == pytest.approx(schedules.alphas('linear', L, 4, 10))
