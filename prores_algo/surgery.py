@@ -256,6 +256,16 @@ class ProResController:
         self._hooks.clear()
         self.removed = True
 
+    def ensure_fp32(self) -> None:
+        """Re-cast α buffers to fp32 after something cast the model (`model.to(torch.bfloat16)`,
+        older DeepSpeed's `.half()`), and restore their exact values: bf16 keeps 8 mantissa bits."""
+        for _, _, module, _ in self._hooks:
+            buf = module._buffers.get(ALPHA_BUFFER)
+            if buf is not None and buf.dtype != torch.float32:
+                module._buffers[ALPHA_BUFFER] = buf.detach().to(torch.float32)
+        for i, a in enumerate(self._alphas):
+            self._fill(i, a)
+
     @property
     def num_hooks(self) -> int:
         return len(self._hooks)

@@ -1,0 +1,522 @@
+"""ProRes for a DeepSpeed training loop (any ZeRO stage, ZeRO-3 included), in a few lines.
+
+    from prores_algo.integrations.deepspeed import attach_prores, save_checkpoint, load_checkpoint
+
+    prores = attach_prores(model, schedule='linear', t_warmup=24000)     # before deepspeed.initialize
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, ...)
+    for batch in loader:
+        prores.step(engine)               # α from engine.global_steps; call before the forward
+        loss = loss_fn(engine(batch['input_ids']), ...)
+        engine.backward(loss)
+        engine.step()
+
+`attach_prores` works on a model built under `deepspeed.zero.Init` as well: ProRes only adds a forward
+hook that multiplies a branch module's *output* by a 0-dim, non-persistent fp32 buffer. It never reads
+or replaces a parameter, so ZeRO-3's partitioning (which only manages parameters) does not touch it,
+and every rank computes the same α from the same `engine.global_steps` (no communication).
+
+`t` is `engine.global_steps`, the number of optimizer steps taken so far (it advances once per
+gradient-accumulation boundary), so the batch of optimizer step t trains with α(t), as in the Composer
+algorithm. Under gradient accumulation every micro-batch of a step sees the same α.
+
+Also here: `lr_lambda_from` (the YAML-style LR schedules as a plain function of the step, for a torch
+`LambdaLR`), `check_deepspeed_config` (batch-size / accumulation / ZeRO-stage conflicts raised as
+ValueError naming the key), and `save_checkpoint` / `load_checkpoint`, which store the ProRes
+configuration with the checkpoint and refuse to resume under a different one.
+
+This module imports DeepSpeed lazily: the config checks and LR functions work without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from prores_algo import schedules
+from prores_algo.lr_schedules import delayed_time, wsd_multiplier
+from prores_algo.surgery import ALPHA_BUFFER, ProResController, apply_prores
+
+__all__ = [
+    'DeepSpeedProRes', 'attach_prores', 'lr_lambda_from', 'build_lr_scheduler', 'lr_scheduler_factory',
+    'check_deepspeed_config', 'save_checkpoint', 'load_checkpoint', 'check_checkpoint', 'prores_state',
+    'CLIENT_STATE_KEY', 'SIDECAR_FILE', 'LR_SCHEDULES'
+]
+
+CLIENT_STATE_KEY = 'prores'  # key of the ProRes configuration in DeepSpeed's client_state
+SIDECAR_FILE = 'prores.json'  # written next to the checkpoint files so a mismatch is caught before loading
+_STATE_FIELDS = ('enabled', 'schedule', 't_warmup', 'num_layers', 'time_unit')
+_TIME_UNITS = ('steps', 'samples')
+
+
+# ---------------------------------------------------------------------------------------------------
+# ProRes on an engine
+# ---------------------------------------------------------------------------------------------------
+class DeepSpeedProRes:
+    """A `ProResController` driven by a DeepSpeed engine: `step(engine)` sets α from the engine's clock.
+
+    `time_unit='steps'` (default) reads `engine.global_steps` (optimizer steps), 'samples' reads
+    `engine.global_samples`; `t_warmup` is in that unit.
+    """
+
+    def __init__(self, controller: ProResController, time_unit: str = 'steps'):
+        if time_unit not in _TIME_UNITS:
+            raise ValueError(f'time_unit must be one of {_TIME_UNITS}, got {time_unit!r}')
+        self.controller = controller
+        self.time_unit = time_unit
+        self._checked_dtype = False
+
+    # --- the loop API ------------------------------------------------------------------------------
+    def time_of(self, engine) -> int:
+        """The engine's clock in `time_unit` (what `step(engine)` passes to the schedule)."""
+        attr = 'global_steps' if self.time_unit == 'steps' else 'global_samples'
+        try:
+            return int(getattr(engine, attr))
+        except AttributeError:
+            raise TypeError(f'prores.step(engine) needs a DeepSpeed engine (an object with `.{attr}`), got '
+                            f'{type(engine).__name__}; use prores.set_step(t) to drive α yourself') from None
+
+    def step(self, engine) -> list[float]:
+        """Set every α to its value at the engine's current step; returns them. Call before the forward."""
+        if not self._checked_dtype:
+            self._keep_alpha_fp32()
+        return self.controller.set_step(self.time_of(engine))
+
+    def set_step(self, t: float) -> list[float]:
+        return self.controller.set_step(t)
+
+    def remove(self) -> None:
+        self.controller.remove()
+
+    # --- introspection -----------------------------------------------------------------------------
+    @property
+    def alphas(self) -> list[float]:
+        return self.controller.alphas
+
+    @property
+    def schedule(self) -> str:
+        return self.controller.schedule
+
+    @property
+    def t_warmup(self) -> float:
+        return self.controller.warmup_steps
+
+    @property
+    def num_layers(self) -> int:
+        return self.controller.num_layers
+
+    @property
+    def removed(self) -> bool:
+        return self.controller.removed
+
+    def state(self) -> dict:
+        """The ProRes configuration a checkpoint records (α itself is a function of the step: not saved)."""
+        return {'enabled': True, 'schedule': self.schedule, 't_warmup': float(self.t_warmup),
+                'num_layers': self.num_layers, 'time_unit': self.time_unit}
+
+    def _keep_alpha_fp32(self) -> None:
+        # DeepSpeed 0.19 keeps buffers fp32 under bf16/fp16 (unless `buffer_dtype` is configured); older
+        # releases cast the whole module with .half()/.bfloat16(). α must stay fp32 so that intermediate
+        # values are not rounded to 8 bits of mantissa (a 0-dim fp32 tensor does not promote bf16 outputs).
+        if not self.controller.removed:
+            self.controller.ensure_fp32()
+        self._checked_dtype = True
+
+    def __repr__(self) -> str:
+        return f'DeepSpeedProRes({self.controller!r}, time_unit={self.time_unit!r})'
+
+
+def attach_prores(model: torch.nn.Module,
+                  schedule: str = 'linear',
+                  t_warmup: Optional[float] = None,
+                  *,
+                  time_unit: str = 'steps',
+                  **apply_prores_kwargs) -> DeepSpeedProRes:
+    """Attach ProRes to `model` (call before `deepspeed.initialize`; a model built under
+    `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
+
+    `t_warmup` is W in `time_unit` (optimizer steps by default; default W = 1000 steps per layer, the
+    paper's T = 1000). Other keyword arguments go to `prores_algo.apply_prores` (`layer_class`,
+    `branches`, `layer_pattern`, `remove_when_done`).
+    """
+    if hasattr(model, 'global_steps') and hasattr(model, 'module'):
+        model = model.module  # a DeepSpeed engine was passed: attach to the model inside it
+    controller = apply_prores(model, schedule, t_warmup, **apply_prores_kwargs)
+    return DeepSpeedProRes(controller, time_unit)
+
+
+def prores_state(prores: Optional[DeepSpeedProRes]) -> dict:
+    """What a checkpoint records about ProRes (`{'enabled': False}` for a run without it)."""
+    if prores is None:
+        return {'enabled': False}
+    if isinstance(prores, ProResController):
+        prores = DeepSpeedProRes(prores)
+    return prores.state()
+
+
+# ---------------------------------------------------------------------------------------------------
+# LR schedules as plain functions of the step
+# ---------------------------------------------------------------------------------------------------
+# YAML names (Composer's registry names are accepted too) -> canonical
+LR_SCHEDULES = {
+    'wsd': 'wsd',
+    'warmup_stable_decay': 'wsd',
+    'linear': 'linear',
+    'linear_decay_with_warmup': 'linear',
+    'cosine': 'cosine',
+    'cosine_decay_with_warmup': 'cosine',
+    'constant': 'constant',
+    'constant_with_warmup': 'constant',
+}
+
+
+def _to_steps(value: Any, max_steps: int, field: str) -> int:
+    """Steps from an int, 'Nba' or 'Xdur' (a fraction of max_steps, floored as Composer does)."""
+    if isinstance(value, bool):
+        raise ValueError(f'{field} must be a number of steps, "Nba" or "Xdur", got {value!r}')
+    if isinstance(value, int):
+        steps = value
+    elif isinstance(value, float) and value.is_integer():
+        steps = int(value)
+    elif isinstance(value, str):
+        s = value.strip().lower()
+        try:
+            if s.endswith('ba'):
+                steps = int(float(s[:-2]))
+            elif s.endswith('dur'):
+                steps = int(float(s[:-3]) * max_steps)
+            elif s.lstrip('+-').isdigit():
+                steps = int(s)
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f'{field}={value!r}: the DeepSpeed loop counts optimizer steps; give an int, "Nba" '
+                             f'(steps) or "Xdur" (fraction of the run). Token/sample units ("tok", "sp") are not '
+                             f'supported here.') from None
+    else:
+        raise ValueError(f'{field} must be an int, "Nba" or "Xdur", got {type(value).__name__} {value!r}')
+    if steps < 0:
+        raise ValueError(f'{field} must be >= 0, got {value!r}')
+    return steps
+
+
+def lr_lambda_from(schedule: Union[str, Mapping] = 'wsd',
+                   *,
+                   max_steps: int,
+                   t_warmup: Any = '0.02dur',
+                   t_decay: Any = '0.1dur',
+                   alpha_f: float = 0.0,
+                   lr_warmup_delay: Any = 0) -> Callable[[int], float]:
+    """The LR multiplier of a YAML-style schedule as a plain function `f(step) -> float`.
+
+    `schedule` is a name or a YAML mapping `{name: ..., t_warmup: ..., t_decay: ..., alpha_f: ...}`
+    (keys of the mapping win over the keyword arguments). Names:
+      wsd        linear warmup 0 → 1 over t_warmup, 1, linear decay to alpha_f over the last t_decay
+      linear     warmup, then linear 1 → alpha_f until max_steps   (Composer linear_decay_with_warmup)
+      cosine     warmup, then cosine 1 → alpha_f until max_steps   (Composer cosine_decay_with_warmup)
+      constant   warmup, then 1                                     (Composer constant_with_warmup)
+    Times are ints (steps), "Nba" or "Xdur". `lr_warmup_delay` D > 0 holds the t = 0 multiplier (0)
+    for t < D, runs the full warmup from D, and compresses the rest so the schedule still ends at
+    `max_steps` (`prores_algo.lr_schedules.delayed_time`).
+
+    Returned as a plain function (not a callable object) so `LambdaLR.state_dict()` does not store it:
+    a resumed run recomputes the multiplier from the restored step with this run's schedule.
+    With DeepSpeed the scheduler is stepped once per optimizer step, after the update, so optimizer
+    step t (0-based, = engine.global_steps during its forward) uses `f(t)`.
+    """
+    if isinstance(schedule, Mapping):
+        spec = dict(schedule)
+        name = spec.pop('name', None)
+        known = {'t_warmup', 't_decay', 'alpha_f', 'lr_warmup_delay', 't_max', 'alpha_i'}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f'unknown LR schedule key(s) {sorted(unknown)}; known: {sorted(known | {"name"})}')
+        if spec.get('t_max', '1dur') not in ('1dur', 1.0):
+            raise ValueError(f"LR schedule t_max={spec['t_max']!r}: only '1dur' (the whole run) is supported")
+        if spec.get('alpha_i', 1.0) != 1.0:
+            raise ValueError(f"LR schedule alpha_i={spec['alpha_i']!r}: only 1.0 is supported")
+        t_warmup = spec.get('t_warmup', t_warmup)
+        t_decay = spec.get('t_decay', t_decay)
+        alpha_f = spec.get('alpha_f', alpha_f)
+        lr_warmup_delay = spec.get('lr_warmup_delay', lr_warmup_delay)
+    else:
+        name = schedule
+    if not isinstance(name, str) or name.lower() not in LR_SCHEDULES:
+        raise ValueError(f'unknown LR schedule {name!r}; use one of {sorted(LR_SCHEDULES)}')
+    kind = LR_SCHEDULES[name.lower()]
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f'max_steps must be a positive int, got {max_steps!r}')
+    if isinstance(alpha_f, bool) or not isinstance(alpha_f, (int, float)) or not math.isfinite(alpha_f):
+        raise ValueError(f'alpha_f must be a finite number, got {alpha_f!r}')
+    alpha_f = float(alpha_f)
+    M = max_steps
+    W = _to_steps(t_warmup, M, 't_warmup')
+    D = _to_steps(lr_warmup_delay, M, 'lr_warmup_delay')
+    decay = _to_steps(t_decay, M, 't_decay') if kind == 'wsd' else 0
+    if kind == 'wsd':
+        wsd_multiplier(0, M, W, decay, alpha_f)  # validates warmup + decay <= max_steps
+    elif W > M:
+        raise ValueError(f't_warmup ({W} steps) must not exceed max_steps ({M})')
+    if D > 0 and D + W >= M:
+        raise ValueError(f'lr_warmup_delay ({D} steps) + LR warmup ({W} steps) must be shorter than max_steps ({M})')
+
+    def base(t: float) -> float:
+        if kind == 'wsd':
+            return wsd_multiplier(t, M, W, decay, alpha_f)
+        if t < W:
+            return t / W
+        if kind == 'constant':
+            return 1.0
+        frac = min(1.0, (t - W) / (M - W)) if M > W else 1.0
+        if kind == 'linear':
+            return 1.0 + (alpha_f - 1.0) * frac
+        return alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def lr_lambda(step: int) -> float:
+        t = float(step)
+        if D > 0:
+            t = delayed_time(t, D, W, M)
+        return base(t)
+
+    lr_lambda.__qualname__ = lr_lambda.__name__ = f'prores_lr_{kind}'
+    return lr_lambda
+
+
+def build_lr_scheduler(optimizer, schedule: Union[str, Mapping] = 'wsd', **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
+    """`LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))
+
+
+def lr_scheduler_factory(schedule: Union[str, Mapping] = 'wsd', **kwargs) -> Callable:
+    """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`: DeepSpeed calls it
+    with the optimizer it built (or the one you passed). The schedule is validated now, not then."""
+    lr_lambda_from(schedule, **kwargs)  # fail early
+
+    def make(optimizer):
+        return build_lr_scheduler(optimizer, schedule, **kwargs)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed JSON checks
+# ---------------------------------------------------------------------------------------------------
+_BATCH_KEYS = ('train_micro_batch_size_per_gpu', 'gradient_accumulation_steps', 'train_batch_size')
+
+
+def _pos_int_or_none(value, where: str):
+    if value is None or value == 'auto':
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{where} must be a positive int (or "auto"), got {value!r}')
+    return value
+
+
+def check_deepspeed_config(ds_config: Mapping,
+                           *,
+                           train_micro_batch_size_per_gpu: Optional[int] = None,
+                           gradient_accumulation_steps: Optional[int] = None,
+                           world_size: Optional[int] = None,
+                           require_stage3: bool = False) -> dict:
+    """Check a DeepSpeed config against the training config; return a copy with the batch keys filled.
+
+    Raises ValueError naming the key and the fix when
+      * `train_micro_batch_size_per_gpu` / `gradient_accumulation_steps` in the JSON differ from the
+        values the training config (YAML/CLI) gives;
+      * `train_batch_size` != micro × accumulation × world_size;
+      * `zero_optimization.stage` is not 3 while `require_stage3`.
+    "auto" (the Hugging Face convention) and missing keys are filled from the other values.
+    """
+    if not isinstance(ds_config, Mapping):
+        raise ValueError(f'the DeepSpeed config must be a dict (the parsed JSON), got {type(ds_config).__name__}')
+    cfg = copy.deepcopy(dict(ds_config))
+    expected = {'train_micro_batch_size_per_gpu': _pos_int_or_none(train_micro_batch_size_per_gpu,
+                                                                   'train_micro_batch_size_per_gpu (training config)'),
+                'gradient_accumulation_steps': _pos_int_or_none(gradient_accumulation_steps,
+                                                                'gradient_accumulation_steps (training config)')}
+    world = _pos_int_or_none(world_size, 'world_size')
+    values = {k: _pos_int_or_none(cfg.get(k), f'DeepSpeed config `{k}`') for k in _BATCH_KEYS}
+    for key, want in expected.items():
+        have = values[key]
+        if want is not None and have is not None and have != want:
+            raise ValueError(f'DeepSpeed config `{key}` = {have} but the training config asks for {want}: set '
+                             f'"{key}": {want} in the DeepSpeed JSON (or "auto", or remove the key), or change the '
+                             f'training config to {have}.')
+        if want is not None:
+            values[key] = want
+    micro, accum, total = (values[k] for k in _BATCH_KEYS)
+    if world is not None:
+        if micro is not None and accum is not None:
+            product = micro * accum * world
+            if total is not None and total != product:
+                raise ValueError(
+                    f'DeepSpeed config `train_batch_size` = {total} but train_micro_batch_size_per_gpu ({micro}) x '
+                    f'gradient_accumulation_steps ({accum}) x world_size ({world}) = {product}: set '
+                    f'"train_batch_size": {product} (or "auto", or remove it), or change the micro batch size / '
+                    f'accumulation so that their product with the world size is {total}.')
+            total = product
+        elif total is not None:
+            if micro is None and accum is None:
+                accum = 1  # DeepSpeed's default
+            known_key, known = (('gradient_accumulation_steps', accum) if micro is None else
+                                ('train_micro_batch_size_per_gpu', micro))
+            if total % (known * world):
+                raise ValueError(f'DeepSpeed config `train_batch_size` = {total} is not divisible by {known_key} '
+                                 f'({known}) x world_size ({world}): set "train_batch_size" to a multiple of '
+                                 f'{known * world}, or give both train_micro_batch_size_per_gpu and '
+                                 'gradient_accumulation_steps.')
+            if micro is None:
+                micro = total // (known * world)
+            else:
+                accum = total // (known * world)
+    for key, value in zip(_BATCH_KEYS, (micro, accum, total)):
+        if value is not None:
+            cfg[key] = value
+        elif cfg.get(key) == 'auto':
+            del cfg[key]  # DeepSpeed itself does not understand "auto"
+    zero = cfg.get('zero_optimization', {})
+    if zero is None:
+        zero = {}
+    if not isinstance(zero, Mapping):
+        raise ValueError(f'DeepSpeed config `zero_optimization` must be a mapping, got {zero!r}')
+    stage = zero.get('stage', 0)
+    if require_stage3 and stage != 3:
+        raise ValueError(f'DeepSpeed config `zero_optimization.stage` = {stage!r} but ZeRO stage 3 is required here: '
+                         'set "zero_optimization": {"stage": 3, ...} in the DeepSpeed JSON (e.g. '
+                         'yamls/deepspeed/zero3.json), or drop the stage-3 requirement.')
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints with a ProRes guard
+# ---------------------------------------------------------------------------------------------------
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get('RANK', '0'))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _compare(saved: Mapping, current: Mapping, where: str) -> None:
+    def norm(state):
+        state = dict(state)
+        if not state.get('enabled', True):
+            return {'enabled': False}
+        out = {'enabled': True}
+        for field in _STATE_FIELDS[1:]:
+            out[field] = state.get(field)
+        if out['schedule'] is not None:
+            try:
+                out['schedule'] = schedules.canonical_name(out['schedule'])
+            except ValueError:
+                pass
+        if out['t_warmup'] is not None:
+            out['t_warmup'] = float(out['t_warmup'])
+        if out['time_unit'] is None:
+            out['time_unit'] = 'steps'
+        return out
+
+    a, b = norm(saved), norm(current)
+    if a == b:
+        return
+
+    def show(state):
+        if not state['enabled']:
+            return 'ProRes off'
+        return ', '.join(f'{k}={state[k]!r}' for k in _STATE_FIELDS[1:])
+
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise ValueError(f'cannot resume from {where}: it was trained with a different ProRes configuration '
+                     f'(differs in {diff}). Checkpoint: {show(a)}; this run: {show(b)}. Resume with the checkpoint\'s '
+                     'ProRes settings (schedule, t_warmup, model depth), or start a fresh run without load_dir.')
+
+
+def _read_latest(load_dir: str) -> Optional[str]:
+    path = os.path.join(load_dir, 'latest')
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip()
+    return None
+
+
+def save_checkpoint(engine, prores: Optional[DeepSpeedProRes], save_dir: str, tag: Optional[str] = None,
+                    client_state: Optional[dict] = None, **kwargs) -> str:
+    """`engine.save_checkpoint` with the ProRes configuration in `client_state['prores']` (and in
+    `<save_dir>/<tag>/prores.json`). Call on every rank. Returns the tag."""
+    state = dict(client_state or {})
+    state[CLIENT_STATE_KEY] = prores_state(prores)
+    tag = str(tag) if tag is not None else f'global_step{engine.global_steps}'
+    engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+    if _rank() == 0:
+        folder = os.path.join(save_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, SIDECAR_FILE + '.tmp')
+        with open(tmp, 'w') as f:
+            json.dump(state[CLIENT_STATE_KEY], f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(folder, SIDECAR_FILE))
+    _barrier()
+    return tag
+
+
+def check_checkpoint(load_dir: str, prores: Union[DeepSpeedProRes, Mapping, None], tag: Optional[str] = None,
+                     *, strict: bool = True) -> str:
+    """Check, without loading anything, that checkpoint `<load_dir>/<tag>` (tag default: `latest`) was
+    saved under the same ProRes configuration as `prores` (a `DeepSpeedProRes`, None for ProRes off,
+    or a `prores_state()` dict). Raises ValueError naming the differing fields; returns the tag.
+
+    Lets a loop refuse a bad resume before it builds a model or a process group."""
+    if not load_dir or not os.path.isdir(load_dir):
+        raise FileNotFoundError(f'load_dir {load_dir!r} is not a folder with DeepSpeed checkpoints')
+    resolved = str(tag) if tag is not None else _read_latest(load_dir)
+    if resolved is None:
+        raise FileNotFoundError(f'no checkpoint tag given and no `latest` file in {load_dir!r}; pass tag=')
+    folder = os.path.join(load_dir, resolved)
+    if not os.path.isdir(folder):
+        have = sorted(d for d in os.listdir(load_dir) if os.path.isdir(os.path.join(load_dir, d)))
+        raise FileNotFoundError(f'checkpoint tag {resolved!r} not found in {load_dir!r} (tags present: {have})')
+    current = dict(prores) if isinstance(prores, Mapping) else prores_state(prores)
+    sidecar = os.path.join(folder, SIDECAR_FILE)
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            _compare(json.load(f), current, f'{folder!r}')
+    elif strict:
+        raise ValueError(f'checkpoint {folder!r} records no ProRes configuration ({SIDECAR_FILE} missing: it was '
+                         'not saved with prores_algo.integrations.deepspeed.save_checkpoint). Pass strict=False to '
+                         'load it anyway.')
+    return resolved
+
+
+def load_checkpoint(engine, prores: Optional[DeepSpeedProRes], load_dir: str, tag: Optional[str] = None,
+                    *, strict: bool = True, **kwargs) -> tuple[str, dict]:
+    """`engine.load_checkpoint` that refuses (ValueError) a checkpoint saved under a different ProRes
+    configuration, then sets α to the restored `engine.global_steps`. Returns (load_path, client_state).
+
+    The configuration is checked from `<load_dir>/<tag>/prores.json` *before* anything is loaded
+    (`check_checkpoint`), and again from the restored `client_state`. `strict=False` accepts a
+    checkpoint that records no ProRes configuration (saved by `engine.save_checkpoint` directly).
+    Other keyword arguments go to `engine.load_checkpoint`.
+    """
+    resolved = check_checkpoint(load_dir, prores, tag, strict=strict)
+    load_path, client_state = engine.load_checkpoint(load_dir, tag=resolved, **kwargs)
+    if load_path is None:
+        raise FileNotFoundError(f'DeepSpeed could not load checkpoint {resolved!r} from {load_dir!r}')
+    client_state = client_state or {}
+    saved = client_state.get(CLIENT_STATE_KEY)
+    folder = os.path.join(load_dir, resolved)
+    if saved is not None:
+        _compare(saved, prores_state(prores), f'{folder!r} (client_state)')
+    elif strict:
+        raise ValueError(f'checkpoint {folder!r} has no `{CLIENT_STATE_KEY}` entry in client_state; pass '
+                         'strict=False to load it anyway')
+    if prores is not None:
+        prores.step(engine)
+    return load_path, client_state

@@ -1,0 +1,39 @@
+"""Keeps benchmarks/gpu_check.py runnable: its --smoke mode on CPU (tiny model, 3 steps, no compile),
+plus the recompile-counting path with the cheap `eager` compile backend."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'benchmarks' / 'gpu_check.py'
+
+
+def _run(tmp_path, *extra):
+    env = {**os.environ, 'OUT': str(tmp_path), 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    proc = subprocess.run([sys.executable, str(SCRIPT), '--smoke', *extra], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / 'gpu_check.json').read_text()), proc.stdout
+
+
+def test_gpu_check_smoke(tmp_path):
+    res, stdout = _run(tmp_path)
+    assert res['status'] == 'ok'
+    assert not res['env']['composer_imported']  # the check must run where Composer is absent
+    assert res['model']['prores_hooks'] == 2 * res['config']['n_layers']
+    eager = res['eager']
+    for name in ('on', 'off'):
+        assert eager[name]['timed_steps'] == 3 and eager[name]['tokens_per_s'] > 0
+    assert eager['step_time_ratio_on_off'] > 0
+    assert res['deepspeed']['status'] == 'skipped'
+    assert 'on/off step-time ratio' in stdout
+
+
+def test_gpu_check_counts_no_recompile_on_alpha_update(tmp_path):
+    res, _ = _run(tmp_path, '--compile', 'blocks', '--backend', 'eager')
+    comp = res['compiled']
+    assert comp['compile']['on']['graphs'] == 1  # both blocks share one graph, hooks included
+    assert comp['graphs_compiled_during_timed_steps'] == 0  # α changed at every one of those steps
