@@ -58,12 +58,13 @@ class ProRes(Algorithm):
                 raise ValueError(f't_warmup={t_warmup!r}: use batches ("24000ba"), tokens ("5e8tok"), samples ("1e6sp") '
                                  f'or a fraction of max_duration ("0.2dur"), not {self.t_warmup.unit.value}')
             if not self.t_warmup.value > 0:
-                raise ValueError(f't_warmup must be positive, got {t_warmup!r}')
+                raise ValueError(f't_warmup must be positive, e.g. "24000ba" or "0.1dur", got {t_warmup!r}')
             if self.t_warmup.unit == TimeUnit.DURATION and self.t_warmup.value > 1:
                 raise ValueError(f't_warmup={t_warmup!r} is more than the whole run: use a fraction in (0, 1]')
         self.lr_warmup_delay = parse_time(lr_warmup_delay, 'lr_warmup_delay')
         if self.lr_warmup_delay.value < 0:
-            raise ValueError(f'lr_warmup_delay must be >= 0, got {lr_warmup_delay!r}')
+            raise ValueError(f'lr_warmup_delay must be >= 0, e.g. "0ba" (the default: no delay) or "500ba", '
+                             f'got {lr_warmup_delay!r}')
         interval = parse_time(log_interval, 'log_interval')
         if interval.unit != TimeUnit.BATCH or interval.value < 1:
             raise ValueError(f'log_interval must be a positive number of batches (e.g. 1 or "100ba"), got {log_interval!r}')
@@ -74,7 +75,9 @@ class ProRes(Algorithm):
         self.layer_class = layer_class
         self.branches = None if branches is None else tuple(branches)
         self.layer_pattern = layer_pattern
-        self.remove_when_done = bool(remove_when_done)
+        if not isinstance(remove_when_done, bool):
+            raise ValueError(f'remove_when_done must be true or false, got {remove_when_done!r}')
+        self.remove_when_done = remove_when_done
         self.controller: Optional[ProResController] = None
         self._unit: Optional[TimeUnit] = None
         self._warned = False
@@ -115,6 +118,8 @@ class ProRes(Algorithm):
         self._warn_if_longer_than_run(state)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
+            # a model cast after INIT (`model.to(torch.bfloat16)`) casts α too: keep it fp32 and exact
+            self.controller.ensure_fp32()
             self.controller.set_step(self._now(state))
 
     def _batch_start(self, state: State, logger: Logger) -> None:

@@ -9,6 +9,7 @@ up in explicit tables, never imported from strings.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -54,6 +55,27 @@ class OptimizerConfig(_Strict):
     eps: float = 1e-8
     weight_decay: float = 0.1
 
+    @field_validator('lr', 'eps')
+    @classmethod
+    def _positive_float(cls, v):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError('must be a positive finite number, e.g. 1.0e-3')
+        return v
+
+    @field_validator('weight_decay')
+    @classmethod
+    def _non_negative(cls, v):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError('must be >= 0, e.g. 0.1 (0 turns weight decay off)')
+        return v
+
+    @field_validator('betas')
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError('both betas must be in [0, 1), e.g. [0.9, 0.95]')
+        return v
+
 
 class SchedulerConfig(BaseModel):
     model_config = ConfigDict(extra='allow')
@@ -90,6 +112,7 @@ class TrainConfig(_Strict):
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: Optional[str] = None
+    load_weights_only: bool = False  # with load_path: take only the weights (e.g. to start a new ProRes config)
     console_log_interval: Union[str, int] = '50ba'
     progress_bar: bool = False
     compile: bool = False
@@ -101,6 +124,19 @@ class TrainConfig(_Strict):
     def _positive(cls, v):
         if v < 1:
             raise ValueError('must be a positive int')
+        return v
+
+    @field_validator('max_duration', 'eval_interval', 'save_interval', 'console_log_interval')
+    @classmethod
+    def _time_string(cls, v):
+        """Checked here so a typo is reported with its key, not as Composer's bare 'Invalid time string'."""
+        if isinstance(v, str):
+            from composer.core import Time
+            try:
+                Time.from_timestring(v)
+            except (ValueError, TypeError):
+                raise ValueError("must be a number with a time unit, e.g. '600ba' (batches), '1ep' (epochs), "
+                                 "'5e8tok' (tokens) or '1e6sp' (samples)") from None
         return v
 
 
@@ -146,7 +182,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None,
                 data: Optional[dict[str, Any]] = None) -> TrainConfig:
     """Load a YAML file (or a dict) and apply `key=value` overrides (OmegaConf dot-list syntax)."""
-    from omegaconf import OmegaConf
+    import yaml  # a dependency of omegaconf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if path is not None:
@@ -157,6 +194,9 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
             cfg = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and OmegaConf errors: point at the file
             raise ConfigError(f'{path}: not valid YAML: {e}') from None
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f'{path}: the top level of the YAML must be a mapping of keys '
+                              '(e.g. `max_duration: 600ba`)')
     else:
         cfg = OmegaConf.create(data or {})
     for item in overrides or []:
@@ -165,14 +205,27 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         raw = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f'{path or "config"}: {e}') from None
+    except (OmegaConfBaseException, TypeError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f'{path or "config"}: {_culprit(cfg, overrides)}{e}') from None
     if not isinstance(raw, dict):
         raise ConfigError(f'{path}: the top level of the YAML must be a mapping of keys')
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path or 'config'))) from None
+
+
+def _culprit(cfg, overrides) -> str:
+    """Which override cannot be merged (e.g. a list over a mapping), to name it in the error."""
+    from omegaconf import OmegaConf
+    for item in overrides or []:
+        try:
+            OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except Exception:
+            key = item.split('=', 1)[0]
+            return (f"override {item!r} cannot be applied to '{key}': give a plain value of the same kind as in the "
+                    f"config (a mapping is overridden key by key, e.g. {key}.<name>=<value>). ")
+    return ''
 
 
 def check_kwargs(where: str, target, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from prores_algo.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     'TEXT_SUFFIXES', 'META_FILENAME', 'iter_documents', 'write_mds', 'ensure_dataset', 'read_metadata',
-    'TokenDataset', 'build_dataloader', 'main'
+    'TokenDataset', 'build_dataloader', 'verify_local_split', 'main'
 ]
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
@@ -603,6 +603,47 @@ def _check_meta(meta: dict[str, Any], where: str, seq_len: Optional[int], vocab_
                          f'overflow the embedding. Set vocab_size >= {meta["vocab_size"]}.')
 
 
+def verify_local_split(path: str | os.PathLike, split: str) -> int:
+    """Check that every shard `path/split/index.json` lists is on disk with the size it lists; returns
+    the number of shards. Raises ValueError naming the shard and the fix.
+
+    Catches truncated or missing shard files (an interrupted copy or sync, a full disk) when the loader
+    is built, instead of a cryptic decode error partway through an epoch. Costs one stat per shard; it
+    does not hash the contents, so a same-size corruption is not detected here.
+    """
+    folder = Path(path) / split
+    fix = (f'rebuild it (`prores-data --out {str(path)} --overwrite ...`, same settings) or copy it again from '
+           'where it was built')
+    try:
+        index = json.loads((folder / 'index.json').read_text())
+        shards = index['shards']
+        if not isinstance(shards, list):
+            raise TypeError('`shards` is not a list')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'{str(folder / "index.json")!r} is not a valid MDS index ({type(e).__name__}: {e}): '
+                         f'the dataset is damaged; {fix}') from None
+    for shard in shards:
+        try:
+            files = [(shard[k]['basename'], int(shard[k]['bytes'])) for k in ('raw_data', 'zip_data') if shard.get(k)]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f'{str(folder / "index.json")!r} has a malformed shard entry ({type(e).__name__}: {e}): '
+                             f'the dataset is damaged; {fix}') from None
+        present = 0
+        for basename, expected in files:
+            f = folder / basename
+            if not f.is_file():
+                continue
+            present += 1
+            size = f.stat().st_size
+            if size != expected:
+                raise ValueError(f'shard {str(f)!r} has {size} bytes but its index.json lists {expected}: the file '
+                                 f'is truncated or damaged; {fix}')
+        if not present:
+            raise ValueError(f'shard {files[0][0] if files else "?"!r} listed in {str(folder / "index.json")!r} is '
+                             f'missing from {str(folder)!r}; {fix}')
+    return len(shards)
+
+
 def build_dataloader(path_or_remote: str,
                      split: str,
                      batch_size: int,
@@ -651,6 +692,7 @@ def build_dataloader(path_or_remote: str,
             have = sorted(p.name for p in local_path.iterdir() if (p / 'index.json').is_file())
             raise FileNotFoundError(f'split {split!r} not found under {str(local_path)!r} '
                                     f'(no {split}/index.json; splits present: {have})')
+        verify_local_split(local_path, split)
         remote, local, where = None, str(local_path), str(local_path)
         meta = read_metadata(local_path)
         if meta is None:

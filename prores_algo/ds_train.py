@@ -69,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     'summary': None, 'log_every': 1, 'verbose': False,
     # set by cfg_from_yaml: the YAML's global batch (checked against the JSON) and the shards to build
     'global_train_batch_size': None, '_data_build': None,
+    # resume from save_dir's `latest` checkpoint if there is one (the same command restarts a killed run)
+    'autoresume': False,
 }
 
 _DEFAULT_LR = 1e-3
@@ -297,6 +299,9 @@ def train(cfg: dict) -> dict:
                     'num_layers': cfg['n_layers'], 'time_unit': 'steps'}
     else:
         expected = {'enabled': False}
+    if cfg['autoresume'] and not cfg['load_dir'] and cfg['save_dir'] and \
+            os.path.exists(os.path.join(cfg['save_dir'], 'latest')):
+        cfg['load_dir'] = cfg['save_dir']
     if cfg['load_dir']:  # refuse a resume under another ProRes configuration before building anything
         check_checkpoint(cfg['load_dir'], expected, cfg['load_tag'])
 
@@ -468,7 +473,7 @@ def cfg_from_yaml(path: str, overrides: Optional[list[str]] = None, deepspeed_co
         'global_train_batch_size': c.global_train_batch_size,
         'save_dir': c.save_folder, 'save_interval': _batches(c.save_interval, steps, 'save_interval'),
         'eval_every': _batches(c.eval_interval, steps, 'eval_interval'),
-        'load_dir': c.load_path,
+        'load_dir': c.load_path, 'autoresume': c.autoresume,
         '_data_build': None if c.data.source is None or '://' in c.data.path else dict(
             source=c.data.source, out_dir=c.data.path, tokenizer=c.tokenizer, seq_len=c.data.seq_len,
             val_fraction=c.data.val_fraction, max_tokens=c.data.max_tokens, seed=c.seed, max_bytes=c.data.max_bytes),
@@ -541,6 +546,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument('--save_interval', type=int, default=d['save_interval'], help='0: only at the end')
     g.add_argument('--load_dir', default=None)
     g.add_argument('--load_tag', default=None)
+    g.add_argument('--autoresume', action='store_true',
+                   help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)")
     g.add_argument('--summary', default=None, help="JSON summary path (rank 0; '{rank}' in it: every rank)")
     g.add_argument('--log_every', type=int, default=d['log_every'])
     g.add_argument('--verbose', action='store_true', help='keep DeepSpeed INFO logs')
@@ -553,6 +560,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config, overrides = args.pop('config'), args.pop('overrides')
     if config is not None:
         loop_keys = {k: args[k] for k in ('summary', 'log_every', 'verbose', 'require_stage3', 'zero_init', 'load_tag')}
+        loop_keys['autoresume'] = args['autoresume']
         args = {**cfg_from_yaml(config, overrides, args['deepspeed_config']), **loop_keys}
     elif overrides:
         raise SystemExit(f'key=value overrides {overrides} need --config YAML')

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Union
 
 __all__ = ['wsd_multiplier', 'WSDScheduler', 'delay_lr_warmup', 'delayed_time', 'parse_time']
@@ -78,6 +79,9 @@ class WSDScheduler:
                  alpha_f: float = 0.0):
         self.t_warmup = parse_time(t_warmup, 't_warmup')
         self.t_decay = parse_time(t_decay, 't_decay')
+        if isinstance(alpha_f, bool) or not isinstance(alpha_f, (int, float)) or not math.isfinite(alpha_f):
+            raise ValueError(f'alpha_f (the final LR multiplier) must be a finite number, e.g. 0.0 or 0.1, '
+                             f'got {alpha_f!r}')
         self.alpha_f = float(alpha_f)
 
     def __call__(self, state, ssr: float = 1.0) -> float:

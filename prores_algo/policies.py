@@ -96,9 +96,13 @@ def register_policy(layer_class_name: str, branches: tuple[str, ...] | list[str]
     """Teach ProRes a new layer class: `register_policy('MyBlock', ('attn.proj', 'mlp.fc2'))`."""
     if not isinstance(layer_class_name, str) or not layer_class_name:
         raise ValueError(f'layer_class_name must be a non-empty class name, got {layer_class_name!r}')
+    if isinstance(branches, str):  # tuple('attn.o_proj') would register single characters
+        raise ValueError(f"branches must be a list or tuple of dotted module names, e.g. ('attn.o_proj', "
+                         f"'mlp.down_proj'), got the string {branches!r}")
     branches = tuple(branches)
     if not branches or not all(isinstance(b, str) and b for b in branches):
-        raise ValueError(f'branches must be a non-empty sequence of dotted module names, got {branches!r}')
+        raise ValueError(f"branches must be a non-empty sequence of dotted module names, e.g. ('attn.o_proj', "
+                         f"'mlp.down_proj'), got {branches!r}")
     if layer_class_name in LAYER_POLICIES and not overwrite and LAYER_POLICIES[layer_class_name] != branches:
         raise ValueError(f'a policy for {layer_class_name!r} exists ({LAYER_POLICIES[layer_class_name]}); '
                          'pass overwrite=True to replace it')

@@ -62,7 +62,7 @@ def aliases() -> dict[str, str]:
 
 def canonical_name(name: str) -> str:
     if not isinstance(name, str):
-        raise ValueError(f'schedule must be a string, got {type(name).__name__} {name!r}')
+        raise ValueError(f'schedule must be a string, one of {names()}, got {type(name).__name__} {name!r}')
     name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise ValueError(

@@ -275,6 +275,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     callbacks = _build_named('callbacks', _callbacks(), cfg.callbacks) + list(extra_callbacks)
     loggers = _build_named('loggers', _loggers(), cfg.loggers) + list(extra_loggers)
     scheduler = _build_scheduler(cfg)
+    parallelism = _parallelism(cfg.parallelism)  # checked before any data is built
     model = build_model(cfg, tokenizer.vocab_size)
     _prepare_data(cfg)
     train_loader, val_loader = _loaders(cfg, model.model.config.vocab_size)
@@ -298,18 +299,38 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
+        save_overwrite=_save_overwrite(cfg),
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
         seed=cfg.seed,
         progress_bar=cfg.progress_bar,
         log_to_console=not cfg.progress_bar,
         console_log_interval=cfg.console_log_interval,
         compile_config={} if cfg.compile else None,
-        parallelism_config=_parallelism(cfg.parallelism),
+        parallelism_config=parallelism,
         dist_timeout=cfg.dist_timeout,
     )
     return trainer
+
+
+def _save_overwrite(cfg: TrainConfig) -> bool:
+    """`save_overwrite`, or True when autoresume finds this run's own `latest` checkpoint in a local save_folder.
+
+    Composer writes a checkpoint file in place and points `latest-rank0.pt` at it only once it is written,
+    so a run killed during a save leaves a partial file for a later batch than `latest`. Restarted with
+    autoresume, it resumes from `latest`, but Composer's guard against overwriting *another* run's
+    checkpoints then refuses to start ("... may conflict with a future checkpoint of the current run").
+    When `latest` is there, the folder is this run's own: the resumed run may overwrite what its killed
+    attempt left behind. (A fresh run in a folder with no `latest` keeps Composer's guard.)
+    """
+    if cfg.save_overwrite:
+        return True
+    if not (cfg.autoresume and cfg.save_folder) or _is_url(cfg.save_folder):
+        return False
+    from composer.utils import format_name_with_dist
+    folder = format_name_with_dist(cfg.save_folder, cfg.run_name)
+    return os.path.islink(os.path.join(folder, 'latest-rank0.pt'))
 
 
 def _parallelism(spec: Optional[dict[str, Any]]):

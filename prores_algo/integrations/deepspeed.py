@@ -455,7 +455,9 @@ def save_checkpoint(engine, prores: Optional[DeepSpeedProRes], save_dir: str, ta
     state = dict(client_state or {})
     state[CLIENT_STATE_KEY] = prores_state(prores)
     tag = str(tag) if tag is not None else f'global_step{engine.global_steps}'
-    engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
+    # The sidecar goes first: DeepSpeed writes `latest` as the last step of its save, so a process killed
+    # right after that must not leave a `latest` tag without its ProRes record (check_checkpoint would
+    # then refuse the resume). A kill before `latest` moves leaves the previous tag in use.
     if _rank() == 0:
         folder = os.path.join(save_dir, tag)
         os.makedirs(folder, exist_ok=True)
@@ -464,6 +466,7 @@ def save_checkpoint(engine, prores: Optional[DeepSpeedProRes], save_dir: str, ta
             json.dump(state[CLIENT_STATE_KEY], f, indent=2, sort_keys=True)
         os.replace(tmp, os.path.join(folder, SIDECAR_FILE))
     _barrier()
+    engine.save_checkpoint(save_dir, tag=tag, client_state=state, **kwargs)
     return tag
 
 
