@@ -1,0 +1,85 @@
+"""The benchmarks' smallest configurations run end to end (so they cannot rot) and write the JSON that
+benchmarks/report.py reads, with finite numbers where numbers are promised."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def _run(args, timeout=120):
+    proc = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return proc
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope='module')
+def outputs(tmp_path_factory):
+    """Run both benchmarks' --smoke configurations once; the tests below check what they wrote."""
+    d = tmp_path_factory.mktemp('bench')
+    _run(['benchmarks/overhead.py', '--smoke', '--out', str(d / 'overhead.json')])
+    _run(['benchmarks/quality.py', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=180)
+    return d
+
+
+def test_overhead_smoke(outputs):
+    r = json.loads((outputs / 'overhead.json').read_text())
+    assert r['benchmark'] == 'overhead' and r['mode'] == 'smoke'
+    assert set(r['models']) == {'reference', 'llama'}
+    for name, m in r['models'].items():
+        s = m['summary']
+        for k in ('step_time_ratio_warmup', 'step_time_ratio_after', 'peak_memory_ratio', 'saved_activation_ratio'):
+            assert _finite(s[k]) and s[k] > 0, (name, k, s[k])
+        for v in ('baseline', 'prores_warmup', 'prores_done'):
+            assert _finite(m['timing'][v]['median_step_s']) and m['timing'][v]['timed_steps'] >= 1
+            assert m['memory'][v]['peak_bytes'] > 0
+        # exact properties of the mechanism hold even in the smallest configuration
+        assert m['identical_after_removal'] is True
+        assert m['alpha_moving_during_timing'] is True
+        assert s['recompiles_from_alpha_updates'] == 0
+        assert s['recompiles_at_removal'] == 1
+        assert m['compile']['recompiles_after_removal'] == 0
+        assert s['peak_memory_ratio'] < 1.01
+
+
+def test_quality_smoke(outputs):
+    r = json.loads((outputs / 'quality.json').read_text())
+    assert r['benchmark'] == 'quality' and r['mode'] == 'smoke' and r['status'] == 'complete'
+    assert set(r['experiments']) == {'main', 'depth', 'ablation', 'warmup_length'}
+    assert r['runs'] and not r['skipped']
+    for key, run in r['runs'].items():
+        assert 'error' not in run, (key, run.get('error'))
+        for k in ('val_loss', 'val_ppl', 'wall_s'):
+            assert _finite(run[k]), (key, k, run[k])
+        assert len(run['curve']) == run['spec']['steps'] and all(_finite(v) for v in run['curve'])
+        assert isinstance(run['spikes'], int) and isinstance(run['diverged'], bool)
+    for norm in ('pre', 'post'):
+        for v in ('baseline', 'linear'):
+            assert _finite(r['summary']['main'][norm][v]['val_loss']['mean'])
+    assert r['summary']['depth'] and r['summary']['ablation']
+    assert r['alpha_log_check']['max_abs_diff'] < 1e-6
+    assert set(r['figures']) == {'quality_loss_curves.png', 'quality_depth.png', 'quality_ablation.png',
+                                 'alpha_heatmap.png'}
+    for fig in r['figures']:
+        assert (outputs / fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_report_renders(outputs):
+    out = outputs / 'RESULTS.md'
+    _run(['benchmarks/report.py', '--overhead', str(outputs / 'overhead.json'), '--quality',
+          str(outputs / 'quality.json'), '--out', str(out)])
+    text = out.read_text()
+    for heading in ('## 1. Overhead', '## 2. Quality', '### 2.1 Main table', '## 3. Comparison with the paper'):
+        assert heading in text
+    assert not re.search(r'\bnan\b', text, re.IGNORECASE)
