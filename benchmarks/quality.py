@@ -465,7 +465,9 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
             rs = _group(runs, exps['main'], norm=norm, variant=v)
             curves = [r['curve'] for r in rs if r['curve']]
             for c in curves:
-                ax.plot(_smooth(c, w), color=color, alpha=0.25, lw=0.8)
+                sc = _smooth(c, w)
+                ax.plot(sc, color=color, alpha=0.25, lw=0.8)
+                lo.extend(x for x in sc[len(sc) // 4:] if math.isfinite(x))
             if curves:
                 n = min(len(c) for c in curves)
                 mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
@@ -475,7 +477,7 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
                         f"(mean of {len(curves)} seeds)")
         ax.axvline(0.25 * steps, color='tab:red', ls=':', lw=1, label='ProRes t_warmup (all α = 1)')
         if lo:
-            ax.set_ylim(min(lo) - 0.1, max(lo) + 0.6)
+            ax.set_ylim(min(lo) - 0.05, max(lo) + 0.3)
         ax.set_title(f'{title}, {results["config"]["layers"]} layers x {results["config"]["d_model"]}')
         ax.set_xlabel('step')
         ax.set_ylabel(f'train loss (nats/byte, moving average over {w})')
@@ -632,6 +634,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     plots_dir = Path(args.plots_dir) if args.plots_dir else out.parent
     if args.plots_only:
+        plots_dir.mkdir(parents=True, exist_ok=True)
         results = json.loads(out.read_text())
         print('wrote', make_plots(results, plots_dir))
         return results
@@ -669,9 +672,14 @@ def main(argv=None) -> dict:
                                    'val_documents': meta['splits']['val']['documents']}},
                'machine': machine_info(), 'experiments': experiments, 'planned': [run_key(s) for s in specs],
                'skipped': [], 'runs': {}, 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
-    old_runs = {}
+    old_runs, prev_elapsed = {}, 0.0
     if args.resume and out.is_file():
-        old_runs = json.loads(out.read_text()).get('runs', {})
+        old = json.loads(out.read_text())
+        old_runs = old.get('runs', {})
+        # the time budget covers the whole benchmark, across interruptions and resumes
+        prev_elapsed = float(old.get('elapsed_s') or 0.0) + float(old.get('elapsed_s_previous') or 0.0)
+        results['elapsed_s_previous'] = prev_elapsed
+        results['resumed'] = int(old.get('resumed', 0)) + 1
     t_start = time.time()
     for i, spec in enumerate(specs):
         key = run_key(spec)
@@ -679,7 +687,7 @@ def main(argv=None) -> dict:
             results['runs'][key] = old_runs[key]
             print(f'[{i + 1}/{len(specs)}] {key}: reused from {out.name}', flush=True)
             continue
-        elapsed = time.time() - t_start
+        elapsed = time.time() - t_start + prev_elapsed
         est = _est_run_s(spec, results['runs'])
         if elapsed + est > budget_s:
             results['skipped'].append(key)

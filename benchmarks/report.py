@@ -105,6 +105,11 @@ def machine_lines(m: dict, label: str) -> list[str]:
     return [s]
 
 
+def _q_elapsed(q: dict) -> float:
+    """Wall time of the quality benchmark, summed over an interrupted run and its --resume continuations."""
+    return float(q.get('elapsed_s') or 0) + float(q.get('elapsed_s_previous') or 0)
+
+
 def _num_params(spec: dict) -> int:
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     sys.path.insert(0, str(ROOT))
@@ -236,9 +241,13 @@ def overhead_section(r: dict) -> list[str]:
 def quality_section(q: dict) -> list[str]:
     c, s, runs = q['config'], q['summary'], q['runs']
     done = len(runs)
-    L = [f"## 2. Quality (`{q['command']}`, mode {q['mode']}, {q.get('elapsed_s', 0) / 60:.0f} min, status "
+    L = [f"## 2. Quality (`{q['command']}`, mode {q['mode']}, {_q_elapsed(q) / 60:.0f} min, status "
          f"{q['status']}: {done} runs" + (f", {len(q['skipped'])} skipped by the time budget" if q['skipped'] else '')
          + ')', '']
+    if q.get('resumed'):
+        L.append(f"(The run was interrupted and continued with `--resume` {q['resumed']} time(s): finished runs were "
+                 f"kept, the time budget covers the total.)")
+        L.append('')
     d = c['data']
     L.append(f"Setup: byte-level LM on the Python {d.get('python', '')} standard library sources (first "
              f"{d['max_tokens'] / 1e6:.0f}M bytes; {d['train_tokens'] / 1e6:.2f}M training tokens, validation = "
@@ -653,7 +662,8 @@ def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None
     L.append('```')
     L.append('python benchmarks/overhead.py          # ' + (f"{overhead['wall_s'] / 60:.0f} min" if overhead else ''))
     L.append('python benchmarks/quality.py           # ' +
-             (f"{quality.get('elapsed_s', 0) / 60:.0f} min" if quality else '') + ' (writes results incrementally)')
+             (f"{_q_elapsed(quality) / 60:.0f} min" if quality else '') + ' (writes results incrementally; '
+             '--resume continues an interrupted run)')
     if diagnostics:
         L.append('python benchmarks/quality.py --diagnose  # Post-LN probes (§2.5)')
     L.append('python benchmarks/report.py            # this file')

@@ -30,6 +30,7 @@ def outputs(tmp_path_factory):
     d = tmp_path_factory.mktemp('bench')
     _run(['benchmarks/overhead.py', '--smoke', '--out', str(d / 'overhead.json')])
     _run(['benchmarks/quality.py', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=180)
+    _run(['benchmarks/quality.py', '--smoke', '--diagnose', '--out', str(d / 'quality.json'), '--data', str(d / 'data')])
     return d
 
 
@@ -75,11 +76,30 @@ def test_quality_smoke(outputs):
         assert (outputs / fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_diagnostics_smoke(outputs):
+    r = json.loads((outputs / 'diagnostics.json').read_text())
+    ref = r['reference_levels']
+    assert _finite(ref['unigram']) and _finite(ref['bigram']) and ref['bigram'] < ref['unigram']
+    assert len(r['runs']) == 3
+    for key, run in r['runs'].items():
+        assert _finite(run['val_loss'])
+        probe = run['probe']
+        assert probe and probe[0]['step'] == 0 and probe[-1]['step'] == run['spec']['steps'] - 1
+        layers = run['spec']['layers']
+        for row in probe:
+            assert len(row['attn']) == len(row['mlp']) == len(row['grad']) == layers
+            assert all(_finite(v) and v >= 0 for v in row['attn'] + row['mlp'] + row['grad'])
+    assert (outputs / 'quality_postln_diagnostics.png').stat().st_size > 0
+
+
 def test_report_renders(outputs):
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import report  # in-process: no second interpreter start-up
     out = outputs / 'RESULTS.md'
-    _run(['benchmarks/report.py', '--overhead', str(outputs / 'overhead.json'), '--quality',
-          str(outputs / 'quality.json'), '--out', str(out)])
+    report.main(['--overhead', str(outputs / 'overhead.json'), '--quality', str(outputs / 'quality.json'),
+                 '--out', str(out)])
     text = out.read_text()
-    for heading in ('## 1. Overhead', '## 2. Quality', '### 2.1 Main table', '## 3. Comparison with the paper'):
+    for heading in ('## 1. Overhead', '## 2. Quality', '### 2.1 Main table', '### 2.5 Diagnostics',
+                    '## 3. Comparison with the paper'):
         assert heading in text
     assert not re.search(r'\bnan\b', text, re.IGNORECASE)
