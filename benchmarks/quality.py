@@ -218,7 +218,8 @@ def execute(spec: dict, data_path: Path, callbacks: tuple = ()) -> dict:
 def make_probe(at_steps):
     """Composer callback: at the given steps, per layer, |branch| / |residual it is added to| for the attention
     and MLP branches (the branch *after* ProRes' α: our hooks are registered after ProRes' at INIT, so they run
-    after it), and the L2 norm of the layer's parameter gradients (before clipping)."""
+    after it), the L2 norm of the layer's parameter gradients (before clipping) and the norms of the
+    branch-final weights (o_proj, down_proj)."""
     from composer.core import Callback
 
     class BranchProbe(Callback):
@@ -262,8 +263,12 @@ def make_probe(at_steps):
             for h in self.handles:
                 h.remove()
             self.handles = []
+            blocks = state.model.model.blocks
             self.cur['grad'] = [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in blk.parameters() if p.grad is not None))
-                                for blk in state.model.model.blocks]
+                                for blk in blocks]
+            # weights of the branch-final projections (before this step's update)
+            self.cur['w_attn'] = [float(blk.attn.o_proj.weight.norm()) for blk in blocks]
+            self.cur['w_mlp'] = [float(blk.mlp.down_proj.weight.norm()) for blk in blocks]
             self.rows.append(self.cur)
             self.cur = None
 
@@ -338,7 +343,7 @@ def plot_diagnostics(res: dict, out_dir: Path) -> str:
         last = rows[-1]
         axes[2].plot(range(1, L + 1), [max(x, 1e-12) for x in last['grad']], color=colors.get(v), marker='.',
                      label=f'{v}, step {last["step"]}')
-    axes[0].set_title('mean |α·F| / |residual|, upper half of the layers')
+    axes[0].set_title('mean ‖α·F‖ / ‖residual‖, upper half of the layers')
     axes[0].set_xlabel('step')
     axes[1].set_yscale('log')
     axes[1].set_title('gradient norm of a layer\'s parameters')

@@ -389,7 +389,7 @@ def diagnostics_section(d: dict, q: dict | None) -> list[str]:
     else:
         how = 'runs configured like the seed-0 rows above'
     out.append(f"{how[0].upper() + how[1:]}, with a probe that, every few steps, records per layer the size of each branch as it enters the residual add relative to the "
-               f"residual (|α·F(x)| / |x|, after ProRes' scaling) and the gradient norm of the layer's parameters. "
+               f"residual (‖α·F(x)‖ / ‖x‖, after ProRes' scaling) and the gradient norm of the layer's parameters. "
                f"Reference levels on the same validation subset: a unigram byte model (no context at all) scores "
                f"{ref.get('unigram', float('nan')):.3f}, a bigram model (current byte only) "
                f"{ref.get('bigram', float('nan')):.3f}.")
@@ -399,14 +399,16 @@ def diagnostics_section(d: dict, q: dict | None) -> list[str]:
     marks = [('W/2', W_ // 2), ('W', W_), ('2W', 2 * W_), ('end', steps - 1)]
     for key, r in runs.items():
         pr = r['probe']
-        cells = [f"`{r['spec']['variant']}`", fmt(r['val_loss'])]
-        for name, t in marks:
+        for i, (name, t) in enumerate(marks):
             row = _probe_at(pr, t)
             up = row['attn'][L // 2:] + row['mlp'][L // 2:]
-            cells.append(f"{sum(up) / len(up):.2f} / {row['grad'][0]:.1e} / {row['grad'][-1]:.1e}")
-        rows.append(cells)
-    out.append(table(['variant', 'val loss'] + [f'{n} (step {_probe_at(any_run["probe"], t)["step"]}): branch ratio '
-                                                f'upper half / grad layer 1 / grad layer {L}' for n, t in marks], rows))
+            w = (row.get('w_attn', [])[L // 2:] + row.get('w_mlp', [])[L // 2:])
+            rows.append([f"`{r['spec']['variant']}`" if i == 0 else '', fmt(r['val_loss']) if i == 0 else '',
+                         f"{row['step']} ({name})", f"{sum(up) / len(up):.2f}",
+                         f"{sum(w) / len(w):.2f}" if w else 'n/a', f"{row['grad'][0]:.1e}", f"{row['grad'][-1]:.1e}"])
+    out.append(table(['variant', 'val loss', 'step', '‖α·F‖ / ‖residual‖, mean of layers '
+                      f'{L // 2 + 1}-{L}', 'branch weight norm (o_proj, down_proj), same layers',
+                      'grad norm, layer 1', f'grad norm, layer {L}'], rows))
     out.append('')
     if 'quality_postln_diagnostics.png' in d.get('figures', []):
         out.append('![Post-LN diagnostics](results/quality_postln_diagnostics.png)')
@@ -417,7 +419,7 @@ def diagnostics_section(d: dict, q: dict | None) -> list[str]:
     return out
 
 
-def diagnostics_discussion(d: dict | None) -> list[str]:
+def diagnostics_discussion(d: dict | None, q: dict | None = None) -> list[str]:
     """Conditioned on the probe: does ProRes 'linear' leave Post-LN with vanished lower-layer gradients?"""
     if not d:
         return []
@@ -455,22 +457,111 @@ def diagnostics_discussion(d: dict | None) -> list[str]:
     if facts:
         out.append('; '.join(facts) + '.')
     if stalled and vanished:
-        sw = runs.get('stagewise_0')
-        out.append("Our reading: while α < 1 the gradient reaching a branch's weights is scaled by α, but AdamW's "
-                   "step size does not depend on the gradient's scale, so the branch weights grow at the full learning "
-                   "rate and the model makes up for a small α with larger weights. Once α reaches 1 those branches are "
-                   "large next to the residual; Post-LN divides the residual by the norm of (x + F(x)) at every one of "
-                   f"the {2 * L} sub-layers, so the gradient that reaches the lower layers collapses and the network is "
-                   "left with what the top layers can do without usable input features. The baseline goes through a "
-                   "similar phase (its ratios rise too) but shallower, and recovers.")
-        if sw and sw['val_loss'] < b['val_loss'] + 0.05:
-            out.append(f"`stagewise_0` does not stall ({sw['val_loss']:.3f}): it keeps α exactly 0, hence no "
-                       "gradient and no weight growth, until a layer's turn, and then ramps that layer alone; in the "
-                       "paper's setting every layer ramps over ≥ 1000 steps (here "
-                       f"{W / L:.1f} steps per layer), so the branch weights can track α. This is a property "
-                       "of the method at this scale, not an implementation error: α is exactly the schedule (§2) and "
-                       "the surgery is exact (the conformance tests; the after-removal check in §1).")
+        wts = ''
+        if at_l.get('w_attn') and at_b.get('w_attn'):
+            def wn(row):
+                w = row['w_attn'][L // 2:] + row['w_mlp'][L // 2:]
+                return sum(w) / len(w)
+            wts = (f" (measured: at t = W the upper layers' branch weights have norm {wn(at_l):.2f} against "
+                   f"{wn(at_b):.2f} in the baseline)")
+        out.append("Our reading: while α < 1 the gradient reaching a branch's weights is scaled by α, but AdamW's step "
+                   "size does not depend on the gradient's scale, so at full learning rate the branch weights keep "
+                   f"growing while the model makes up for a small α with larger weights{wts}. Once α reaches 1 those "
+                   "branches are large next to the residual; Post-LN divides the residual by the norm of (x + F(x)) at "
+                   f"every one of the {2 * L} sub-layers, so the gradient that reaches the lower layers collapses and "
+                   "the network is left with what the top layers can do without usable input features. The baseline "
+                   "goes through a similar phase (its ratios rise too, and it sits on the same plateau for a while) "
+                   "but less far, and recovers.")
+        ok = []
+        s = (q or {}).get('summary', {})
+        ab = s.get('ablation', {})
+        for v in ('stagewise_0', 'staggered'):
+            m = ab.get(v, {}).get('val_loss', {})
+            if m.get('mean') is not None and m['mean'] < ref.get('bigram', 0):
+                ok.append(f"`{v}` ({pm(m)})")
+        if ok:
+            out.append(f"Consistent with this reading, the schedules that keep a layer's α at exactly 0 (no gradient, "
+                       f"no growth) until its turn do not stall: {', '.join(ok)}.")
+        wl = s.get('warmup_length', {}).get('post', {})
+        short = [(v, m) for v, m in wl.items() if '@' in v and m['val_loss']['mean'] is not None]
+        for v, m in short:
+            if m['val_loss']['mean'] < ref.get('bigram', 0):
+                out.append(f"Nor does `{v}` ({pm(m['val_loss'])}), whose α ramp ends with the {b['spec']['lr_warmup']} "
+                           "LR warmup, while the LR is still small; with t_warmup = "
+                           f"{b['spec'].get('prores_t_warmup') or lin['spec']['prores_t_warmup']} the deep layers' α is "
+                           "still small for many steps at the peak LR.")
+            else:
+                out.append(f"`{v}` stalls too ({pm(m['val_loss'])}).")
+        out.append(f"In the paper's setting every layer ramps over ≥ 1000 steps (here {W / L:.1f} steps per layer) and "
+                   "the model is far wider, so the branch weights can track α; this miniature does not reproduce that "
+                   "regime. This is a property of the method at this scale, not an implementation error: α is "
+                   "exactly the schedule (§2) and the surgery is exact (the conformance tests; the after-removal check "
+                   "in §1).")
     out.append('')
+    return out
+
+
+def investigation_section(inv: dict, d: dict | None) -> list[str]:
+    """benchmarks/investigate.py: baseline vs ProRes `linear` again, one setting changed at a time."""
+    rows = inv.get('summary') or []
+    if not rows:
+        return []
+    ref = (d or {}).get('reference_levels') or {}
+    bigram = ref.get('bigram')
+    out = [f"### 2.6 One factor at a time (`{inv['command']}`, {inv.get('elapsed_s', 0) / 60:.0f} min with "
+           f"{inv.get('jobs', 1)} runs in parallel)", '']
+    out.append("Each row reruns the main-table comparison (baseline vs ProRes `linear`, t_warmup 0.25dur, paired "
+               "seed) with one setting moved towards the paper's regime or towards stability; `reference` is the "
+               "main table's configuration (its runs are reused from §2.1). *Steps per layer* is ProRes's warmup "
+               "length divided by the depth: the paper's T is 500-1000."
+               + (f" *Stalled*: validation loss above the bigram level {bigram:.3f} (§2.5)." if bigram else ''))
+    out.append('')
+
+    def state(x):
+        if x is None or not math.isfinite(x):
+            return 'diverged'
+        return 'stalled' if bigram is not None and x > bigram else 'trains'
+
+    trows = []
+    for r in rows:
+        ch = ', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}' for k, v in r['change'].items()) or '—'
+        trows.append([NORM_NAME[r['norm']], r['factor'], ch, str(r['seed']), f"{r['steps']}", f"{r['layers']}×{r['d_model']}",
+                      f"{r['lr']:g}", f"{r['steps_per_layer']:.1f}", fmt(r['baseline_val_loss']),
+                      fmt(r['linear_val_loss']), f"{r['delta']:+.3f}",
+                      f"{state(r['baseline_val_loss'])} / {state(r['linear_val_loss'])}", f"{r['wall_s']:.0f}"])
+    out.append(table(['norm', 'factor', 'change', 'seed', 'steps', 'layers × width', 'LR', 'steps per layer',
+                      'baseline val loss', 'ProRes val loss', 'Δ (ProRes − base)', 'base / ProRes', 'wall s (both)'],
+                     trows))
+    out.append('')
+    if 'quality_investigation.png' in inv.get('figures', []):
+        out.append('![one factor at a time](results/quality_investigation.png)')
+        out.append('')
+    # prose conditioned on the rows
+    post = [r for r in rows if r['norm'] == 'post']
+    pre = [r for r in rows if r['norm'] == 'pre']
+    facts = []
+    if post and bigram is not None:
+        ok = [r for r in post if state(r['linear_val_loss']) == 'trains']
+        bad = [r for r in post if state(r['linear_val_loss']) != 'trains']
+        if ok:
+            facts.append("Post-LN + ProRes trains (no stall) with: " + ', '.join(
+                f"`{r['factor']}` (Δ {r['delta']:+.3f})" for r in ok))
+        if bad:
+            facts.append(("it still stalls with: " if ok else "Post-LN + ProRes stalls in every row: ")
+                         + ', '.join(f"`{r['factor']}` ({r['linear_val_loss']:.3f})" for r in bad))
+    better = [r for r in rows if r['delta'] < 0]
+    if better:
+        facts.append("ProRes beats its baseline in: " + ', '.join(
+            f"{NORM_NAME[r['norm']]} `{r['factor']}` ({r['delta']:+.3f})" for r in better))
+    else:
+        facts.append('ProRes beats its baseline in none of the rows')
+    refpre = next((r for r in pre if r['factor'] == 'reference'), None)
+    for r in pre:
+        if r is not refpre and refpre is not None:
+            facts.append(f"Pre-LN `{r['factor']}` moves Δ from {refpre['delta']:+.3f} to {r['delta']:+.3f}")
+    if facts:
+        out.append('Measured: ' + '; '.join(facts) + '.')
+        out.append('')
     return out
 
 
@@ -645,7 +736,8 @@ def discussion(q: dict, d: dict | None = None) -> list[str]:
     return L
 
 
-def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None = None) -> str:
+def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None = None,
+           investigation: dict | None = None) -> str:
     L = ['# ProRes benchmarks: measured results', '',
          f"Rendered by `python benchmarks/report.py` on {time.strftime('%Y-%m-%d %H:%M')} from "
          '`benchmarks/results/overhead.json` and `benchmarks/results/quality.json`. Every number in the tables was '
@@ -666,6 +758,9 @@ def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None
              '--resume continues an interrupted run)')
     if diagnostics:
         L.append('python benchmarks/quality.py --diagnose  # Post-LN probes (§2.5)')
+    if investigation:
+        L.append(f"python benchmarks/investigate.py       # one factor at a time (§2.6), "
+                 f"{investigation.get('elapsed_s', 0) / 60:.0f} min")
     L.append('python benchmarks/report.py            # this file')
     L.append('# fast variants: --quick (overhead < 1 min, quality < 5 min); --smoke (tests/test_benchmarks.py)')
     L.append('```')
@@ -684,8 +779,10 @@ def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None
         L += quality_section(quality)
         if diagnostics:
             L += diagnostics_section(diagnostics, quality)
+        if investigation:
+            L += investigation_section(investigation, diagnostics)
         L += discussion(quality, diagnostics)
-        L += diagnostics_discussion(diagnostics)
+        L += diagnostics_discussion(diagnostics, quality)
     else:
         L += ['## 2. Quality', '', 'Not run yet: `python benchmarks/quality.py`.', '']
     return '\n'.join(L).rstrip() + '\n'
@@ -696,11 +793,13 @@ def main(argv=None) -> str:
     p.add_argument('--overhead', default=str(RESULTS / 'overhead.json'))
     p.add_argument('--quality', default=str(RESULTS / 'quality.json'))
     p.add_argument('--diagnostics', default=None, help='default: diagnostics.json beside --quality')
+    p.add_argument('--investigation', default=None, help='default: investigation.json beside --quality')
     p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'RESULTS.md'))
     args = p.parse_args(argv)
     load = lambda path: json.loads(Path(path).read_text()) if Path(path).is_file() else None  # noqa: E731
     diag = args.diagnostics or str(Path(args.quality).parent / 'diagnostics.json')
-    text = render(load(args.overhead), load(args.quality), load(diag))
+    inv = args.investigation or str(Path(args.quality).parent / 'investigation.json')
+    text = render(load(args.overhead), load(args.quality), load(diag), load(inv))
     Path(args.out).write_text(text)
     print(f'wrote {args.out}')
     return text

@@ -31,6 +31,8 @@ def outputs(tmp_path_factory):
     _run(['benchmarks/overhead.py', '--smoke', '--out', str(d / 'overhead.json')])
     _run(['benchmarks/quality.py', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=180)
     _run(['benchmarks/quality.py', '--smoke', '--diagnose', '--out', str(d / 'quality.json'), '--data', str(d / 'data')])
+    _run(['benchmarks/investigate.py', '--smoke', '--jobs', '1', '--out', str(d / 'investigation.json'),
+          '--quality', str(d / 'quality.json'), '--data', str(d / 'data')])
     return d
 
 
@@ -87,9 +89,31 @@ def test_diagnostics_smoke(outputs):
         assert probe and probe[0]['step'] == 0 and probe[-1]['step'] == run['spec']['steps'] - 1
         layers = run['spec']['layers']
         for row in probe:
-            assert len(row['attn']) == len(row['mlp']) == len(row['grad']) == layers
-            assert all(_finite(v) and v >= 0 for v in row['attn'] + row['mlp'] + row['grad'])
+            assert len(row['attn']) == len(row['mlp']) == len(row['grad']) == len(row['w_attn']) == layers
+            assert all(_finite(v) and v >= 0 for v in row['attn'] + row['mlp'] + row['grad'] + row['w_mlp'])
     assert (outputs / 'quality_postln_diagnostics.png').stat().st_size > 0
+
+
+def test_investigation_smoke(outputs):
+    r = json.loads((outputs / 'investigation.json').read_text())
+    q = json.loads((outputs / 'quality.json').read_text())
+    assert r['benchmark'] == 'quality-investigation' and r['mode'] == 'smoke'
+    # every planned pair ran (or was reused) and is summarised with finite numbers
+    assert len(r['summary']) == len(r['pairs']) == 2
+    for row in r['summary']:
+        for k in ('baseline_val_loss', 'linear_val_loss', 'delta', 'steps_per_layer'):
+            assert _finite(row[k]), (row['factor'], k)
+        assert row['delta'] == row['linear_val_loss'] - row['baseline_val_loss']
+    ref, longer = r['summary']
+    assert ref['factor'] == 'reference' and longer['steps'] == 2 * ref['steps']
+    assert longer['steps_per_layer'] == 2 * ref['steps_per_layer']
+    # the reference pair has the main table's specs, so its runs are reused from quality.json, not rerun
+    for key in (ref['baseline'], ref['linear']):
+        assert key in r['reused']
+        assert r['runs'][key]['val_loss'] == next(x['val_loss'] for x in q['runs'].values()
+                                                  if x['spec'] == r['runs'][key]['spec'])
+    assert longer['baseline'] not in r['reused'] and len(r['runs'][longer['linear']]['curve']) == longer['steps']
+    assert (outputs / 'quality_investigation.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_report_renders(outputs):
@@ -100,6 +124,6 @@ def test_report_renders(outputs):
                  '--out', str(out)])
     text = out.read_text()
     for heading in ('## 1. Overhead', '## 2. Quality', '### 2.1 Main table', '### 2.5 Diagnostics',
-                    '## 3. Comparison with the paper'):
+                    '### 2.6 One factor at a time', '## 3. Comparison with the paper'):
         assert heading in text
     assert not re.search(r'\bnan\b', text, re.IGNORECASE)
