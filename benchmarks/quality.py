@@ -219,7 +219,9 @@ def make_probe(at_steps):
     """Composer callback: at the given steps, per layer, |branch| / |residual it is added to| for the attention
     and MLP branches (the branch *after* ProRes' α: our hooks are registered after ProRes' at INIT, so they run
     after it), the L2 norm of the layer's parameter gradients (before clipping) and the norms of the
-    branch-final weights (o_proj, down_proj)."""
+    branch-final weights (o_proj, down_proj), and the mean cosine similarity between positions of each
+    block's output (rank collapse: 1.0)."""
+    import torch
     from composer.core import Callback
 
     class BranchProbe(Callback):
@@ -232,9 +234,17 @@ def make_probe(at_steps):
                 return
             blocks = list(state.model.model.blocks)
             n = len(blocks)
-            self.cur = {'step': int(state.timestamp.batch), 'attn': [0.0] * n, 'mlp': [0.0] * n}
+            self.cur = {'step': int(state.timestamp.batch), 'attn': [0.0] * n, 'mlp': [0.0] * n, 'cos': [0.0] * n}
             for i, blk in enumerate(blocks):
                 post = blk.norm in ('post', 'deepnorm')
+
+                def block_out(mod, args, out, i=i):
+                    # mean cosine similarity between the hidden states of different positions of a sequence:
+                    # 1.0 = every position carries the same vector (rank collapse)
+                    u = torch.nn.functional.normalize(out.detach().float(), dim=-1)
+                    T = u.shape[1]
+                    s = u.sum(1).pow(2).sum(-1)  # |sum_t u_t|^2 = T + sum_{s != t} cos(u_s, u_t)
+                    self.cur['cos'][i] = float(((s - T) / (T * (T - 1))).mean())
 
                 def block_in(mod, args, i=i):
                     self._x = args[0].detach()
@@ -252,7 +262,8 @@ def make_probe(at_steps):
                     h = self._h if post else self._h2  # the residual the MLP branch is added to
                     self.cur['mlp'][i] = float(out.detach().norm() / h.norm())
 
-                self.handles += [blk.register_forward_pre_hook(block_in), blk.mlp.register_forward_pre_hook(mlp_in),
+                self.handles += [blk.register_forward_pre_hook(block_in), blk.register_forward_hook(block_out),
+                                 blk.mlp.register_forward_pre_hook(mlp_in),
                                  blk.norm2.register_forward_pre_hook(norm2_in),
                                  blk.attn.o_proj.register_forward_hook(attn_out),
                                  blk.mlp.down_proj.register_forward_hook(mlp_out)]
@@ -327,7 +338,7 @@ def plot_diagnostics(res: dict, out_dir: Path) -> str:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     colors = {'baseline': 'tab:gray', 'linear': 'tab:red', 'stagewise_0': 'tab:blue'}
     for key, r in res['runs'].items():
         v = r['spec']['variant']
@@ -343,6 +354,10 @@ def plot_diagnostics(res: dict, out_dir: Path) -> str:
         last = rows[-1]
         axes[2].plot(range(1, L + 1), [max(x, 1e-12) for x in last['grad']], color=colors.get(v), marker='.',
                      label=f'{v}, step {last["step"]}')
+        if 'cos' in rows[0]:
+            axes[3].plot(steps, [row['cos'][-1] for row in rows], color=colors.get(v), label=f'{v}: layer {L}')
+            axes[3].plot(steps, [row['cos'][L // 3 - 1] for row in rows], color=colors.get(v), ls='--',
+                         label=f'{v}: layer {L // 3}')
     axes[0].set_title('mean ‖α·F‖ / ‖residual‖, upper half of the layers')
     axes[0].set_xlabel('step')
     axes[1].set_yscale('log')
@@ -351,6 +366,8 @@ def plot_diagnostics(res: dict, out_dir: Path) -> str:
     axes[2].set_yscale('log')
     axes[2].set_title('gradient norm by layer at the last step')
     axes[2].set_xlabel('layer')
+    axes[3].set_title('mean cosine between positions (1 = collapse)')
+    axes[3].set_xlabel('step')
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
