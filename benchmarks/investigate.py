@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,21 +38,20 @@ if str(HERE) not in sys.path:
 
 import quality  # noqa: E402  (benchmarks/quality.py: the runs, the data and the spec format)
 
-# (factor, norms it is tried on, changes to the main-table spec)
+# (factor, norms it is tried on, changes to the main-table spec, seeds)
 FACTORS = {
     'full': [
-        ('reference', ('pre', 'post'), {}),
-        ('lr/3', ('post',), {'lr': 5e-4}),
-        ('width 128', ('post',), {'d_model': 128}),
-        ('6 layers', ('post',), {'layers': 6}),
-        ('4x steps', ('pre', 'post'), {'steps': 1200}),
+        ('reference', ('pre', 'post'), {}, (0, 1, 2)),  # reused from the main table
+        ('lr/3', ('post',), {'lr': 5e-4}, (0,)),
+        ('width 128', ('post',), {'d_model': 128}, (0,)),
+        ('6 layers', ('post',), {'layers': 6}, (0,)),
+        ('4x steps', ('pre', 'post'), {'steps': 1200}, (0, 1, 2)),  # flipped the sign in seed 0: 3 seeds
     ],
     'smoke': [
-        ('reference', ('post',), {}),
-        ('2x steps', ('post',), {'steps': 8}),
+        ('reference', ('post',), {}, (0,)),
+        ('2x steps', ('post',), {'steps': 8}, (0, 1)),
     ],
 }
-SEEDS = {'full': (0,), 'smoke': (0,)}
 
 
 def run_key(spec: dict) -> str:
@@ -62,9 +62,9 @@ def run_key(spec: dict) -> str:
 def plan(mode: str) -> tuple[list[dict], list[dict]]:
     m = dict(quality.MODES[mode])
     specs, pairs = {}, []
-    for factor, norms, change in FACTORS[mode]:
+    for factor, norms, change, seeds in FACTORS[mode]:
         for norm in norms:
-            for seed in SEEDS[mode]:
+            for seed in seeds:
                 pair = {'factor': factor, 'norm': norm, 'seed': seed, 'change': change}
                 for v in ('baseline', 'linear'):
                     s = quality.make_spec(norm, m['layers'], v, seed, m)
@@ -107,22 +107,41 @@ def summarize(runs: dict, pairs: list[dict]) -> list[dict]:
     return rows
 
 
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (factor, norm): mean ± std of the paired Δ over seeds, and in how many seeds ProRes won."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r['factor'], r['norm']), []).append(r)
+    out = []
+    for (factor, norm), rs in groups.items():
+        d = [r['delta'] for r in rs]
+        out.append({'factor': factor, 'norm': norm, 'seeds': [r['seed'] for r in rs], 'n': len(d),
+                    'delta_mean': statistics.fmean(d), 'delta_std': statistics.stdev(d) if len(d) > 1 else 0.0,
+                    'wins': sum(x < 0 for x in d),
+                    'baseline_mean': statistics.fmean(r['baseline_val_loss'] for r in rs),
+                    'linear_mean': statistics.fmean(r['linear_val_loss'] for r in rs),
+                    'steps_per_layer': rs[0]['steps_per_layer']})
+    return out
+
+
 def plot(res: dict, out_dir: Path) -> str:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows = res['summary']
+    rows, agg = res['summary'], res['aggregate']
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={'width_ratios': [1, 1.3]})
-    labels = [f"{quality_name(r['norm'])}\n{r['factor']}" for r in rows]
-    deltas = [r['delta'] for r in rows]
-    axes[0].bar(range(len(rows)), deltas, color=['tab:green' if d < 0 else 'tab:red' for d in deltas])
+    labels = [f"{quality_name(a['norm'])}\n{a['factor']}\n({a['n']} seed{'s' if a['n'] > 1 else ''})" for a in agg]
+    deltas = [a['delta_mean'] for a in agg]
+    axes[0].bar(range(len(agg)), deltas, yerr=[a['delta_std'] for a in agg], capsize=3,
+                color=['tab:green' if d < 0 else 'tab:red' for d in deltas])
     axes[0].axhline(0, color='k', lw=0.8)
-    axes[0].set_xticks(range(len(rows)))
-    axes[0].set_xticklabels(labels, fontsize=8)
+    axes[0].set_xticks(range(len(agg)))
+    axes[0].set_xticklabels(labels, fontsize=7)
+    axes[0].set_yscale('symlog', linthresh=0.05)
     axes[0].set_ylabel('val loss, ProRes − baseline (nats/byte)')
-    axes[0].set_title('one factor at a time (seed 0); < 0: ProRes better')
+    axes[0].set_title('one factor at a time (mean ± std over seeds); < 0: ProRes better')
     axes[0].grid(alpha=0.3, axis='y')
-    for r, color in zip((x for x in rows if x['norm'] == 'post'), ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green',
+    for r, color in zip((x for x in rows if x['norm'] == 'post' and x['seed'] == 0), ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green',
                                                                    'tab:purple', 'tab:brown')):
         for v, ls in (('baseline', ':'), ('linear', '-')):
             c = res['runs'][r[v]]['curve']
@@ -176,7 +195,10 @@ def main(argv=None) -> dict:
     res = {'benchmark': 'quality-investigation', 'mode': mode,
            'command': 'python benchmarks/investigate.py' + (' --smoke' if mode == 'smoke' else ''),
            'machine': quality.machine_info(), 'jobs': args.jobs, 'factors': FACTORS[mode], 'pairs': pairs,
-           'runs': {}, 'reused': [], 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+           'runs': {}, 'reused': [], 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'elapsed_s_previous': 0.0}
+    if args.resume and out.is_file():  # wall time covers the whole benchmark, across resumes
+        old = json.loads(out.read_text())
+        res['elapsed_s_previous'] = float(old.get('elapsed_s') or 0.0) + float(old.get('elapsed_s_previous') or 0.0)
     todo = []
     for s in specs:
         old = known.get(json.dumps(s, sort_keys=True))
@@ -193,7 +215,7 @@ def main(argv=None) -> dict:
         futures = {}
         for i, s in enumerate(todo):
             futures[pool.submit(_execute, s, str(data_path))] = s
-            if i < args.jobs:
+            if args.jobs > 1 and i < args.jobs:
                 time.sleep(15)  # streaming's shared-memory names are claimed at start: don't start together
         for f in as_completed(futures):
             r = f.result()
@@ -205,6 +227,7 @@ def main(argv=None) -> dict:
             res['elapsed_s'] = time.time() - t0
             quality.write_json(out, res)
     res['summary'] = summarize(res['runs'], pairs)
+    res['aggregate'] = aggregate(res['summary'])
     res['elapsed_s'] = time.time() - t0
     res['figures'] = [plot(res, out.parent)]
     quality.write_json(out, res)

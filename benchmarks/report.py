@@ -530,7 +530,8 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
         return []
     ref = (d or {}).get('reference_levels') or {}
     bigram = ref.get('bigram')
-    out = [f"### 2.6 One factor at a time (`{inv['command']}`, {inv.get('elapsed_s', 0) / 60:.0f} min with "
+    minutes = (inv.get('elapsed_s', 0) + inv.get('elapsed_s_previous', 0)) / 60
+    out = [f"### 2.6 One factor at a time (`{inv['command']}`, {minutes:.0f} min with "
            f"{inv.get('jobs', 1)} runs in parallel)", '']
     out.append("Each row reruns the main-table comparison (baseline vs ProRes `linear`, t_warmup 0.25dur, paired "
                "seed) with one setting moved towards the paper's regime or towards stability; `reference` is the "
@@ -558,36 +559,46 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
     if 'quality_investigation.png' in inv.get('figures', []):
         out.append('![one factor at a time](results/quality_investigation.png)')
         out.append('')
-    # prose conditioned on the rows
-    post = [r for r in rows if r['norm'] == 'post']
-    pre = [r for r in rows if r['norm'] == 'pre']
+    # prose conditioned on the rows (aggregated over seeds where a factor has several)
+    agg = inv.get('aggregate') or [{'factor': r['factor'], 'norm': r['norm'], 'n': 1, 'delta_mean': r['delta'],
+                                     'delta_std': 0.0, 'wins': int(r['delta'] < 0), 'linear_mean': r['linear_val_loss'],
+                                     'baseline_mean': r['baseline_val_loss']} for r in rows]
+
+    def dtxt(a):
+        if a['n'] > 1:
+            return f"Δ {a['delta_mean']:+.3f} ± {a['delta_std']:.3f} over {a['n']} seeds, ProRes lower in {a['wins']}"
+        return f"Δ {a['delta_mean']:+.3f}"
+
+    post = [a for a in agg if a['norm'] == 'post']
+    pre = [a for a in agg if a['norm'] == 'pre']
     facts = []
     if post and bigram is not None:
-        ok = [r for r in post if state(r['linear_val_loss']) == 'trains']
-        bad = [r for r in post if state(r['linear_val_loss']) != 'trains']
+        ok = [a for a in post if state(a['linear_mean']) == 'trains']
+        bad = [a for a in post if state(a['linear_mean']) != 'trains']
         if ok:
-            facts.append("Post-LN + ProRes trains (no stall) with: " + ', '.join(
-                f"`{r['factor']}` (Δ {r['delta']:+.3f})" for r in ok))
+            facts.append("Post-LN + ProRes trains (no stall) with: " + ', '.join(f"`{a['factor']}` ({dtxt(a)})"
+                                                                            for a in ok))
         if bad:
             facts.append(("it still stalls with: " if ok else "Post-LN + ProRes stalls in every row: ")
-                         + ', '.join(f"`{r['factor']}` ({r['linear_val_loss']:.3f})" for r in bad))
-    better = [r for r in rows if r['delta'] < 0]
+                         + ', '.join(f"`{a['factor']}` ({a['linear_mean']:.3f})" for a in bad))
+    better = [a for a in agg if a['delta_mean'] < 0]
     if better:
-        facts.append("ProRes beats its baseline in: " + ', '.join(
-            f"{NORM_NAME[r['norm']]} `{r['factor']}` ({r['delta']:+.3f})" for r in better))
+        facts.append("ProRes is ahead of its baseline on average in: " + ', '.join(
+            f"{NORM_NAME[a['norm']]} `{a['factor']}` ({dtxt(a)})" for a in better))
     else:
         facts.append('ProRes beats its baseline in none of the rows')
-    refpre = next((r for r in pre if r['factor'] == 'reference'), None)
-    for r in pre:
-        if r is not refpre and refpre is not None:
-            facts.append(f"Pre-LN `{r['factor']}` moves Δ from {refpre['delta']:+.3f} to {r['delta']:+.3f}")
+    refpre = next((a for a in pre if a['factor'] == 'reference'), None)
+    for a in pre:
+        if a is not refpre and refpre is not None:
+            facts.append(f"Pre-LN `{a['factor']}` moves Δ from {refpre['delta_mean']:+.3f} (reference, "
+                         f"{refpre['n']} seed{'s' if refpre['n'] > 1 else ''}) to {a['delta_mean']:+.3f}")
     if facts:
         out.append('Measured: ' + '; '.join(facts) + '.')
         out.append('')
     return out
 
 
-def discussion(q: dict, d: dict | None = None) -> list[str]:
+def discussion(q: dict, d: dict | None = None, inv: dict | None = None) -> list[str]:
     """The comparison with the paper, conditioned on what was measured."""
     c, s = q['config'], q['summary']
     L = ['## 3. Comparison with the paper', '']
@@ -669,6 +680,18 @@ def discussion(q: dict, d: dict | None = None) -> list[str]:
                      f"is amortised; in a {c['steps']}-step run the remaining "
                      f"{1 - float(c['prores_t_warmup'].removesuffix('dur')):.0%} may be too short to catch up (a gap "
                      f"that shrinks from W to the end points that way; one that does not, against it).")
+        longer = [a for a in (inv or {}).get('aggregate', []) if a['factor'].endswith('x steps')]
+        if longer:
+            ref_bigram = (ref or {}).get('bigram')
+            parts = []
+            for a in longer:
+                st = ' (stalled)' if ref_bigram is not None and a['linear_mean'] > ref_bigram else ''
+                parts.append(f"{NORM_NAME[a['norm']]} Δ {a['delta_mean']:+.3f}"
+                             + (f" ± {a['delta_std']:.3f}, ProRes lower in {a['wins']} of {a['n']} seeds" if a['n'] > 1
+                                else ' (1 seed)') + st)
+            L.append(f"- *Horizon, measured (§2.6).* With `{longer[0]['factor']}` ({longer[0]['steps_per_layer']:.1f} "
+                     f"steps of α warmup per layer instead of {float(c['prores_t_warmup'].removesuffix('dur')) * c['steps'] / c['layers']:.1f}): "
+                     + '; '.join(parts) + '.')
         wl = s.get('warmup_length')
         if wl:
             parts = []
@@ -782,7 +805,7 @@ def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None
         L.append('python benchmarks/quality.py --diagnose  # Post-LN probes (§2.5)')
     if investigation:
         L.append(f"python benchmarks/investigate.py       # one factor at a time (§2.6), "
-                 f"{investigation.get('elapsed_s', 0) / 60:.0f} min")
+                 f"{(investigation.get('elapsed_s', 0) + investigation.get('elapsed_s_previous', 0)) / 60:.0f} min")
     L.append('python benchmarks/report.py            # this file')
     L.append('# fast variants: --quick (overhead < 1 min, quality < 5 min); --smoke (tests/test_benchmarks.py)')
     L.append('```')
@@ -803,7 +826,7 @@ def render(overhead: dict | None, quality: dict | None, diagnostics: dict | None
             L += diagnostics_section(diagnostics, quality)
         if investigation:
             L += investigation_section(investigation, diagnostics)
-        L += discussion(quality, diagnostics)
+        L += discussion(quality, diagnostics, investigation)
         L += diagnostics_discussion(diagnostics, quality)
     else:
         L += ['## 2. Quality', '', 'Not run yet: `python benchmarks/quality.py`.', '']

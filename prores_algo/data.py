@@ -547,6 +547,43 @@ def _shard_seq_len(shards: list[Any]) -> int:
     return lens.pop()
 
 
+SHM_LOCK_TIMEOUT_S = 120.0
+# Shared-memory names are machine-wide, so the lock must be too: /dev/shm itself where it exists (the
+# temp dir can differ between jobs through TMPDIR).
+_SHM_LOCK_DIR = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else tempfile.gettempdir()
+
+
+@contextlib.contextmanager
+def _shm_registration_lock():
+    """Serialise StreamingDataset construction across the processes of this machine.
+
+    streaming 0.13 registers a dataset's shared memory by scanning for the first free integer prefix
+    and then creating `/<prefix>_locals`; the scan and the create are not atomic, so two processes
+    that construct datasets at the same moment (two jobs on one machine, or a job beside a test run)
+    pick the same prefix and one dies with `FileExistsError: '/000745_locals'`. The lock makes
+    scan-and-create atomic between prores_algo processes. Only the local leader (LOCAL_RANK 0)
+    takes it: the other ranks of its job wait for the leader inside the constructor (a
+    dist.barrier), so making them wait on the lock as well would deadlock. The lock is an flock, so
+    a killed holder releases it; if it cannot be had in SHM_LOCK_TIMEOUT_S we go on without it.
+    """
+    if int(os.environ.get('LOCAL_RANK', '0')) != 0:
+        yield
+        return
+    from filelock import FileLock, Timeout  # a dependency of mosaicml-streaming
+    lock = FileLock(os.path.join(_SHM_LOCK_DIR, 'prores_algo_streaming_shm.lock'))
+    try:
+        lock.acquire(timeout=SHM_LOCK_TIMEOUT_S)
+    except Timeout:
+        warnings.warn(f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the dataset\'s '
+                      'shared memory without it')
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 class TokenDataset(StreamingDataset):
     """StreamingDataset over prores token shards; each sample is {'input_ids': LongTensor (seq_len,)}.
 
@@ -555,7 +592,8 @@ class TokenDataset(StreamingDataset):
     """
 
     def __init__(self, *, seq_len: Optional[int] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        with _shm_registration_lock():
+            super().__init__(**kwargs)
         self.seq_len = _shard_seq_len(self.shards)
         if seq_len is not None and seq_len != self.seq_len:
             raise ValueError(f'`seq_len` {seq_len} does not match the dataset, whose samples have '

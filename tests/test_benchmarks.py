@@ -32,7 +32,7 @@ def outputs(tmp_path_factory):
     _run(['benchmarks/quality.py', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=180)
     _run(['benchmarks/quality.py', '--smoke', '--diagnose', '--out', str(d / 'quality.json'), '--data', str(d / 'data')])
     _run(['benchmarks/investigate.py', '--smoke', '--jobs', '1', '--out', str(d / 'investigation.json'),
-          '--quality', str(d / 'quality.json'), '--data', str(d / 'data')])
+          '--quality', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=300)
     return d
 
 
@@ -99,12 +99,17 @@ def test_investigation_smoke(outputs):
     q = json.loads((outputs / 'quality.json').read_text())
     assert r['benchmark'] == 'quality-investigation' and r['mode'] == 'smoke'
     # every planned pair ran (or was reused) and is summarised with finite numbers
-    assert len(r['summary']) == len(r['pairs']) == 2
+    assert len(r['summary']) == len(r['pairs']) == 3  # reference (1 seed) + 2x steps (2 seeds)
     for row in r['summary']:
         for k in ('baseline_val_loss', 'linear_val_loss', 'delta', 'steps_per_layer'):
             assert _finite(row[k]), (row['factor'], k)
         assert row['delta'] == row['linear_val_loss'] - row['baseline_val_loss']
-    ref, longer = r['summary']
+    ref, longer, longer_s1 = r['summary']
+    assert (longer['seed'], longer_s1['seed']) == (0, 1) and longer_s1['baseline_val_loss'] != longer['baseline_val_loss']
+    agg = {(a['factor'], a['norm']): a for a in r['aggregate']}
+    a = agg[(longer['factor'], 'post')]
+    assert a['n'] == 2 and a['wins'] == sum(x['delta'] < 0 for x in (longer, longer_s1))
+    assert math.isclose(a['delta_mean'], (longer['delta'] + longer_s1['delta']) / 2, rel_tol=1e-12)
     assert ref['factor'] == 'reference' and longer['steps'] == 2 * ref['steps']
     assert longer['steps_per_layer'] == 2 * ref['steps_per_layer']
     # the reference pair has the main table's specs, so its runs are reused from quality.json, not rerun

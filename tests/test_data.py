@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -271,6 +272,31 @@ def test_shuffle_and_several_loaders_in_one_process(corpus, tmp_path):
     n = len(ordered) // 4 * 4  # drop_last
     for run in runs:  # a permutation of the samples, minus the dropped partial batch
         assert len(run) == n and Counter(map(tuple, run)) <= Counter(map(tuple, ordered))
+
+
+RACE_SCRIPT = """
+import sys, time
+from prores_algo.data import TokenDataset
+path, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+live = [TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False) for _ in range(n)]
+print('constructed', len(live))
+"""
+
+
+def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_path):
+    # Separate processes (separate jobs on one machine) constructing datasets at the same moment.
+    # streaming 0.13 alone picks the same shared-memory prefix in two processes and one dies with
+    # FileExistsError '/000NNN_locals' (5 of 6 processes here, before the lock in TokenDataset).
+    root, _ = corpus
+    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
+    start = time.time() + 6.0  # all interpreters are up by then
+    procs = [subprocess.Popen([sys.executable, '-c', RACE_SCRIPT, str(tmp_path / 'ds'), '8', str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(5)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and 'constructed 8' in out, err[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------- atomicity
