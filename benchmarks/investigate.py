@@ -13,7 +13,7 @@ seeds, everything else equal:
   4x steps          1200 steps instead of 300 (W = 300 steps: 12.5 per layer), LR schedule scaled along
 
 Usage:
-  python benchmarks/investigate.py               # ~35 min with --jobs 2 on an idle 2-core machine
+  python benchmarks/investigate.py               # ~2 h with --jobs 2 on the 2-core machine (longest: 1200-step runs)
   python benchmarks/investigate.py --smoke       # seconds (tests)
   python benchmarks/investigate.py --resume      # reuse finished runs with identical specs
 Writes benchmarks/results/investigation.json and quality_investigation.png; benchmarks/report.py renders it.
@@ -150,7 +150,8 @@ def plot(res: dict, out_dir: Path) -> str:
                              color=color, ls=ls, lw=1.2, label=f"{r['factor']}, {'ProRes' if v == 'linear' else 'base'}")
     axes[1].set_xlabel('fraction of the run')
     axes[1].set_ylabel('train loss (moving average)')
-    axes[1].set_ylim(1.5, 3.6)
+    lows = [min(line.get_ydata()) for line in axes[1].get_lines()]
+    axes[1].set_ylim(min(lows) - 0.05 if lows else 1.0, 3.6)
     axes[1].set_title('Post-LN training loss (solid: ProRes linear, dotted: baseline)')
     axes[1].legend(fontsize=7, ncol=2)
     axes[1].grid(alpha=0.3)

@@ -553,7 +553,7 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
                       fmt(r['linear_val_loss']), f"{r['delta']:+.3f}",
                       f"{state(r['baseline_val_loss'])} / {state(r['linear_val_loss'])}", f"{r['wall_s']:.0f}"])
     out.append(table(['norm', 'factor', 'change', 'seed', 'steps', 'layers × width', 'LR', 'steps per layer',
-                      'baseline val loss', 'ProRes val loss', 'Δ (ProRes − base)', 'base / ProRes', 'wall s (both)'],
+                      'baseline val loss', 'ProRes val loss', 'Δ (ProRes − base)', 'base / ProRes', 'wall s (both; runs share the cores)'],
                      trows))
     out.append('')
     if 'quality_investigation.png' in inv.get('figures', []):
@@ -594,6 +594,30 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
                          f"{refpre['n']} seed{'s' if refpre['n'] > 1 else ''}) to {a['delta_mean']:+.3f}")
     if facts:
         out.append('Measured: ' + '; '.join(facts) + '.')
+        out.append('')
+    longer = {a['norm']: a for a in agg if a['factor'].endswith('x steps')}
+    refs = {a['norm']: a for a in agg if a['factor'] == 'reference'}
+    if longer and all(a['delta_mean'] < 0 for a in longer.values()) and \
+            all(refs.get(n, {}).get('delta_mean', -1) > 0 for n in longer):
+        gain = sorted(longer.values(), key=lambda a: a['delta_mean'])
+        out.append(f"**So the sign of the comparison follows the horizon.** At {refs[gain[0]['norm']]['steps_per_layer']:.1f} "
+                   f"steps of α warmup per layer ProRes loses for {' and '.join(NORM_NAME[n] for n in refs)}; at "
+                   f"{gain[0]['steps_per_layer']:.1f} steps per layer (the `{gain[0]['factor']}` rows: same fractions of a longer run) it is ahead for "
+                   f"{' and '.join(NORM_NAME[a['norm']] for a in gain)}"
+                   + (f", {NORM_NAME[gain[0]['norm']]} by more ({gain[0]['delta_mean']:+.3f} vs "
+                      f"{gain[-1]['delta_mean']:+.3f})" if len(gain) > 1 else '')
+                   + " — the paper's direction" + (", including Post-LN gaining most" if gain[0]['norm'] == 'post'
+                                                    and len(gain) > 1 else '') + ". "
+                   + ("Seeds: " + '; '.join(f"{NORM_NAME[a['norm']]} ProRes lower in {a['wins']} of {a['n']}"
+                                            for a in gain) + '.' if any(a['n'] > 1 for a in gain) else
+                      'One seed each: treat it as a direction, not a measurement of the size.'))
+        same_spl = [a for a in agg if a['factor'] not in ('reference',) and not a['factor'].endswith('x steps')
+                    and abs(a['steps_per_layer'] - gain[0]['steps_per_layer']) < 1e-9 and a['delta_mean'] > 0]
+        for a in same_spl:
+            out.append(f"`{a['factor']}` ({NORM_NAME[a['norm']]}) has the same {a['steps_per_layer']:.1f} steps per "
+                       f"layer in the short run and ProRes, though it no longer stalls, is still behind (Δ "
+                       f"{a['delta_mean']:+.3f}): escaping the stall (more steps per layer, or a lower LR) is not "
+                       "enough, the length of the run decides whether ProRes pays off.")
         out.append('')
     return out
 
