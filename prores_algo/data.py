@@ -555,33 +555,40 @@ _SHM_LOCK_DIR = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm'
 
 @contextlib.contextmanager
 def _shm_registration_lock():
-    """Serialise StreamingDataset construction across the processes of this machine.
+    """Serialise StreamingDataset construction across the jobs running on this machine.
 
     streaming 0.13 registers a dataset's shared memory by scanning for the first free integer prefix
-    and then creating `/<prefix>_locals`; the scan and the create are not atomic, so two processes
-    that construct datasets at the same moment (two jobs on one machine, or a job beside a test run)
-    pick the same prefix and one dies with `FileExistsError: '/000745_locals'`. The lock makes
-    scan-and-create atomic between prores_algo processes. Only the local leader (LOCAL_RANK 0)
-    takes it: the other ranks of its job wait for the leader inside the constructor (a
-    dist.barrier), so making them wait on the lock as well would deadlock. The lock is an flock, so
-    a killed holder releases it; if it cannot be had in SHM_LOCK_TIMEOUT_S we go on without it.
+    and then creating `/<prefix>_locals`; the scan and the create are not atomic, so two jobs that
+    construct datasets at the same moment pick the same prefix and one dies with
+    `FileExistsError: '/000745_locals'` (or, in a multi-rank job, with 'shared memory prefix=N was not
+    registered by local leader', when a non-leader rank's scan saw a prefix that another job took
+    before its leader's create). A machine-wide flock held by the local leader (LOCAL_RANK 0) across
+    the whole constructor makes scan-and-create atomic between jobs. In a distributed job every
+    rank scans, so the other ranks must not start until their leader holds the lock: a barrier after
+    the leader acquires it. They never take the lock themselves: they meet their leader at barriers
+    inside the constructor, so waiting on the lock as well would deadlock. The flock is released if
+    its holder dies; if it cannot be had in SHM_LOCK_TIMEOUT_S we go on without it.
     """
-    if int(os.environ.get('LOCAL_RANK', '0')) != 0:
-        yield
-        return
-    from filelock import FileLock, Timeout  # a dependency of mosaicml-streaming
-    lock = FileLock(os.path.join(_SHM_LOCK_DIR, 'prores_algo_streaming_shm.lock'))
+    import torch.distributed as dist
+    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    leader = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    lock = None
+    if leader:
+        from filelock import FileLock, Timeout  # a dependency of mosaicml-streaming
+        lock = FileLock(os.path.join(_SHM_LOCK_DIR, 'prores_algo_streaming_shm.lock'))
+        try:
+            lock.acquire(timeout=SHM_LOCK_TIMEOUT_S)
+        except Timeout:
+            warnings.warn(f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the '
+                          "dataset's shared memory without it")
+            lock = None
     try:
-        lock.acquire(timeout=SHM_LOCK_TIMEOUT_S)
-    except Timeout:
-        warnings.warn(f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the dataset\'s '
-                      'shared memory without it')
-        yield
-        return
-    try:
+        if group:
+            dist.barrier()  # every leader of this job holds its machine's lock before any rank scans
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 class TokenDataset(StreamingDataset):

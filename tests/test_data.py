@@ -299,6 +299,43 @@ def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_p
         assert p.returncode == 0 and 'constructed 8' in out, err[-2000:]
 
 
+DIST_RACE_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from prores_algo.data import TokenDataset
+dist.init_process_group('gloo')
+path, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+live = [TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False) for _ in range(n)]
+dist.barrier()
+print('constructed', len(live), 'rank', dist.get_rank())
+dist.destroy_process_group()
+"""
+
+
+def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, tmp_path):
+    # Two 2-rank jobs plus two single-process jobs at the same moment. In a 2-rank job every rank scans
+    # for the prefix; a non-leader must not scan before its leader holds the machine lock, or another
+    # job can take the prefix in between ('shared memory prefix=N was not registered by local leader').
+    root, _ = corpus
+    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
+    start = time.time() + 12.0
+    args = [str(tmp_path / 'ds'), '6', str(start)]
+    script = tmp_path / 'dist_race.py'
+    script.write_text(DIST_RACE_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                               str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    procs += [subprocess.Popen([sys.executable, '-c', RACE_SCRIPT, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    ranks = sorted(line for out, _ in outs[:2] for line in out.splitlines() if line.startswith('constructed'))
+    assert ranks == ['constructed 6 rank 0', 'constructed 6 rank 0', 'constructed 6 rank 1', 'constructed 6 rank 1']
+
+
 # ----------------------------------------------------------------------------------------------- atomicity
 
 
