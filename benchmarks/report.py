@@ -605,12 +605,19 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
                    f"{gain[0]['steps_per_layer']:.1f} steps per layer (the `{gain[0]['factor']}` rows: same fractions of a longer run) it is ahead for "
                    f"{' and '.join(NORM_NAME[a['norm']] for a in gain)}"
                    + (f", {NORM_NAME[gain[0]['norm']]} by more ({gain[0]['delta_mean']:+.3f} vs "
-                      f"{gain[-1]['delta_mean']:+.3f})" if len(gain) > 1 else '')
+                      f"{gain[-1]['delta_mean']:+.3f})" if len(gain) > 1 and gain[-1]['delta_mean'] - gain[0]['delta_mean']
+                      > max(a['delta_std'] for a in gain) else '')
                    + " — the paper's direction" + (", including Post-LN gaining most" if gain[0]['norm'] == 'post'
                                                     and len(gain) > 1 else '') + ". "
                    + ("Seeds: " + '; '.join(f"{NORM_NAME[a['norm']]} ProRes lower in {a['wins']} of {a['n']}"
                                             for a in gain) + '.' if any(a['n'] > 1 for a in gain) else
-                      'One seed each: treat it as a direction, not a measurement of the size.'))
+                      'One seed each: treat it as a direction, not a measurement of the size.')
+                   + (' The effects are small next to the spread over seeds (|mean Δ| < 2 standard errors for '
+                      + ', '.join(NORM_NAME[a['norm']] for a in gain if a['n'] > 1
+                                  and abs(a['delta_mean']) < 2 * a['delta_std'] / math.sqrt(a['n']))
+                      + '): a direction, not a measured size.'
+                      if any(a['n'] > 1 and abs(a['delta_mean']) < 2 * a['delta_std'] / math.sqrt(a['n'])
+                             for a in gain) else ''))
         same_spl = [a for a in agg if a['factor'] not in ('reference',) and not a['factor'].endswith('x steps')
                     and abs(a['steps_per_layer'] - gain[0]['steps_per_layer']) < 1e-9 and a['delta_mean'] > 0]
         for a in same_spl:
