@@ -384,8 +384,11 @@ def train(cfg: dict) -> dict:
         out['lrs'].append(lr_now)
         out['alphas'].append(list(alphas))
         if rank == 0 and cfg['log_every'] and ((t + 1) % cfg['log_every'] == 0 or t + 1 == steps):
-            print(f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} alpha_mean {sum(alphas) / len(alphas):.4f}',
-                  flush=True)
+            # one write per line: other ranks share this stdout, and under PYTHONUNBUFFERED print() would
+            # issue the text and its newline as two writes that another rank's output can split
+            sys.stdout.write(f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} '
+                             f'alpha_mean {sum(alphas) / len(alphas):.4f}\n')
+            sys.stdout.flush()
         done = engine.global_steps
         if cfg['eval_every'] and done % cfg['eval_every'] == 0 and done < steps:
             do_eval(done)

@@ -304,12 +304,14 @@ import sys, time
 import torch.distributed as dist
 from prores_algo.data import TokenDataset
 dist.init_process_group('gloo')
-path, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+path, n, start, report = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 while time.time() < start:
     time.sleep(0.001)
 live = [TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False) for _ in range(n)]
 dist.barrier()
-print('constructed', len(live), 'rank', dist.get_rank())
+# one file per rank: both ranks share the launcher's stdout, where unbuffered prints can interleave
+with open(report.format(rank=dist.get_rank()), 'w') as f:
+    f.write(f'constructed {len(live)}')
 dist.destroy_process_group()
 """
 
@@ -324,16 +326,17 @@ def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, 
     args = [str(tmp_path / 'ds'), '6', str(start)]
     script = tmp_path / 'dist_race.py'
     script.write_text(DIST_RACE_SCRIPT)
+    reports = [str(tmp_path / f'job{job}_rank{{rank}}.txt') for job in range(2)]
     procs = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                               str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+                               str(script), *args, report], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for report in reports]
     procs += [subprocess.Popen([sys.executable, '-c', RACE_SCRIPT, *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    ranks = sorted(line for out, _ in outs[:2] for line in out.splitlines() if line.startswith('constructed'))
-    assert ranks == ['constructed 6 rank 0', 'constructed 6 rank 0', 'constructed 6 rank 1', 'constructed 6 rank 1']
+    constructed = [Path(report.format(rank=rank)).read_text() for report in reports for rank in range(2)]
+    assert constructed == ['constructed 6'] * 4
 
 
 # ----------------------------------------------------------------------------------------------- atomicity
