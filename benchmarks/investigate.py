@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
-import os
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import quality  # noqa: E402  (benchmarks/quality.py: the runs, the data and the spec format)
+from _common import machine_info, write_json  # noqa: E402
 
 # (factor, norms it is tried on, changes to the main-table spec, seeds)
 FACTORS = {
@@ -195,7 +194,7 @@ def main(argv=None) -> dict:
                 known[json.dumps(r['spec'], sort_keys=True)] = r
     res = {'benchmark': 'quality-investigation', 'mode': mode,
            'command': 'python benchmarks/investigate.py' + (' --smoke' if mode == 'smoke' else ''),
-           'machine': quality.machine_info(), 'jobs': args.jobs, 'factors': FACTORS[mode], 'pairs': pairs,
+           'machine': machine_info(), 'jobs': args.jobs, 'factors': FACTORS[mode], 'pairs': pairs,
            'runs': {}, 'reused': [], 'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'elapsed_s_previous': 0.0}
     if args.resume and out.is_file():  # wall time covers the whole benchmark, across resumes
         old = json.loads(out.read_text())
@@ -214,10 +213,8 @@ def main(argv=None) -> dict:
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn'),
                              initializer=_worker_init, initargs=(1,)) as pool:
         futures = {}
-        for i, s in enumerate(todo):
+        for s in todo:  # starting together is safe: TokenDataset serialises streaming's shared-memory setup
             futures[pool.submit(_execute, s, str(data_path))] = s
-            if args.jobs > 1 and i < args.jobs:
-                time.sleep(15)  # streaming's shared-memory names are claimed at start: don't start together
         for f in as_completed(futures):
             r = f.result()
             k = run_key(r['spec'])
@@ -225,13 +222,14 @@ def main(argv=None) -> dict:
             print(f'{k}: val_loss {r["val_loss"]:.4f} wall {r["wall_s"]:.0f} s'
                   + (f' ERROR {r["error"]}' if 'error' in r else ''), flush=True)
             res['summary'] = summarize(res['runs'], pairs)
+            res['aggregate'] = aggregate(res['summary'])
             res['elapsed_s'] = time.time() - t0
-            quality.write_json(out, res)
+            write_json(out, res)
     res['summary'] = summarize(res['runs'], pairs)
     res['aggregate'] = aggregate(res['summary'])
     res['elapsed_s'] = time.time() - t0
     res['figures'] = [plot(res, out.parent)]
-    quality.write_json(out, res)
+    write_json(out, res)
     for r in res['summary']:
         print(f"{r['norm']:>4} {r['factor']:<10} base {r['baseline_val_loss']:.4f} prores {r['linear_val_loss']:.4f} "
               f"delta {r['delta']:+.4f} ({r['steps_per_layer']:.1f} steps/layer)", flush=True)

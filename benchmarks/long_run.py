@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 from composer import Callback, Trainer  # noqa: E402
 from composer.loggers import LoggerDestination  # noqa: E402
 
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     print(f"after warmup: {result['after_warmup']}; end: {result['end']}")
     if args.out != '-':
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + '\n')
+        write_json(Path(args.out), result)
         print(f'wrote {args.out}')
     print('OK' if not failures else 'FAILED: ' + '; '.join(failures))
     return 0 if not failures else 1

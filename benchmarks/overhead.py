@@ -40,10 +40,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -57,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import machine_info, write_json  # noqa: E402  (benchmarks/_common.py)
 from prores_algo.models.decoder import Decoder, DecoderConfig, default_d_ffn  # noqa: E402
 from prores_algo.surgery import apply_prores  # noqa: E402
 
@@ -414,16 +413,6 @@ def bench_model(name: str, args, dims: dict) -> dict:
     return res
 
 
-def machine_info() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover
-        load = None
-    return {'platform': platform.platform(), 'processor': platform.processor() or platform.machine(),
-            'python': platform.python_version(), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
-            'torch_threads': torch.get_num_threads(), 'loadavg_at_start': load}
-
-
 def print_table(results: dict) -> None:
     rows = [('model', 'warmup CPU-t ratio [IQR]', 'after CPU-t ratio [IQR]', 'wall ratio warm/after', 'micro-bench predicted', 'peak mem ratio',
              'saved-act ratio', 'recompiles α / removal', 'base step (wall)')]
@@ -506,7 +495,7 @@ def main(argv=None) -> dict:
         pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + '\n')
+    write_json(out, results, indent=2)
     print_table(results)
     print(f'wrote {out} in {results["wall_s"]:.0f} s')
     return results

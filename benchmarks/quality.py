@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from _common import machine_info, write_json  # noqa: E402  (benchmarks/_common.py)
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 YAML = ROOT / 'benchmarks' / 'quality.yaml'
@@ -317,7 +318,7 @@ def diagnose(args, m: dict, data_path: Path, out: Path) -> dict:
     """Post-LN, main depth, seed 0: baseline vs ProRes `linear` vs `stagewise_0`, with the branch probe."""
     steps = m['steps']
     at = sorted({0, *range(0, steps, max(1, steps // 30)), steps - 1})
-    res = {'benchmark': 'quality-diagnostics', 'mode': args.mode, 'command': f'python benchmarks/quality.py --diagnose'
+    res = {'benchmark': 'quality-diagnostics', 'mode': args.mode, 'command': 'python benchmarks/quality.py --diagnose'
            + ('' if args.mode == 'full' else f' --{args.mode}'), 'machine': machine_info(),
            'reference_levels': reference_levels(data_path, m['eval_batches']), 'runs': {}}
     for v in DIAG_VARIANTS:
@@ -407,53 +408,35 @@ def paired_delta(base: list[dict], other: list[dict]) -> dict:
     return s
 
 
-def summarize(runs: dict, experiments: dict) -> dict:
-    out: dict = {'main': {}, 'depth': {}, 'ablation': {}}
-    for norm in ('pre', 'post'):
-        rows = {}
-        for v in ('baseline', 'linear'):
-            rows[v] = summarize_group(_group(runs, experiments['main'], norm=norm, variant=v))
-        rows['delta'] = paired_delta(_group(runs, experiments['main'], norm=norm, variant='baseline'),
-                                     _group(runs, experiments['main'], norm=norm, variant='linear'))
-        out['main'][norm] = rows
-    depths = sorted({runs[k]['spec']['layers'] for k in experiments['depth'] if k in runs})
-    for d in depths:
-        rows = {}
-        for v in ('baseline', 'linear'):
-            rows[v] = summarize_group(_group(runs, experiments['depth'], layers=d, variant=v))
-        rows['delta'] = paired_delta(_group(runs, experiments['depth'], layers=d, variant='baseline'),
-                                     _group(runs, experiments['depth'], layers=d, variant='linear'))
-        out['depth'][str(d)] = rows
-    variants = []
-    for k in experiments['ablation']:
-        if k in runs and runs[k]['spec']['variant'] not in variants:
-            variants.append(runs[k]['spec']['variant'])
-    ab_seeds = {runs[k]['spec']['seed'] for k in experiments['ablation'] if k in runs}
-    base = [r for r in _group(runs, experiments['ablation'], variant='baseline') if r['spec']['seed'] in ab_seeds]
+def _pair_rows(runs: dict, keys: list[str], **match) -> dict:
+    """Baseline and ProRes `linear` among the matching runs, and their paired per-seed delta."""
+    base = _group(runs, keys, variant='baseline', **match)
+    prores = _group(runs, keys, variant='linear', **match)
+    return {'baseline': summarize_group(base), 'linear': summarize_group(prores), 'delta': paired_delta(base, prores)}
+
+
+def _variant_rows(runs: dict, keys: list[str]) -> dict:
+    """One row per variant (in first-run order), each but the baseline with its paired delta to it."""
+    variants = list(dict.fromkeys(runs[k]['spec']['variant'] for k in keys if k in runs))
+    base = _group(runs, keys, variant='baseline')
+    rows = {}
     for v in variants:
-        rs = _group(runs, experiments['ablation'], variant=v)
-        row = summarize_group(rs)
+        rs = _group(runs, keys, variant=v)
+        rows[v] = summarize_group(rs)
         if v != 'baseline':
-            row['delta'] = paired_delta(base, rs)
-        out['ablation'][v] = row
+            rows[v]['delta'] = paired_delta(base, rs)
+    return rows
+
+
+def summarize(runs: dict, experiments: dict) -> dict:
+    out: dict = {'main': {norm: _pair_rows(runs, experiments['main'], norm=norm) for norm in ('pre', 'post')}}
+    depths = sorted({runs[k]['spec']['layers'] for k in experiments['depth'] if k in runs})
+    out['depth'] = {str(d): _pair_rows(runs, experiments['depth'], layers=d) for d in depths}
+    out['ablation'] = _variant_rows(runs, experiments['ablation'])
     wl = experiments.get('warmup_length', [])
     if any(k in runs for k in wl):
-        out['warmup_length'] = {}
-        for norm in ('pre', 'post'):
-            keys = [k for k in wl if k in runs and runs[k]['spec']['norm'] == norm]
-            seeds = {runs[k]['spec']['seed'] for k in keys}
-            vs = []
-            for k in keys:
-                if runs[k]['spec']['variant'] not in vs:
-                    vs.append(runs[k]['spec']['variant'])
-            base = [r for r in _group(runs, keys, variant='baseline') if r['spec']['seed'] in seeds]
-            rows = {}
-            for v in vs:
-                rs = _group(runs, keys, variant=v)
-                rows[v] = summarize_group(rs)
-                if v != 'baseline':
-                    rows[v]['delta'] = paired_delta(base, rs)
-            out['warmup_length'][norm] = rows
+        out['warmup_length'] = {norm: _variant_rows(runs, [k for k in wl if k in runs and runs[k]['spec']['norm'] == norm])
+                                for norm in ('pre', 'post')}
     return out
 
 
@@ -601,23 +584,6 @@ def alpha_log_check(results: dict) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def machine_info() -> dict:
-    import torch
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover
-        load = None
-    return {'platform': platform.platform(), 'processor': platform.processor() or platform.machine(),
-            'python': platform.python_version(), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
-            'torch_threads': torch.get_num_threads(), 'loadavg_at_start': load}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(obj, indent=1) + '\n')
-    os.replace(tmp, path)
-
-
 def _est_run_s(spec: dict, done: dict) -> float:
     """Expected wall time of a run, from the finished runs' seconds per (layer·step) plus fixed cost."""
     rates = [(r['wall_s'] - 8.0) / (r['spec']['layers'] * r['spec']['steps']) for r in done.values()

@@ -58,6 +58,16 @@ def signed(s, nd=3):
     return txt
 
 
+def wins(delta: dict | None) -> str:
+    """'k/n': in k of the n paired seeds ProRes had the lower validation loss ('—' without a comparison)."""
+    return f"{delta['wins']}/{delta['n']}" if delta and delta.get('n') else '—'
+
+
+def vs_baseline(row: dict) -> list[str]:
+    """The paired Δ and wins cells of a variant row; the baseline row compares with nothing."""
+    return [signed(row['delta']), wins(row['delta'])] if 'delta' in row else ['—', '—']
+
+
 def pct(a, b):
     """Relative change from a to b in percent."""
     if a is None or b is None:
@@ -160,7 +170,7 @@ def overhead_section(r: dict) -> list[str]:
     L.append('')
     rows = []
     for name, m in r['models'].items():
-        tm, s, mem = m['timing'], m['summary'], m['memory']
+        tm, s = m['timing'], m['summary']
         w, a = tm['prores_warmup'], tm['prores_done']
         comp = m.get('compile')
         rows.append([
@@ -275,7 +285,7 @@ def quality_section(q: dict) -> list[str]:
         ppl_change = pct(b['val_ppl']['mean'], p['val_ppl']['mean'])
         paper = ', '.join(f"{sz} {pct(*PAPER_MAIN[norm][sz]):+.1f}%" for sz in PAPER_MAIN[norm])
         rows.append([NORM_NAME[norm], pm(b['val_loss']), pm(p['val_loss']), signed(m['delta']),
-                     f"{m['delta']['wins']}/{m['delta']['n']}", pm(b['val_ppl'], 3), pm(p['val_ppl'], 3),
+                     wins(m['delta']), pm(b['val_ppl'], 3), pm(p['val_ppl'], 3),
                      f"{ppl_change:+.2f}%" if ppl_change is not None else 'n/a', paper,
                      f"{b['spikes_total']} / {p['spikes_total']}", f"{b['diverged']} / {p['diverged']}",
                      f"{pm(b['wall_s'], 0)} / {pm(p['wall_s'], 0)}"])
@@ -297,8 +307,7 @@ def quality_section(q: dict) -> list[str]:
         rows = []
         for dpt in sorted(s['depth'], key=int):
             m = s['depth'][dpt]
-            rows.append([dpt, pm(m['baseline']['val_loss']), pm(m['linear']['val_loss']), signed(m['delta']),
-                         f"{m['delta']['wins']}/{m['delta']['n']}" if m['delta'].get('n') else 'n/a',
+            rows.append([dpt, pm(m['baseline']['val_loss']), pm(m['linear']['val_loss']), signed(m['delta']), wins(m['delta']),
                          f"{m['baseline']['spikes_total']} / {m['linear']['spikes_total']}",
                          f"{pm(m['baseline']['wall_s'], 0)} / {pm(m['linear']['wall_s'], 0)}"])
         L.append(table(['layers', 'baseline val loss', 'ProRes val loss', 'Δ (paired)', 'seeds ProRes wins',
@@ -312,9 +321,8 @@ def quality_section(q: dict) -> list[str]:
         for v, m in s['ablation'].items():
             paper = PAPER_ABLATION.get(v.split('+')[0] if '+' not in v else '__none__')
             paper_txt = 'n/a' if paper is None else ('diverged' if paper[1] is None else f'{paper[1]:.2f}')
-            rows.append([f'`{v}`', pm(m['val_loss']), signed(m.get('delta')) if v != 'baseline' else '—',
-                         (f"{m['delta']['wins']}/{m['delta']['n']}" if v != 'baseline' and m['delta'].get('n')
-                          else '—'), pm(m['val_ppl']), m['spikes_total'], m['diverged'], paper_txt])
+            rows.append([f'`{v}`', pm(m['val_loss']), *vs_baseline(m), pm(m['val_ppl']), m['spikes_total'],
+                         m['diverged'], paper_txt])
         L.append(table(['schedule', 'val loss', 'Δ vs baseline (paired)', 'seeds better than baseline', 'val ppl',
                         'loss spikes', 'diverged runs', 'paper Post-LN ppl (350M)'], rows))
         L.append('')
@@ -328,10 +336,7 @@ def quality_section(q: dict) -> list[str]:
         for norm, vs in s['warmup_length'].items():
             for v, m in vs.items():
                 label = v if '@' in v else (f"{v}@{c['prores_t_warmup']}" if v != 'baseline' else v)
-                rows.append([NORM_NAME[norm], f'`{label}`', pm(m['val_loss']),
-                             signed(m.get('delta')) if v != 'baseline' else '—',
-                             f"{m['delta']['wins']}/{m['delta']['n']}" if v != 'baseline' and m['delta'].get('n')
-                             else '—', m['spikes_total']])
+                rows.append([NORM_NAME[norm], f'`{label}`', pm(m['val_loss']), *vs_baseline(m), m['spikes_total']])
         L.append(table(['norm', 'variant', 'val loss', 'Δ vs baseline (paired)', 'seeds better', 'spikes'], rows))
         L.append('')
     figs = q.get('figures', []) or sorted(  # a partial run: the PNGs quality.py --plots-only drew
@@ -560,9 +565,7 @@ def investigation_section(inv: dict, d: dict | None) -> list[str]:
         out.append('![one factor at a time](results/quality_investigation.png)')
         out.append('')
     # prose conditioned on the rows (aggregated over seeds where a factor has several)
-    agg = inv.get('aggregate') or [{'factor': r['factor'], 'norm': r['norm'], 'n': 1, 'delta_mean': r['delta'],
-                                     'delta_std': 0.0, 'wins': int(r['delta'] < 0), 'linear_mean': r['linear_val_loss'],
-                                     'baseline_mean': r['baseline_val_loss']} for r in rows]
+    agg = inv['aggregate']  # investigate.py writes it with every summary
 
     def dtxt(a):
         if a['n'] > 1:

@@ -356,7 +356,6 @@ def _val_loss(trainer) -> float:
 
 def run(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()) -> dict[str, float]:
     """Train as configured; returns {'val_loss_start', 'val_loss', 'val_ppl', 'wall_s'} (rank 0 prints them)."""
-    from composer.utils import dist
     t0 = time.time()
     trainer = build_trainer(cfg, extra_callbacks, extra_loggers)
     result: dict[str, float] = {}

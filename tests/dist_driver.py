@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from composer import Callback
 from composer.utils import dist
 

@@ -1,11 +1,10 @@
 """The Composer algorithm in a real Trainer: α per batch, logging, units, removal, resume, compile."""
 
 import copy
-import warnings
 
 import pytest
 import torch
-from composer import Callback, Event, Trainer
+from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 
 from prores_algo import ProRes, schedules

@@ -40,7 +40,7 @@ import torch
 
 from prores_algo import schedules
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
-from prores_algo.surgery import ALPHA_BUFFER, ProResController, apply_prores
+from prores_algo.surgery import ProResController, apply_prores
 
 __all__ = [
     'DeepSpeedProRes', 'attach_prores', 'lr_lambda_from', 'build_lr_scheduler', 'lr_scheduler_factory',
