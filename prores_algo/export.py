@@ -28,7 +28,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS, LAYER_POLICIES
+from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS, policy_for
 from prores_algo.surgery import ALPHA_BUFFER, ProResController, _scale_branch_output
 
 __all__ = ['fold_prores', 'fold_alpha_into_module', 'FOLD_TARGETS_ATTRIBUTE']
@@ -113,7 +113,7 @@ def _layer_and_branch(model: nn.Module, path: str) -> tuple[nn.Module, str, str]
     for cut in range(len(parts) - 1, -1, -1):
         layer_path, branch = '.'.join(parts[:cut]), '.'.join(parts[cut:])
         layer = model.get_submodule(layer_path) if layer_path else model
-        known = getattr(layer, BRANCHES_ATTRIBUTE, None) or LAYER_POLICIES.get(type(layer).__name__, ())
+        known = getattr(layer, BRANCHES_ATTRIBUTE, None) or policy_for(layer) or ()
         if branch in known or _fold_targets_for(layer, branch) is not None:
             return layer, layer_path, branch
     return None

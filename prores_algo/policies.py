@@ -13,7 +13,8 @@ Checked on transformers 4.57: tests/test_surgery.py verifies every entry numeric
 
 from __future__ import annotations
 
-__all__ = ['LAYER_POLICIES', 'BRANCH_REWRITES', 'FOLD_TARGETS', 'register_policy', 'BRANCHES_ATTRIBUTE']
+__all__ = ['LAYER_POLICIES', 'LAYER_VARIANTS', 'BRANCH_REWRITES', 'FOLD_TARGETS', 'register_policy', 'policy_for',
+           'BRANCHES_ATTRIBUTE']
 
 # Attribute a layer module may define to declare its own branch-final modules.
 BRANCHES_ATTRIBUTE = 'prores_branches'
@@ -38,7 +39,7 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     'OPTDecoderLayer': ('self_attn.out_proj', 'fc2'),
     # BERT (Post-LN): dense -> dropout -> LayerNorm(h + input); scale the dropout output.
     'BertLayer': ('attention.output.dropout', 'output.dropout'),
-    # llm-foundry's MPT block.
+    # llm-foundry's MPT block (fuse_norm_attn_norm=False, the default; see LAYER_VARIANTS for True).
     'MPTBlock': ('resid_attn_dropout', 'resid_ffn_dropout'),
     # --- more families (transformers 4.57; tests/test_more_architectures.py checks each numerically) ---
     # Gemma (Pre-LN, RMSNorm computing x·(1+w)): like Llama.
@@ -65,6 +66,27 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Layers whose configuration moves a branch end into a submodule: layer class name -> [(child whose
+# presence marks the variant, the variant's branches)]. The first variant whose child exists wins; a
+# layer with none of them uses LAYER_POLICIES.
+LAYER_VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    # MPT with fuse_norm_attn_norm=True: norm_1, attn, norm_2 *and the attention residual add* move into
+    # `norm_attn_norm` (FusedNormAttentionNorm). The block still builds its own resid_attn_dropout, but
+    # its forward never calls it: hooking that one would leave the attention branch unscaled.
+    'MPTBlock': [('norm_attn_norm', ('norm_attn_norm.resid_attn_dropout', 'resid_ffn_dropout'))],
+}
+
+
+def policy_for(layer) -> tuple[str, ...] | None:
+    """The branch-final module names of `layer` from the tables (None for a class they do not know)."""
+    name = type(layer).__name__
+    children = dict(layer.named_children())
+    for marker, branches in LAYER_VARIANTS.get(name, ()):
+        if marker in children:
+            return branches
+    return LAYER_POLICIES.get(name)
+
+
 # When another surgery replaces the module that holds a branch, the branch may end elsewhere in the
 # replacement: container class name -> {policy child name: child that really ends the branch}.
 BRANCH_REWRITES: dict[str, dict[str, str]] = {
@@ -84,7 +106,8 @@ FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
     'GPT2Block': {'attn.resid_dropout': ('attn.c_proj',), 'mlp.dropout': ('mlp.c_proj',)},
     'GPTNeoXLayer': {'post_attention_dropout': ('attention.dense',), 'post_mlp_dropout': ('mlp.dense_4h_to_h',)},
     'BertLayer': {'attention.output.dropout': ('attention.output.dense',), 'output.dropout': ('output.dense',)},
-    'MPTBlock': {'resid_attn_dropout': ('attn.out_proj',), 'resid_ffn_dropout': ('ffn.down_proj',)},
+    'MPTBlock': {'resid_attn_dropout': ('attn.out_proj',), 'resid_ffn_dropout': ('ffn.down_proj',),
+                 'norm_attn_norm.resid_attn_dropout': ('norm_attn_norm.attn.out_proj',)},
     # sum_e r_e(x)·w2_e(...): scaling every expert's output projection scales the block output
     'MixtralDecoderLayer': {'block_sparse_moe': ('block_sparse_moe.experts.*.w2',)},
     # sparse block: experts + sigmoid-gated shared expert; dense layers: the MLP's down_proj

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prores_algo import schedules
-from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES
+from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES, policy_for
 
 __all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER']
 
@@ -73,7 +73,7 @@ def _branches_for(module: nn.Module, branches: Sequence[str] | None) -> tuple[st
     own = getattr(module, BRANCHES_ATTRIBUTE, None)
     if isinstance(own, tuple):
         return own
-    return LAYER_POLICIES.get(type(module).__name__)
+    return policy_for(module)
 
 
 def resolve_branch(layer: nn.Module, name: str) -> nn.Module:
