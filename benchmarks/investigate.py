@@ -132,14 +132,16 @@ def plot(res: dict, out_dir: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={'width_ratios': [1, 1.3]})
     labels = [f"{quality_name(a['norm'])}\n{a['factor']}\n({a['n']} seed{'s' if a['n'] > 1 else ''})" for a in agg]
     deltas = [a['delta_mean'] for a in agg]
-    axes[0].bar(range(len(agg)), deltas, yerr=[a['delta_std'] for a in agg], capsize=3,
-                color=['tab:green' if d < 0 else 'tab:red' for d in deltas])
+    axes[0].bar(range(len(agg)), deltas, color=['tab:green' if d < 0 else 'tab:red' for d in deltas], alpha=0.7)
+    for i, a in enumerate(agg):  # every seed, so one stalled run is not mistaken for a spread
+        seeds = [r['delta'] for r in rows if r['factor'] == a['factor'] and r['norm'] == a['norm']]
+        axes[0].scatter([i] * len(seeds), seeds, color='k', s=10, zorder=3)
     axes[0].axhline(0, color='k', lw=0.8)
     axes[0].set_xticks(range(len(agg)))
     axes[0].set_xticklabels(labels, fontsize=7)
     axes[0].set_yscale('symlog', linthresh=0.05)
     axes[0].set_ylabel('val loss, ProRes − baseline (nats/byte)')
-    axes[0].set_title('one factor at a time (mean ± std over seeds); < 0: ProRes better')
+    axes[0].set_title('one factor at a time (bar: mean, dots: seeds); < 0: ProRes better')
     axes[0].grid(alpha=0.3, axis='y')
     for r, color in zip((x for x in rows if x['norm'] == 'post' and x['seed'] == 0), ('tab:gray', 'tab:blue', 'tab:orange', 'tab:green',
                                                                    'tab:purple', 'tab:brown')):

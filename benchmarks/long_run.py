@@ -48,9 +48,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / 'benchmarks'):  # prores_algo, and _common.py when this file is loaded from elsewhere
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / 'benchmarks') not in sys.path:  # _common.py when this file is loaded by path (tests); appended,
+    sys.path.append(str(ROOT / 'benchmarks'))  # so its generic module names shadow nothing
 
 from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 from composer import Callback, Trainer  # noqa: E402

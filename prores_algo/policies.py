@@ -68,7 +68,8 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
 
 # Layers whose configuration moves a branch end into a submodule: layer class name -> [(child whose
 # presence marks the variant, the variant's branches)]. The first variant whose child exists wins; a
-# layer with none of them uses LAYER_POLICIES.
+# layer with none of them uses LAYER_POLICIES, which must list the class too (that is how layers are
+# found). register_policy with other branches drops the class's variants.
 LAYER_VARIANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     # MPT with fuse_norm_attn_norm=True: norm_1, attn, norm_2 *and the attention residual add* move into
     # `norm_attn_norm` (FusedNormAttentionNorm). The block still builds its own resid_attn_dropout, but
@@ -129,4 +130,6 @@ def register_policy(layer_class_name: str, branches: tuple[str, ...] | list[str]
     if layer_class_name in LAYER_POLICIES and not overwrite and LAYER_POLICIES[layer_class_name] != branches:
         raise ValueError(f'a policy for {layer_class_name!r} exists ({LAYER_POLICIES[layer_class_name]}); '
                          'pass overwrite=True to replace it')
+    if LAYER_POLICIES.get(layer_class_name) != branches:
+        LAYER_VARIANTS.pop(layer_class_name, None)  # the registered branches hold for every configuration
     LAYER_POLICIES[layer_class_name] = branches

@@ -132,3 +132,13 @@ def test_report_renders(outputs):
                     '### 2.6 One factor at a time', '## 3. Comparison with the paper'):
         assert heading in text
     assert not re.search(r'\bnan\b', text, re.IGNORECASE)
+
+
+def test_report_rebuilds_a_missing_investigation_aggregate(outputs):
+    # a partial investigation.json from before every write carried `aggregate` renders the same prose
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import report
+    inv = json.loads((outputs / 'investigation.json').read_text())
+    with_agg = report.investigation_section(inv, None)
+    del inv['aggregate']
+    assert report.investigation_section(inv, None) == with_agg

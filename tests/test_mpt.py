@@ -36,7 +36,7 @@ def foundry(tmp_path_factory):
     proc = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-compile', '--disable-pip-version-check',
                            '--target', str(target), FOUNDRY], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f'pip could not fetch {FOUNDRY}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}'
-    saved = {k: v for k, v in sys.modules.items() if k == 'llmfoundry' or k.startswith('llmfoundry.')}
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == 'llmfoundry' or k.startswith('llmfoundry.')}
     for name in _NAMESPACES:
         pkg = types.ModuleType(name)
         pkg.__path__ = [str(target / name.replace('.', '/'))]
@@ -129,16 +129,39 @@ def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
         torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('via', ['controller', 'model'])
 @pytest.mark.parametrize('fuse', [False, True], ids=['unfused', 'fuse_norm_attn_norm'])
-def test_mpt_fold_matches_hooked(foundry, fuse):
-    """fold_prores puts α into attn.out_proj / ffn.down_proj (the dropouts own no weight)."""
+def test_mpt_fold_matches_hooked(foundry, fuse, via):
+    """fold_prores puts α into attn.out_proj / ffn.down_proj (the dropouts own no weight); given only the
+    model it finds each hooked module's layer and branch from the policy tables."""
     model = build(foundry, fuse)
     controller = apply_prores(model, t_warmup=100)
     random_alphas(controller, seed=3)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hooked = model(x)
-    fold_prores(controller, model=model)
+    fold_prores(controller, model=model) if via == 'controller' else fold_prores(model)
     assert not any(ALPHA_BUFFER in m._buffers for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(x), hooked, rtol=0, atol=1e-6)
+
+
+def test_registered_policy_replaces_the_builtin_variants(foundry):
+    from prores_algo.policies import LAYER_POLICIES, LAYER_VARIANTS, register_policy
+    saved = dict(LAYER_POLICIES), {k: list(v) for k, v in LAYER_VARIANTS.items()}
+    try:
+        register_policy('MPTBlock', ('resid_attn_dropout', 'resid_ffn_dropout'))  # the same: variants stay
+        assert [l.branches[0] for l in apply_prores(build(foundry, True), t_warmup=10).layers] == \
+            ['norm_attn_norm.resid_attn_dropout'] * N_LAYERS
+        register_policy('MPTBlock', ('norm_attn_norm.attn.out_proj', 'ffn.down_proj'), overwrite=True)
+        for fuse in (False, True):  # the user's branches now hold for every configuration
+            model = build(foundry, fuse)
+            if not fuse:
+                with pytest.raises(ValueError, match="branch 'norm_attn_norm.attn.out_proj' not found"):
+                    apply_prores(model, t_warmup=10)
+            else:
+                assert apply_prores(model, t_warmup=10).layers[0].branches == ('norm_attn_norm.attn.out_proj',
+                                                                                 'ffn.down_proj')
+    finally:
+        LAYER_POLICIES.clear(), LAYER_POLICIES.update(saved[0])
+        LAYER_VARIANTS.clear(), LAYER_VARIANTS.update(saved[1])
