@@ -41,3 +41,19 @@ def tiny_composer_model(seed=0, **kw):
 def alpha_buffers(model):
     """Current α of every hooked branch module, grouped by module path."""
     return {name.rsplit('.', 1)[0]: float(buf) for name, buf in model.named_buffers() if name.endswith('prores_alpha')}
+
+
+def set_alphas(controller, alphas):
+    """Write α per layer straight into every branch's buffer, bypassing the schedule; returns the list."""
+    from prores_algo.surgery import ALPHA_BUFFER, resolve_branch
+    alphas = list(alphas)
+    for layer, a in zip(controller.layers, alphas):
+        for name in layer.branches:
+            resolve_branch(layer.module, name)._buffers[ALPHA_BUFFER].fill_(a)
+    return alphas
+
+
+def set_random_alphas(controller, seed=1):
+    """A different α in [0.05, 0.95) per layer, so a per-layer comparison catches a mix-up of layers."""
+    g = torch.Generator().manual_seed(seed)
+    return set_alphas(controller, (0.05 + 0.9 * torch.rand(controller.num_layers, generator=g)).tolist())

@@ -9,8 +9,8 @@ import transformers as T
 from prores_algo import apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.models.decoder import Decoder
-from prores_algo.surgery import ALPHA_BUFFER, resolve_branch
-from tests.helpers import tiny_config
+from prores_algo.surgery import ALPHA_BUFFER
+from tests.helpers import set_alphas, tiny_config
 
 VOCAB = 64
 ATOL = 1e-5
@@ -112,9 +112,7 @@ def test_fold_is_exact_for_random_alphas_including_zero_and_one():
     model = _gemma3().eval()
     _randomise(model)
     controller = apply_prores(model, t_warmup=100)
-    for layer, a in zip(controller.layers, [0.0, 0.3, 1.0]):
-        for name in layer.branches:
-            resolve_branch(layer.module, name)._buffers[ALPHA_BUFFER].fill_(a)
+    set_alphas(controller, [0.0, 0.3, 1.0])
     ids = _ids()
     hooked = _logits(model, ids)
     fold_prores(controller)

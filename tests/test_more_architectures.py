@@ -14,7 +14,8 @@ import transformers as T
 
 from prores_algo import apply_prores
 from prores_algo.policies import LAYER_POLICIES
-from prores_algo.surgery import ALPHA_BUFFER, find_residual_layers, resolve_branch
+from prores_algo.surgery import find_residual_layers
+from tests.helpers import set_random_alphas
 
 TOL = dict(rtol=0, atol=1e-6)
 VOCAB, SEQ, BATCH = 64, 8, 2
@@ -150,15 +151,6 @@ def build(case, seed=0):
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
-
-
-def set_random_alphas(controller, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    alphas = (0.05 + 0.9 * torch.rand(controller.num_layers, generator=g)).tolist()
-    for layer, a in zip(controller.layers, alphas):
-        for name in layer.branches:
-            resolve_branch(layer.module, name)._buffers[ALPHA_BUFFER].fill_(a)
-    return alphas
 
 
 @pytest.mark.parametrize('case', sorted(CASES))

@@ -21,7 +21,8 @@ from torch import nn
 
 from prores_algo import apply_prores
 from prores_algo.export import fold_prores
-from prores_algo.surgery import ALPHA_BUFFER, find_residual_layers, resolve_branch
+from prores_algo.surgery import ALPHA_BUFFER, find_residual_layers
+from tests.helpers import set_random_alphas
 
 FOUNDRY = 'llm-foundry==0.22.0'
 # foundry packages whose __init__ imports the world; their submodules are imported directly
@@ -89,15 +90,6 @@ def mpt_block(block, x, a):
     return h + a * block.ffn(inner.norm_2(h))
 
 
-def random_alphas(controller, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    alphas = (0.05 + 0.9 * torch.rand(controller.num_layers, generator=g)).tolist()
-    for layer, a in zip(controller.layers, alphas):
-        for name in layer.branches:
-            resolve_branch(layer.module, name)._buffers[ALPHA_BUFFER].fill_(a)
-    return alphas
-
-
 @pytest.mark.parametrize('fuse', [False, True], ids=['unfused', 'fuse_norm_attn_norm'])
 def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
     model = build(foundry, fuse)
@@ -107,7 +99,7 @@ def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
     assert [l.branches for l in controller.layers] == [(attn_end, 'resid_ffn_dropout')] * N_LAYERS
     if fuse:  # the block's own resid_attn_dropout exists but its forward never calls it: it must stay unhooked
         assert all(ALPHA_BUFFER not in l.module.resid_attn_dropout._buffers for l in controller.layers)
-    alphas = random_alphas(controller)
+    alphas = set_random_alphas(controller)
 
     seen = []
     handles = [l.module.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out[0].clone())))
@@ -136,7 +128,7 @@ def test_mpt_fold_matches_hooked(foundry, fuse, via):
     model it finds each hooked module's layer and branch from the policy tables."""
     model = build(foundry, fuse)
     controller = apply_prores(model, t_warmup=100)
-    random_alphas(controller, seed=3)
+    set_random_alphas(controller, seed=3)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         hooked = model(x)
