@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from prores_algo import schedules
 from prores_algo.integrations.deepspeed import (attach_prores, check_checkpoint, check_deepspeed_config,
                                                 load_checkpoint, lr_scheduler_factory, save_checkpoint)
-from prores_algo.models.decoder import Decoder, DecoderConfig, RotaryEmbedding
+from prores_algo.models.decoder import Decoder, DecoderConfig, RotaryEmbedding, default_deepnet_init
 from prores_algo.surgery import ALPHA_BUFFER
 
 __all__ = ['DEFAULTS', 'train', 'main', 'SyntheticTokens', 'build_model']
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     'deepspeed_config': 'yamls/deepspeed/zero3.json',  # path or dict
     # model
     'n_layers': 4, 'd_model': 64, 'n_heads': 4, 'seq_len': 64, 'vocab': 256, 'norm': 'pre',
+    'final_norm': True, 'deepnet_init': None,  # None: the official rule, default_deepnet_init(prores on)
     # optimisation
     'steps': 20, 'lr': None, 'weight_decay': 0.1, 'betas': (0.9, 0.95),
     'lr_schedule': 'wsd', 'lr_warmup': '0.02dur', 'lr_decay': '0.1dur', 'alpha_f': 0.0, 'lr_warmup_delay': 0,
@@ -143,8 +144,12 @@ def build_model(cfg: dict, ds_config: Optional[dict] = None, zero_init: bool = F
     the parameters gathered. The random draws happen in the same order as without zero.Init, so both
     builds give the same weights.
     """
+    prores_on = bool(cfg['prores']) and cfg['schedule'] not in (None, 'none', 'off')
+    deepnet_init = cfg.get('deepnet_init')
     dc = DecoderConfig(vocab_size=cfg['vocab'], d_model=cfg['d_model'], n_layers=cfg['n_layers'],
-                       n_heads=cfg['n_heads'], max_seq_len=cfg['seq_len'], norm=cfg['norm'])
+                       n_heads=cfg['n_heads'], max_seq_len=cfg['seq_len'], norm=cfg['norm'],
+                       final_norm=cfg.get('final_norm', True),
+                       deepnet_init=default_deepnet_init(prores_on) if deepnet_init is None else deepnet_init)
     torch.manual_seed(cfg['seed'])
     if not zero_init:
         return Decoder(dc)
@@ -471,6 +476,7 @@ def cfg_from_yaml(path: str, overrides: Optional[list[str]] = None, deepspeed_co
         'deepspeed_config': deepspeed_config or DEFAULTS['deepspeed_config'],
         'n_layers': m.get('n_layers'), 'd_model': m.get('d_model'), 'n_heads': m.get('n_heads'),
         'seq_len': c.data.seq_len, 'vocab': m.get('vocab_size'), 'norm': m.get('norm', 'pre'),
+        'final_norm': m.get('final_norm', True), 'deepnet_init': m.get('deepnet_init'),
         'steps': steps, 'lr': c.optimizer.lr, 'weight_decay': c.optimizer.weight_decay,
         'betas': tuple(c.optimizer.betas), 'seed': c.seed, 'data': c.data.path,
         'global_train_batch_size': c.global_train_batch_size,

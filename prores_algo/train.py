@@ -107,9 +107,10 @@ def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
     kwargs = cfg.model.kwargs
     if cfg.model.name == 'reference':
         from prores_algo.models.composer_decoder import ComposerDecoder
-        from prores_algo.models.decoder import DecoderConfig
+        from prores_algo.models.decoder import DecoderConfig, default_deepnet_init
         check_kwargs('model (reference)', DecoderConfig, kwargs)
         kwargs.setdefault('max_seq_len', cfg.data.seq_len)
+        kwargs.setdefault('deepnet_init', default_deepnet_init('prores' in cfg.algorithms))
         try:
             dcfg = DecoderConfig(**kwargs)
         except (TypeError, ValueError) as e:

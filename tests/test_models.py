@@ -88,9 +88,12 @@ def test_seq_len_checked():
 
 
 def test_final_norm_presence():
+    # the official code: a final norm after the last layer for every placement
     for norm in NORM_PLACEMENTS:
-        has = tiny(norm).final_norm is not None
-        assert has == (norm in ('pre', 'sandwich', 'lns'))
+        assert tiny(norm).final_norm is not None
+    # the documented option drops it where the last block already ends in a norm
+    for norm in ('post', 'deepnorm'):
+        assert tiny(norm, final_norm=False).final_norm is None
 
 
 @pytest.mark.parametrize('norm', NORM_PLACEMENTS)

@@ -15,9 +15,16 @@ ProRes scales each F by alpha(l, t). The contract with the surgery is `Block.pro
 dotted names (relative to the block) of the modules whose output *is* the branch entering the
 residual add, so multiplying those outputs by alpha gives exactly the formulas above with alpha * F.
 
-Initialisation follows the official code (DESIGN.md section 2): Linear weights normal(0, init_std),
-token embedding normal(0, init_std * sqrt(d_model)), norm weights 1 (lns: 1/sqrt(l) for layer l),
-DeepNorm: xavier-normal with gain (8L)^(-1/4) on v/o and the FFN, gain 1 on q/k.
+Defaults reproduce the paper's official code (`docs/official-code.md` lists every comparison):
+- a final RMSNorm after the last layer for every placement, Post-LN and DeepNorm included
+  (`final_norm=False` drops it for those two, where the last block already ends in a norm);
+- RMSNorm eps 1e-5;
+- Linear weights normal(0, init_std), token embedding normal(0, init_std * sqrt(d_model)), norm weights
+  1 (lns: 1/sqrt(l) for layer l);
+- DeepNorm: xavier-normal with gain (8L)^(-1/4) on v/o and the FFN, gain 1 on q/k (`deepnet_init`).
+  The official code runs this initialisation for plain DeepNorm only: DeepNorm + ProRes starts from
+  plain normal(0, init_std), and the paper's DeepNorm + ProRes numbers come from that. Training entries
+  resolve it with `default_deepnet_init(prores_on)`.
 """
 
 from __future__ import annotations
@@ -31,9 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['NORM_PLACEMENTS', 'DecoderConfig', 'RotaryEmbedding', 'Attention', 'SwiGLU', 'Block', 'Decoder',
-           'build_decoder']
+           'build_decoder', 'default_deepnet_init']
 
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm', 'lns')
+
+
+def default_deepnet_init(prores_on: bool) -> bool:
+    """The official code's rule for `DecoderConfig.deepnet_init` when a config does not set it: DeepNet
+    initialisation for plain DeepNorm, plain normal(0, init_std) for DeepNorm + ProRes."""
+    return not prores_on
 
 
 def _is_pos_int(v) -> bool:
@@ -59,9 +72,11 @@ class DecoderConfig:
     max_seq_len: int = 1024
     norm: str = 'pre'  # one of NORM_PLACEMENTS
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-5  # the official configs' rms_norm_eps
     init_std: float = 0.02
     tie_embeddings: bool = False
+    final_norm: bool = True  # official: a final norm for every placement; False only drops it for post/deepnorm
+    deepnet_init: bool = True  # DeepNorm only: DeepNet init (True) or plain normal(0, init_std) (False)
 
     def __post_init__(self):
         for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len'):
@@ -78,8 +93,12 @@ class DecoderConfig:
             value = getattr(self, name)
             if not _is_pos_float(value):
                 raise ValueError(f'DecoderConfig.{name} must be a positive finite number, got {value!r}')
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f'DecoderConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}')
+        for name in ('tie_embeddings', 'final_norm', 'deepnet_init'):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f'DecoderConfig.{name} must be a bool (true/false), got {getattr(self, name)!r}')
+        if not self.final_norm and self.norm not in ('post', 'deepnorm'):
+            raise ValueError(f'DecoderConfig.final_norm=False is only allowed for norm=post or deepnorm (their last '
+                             f'block ends in a norm); norm={self.norm!r} needs the final norm: remove final_norm')
         if self.d_model % self.n_heads != 0:
             raise ValueError(f'DecoderConfig.d_model ({self.d_model}) must be divisible by '
                              f'DecoderConfig.n_heads ({self.n_heads})')
@@ -217,7 +236,7 @@ class Block(nn.Module):
         for lin in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj,
                     self.mlp.up_proj, self.mlp.down_proj):
             _set_init(lin, 'normal', std)
-        if config.norm == 'deepnorm':
+        if config.norm == 'deepnorm' and config.deepnet_init:
             gain = (8.0 * L)**-0.25
             for lin in (self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
                 _set_init(lin, 'xavier', gain)
@@ -254,13 +273,10 @@ class Decoder(nn.Module):
                                config.init_std * math.sqrt(config.d_model))
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so it needs a final norm.
-        # Post-LN and DeepNorm end every block with a norm: the last block's output already is
-        # normalised and a second norm would be redundant.
-        if config.norm in ('pre', 'sandwich', 'lns'):
-            self.final_norm: Optional[nn.RMSNorm] = _rms_norm(config)
-        else:
-            self.final_norm = None
+        # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so they need a final norm.
+        # Post-LN and DeepNorm end every block with a norm, yet the official code applies one more
+        # (with its own learned weight) for every placement, and the paper's numbers come from that.
+        self.final_norm: Optional[nn.RMSNorm] = _rms_norm(config) if config.final_norm else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
