@@ -10,6 +10,8 @@ import os
 import platform
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
 
 def machine_info() -> dict:
     """Platform, CPU count, torch version and threads, and the load average when the run started

@@ -3,7 +3,8 @@
 Events:
   INIT        surgery: hook every layer's residual branches (α at t = 0).
   FIT_START   re-attach to branch modules other INIT-time algorithms replaced; resolve `t_warmup`
-              (a `dur` fraction needs `max_duration`); warn if W > max_duration; delay the LR warmup.
+              (a `dur` fraction needs `max_duration`); warn if W > max_duration or if W / L is below the
+              steps per layer where ProRes helps; delay the LR warmup.
   BATCH_START α ← schedule(state.timestamp): stateless, so a resumed run is exact; log α; once every
               α is 1 for good, the hooks are removed (zero overhead after warmup).
 """
@@ -19,7 +20,7 @@ from composer.loggers import Logger
 
 from prores_algo import schedules
 from prores_algo.lr_schedules import delay_lr_warmup, parse_time
-from prores_algo.surgery import ProResController, find_residual_layers
+from prores_algo.surgery import ProResController, find_residual_layers, warn_if_short_warmup
 
 __all__ = ['ProRes']
 
@@ -116,6 +117,8 @@ class ProRes(Algorithm):
             raise ValueError('ProRes t_warmup is a fraction of max_duration ("dur"), but the Trainer has no '
                              'max_duration: set max_duration or give t_warmup in batches/tokens')
         self._warn_if_longer_than_run(state)
+        if self._unit == TimeUnit.BATCH:  # batches are optimizer steps: W / L is comparable to the paper's T
+            warn_if_short_warmup(self.controller)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
             # a model cast after INIT (`model.to(torch.bfloat16)`) casts α too: keep it fp32 and exact
@@ -138,7 +141,7 @@ class ProRes(Algorithm):
     def _try_resolve_warmup(self, state: State) -> bool:
         """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START)."""
         assert self.controller is not None
-        tw = self.t_warmup if self.t_warmup is not None else Time(1000 * self.controller.num_layers, TimeUnit.BATCH)
+        tw = self.t_warmup if self.t_warmup is not None else Time(schedules.PAPER_STEPS_PER_LAYER * self.controller.num_layers, TimeUnit.BATCH)
         value, unit = float(tw.value), tw.unit
         if unit == TimeUnit.DURATION:
             max_duration = state.max_duration

@@ -10,6 +10,11 @@ log, every `interval` optimizer steps, for each transformer layer i (found with
                                   backward of the step, before clipping and the optimizer step
   monitor/update_ratio/layer_{i}  ||θ_after − θ_before|| / ||θ_before|| over the layer's parameters, for
                                   the optimizer step of that batch
+  monitor/position_cosine/layer_{i}  mean cosine similarity between the positions of each sequence in the
+                                  layer's output (1 = every position the same vector: collapse)
+  monitor/collapse                1 once the largest position cosine has stayed >= `collapse_threshold` for
+                                  `collapse_patience` measured steps (then also a warning, once, and a stop
+                                  with `stop_on_collapse=True`)
 
 and, counted over every step (OLMo's definition: a value is a spike when it is >= mean + spike_std·std
 of the previous `spike_window` values, population std, once that many values exist; with std = 0 the
@@ -32,6 +37,7 @@ callback logs RMS and spikes; per-layer gradient norms and update ratios need th
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from typing import Any, Optional, Sequence, Union
 
@@ -40,7 +46,7 @@ from torch import nn
 
 from prores_algo.surgery import find_residual_layers
 
-__all__ = ['SpikeCounter', 'LayerStats', 'ResidualMonitor', 'ResidualMonitorCallback']
+__all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'ResidualMonitor', 'ResidualMonitorCallback']
 
 
 # --- spike counting ---------------------------------------------------------------------------------
@@ -84,6 +90,24 @@ class SpikeCounter:
         self.count = int(state.get('count', 0))
 
 
+# --- collapse ----------------------------------------------------------------------------------------
+
+def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between the hidden states of different positions of each sequence,
+    averaged over the batch: 1.0 when every position carries the same vector (the collapse that a
+    too-short ProRes warmup causes in Post-LN), near 0 for unrelated directions.
+
+    `hidden` is (batch, seq, dim). Exact and O(seq): with u_t the unit vectors,
+    |sum_t u_t|^2 = T + sum_{s != t} cos(u_s, u_t).
+    """
+    if hidden.ndim != 3 or hidden.shape[1] < 2:
+        raise ValueError(f'position_cosine needs (batch, seq >= 2, dim) hidden states, got {tuple(hidden.shape)}')
+    u = torch.nn.functional.normalize(hidden.detach().float(), dim=-1)
+    T = u.shape[1]
+    pair_sum = u.sum(1).square().sum(-1) - T
+    return (pair_sum / (T * (T - 1))).mean()
+
+
 # --- per-layer measurements --------------------------------------------------------------------------
 
 def _dist_world() -> int:
@@ -118,6 +142,9 @@ class LayerStats:
         self._rms_handles: list = []
         self._sumsq: list[torch.Tensor] = []
         self._count: list[int] = []
+        self.track_cosine = False  # also accumulate position_cosine of each layer's output in the same hook
+        self._cos_sum: list[torch.Tensor] = []
+        self._cos_n: list[int] = []
         self._snapshot: Optional[list[list[torch.Tensor]]] = None
 
     # RMS of each layer's output ----------------------------------------------------------------------
@@ -125,6 +152,8 @@ class LayerStats:
         self.stop_rms()
         self._sumsq = [torch.zeros((), dtype=torch.float64) for _ in self.layers]
         self._count = [0] * len(self.layers)
+        self._cos_sum = [torch.zeros((), dtype=torch.float64) for _ in self.layers]
+        self._cos_n = [0] * len(self.layers)
         for i, layer in enumerate(self.layers):
             self._rms_handles.append(layer.register_forward_hook(self._make_rms_hook(i)))
 
@@ -141,6 +170,12 @@ class LayerStats:
                     self._sumsq[i] = self._sumsq[i].to(s.device)
                 self._sumsq[i] += s
                 self._count[i] += out.numel()
+                if self.track_cosine and out.ndim == 3 and out.shape[1] > 1:
+                    c = position_cosine(out).double() * out.shape[0]
+                    if self._cos_sum[i].device != c.device:
+                        self._cos_sum[i] = self._cos_sum[i].to(c.device)
+                    self._cos_sum[i] += c
+                    self._cos_n[i] += out.shape[0]
         return hook
 
     def stop_rms(self) -> None:
@@ -161,6 +196,20 @@ class LayerStats:
         n = len(self.layers)
         sums, counts = packed[:n].tolist(), packed[n:].tolist()
         return [math.sqrt(s / c) if c else float('nan') for s, c in zip(sums, counts)]
+
+    def cosines(self) -> Optional[list[float]]:
+        """position_cosine per layer, averaged over the sequences recorded since start_rms (all ranks)."""
+        self.stop_rms()
+        if not self._cos_n or not any(self._cos_n):
+            return None
+        device = next((s.device for s in self._cos_sum if s.device.type != 'cpu'), torch.device('cpu'))
+        packed = torch.stack([s.to(device) for s in self._cos_sum] +
+                             [torch.tensor(float(c), dtype=torch.float64, device=device) for c in self._cos_n])
+        if _dist_world() > 1:
+            torch.distributed.all_reduce(packed)
+        n = len(self.layers)
+        sums, counts = packed[:n].tolist(), packed[n:].tolist()
+        return [s / c if c else float('nan') for s, c in zip(sums, counts)]
 
     # gradient norms --------------------------------------------------------------------------------
     def grad_norms_sq(self) -> Optional[torch.Tensor]:
@@ -226,8 +275,23 @@ def _metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]
 
 class _MonitorBase:
     def __init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class, branches,
-                 layer_pattern):
+                 layer_pattern, position_cosine=True, collapse_threshold=0.95, collapse_patience=10,
+                 stop_on_collapse=False):
         self.interval = _parse_interval(interval)
+        self.track_cosine = bool(position_cosine)
+        if isinstance(collapse_threshold, bool) or not isinstance(collapse_threshold, (int, float)) or \
+                not 0 < collapse_threshold <= 1:
+            raise ValueError(f'collapse_threshold must be a number in (0, 1], e.g. 0.95, got {collapse_threshold!r}')
+        if not isinstance(stop_on_collapse, bool):
+            raise ValueError(f'stop_on_collapse must be true or false, got {stop_on_collapse!r}')
+        if stop_on_collapse and not self.track_cosine:
+            raise ValueError('stop_on_collapse=True needs position_cosine=True (collapse is measured by it)')
+        if isinstance(collapse_patience, bool) or not isinstance(collapse_patience, int) or collapse_patience < 1:
+            raise ValueError(f'collapse_patience must be a positive int (measured steps), got {collapse_patience!r}')
+        self.collapse_threshold, self.stop_on_collapse = float(collapse_threshold), stop_on_collapse
+        self.collapse_patience = collapse_patience
+        self._high_cosine_run = 0  # consecutive measured steps at or above the threshold
+        self.collapsed_at: Optional[int] = None  # the step at which the collapse was reported
         self.track_rms, self.track_grad_norm, self.track_update_ratio = bool(rms), bool(grad_norm), bool(update_ratio)
         self.spikes = spike_window is not None and spike_window > 0
         self.loss_spikes = SpikeCounter(spike_window, spike_std) if self.spikes else None
@@ -238,14 +302,45 @@ class _MonitorBase:
 
     def _find(self, model: nn.Module, sharded: Optional[bool] = None) -> LayerStats:
         layers = find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
-        return LayerStats(model, [l.module for l in layers], sharded=sharded)
+        stats = LayerStats(model, [l.module for l in layers], sharded=sharded)
+        stats.track_cosine = self.track_cosine
+        return stats
 
     def _begin_measure(self) -> None:
         self.measuring = True
-        if self.track_rms:
+        if self.track_rms or self.track_cosine:
             self.stats.start_rms()
         if self.track_update_ratio:
             self.stats.snapshot()
+
+    def _layer_metrics(self, step: int) -> tuple[dict[str, float], bool]:
+        """RMS and position-cosine metrics of a measured step; True if this step shows a collapse (warned
+        once per run: every position of a sequence carries nearly the same vector)."""
+        metrics: dict[str, float] = {}
+        rms = self.stats.rms() if self.track_rms else None
+        cos = self.stats.cosines() if self.track_cosine else None
+        self.stats.stop_rms()
+        metrics.update(_metrics('rms', rms))
+        if cos is None:
+            return metrics, False
+        metrics.update(_metrics('position_cosine', cos))
+        worst = max(range(len(cos)), key=lambda i: cos[i] if math.isfinite(cos[i]) else -1.0)
+        high = math.isfinite(cos[worst]) and cos[worst] >= self.collapse_threshold
+        self._high_cosine_run = self._high_cosine_run + 1 if high else 0
+        collapsed = self._high_cosine_run >= self.collapse_patience
+        metrics['monitor/collapse'] = float(collapsed)
+        if collapsed and self.collapsed_at is None:
+            self.collapsed_at = step
+            warnings.warn(
+                f'Residual stream collapse at step {step}: for {self._high_cosine_run} measured steps the mean cosine '
+                f'similarity between positions has been >= collapse_threshold {self.collapse_threshold:g} (now '
+                f'{cos[worst]:.3f} at layer {worst}), i.e. every position carries nearly the same vector and the model '
+                'can only predict token frequencies. With ProRes this '
+                'happens when the alpha warmup is too short per layer (Post-LN with the linear schedule above all): '
+                'restart with a longer t_warmup (the paper: 1000 steps per layer) or another schedule'
+                + ('; stopping the run (stop_on_collapse=True).' if self.stop_on_collapse else
+                   '; set stop_on_collapse=True to stop such runs automatically.'), stacklevel=2)
+        return metrics, collapsed and self.collapsed_at == step
 
     def spike_metrics(self) -> dict[str, float]:
         if not self.spikes:
@@ -280,6 +375,13 @@ class ResidualMonitor(_MonitorBase, _ComposerCallback):
         spike_window, spike_std: the spike rule (previous `spike_window` values, `spike_std` std);
             spike_window=0 turns the counters off.
         layer_class, branches, layer_pattern: for models `find_residual_layers` does not know.
+        position_cosine: log `monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
+        collapse_threshold, collapse_patience: a collapse is `collapse_patience` consecutive measured steps
+            whose largest per-layer position cosine is >= `collapse_threshold`: logged as
+            `monitor/collapse` = 1 and warned about once. Trained models here sit at 0.4-0.6. Small Post-LN
+            models pass through a short high-cosine phase early in training even without ProRes (8
+            measurements at interval 10 for a 16-layer, width-32 baseline), hence the patience.
+        stop_on_collapse: also stop training when the collapse is reported.
     """
 
     def __init__(self,
@@ -291,9 +393,14 @@ class ResidualMonitor(_MonitorBase, _ComposerCallback):
                  spike_std: float = 7.0,
                  layer_class: Optional[str] = None,
                  branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None):
+                 layer_pattern: Optional[str] = None,
+                 position_cosine: bool = True,
+                 collapse_threshold: float = 0.95,
+                 collapse_patience: int = 10,
+                 stop_on_collapse: bool = False):
         _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern)
+                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
+                              stop_on_collapse)
         self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
         self._total_grad_sq: Optional[torch.Tensor] = None
         self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
@@ -307,6 +414,7 @@ class ResidualMonitor(_MonitorBase, _ComposerCallback):
             self.fit_start(state, logger)
         self._grad_sq = self._total_grad_sq = None
         if int(state.timestamp.batch) % self.interval == 0:
+            self._measured_step = int(state.timestamp.batch)  # BATCH_END sees the timestamp already advanced
             self._begin_measure()
 
     def before_forward(self, state, logger) -> None:
@@ -344,8 +452,10 @@ class ResidualMonitor(_MonitorBase, _ComposerCallback):
         if self.measuring:
             self.measuring = False
             self.stats.recording = False
-            if self.track_rms:
-                metrics.update(_metrics('rms', self.stats.rms()))
+            layer_metrics, collapsed = self._layer_metrics(self._measured_step)
+            metrics.update(layer_metrics)
+            if collapsed and self.stop_on_collapse:
+                state.stop_training()
             if self._grad_sq is not None:
                 metrics.update(_metrics('grad_norm', self.stats.reduce_sharded(self._grad_sq).sqrt().tolist()))
             if self.track_update_ratio:
@@ -398,9 +508,14 @@ class ResidualMonitorCallback(_MonitorBase, _hf_base()):
                  spike_std: float = 7.0,
                  layer_class: Optional[str] = None,
                  branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None):
+                 layer_pattern: Optional[str] = None,
+                 position_cosine: bool = True,
+                 collapse_threshold: float = 0.95,
+                 collapse_patience: int = 10,
+                 stop_on_collapse: bool = False):
         _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern)
+                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
+                              stop_on_collapse)
         self._root_handles: list = []
         self._grad_handles: list = []
         self._param_sq: dict[int, torch.Tensor] = {}
@@ -447,11 +562,12 @@ class ResidualMonitorCallback(_MonitorBase, _hf_base()):
         self._step_losses = []
         if self.stats is None or int(state.global_step) % self.interval != 0:
             return
+        self._measured_step = int(state.global_step)  # on_step_end sees global_step already advanced
         self._begin_measure_hf()
 
     def _begin_measure_hf(self) -> None:
         self.measuring = True
-        if self.track_rms:
+        if self.track_rms or self.track_cosine:
             self.stats.start_rms()
         if self._zero:
             return  # ZeRO partitions .grad and parameter data: per-layer grad / update are not measurable here
@@ -492,8 +608,10 @@ class ResidualMonitorCallback(_MonitorBase, _hf_base()):
             return
         self.measuring = False
         self.stats.recording = False
-        if self.track_rms:
-            self._pending.update(_metrics('rms', self.stats.rms()))
+        layer_metrics, collapsed = self._layer_metrics(self._measured_step)
+        self._pending.update(layer_metrics)
+        if collapsed and self.stop_on_collapse:
+            control.should_training_stop = True
         if self.track_update_ratio and not self._zero:
             self._pending.update(_metrics('update_ratio', self.stats.update_ratios()))
         if self.spikes:

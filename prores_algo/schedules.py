@@ -15,7 +15,14 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ['alpha', 'alphas', 'names', 'aliases', 'register', 'canonical_name', 'ScheduleFn']
+__all__ = ['alpha', 'alphas', 'names', 'aliases', 'register', 'canonical_name', 'ScheduleFn',
+           'PAPER_STEPS_PER_LAYER', 'MIN_STEPS_PER_LAYER', 'short_warmup_message']
+
+# The paper's T = W / L: 1000 optimizer steps of α warmup per layer (500 from 96 layers on).
+PAPER_STEPS_PER_LAYER = 1000
+# Below this many steps per layer, benchmarks/quality.py measured ProRes behind the baseline here
+# (Pre-LN slightly, Post-LN + `linear` collapsing to a unigram model); see benchmarks/RESULTS.md.
+MIN_STEPS_PER_LAYER = 25
 
 # fn(l, L, t, W) -> α with l in 1..L, t >= 0, W > 0.
 ScheduleFn = Callable[[int, int, float, float], float]
@@ -69,6 +76,20 @@ def canonical_name(name: str) -> str:
             f'unknown schedule {name!r}: set `schedule` to one of {names()} '
             f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.schedules.register().')
     return name
+
+
+def short_warmup_message(warmup_steps: float, num_layers: int) -> str | None:
+    """A warning for a ProRes warmup too short per layer to help, or None. `warmup_steps` is W in
+    optimizer steps."""
+    per_layer = warmup_steps / num_layers
+    if per_layer >= MIN_STEPS_PER_LAYER:
+        return None
+    return (f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
+            f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '
+            f'benchmark measured ProRes behind the baseline, and Post-LN models with the linear schedule can collapse '
+            f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
+            f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
+            f'ProRes off for runs this short.')
 
 
 def _check_args(layer_index: int, num_layers: int, warmup_steps: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,7 +29,8 @@ from torch import nn
 from prores_algo import schedules
 from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES, policy_for
 
-__all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER']
+__all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER',
+           'warn_if_short_warmup']
 
 ALPHA_BUFFER = 'prores_alpha'
 
@@ -330,7 +332,21 @@ def apply_prores(model: nn.Module,
     """
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
-        t_warmup = 1000 * len(layers)
+        t_warmup = schedules.PAPER_STEPS_PER_LAYER * len(layers)
     controller = ProResController(layers, schedule, t_warmup, remove_when_done)
     controller.model = model
+    warn_if_short_warmup(controller)
     return controller
+
+
+def warn_if_short_warmup(controller: ProResController) -> bool:
+    """Warn (once per controller) when W / L, in optimizer steps, is below the regime where ProRes helps.
+    Front ends call it once W is known in steps; True if it warned."""
+    if getattr(controller, '_warned_short', False) or controller.warmup_steps is None:
+        return False
+    msg = schedules.short_warmup_message(controller.warmup_steps, controller.num_layers)
+    if msg is None:
+        return False
+    controller._warned_short = True
+    warnings.warn(msg, stacklevel=3)
+    return True

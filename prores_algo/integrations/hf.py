@@ -33,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from prores_algo import schedules
-from prores_algo.surgery import ProResController, find_residual_layers
+from prores_algo.surgery import ProResController, find_residual_layers, warn_if_short_warmup
 
 __all__ = ['ProResCallback', 'ResidualMonitorCallback', 'unwrap_model']
 
@@ -154,6 +154,7 @@ class ProResCallback(TrainerCallback):
             import warnings
             warnings.warn(f'ProRes t_warmup ({self.controller.warmup_steps:g} steps) exceeds max_steps ({max_steps}): '
                           'the deepest layers never reach α = 1 in this run. Use a shorter t_warmup, e.g. "0.1dur".')
+        warn_if_short_warmup(self.controller)
         self.set_step(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
