@@ -3,7 +3,7 @@
 * `wsd_multiplier(step, ...)` — warmup-stable-decay as a plain function of the step (for DeepSpeed or
   any loop without a Composer `State`); `WSDScheduler` — the same as a Composer scheduler.
 * `delay_lr_warmup(state, delay)` — makes every compiled Composer scheduler start its warmup `delay`
-  later (DESIGN §1): for t < D the multiplier holds its t = 0 value, the warmup then runs its full
+  later (docs/paper.md, "Learning-rate warmup"): for t < D the multiplier holds its t = 0 value, the warmup then runs its full
   length from D, and the post-warmup part is compressed so the schedule still ends at `max_duration`.
   With Composer's warmup schedulers the t = 0 multiplier is 0: during the delay no parameter moves.
 """

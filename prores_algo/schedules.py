@@ -117,7 +117,7 @@ def alphas(name: str, num_layers: int, step: float, warmup_steps: float) -> list
     return [alpha(name, i, num_layers, step, warmup_steps) for i in range(num_layers)]
 
 
-# --- the paper's schedules (DESIGN §1); l is 1-based, T = W / L --------------------------------------
+# --- the paper's schedules (docs/paper.md §1); l is 1-based, T = W / L --------------------------------------
 
 @register('linear')
 def _linear(l, L, t, W):  # min(1, t / (T·l)): all layers start together, deeper ones rise slower

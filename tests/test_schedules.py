@@ -1,4 +1,4 @@
-"""Every schedule equals its formula (DESIGN §1) at sampled (l, t), including the ends."""
+"""Every schedule equals its formula (docs/paper.md §1) at sampled (l, t), including the ends."""
 
 import math
 import random
@@ -13,7 +13,7 @@ def clip(x):
 
 
 def reference(name, l, L, t, W):
-    """The DESIGN table, written independently of the implementation (l is 1-based, T = W / L)."""
+    """The table of docs/paper.md, written independently of the implementation (l is 1-based, T = W / L)."""
     T = W / L
     if t >= W:
         return 1.0
