@@ -8,8 +8,11 @@ surgery and models/decoder.
 What it measures, for a ~350M reference decoder (d_model 1024, 24 layers, 16 heads, vocab 32000,
 seq 1024), bf16 autocast, AdamW, grad clipping:
   * eager, then torch.compile (regional: every Block compiled; identical blocks share one compiled
-    graph), each with ProRes on (mid-warmup: linear schedule at t = T/2 + i, so every layer's α changes
-    at every step) and off (no hooks), in interleaved repeats (on/off, then off/on, ...);
+    graph), each with ProRes off (no hooks) and on with each of its two mechanisms, in interleaved
+    repeats (the order rotates): `hook` multiplies each branch output by α in a forward hook (the
+    mechanism before 2026-11-30), `gemm` (the default, `mechanism='auto'`) applies α inside the branch
+    Linear's matrix multiplies (prores_algo/scaled_linear.py). ProRes runs mid-warmup: linear schedule
+    at t = T/2 + i, so every layer's α changes at every step;
   * steady-state step time (median over timed steps after warmup steps), tokens/s, MFU (llm-foundry:
     Decoder.flops_per_token(seq) per token; peak bf16 dense 989 TFLOP/s for H100 SXM / H200), the
     on/off step-time ratio and peak-memory ratio (peak above the memory held at the start of a
@@ -133,11 +136,19 @@ class Runner:
         self.models = {}
         self.counter = CountingBackend(args.backend)
 
-    def build(self, name: str, prores: bool):
+    def build(self, name: str, mechanism: str | None):
+        """A model with ProRes off (`mechanism=None`) or on with that mechanism ('hook' or 'auto')."""
         torch.manual_seed(0)
         with torch.device(self.device):
             model = self.dec.Decoder(self.cfg)
-        ctrl = self.surgery.apply_prores(model, 'linear', t_warmup=self.W) if prores else None
+        ctrl = None
+        if mechanism is not None:
+            try:
+                ctrl = self.surgery.apply_prores(model, 'linear', t_warmup=self.W, mechanism=mechanism)
+            except TypeError:  # a core from before the mechanism option: the hook is all it has
+                if mechanism != 'hook':
+                    raise
+                ctrl = self.surgery.apply_prores(model, 'linear', t_warmup=self.W)
         if ctrl is not None:
             ctrl.set_step(self.t0)
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95),
@@ -192,9 +203,11 @@ class Runner:
         return out
 
     def phase(self, label: str, warmup: int, steps: int, repeats: int) -> dict:
-        segs = {'on': [], 'off': []}
+        names = list(self.models)
+        segs = {n: [] for n in names}
         for r in range(repeats):
-            for name in (('on', 'off') if r % 2 == 0 else ('off', 'on')):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate: every variant runs first once
+            for name in order:
                 segs[name].append(self.segment(name, warmup if r < 2 else max(1, warmup // 2), steps))
         res = {}
         fpt = self.models['off']['model'].flops_per_token(self.args.seq_len)
@@ -217,16 +230,22 @@ class Runner:
             if self.cuda:
                 res[name]['peak_gib'] = max(s['peak_bytes'] for s in ss) / 2**30
                 res[name]['peak_above_base_gib'] = max(s['peak_above_base_bytes'] for s in ss) / 2**30
-        res['step_time_ratio_on_off'] = res['on']['median_step_s'] / res['off']['median_step_s']
+        res['step_time_ratio'] = {n: res[n]['median_step_s'] / res['off']['median_step_s'] for n in names if n != 'off'}
+        # per repeat: the variant's segment median over the baseline's in the same repeat (the spread)
+        res['step_time_ratio_per_repeat'] = {
+            n: [a / b for a, b in zip(res[n]['segment_medians_s'], res['off']['segment_medians_s'])]
+            for n in names if n != 'off'}
         if self.cuda:
-            res['peak_mem_ratio_on_off'] = res['on']['peak_above_base_gib'] / res['off']['peak_above_base_gib']
+            res['peak_mem_ratio'] = {n: res[n]['peak_above_base_gib'] / res['off']['peak_above_base_gib']
+                                     for n in names if n != 'off'}
         res['flops_per_token'] = fpt
-        for name in ('on', 'off'):
+        for name in names:
             r = res[name]
-            print(f"[{label}] {name:3s}: {r['median_step_s'] * 1e3:8.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s"
+            print(f"[{label}] {name:4s}: {r['median_step_s'] * 1e3:8.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s"
                   f"  MFU {_pct(r['mfu'])}", flush=True)
-        extra = f"  peak-mem ratio {res['peak_mem_ratio_on_off']:.4f}" if self.cuda else ''
-        print(f"[{label}] on/off step-time ratio {res['step_time_ratio_on_off']:.4f}{extra}", flush=True)
+        for n, ratio in res['step_time_ratio'].items():
+            extra = f"  peak-mem ratio {res['peak_mem_ratio'][n]:.4f}" if self.cuda else ''
+            print(f"[{label}] {n}/off step-time ratio {ratio:.4f}{extra}", flush=True)
         return res
 
 
@@ -345,18 +364,18 @@ def main(argv=None) -> int:
 
     print(json.dumps(result['env']), flush=True)
     try:
-        on = runner.build('on', prores=True)
-        runner.build('off', prores=False)
+        runner.build('off', None)
+        on = runner.build('gemm', 'auto')
+        runner.build('hook', 'hook')
         result['model'] = {'num_params': on.num_params(), 'flops_per_token': on.flops_per_token(args.seq_len),
-                           'prores_hooks': runner.models['on']['ctrl'].num_hooks,
-                           'alphas_at_start': runner.models['on']['ctrl'].alphas}
+                           'alphas_at_start': runner.models['gemm']['ctrl'].alphas}
         print(f"model: {on.num_params() / 1e6:.1f}M params, {args.batch}x{args.seq_len} tokens/step, "
               f"flops/token {on.flops_per_token(args.seq_len) / 1e9:.3f} GFLOP", flush=True)
         result['eager'] = runner.phase('eager', args.warmup, args.eager_steps, args.repeats)
         dump()
 
         if args.compile != 'none' and time.perf_counter() - t_start < args.time_budget:
-            for name in ('on', 'off'):
+            for name in runner.models:
                 model = runner.models[name]['model']
                 if args.compile == 'blocks':
                     for block in model.blocks:
@@ -364,7 +383,7 @@ def main(argv=None) -> int:
                 else:
                     model.compile(backend=runner.counter)
             comp = {}
-            for name in ('on', 'off'):  # compile time: first steps of each variant, measured separately
+            for name in runner.models:  # compile time: first steps of each variant, measured separately
                 g0 = runner.counter.graphs
                 t = time.perf_counter()
                 runner.step(name)
@@ -386,12 +405,12 @@ def main(argv=None) -> int:
             print(f"[compiled] graph compilations while α changed every step: "
                   f"{res['graphs_compiled_during_timed_steps']} (expected 0)", flush=True)
             # after warmup: set_step(W) removes every hook -> the block graphs change once
-            ctrl = runner.models['on']['ctrl']
+            ctrl = runner.models['gemm']['ctrl']
             g = runner.counter.graphs
             ctrl.set_step(runner.W)
             assert ctrl.removed
-            runner.step('on')
-            runner.step('on')
+            runner.step('gemm')
+            runner.step('gemm')
             runner.sync()
             res['graphs_compiled_after_remove'] = runner.counter.graphs - g
             print(f"[compiled] graph compilations after remove(): {res['graphs_compiled_after_remove']} "

@@ -28,6 +28,16 @@ execution) and trained for `--compile-steps` steps with ProRes' W in the middle:
 before W (expected: 0 recompilations, α is a 0-dim buffer updated in place with `fill_`) and the
 hooks are removed at W (expected: exactly 1 recompilation, the module's hook dict changed).
 
+Mechanisms (`mechanism_comparison`): ProRes' two ways of applying α side by side with the baseline,
+`hook` (multiply each branch output by α in a forward hook) and `gemm` (the default: α inside the
+branch Linear's matrix multiplies, prores_algo/scaled_linear.py):
+  * extra bytes moved per training step (forward + backward) for the 369M-shaped reference model
+    (24 layers, d_model 1024, seq 1024, batch 16), counted exactly: every aten op of the step runs under
+    a TorchDispatchMode on fake tensors (no memory, no compute) that adds up the bytes of its tensor
+    inputs and outputs (views excluded); the variant's total minus the baseline's is ProRes' traffic,
+    which a GPU pays at memory bandwidth;
+  * CPU step-time ratios of an eager model where activation traffic matters (width 1024, seq 512).
+
 Usage:
   python benchmarks/overhead.py            # full (a few minutes on 2 shared cores)
   python benchmarks/overhead.py --quick    # < 1 minute
@@ -111,22 +121,22 @@ class Variant:
     copies on this machine, more than the effect being measured.
     """
 
-    def __init__(self, name: str, shared: dict, warmup_len: float):
-        self.name, self.shared, self.warmup_len = name, shared, warmup_len
+    def __init__(self, name: str, shared: dict, warmup_len: float, mechanism: str = 'auto'):
+        self.name, self.shared, self.warmup_len, self.mechanism = name, shared, warmup_len, mechanism
         self.model, self.opt = shared['model'], shared['opt']
         self.controller = None
         self.t = 0.01 * warmup_len  # W far away: every α strictly between 0 and 1, changing at every step
         self.alphas_seen = []
 
     def enter(self):
-        if self.name == 'prores_warmup':
-            self.controller = apply_prores(self.model, 'linear', t_warmup=self.warmup_len)
+        if self.name.startswith('prores') and self.name != 'prores_done':
+            self.controller = apply_prores(self.model, 'linear', t_warmup=self.warmup_len, mechanism=self.mechanism)
             self.controller.set_step(self.t)
         elif self.name == 'prores_done':
             c = apply_prores(self.model, 'linear', t_warmup=self.warmup_len)
             c.set_step(self.warmup_len)  # end of warmup: hooks and buffers are removed
             assert c.removed and c.num_hooks == 0
-        assert self.name == 'prores_warmup' or not any(m._forward_hooks for m in self.model.modules())
+        assert self.controller is not None or not any(m._forward_hooks for m in self.model.modules())
 
     def exit(self):
         if self.controller is not None:
@@ -141,7 +151,7 @@ class Variant:
 
     def check_alpha_moving(self):
         """Every α strictly inside (0, 1) and different from one step to the next."""
-        if self.name != 'prores_warmup':
+        if self.controller is None and not self.alphas_seen:
             return True
         a = self.alphas_seen
         inside = all(0.0 < v < 1.0 for row in a for v in row)
@@ -415,6 +425,90 @@ def bench_model(name: str, args, dims: dict) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------- mechanisms
+# ops that move no tensor data: views the schema does not mark as such, and allocations
+NO_DATA_OPS = {torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.new_empty.default,
+               torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
+
+
+class _ByteCounter:
+    """Adds up the bytes of every aten op's tensor inputs and outputs (views and metadata ops excluded)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        counter = self
+        self.bytes = 0
+        self.by_op: dict[str, int] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+                if outs and not func.is_view and func not in NO_DATA_OPS:
+                    ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                    n = sum(t.numel() * t.element_size() for t in ins + outs)
+                    counter.bytes += n
+                    counter.by_op[str(func)] = counter.by_op.get(str(func), 0) + n
+                return out
+        self.mode = Mode()
+
+
+def step_bytes(dims: dict, mechanism: str | None, dtype=torch.float32) -> dict:
+    """Bytes read + written by the aten ops of one forward + backward (no optimizer), on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        model = Decoder(DecoderConfig(vocab_size=dims['vocab'], d_model=dims['d_model'], n_layers=dims['layers'],
+                                      n_heads=dims['heads'], max_seq_len=dims['seq'])).to(dtype)
+        if mechanism is not None:
+            c = apply_prores(model, 'linear', t_warmup=1000 * dims['layers'], mechanism=mechanism)
+            c.set_step(123)  # every α strictly between 0 and 1
+        x = torch.randint(0, dims['vocab'], (dims['batch'], dims['seq']))
+        counter = _ByteCounter()
+        with counter.mode:
+            logits = model(x)
+            F.cross_entropy(logits.reshape(-1, dims['vocab']).float(), x.reshape(-1)).backward()
+    return {'bytes': counter.bytes, 'by_op': counter.by_op}
+
+
+def mechanism_comparison(args) -> dict:
+    shape = {'layers': 24, 'd_model': 1024, 'heads': 16, 'seq': 1024, 'batch': 16, 'vocab': 32000}
+    if args.smoke:
+        shape = {'layers': 2, 'd_model': 64, 'heads': 4, 'seq': 32, 'batch': 2, 'vocab': 128}
+    res = {'bytes_shape': shape, 'bytes': {}}
+    for dtype_name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+        counts = {k: step_bytes(shape, m, dtype) for k, m in (('baseline', None), ('hook', 'hook'), ('gemm', 'auto'))}
+        base = counts['baseline']['bytes']
+        row = {'baseline_bytes': base}
+        for k in ('hook', 'gemm'):
+            row[f'{k}_extra_bytes'] = counts[k]['bytes'] - base
+            ops = {op: n - counts['baseline']['by_op'].get(op, 0) for op, n in counts[k]['by_op'].items()}
+            row[f'{k}_extra_by_op'] = {op: n for op, n in ops.items() if n}
+        row['hook_over_gemm_extra'] = (row['hook_extra_bytes'] / row['gemm_extra_bytes']
+                                       if row['gemm_extra_bytes'] > 0 else None)
+        res['bytes'][dtype_name] = row
+        print(f"[mechanisms] {dtype_name}: extra bytes per step, hook {row['hook_extra_bytes'] / 1e9:.3f} GB, "
+              f"gemm {row['gemm_extra_bytes'] / 1e9:.6f} GB (baseline step moves {base / 1e9:.1f} GB)", flush=True)
+    dims = {'layers': 2, 'd_model': 1024, 'heads': 8, 'seq': 512, 'batch': 2}
+    rounds = args.rounds
+    if args.smoke:
+        dims = {'layers': 2, 'd_model': 64, 'heads': 4, 'seq': 32, 'batch': 2}
+    base = build_reference(dims['layers'], dims['d_model'], dims['heads'], dims['seq'], args.seed)
+    x = torch.randint(0, VOCAB, (dims['batch'], dims['seq']), generator=torch.Generator().manual_seed(args.seed))
+    shared = {'model': base, 'opt': torch.optim.AdamW(base.parameters(), lr=1e-4)}
+    variants = {'baseline': Variant('baseline', shared, 1e6), 'prores_hook': Variant('prores_hook', shared, 1e6, 'hook'),
+                'prores_gemm': Variant('prores_gemm', shared, 1e6, 'auto')}
+    print(f"[mechanisms] timing eager {dims} over {rounds} rounds", flush=True)
+    res['timing_dims'] = dims
+    res['timing'] = time_variants(variants, x, rounds, args.steps_per_round, args.warmup_steps, args.seed)
+    res['alpha_moving_during_timing'] = all(v.check_alpha_moving() for v in variants.values())
+    for k in ('prores_hook', 'prores_gemm'):
+        t = res['timing'][k]
+        print(f"[mechanisms] {k}: CPU step-time ratio {t['ratio_median']:.4f} [{t['ratio_q25']:.4f}, "
+              f"{t['ratio_q75']:.4f}]", flush=True)
+    return res
+
+
 def print_table(results: dict) -> None:
     rows = [('model', 'warmup CPU-t ratio [IQR]', 'after CPU-t ratio [IQR]', 'wall ratio warm/after', 'micro-bench predicted', 'peak mem ratio',
              'saved-act ratio', 'recompiles α / removal', 'base step (wall)')]
@@ -490,6 +584,7 @@ def main(argv=None) -> dict:
                'machine': machine_info(), 'targets': TARGETS, 'models': {}}
     for name in [m.strip() for m in args.models.split(',') if m.strip()]:
         results['models'][name] = bench_model(name, args, dims)
+    results['mechanisms'] = mechanism_comparison(args)
     results['wall_s'] = time.time() - t0
     try:
         results['machine']['loadavg_at_end'] = os.getloadavg()

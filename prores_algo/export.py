@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS, policy_for
-from prores_algo.surgery import ALPHA_BUFFER, ProResController, _scale_branch_output
+from prores_algo.scaled_linear import uninstall_scaled_forward
+from prores_algo.surgery import ALPHA_BUFFER, ProResController, _scale_branch_output, has_prores_hook, make_alpha_inert
 
 __all__ = ['fold_prores', 'fold_alpha_into_module', 'FOLD_TARGETS_ATTRIBUTE']
 
@@ -139,7 +140,8 @@ def _targets(layer: nn.Module, layer_path: str, branch: str, hooked: nn.Module) 
 
 
 def _hooked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(p, m) for p, m in model.named_modules() if ALPHA_BUFFER in m._buffers]
+    # an α buffer without the hook is the inert 1.0 a removal leaves behind: nothing to fold there
+    return [(p, m) for p, m in model.named_modules() if ALPHA_BUFFER in m._buffers and has_prores_hook(m)]
 
 
 def _drop_hook(module: nn.Module) -> None:
@@ -148,7 +150,8 @@ def _drop_hook(module: nn.Module) -> None:
             del module._forward_hooks[key]
             module._forward_hooks_with_kwargs.pop(key, None)
             module._forward_hooks_always_called.pop(key, None)
-    module._buffers.pop(ALPHA_BUFFER, None)
+    uninstall_scaled_forward(module)  # the other mechanism: α inside the Linear's GEMMs
+    make_alpha_inert(module)  # kept, as 1.0: a DDP/FSDP wrapper must keep seeing the same buffers
 
 
 def _unwrap_controller(obj):
@@ -161,7 +164,7 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
     """Multiply every layer's current α into its branch weights and remove ProRes' hooks.
 
     Args:
-        model_or_controller: the model (hooks are found through their `prores_alpha` buffers), the
+        model_or_controller: the model (hooks are found on modules with a `prores_alpha` buffer), the
             `ProResController` from `apply_prores`, or an object holding one as `.controller` (the
             Composer `ProRes` algorithm, `ProResCallback`).
         model: with a controller, the model to return (optional; also used to name modules in errors).
@@ -171,6 +174,8 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
     `state_dict` give a checkpoint that plain transformers / plain PyTorch load as is. With a
     controller and no `model=`, returns `controller.model` if the controller records it, else None.
     After warmup (hooks already removed) there is nothing to fold and the model is returned unchanged.
+    As after a removal, each α buffer stays on the model as an inert, non-persistent 1.0 (not in
+    `state_dict`, read by nothing), so a DDP / FSDP wrapper around the model keeps working mid-run.
     """
     target = _unwrap_controller(model_or_controller)
     if isinstance(target, ProResController):

@@ -1,6 +1,6 @@
 """Attach ProRes to a model: find each layer's residual branches and scale them by the layer's α.
 
-Mechanism (DESIGN §3): a forward hook on every branch-final module multiplies its output by a 0-dim,
+Mechanism (README, "Mechanism"): a forward hook on every branch-final module multiplies its output by a 0-dim,
 non-persistent buffer `prores_alpha` that lives on that module and is updated in place with `fill_`.
 Because of that choice:
   * parameter names and `state_dict` keys do not change (HF checkpoints still load);
@@ -9,7 +9,9 @@ Because of that choice:
   * `torch.compile` sees α as a buffer input, so updating it does not recompile;
   * activation checkpointing recomputes with the same α;
   * no branch is skipped at α = 0 (DDP/FSDP would otherwise see unused parameters).
-Once every α is 1 for good (t >= W), `remove()` takes the hooks and buffers away: zero overhead.
+Once every α is 1 for good (t >= W), `remove()` takes the hooks away: zero overhead in the model. The α
+buffers stay behind as inert constants (1.0, read by nothing), so the set of buffers a wrapper recorded
+(DDP broadcasts the buffers it saw at wrap time every forward) never changes under it.
 
 This module imports only torch and the pure-Python schedules: it runs without Composer.
 """
@@ -28,6 +30,8 @@ from torch import nn
 
 from prores_algo import schedules
 from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES, policy_for
+from prores_algo.scaled_linear import (can_scale_in_gemm, has_scaled_forward, install_scaled_forward, set_scaled_alpha,
+                                       uninstall_scaled_forward)
 
 __all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER',
            'warn_if_short_warmup']
@@ -57,6 +61,39 @@ def _scale_branch_output(module: nn.Module, args, output):
         return (output[0] * alpha, *output[1:])
     raise TypeError(f'ProRes cannot scale the output of {type(module).__name__}: expected a tensor or a tuple '
                     f'starting with one, got {type(output).__name__}. Name a different branch module.')
+
+
+def has_prores_hook(module: nn.Module) -> bool:
+    """True while ProRes scales `module`'s output, by an output hook or inside its GEMMs (its α buffer
+    may outlive the scaling: see `remove`)."""
+    return has_scaled_forward(module) or any(fn is _scale_branch_output for fn in module._forward_hooks.values())
+
+
+MECHANISMS = ('auto', 'hook')
+
+
+class _ScaledForwardHandle:
+    """What `remove()` calls for a branch whose Linear applies α inside its GEMMs (see scaled_linear)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        uninstall_scaled_forward(self.module)
+
+
+def make_alpha_inert(module: nn.Module) -> None:
+    """After the hook is gone: leave `module`'s α buffer in place as a constant 1.0 that nothing reads."""
+    alpha = module._buffers.get(ALPHA_BUFFER)
+    if alpha is not None:
+        with torch.no_grad():
+            alpha.fill_(1.0)
+
+
+def _set_module_alpha(module: nn.Module, handle, value: float) -> None:
+    module._buffers[ALPHA_BUFFER].fill_(value)
+    if isinstance(handle, _ScaledForwardHandle):
+        set_scaled_alpha(module, value)  # the GEMM's scalar: a Python float, no device sync
 
 
 def _is_layer(path: str, module: nn.Module, layer_class, layer_pattern: str | None) -> bool:
@@ -159,7 +196,12 @@ class ProResController:
     """Owns the hooks of one model; `set_step(t)` moves every α to the schedule's value at t."""
 
     def __init__(self, layers: list[ResidualLayer], schedule: str, warmup_steps: float | None,
-                 remove_when_done: bool = True):
+                 remove_when_done: bool = True, mechanism: str = 'auto'):
+        if mechanism not in MECHANISMS:
+            raise ValueError(f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
+                             'matrix multiplies of branches that end in an nn.Linear and by an output hook elsewhere; '
+                             '"hook" uses the output hook everywhere')
+        self.mechanism = mechanism
         self.layers = layers
         self.schedule = schedules.canonical_name(schedule)
         self._warmup_steps = None if warmup_steps is None else _check_warmup(warmup_steps)
@@ -171,7 +213,7 @@ class ProResController:
         self.model: nn.Module | None = None  # set by apply_prores / the integrations (fold_prores uses it)
         for layer in layers:  # check everything before touching anything: no half-applied state
             for name in layer.branches:
-                if ALPHA_BUFFER in resolve_branch(layer.module, name)._buffers:
+                if has_prores_hook(resolve_branch(layer.module, name)):
                     raise ValueError(f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
                                      'call remove() on the first controller before applying ProRes again.')
         for layer in layers:
@@ -225,6 +267,18 @@ class ProResController:
             self.remove()
         return self.alphas
 
+    def set_alphas(self, alphas: Sequence[float]) -> list[float]:
+        """Set α per layer directly, bypassing the schedule (tests, experiments); `set_step` overrides it."""
+        alphas = [float(a) for a in alphas]
+        if len(alphas) != self.num_layers:
+            raise ValueError(f'set_alphas needs one α per layer ({self.num_layers}), got {len(alphas)}')
+        if self.removed:
+            raise RuntimeError('ProRes scaling was removed; apply ProRes again to set α')
+        for i, a in enumerate(alphas):
+            self._fill(i, a)
+        self._alphas = alphas
+        return list(alphas)
+
     def refresh(self) -> int:
         """Re-attach to branch modules another surgery replaced after us; returns how many moved.
 
@@ -244,17 +298,26 @@ class ProResController:
                     f'model; name the new branch module in `branches`.') from None
             if current is not module:
                 handle.remove()
-                module._buffers.pop(ALPHA_BUFFER, None)
+                make_alpha_inert(module)  # never delete an α buffer (see `remove`)
                 self._hooks[k] = self._make_hook(layer_idx, name, current)
-                current._buffers[ALPHA_BUFFER].fill_(self._alphas[layer_idx])
+                _set_module_alpha(current, self._hooks[k][3], self._alphas[layer_idx])
                 moved += 1
         return moved
 
     def remove(self) -> None:
-        """Take every hook and α buffer away: the model is exactly the un-scaled model (α = 1)."""
+        """Take every hook away: the model is exactly the un-scaled model (α = 1) and no hook runs.
+
+        The α buffers are *not* deleted: each is set to 1.0 and left as an inert constant that nothing
+        reads (non-persistent, so `state_dict` is unchanged). A wrapper that recorded the module's buffers
+        when it wrapped it must keep finding them: torch's DDP re-reads `named_buffers()` before every
+        forward only once its recorded list was non-empty (`will_sync_module_buffers`), so deleting the
+        only buffers of a buffer-free model (MPT, plain transformers) made it broadcast an empty list and
+        crash (issue 12); FSDP1 likewise zips buffers against the dtypes it recorded at wrap time.
+        Applying ProRes again to the same modules reuses these buffers.
+        """
         for _, _, module, handle in self._hooks:
             handle.remove()
-            module._buffers.pop(ALPHA_BUFFER, None)
+            make_alpha_inert(module)
         self._hooks.clear()
         self.removed = True
 
@@ -279,10 +342,15 @@ class ProResController:
         return self._warmup_steps
 
     def _make_hook(self, layer_idx: int, name: str, module: nn.Module):
-        if ALPHA_BUFFER in module._buffers:
+        if has_prores_hook(module):
             raise ValueError(f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
                              f'{self.layers[layer_idx].path!r}: call remove() on the first controller before '
                              'applying ProRes again.')
+        leftover = module._buffers.get(ALPHA_BUFFER)
+        if leftover is not None and leftover.dim() == 0 and leftover.dtype == torch.float32:
+            # the inert α a previous remove() left: reuse it, so a wrapper's view of the buffers stays the same
+            leftover.fill_(0.0)
+            return layer_idx, name, module, self._scale(module)
         # A dropout branch end (GPT-2, NeoX, BERT, MPT) owns no tensor: fall back to the layer's device.
         layer = self.layers[layer_idx].module
         device = next((t.device for m in (module, layer) for t in (*m.parameters(), *m.buffers())),
@@ -290,17 +358,24 @@ class ProResController:
         # float32 so that α = 0 and α = 1 are exact and intermediate α keep full precision;
         # persistent=False keeps it out of state_dict.
         module.register_buffer(ALPHA_BUFFER, torch.zeros((), dtype=torch.float32, device=device), persistent=False)
-        handle = module.register_forward_hook(_scale_branch_output)
-        return layer_idx, name, module, handle
+        return layer_idx, name, module, self._scale(module)
+
+    def _scale(self, module: nn.Module):
+        """Start scaling `module`'s output by its α: inside the GEMMs of an nn.Linear (mechanism 'auto': no
+        activation-sized traffic, see scaled_linear) or by a forward hook (every other branch end)."""
+        if self.mechanism == 'auto' and can_scale_in_gemm(module):
+            install_scaled_forward(module, 0.0)  # the buffer was just zeroed too; reading it back would sync
+            return _ScaledForwardHandle(module)
+        return module.register_forward_hook(_scale_branch_output)
 
     def _attach(self, layer: ResidualLayer, name: str) -> None:
         module = resolve_branch(layer.module, name)
         self._hooks.append(self._make_hook(layer.index, name, module))
 
     def _fill(self, layer_idx: int, value: float) -> None:
-        for idx, _, module, _ in self._hooks:
+        for idx, _, module, handle in self._hooks:
             if idx == layer_idx:
-                module._buffers[ALPHA_BUFFER].fill_(value)
+                _set_module_alpha(module, handle, value)
 
     def __repr__(self) -> str:
         return (f'ProResController(schedule={self.schedule!r}, num_layers={self.num_layers}, '
@@ -314,7 +389,8 @@ def apply_prores(model: nn.Module,
                  layer_class: type | str | None = None,
                  branches: Sequence[str] | None = None,
                  layer_pattern: str | None = None,
-                 remove_when_done: bool = True) -> ProResController:
+                 remove_when_done: bool = True,
+                 mechanism: str = 'auto') -> ProResController:
     """Scale every residual branch of `model` by its layer's α and return the controller.
 
     Args:
@@ -326,14 +402,17 @@ def apply_prores(model: nn.Module,
         layer_class / layer_pattern: which modules are layers (class or class name / fnmatch over module
             paths), when the model is not in `prores_algo.policies.LAYER_POLICIES`.
         branches: dotted names, inside each layer, of the modules whose output enters the residual add.
-        remove_when_done: remove hooks and buffers as soon as `set_step(t)` sees t >= W.
+        remove_when_done: remove the hooks as soon as `set_step(t)` sees t >= W (α buffers stay, inert 1.0).
+        mechanism: 'auto' (default) applies α inside the matrix multiplies of branches that end in an
+            `nn.Linear` (no activation-sized memory traffic, `prores_algo.scaled_linear`) and by an output
+            hook elsewhere; 'hook' uses the output hook everywhere.
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
         t_warmup = schedules.PAPER_STEPS_PER_LAYER * len(layers)
-    controller = ProResController(layers, schedule, t_warmup, remove_when_done)
+    controller = ProResController(layers, schedule, t_warmup, remove_when_done, mechanism)
     controller.model = model
     warn_if_short_warmup(controller)
     return controller

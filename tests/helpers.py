@@ -39,18 +39,28 @@ def tiny_composer_model(seed=0, **kw):
 
 
 def alpha_buffers(model):
-    """Current α of every hooked branch module, grouped by module path."""
-    return {name.rsplit('.', 1)[0]: float(buf) for name, buf in model.named_buffers() if name.endswith('prores_alpha')}
+    """Current α of every hooked branch module, grouped by module path (the inert 1.0 buffers that a
+    removal leaves behind, which no hook reads, are not α any more and are left out)."""
+    from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+    return {path: float(m._buffers[ALPHA_BUFFER]) for path, m in model.named_modules()
+            if ALPHA_BUFFER in m._buffers and has_prores_hook(m)}
+
+
+def assert_prores_removed(model):
+    """What ProRes leaves once removed or folded: no hook of its own on any module; every α buffer left is
+    an inert 0-dim 1.0 that nothing reads (kept so that a DDP / FSDP wrapper keeps finding the buffers it
+    recorded, issue 12); no α in `state_dict`. Returns how many α buffers are left."""
+    from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+    assert not any(has_prores_hook(m) for m in model.modules()), 'ProRes hooks left behind'
+    left = [b for n, b in model.named_buffers() if n.endswith(ALPHA_BUFFER)]
+    assert all(b.dim() == 0 and float(b) == 1.0 for b in left), 'an α buffer left behind is not the inert 1.0'
+    assert not any(k.endswith(ALPHA_BUFFER) for k in model.state_dict()), 'α must stay out of state_dict'
+    return len(left)
 
 
 def set_alphas(controller, alphas):
-    """Write α per layer straight into every branch's buffer, bypassing the schedule; returns the list."""
-    from prores_algo.surgery import ALPHA_BUFFER, resolve_branch
-    alphas = list(alphas)
-    for layer, a in zip(controller.layers, alphas):
-        for name in layer.branches:
-            resolve_branch(layer.module, name)._buffers[ALPHA_BUFFER].fill_(a)
-    return alphas
+    """Set α per layer directly, bypassing the schedule (both mechanisms: buffer and GEMM scalar); returns the list."""
+    return controller.set_alphas(alphas)
 
 
 def set_random_alphas(controller, seed=1):

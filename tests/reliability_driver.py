@@ -20,6 +20,7 @@ from composer import Callback
 from composer.utils import dist
 
 from prores_algo.config import load_config
+from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 from prores_algo.train import build_trainer
 
 
@@ -32,8 +33,9 @@ class Record(Callback):
         b = int(state.timestamp.batch)
         if self.first_batch is None:
             self.first_batch = b
-        self.alphas[b] = {n.rsplit('.', 1)[0]: float(t) for n, t in state.model.named_buffers()
-                          if n.endswith('prores_alpha')}
+        # α of the hooked branches (after removal the buffers stay as inert 1.0 that no hook reads)
+        self.alphas[b] = {n: float(m._buffers[ALPHA_BUFFER]) for n, m in state.model.named_modules()
+                          if ALPHA_BUFFER in m._buffers and has_prores_hook(m)}
 
     def after_train_batch(self, state, logger):
         self.losses[int(state.timestamp.batch)] = float(state.loss)  # before the timestamp advances
@@ -57,6 +59,9 @@ def main():
         'final_alphas': prores.controller.alphas, 'removed': prores.controller.removed,
         'num_hooks': prores.controller.num_hooks,
         'alpha_buffers_end': sum(1 for n, _ in trainer.state.model.named_buffers() if n.endswith('prores_alpha')),
+        'alpha_values_end': sorted({float(b) for n, b in trainer.state.model.named_buffers()
+                                    if n.endswith('prores_alpha')}),
+        'prores_hooks_end': sum(has_prores_hook(m) for m in trainer.state.model.modules()),
         'eval': {k: float(v) for k, v in trainer.state.eval_metric_values.items()},
     }
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 
 from prores_algo import ProRes, schedules
-from tests.helpers import alpha_buffers, tiny_composer_model, token_loader
+from tests.helpers import alpha_buffers, assert_prores_removed, tiny_composer_model, token_loader
 
 
 class RecordAlphas(Callback):
@@ -47,6 +47,7 @@ def test_alpha_follows_schedule_each_batch_is_logged_and_removed_after_warmup():
     logged = mem.data['prores/alpha/layer_3']
     assert [v for _, v in logged] == pytest.approx([schedules.alpha('linear', 3, 4, t, 8) for t in range(12)])
     assert algo.controller.removed and algo.controller.num_hooks == 0
+    assert assert_prores_removed(trainer.state.model) == 8  # α buffers stay, inert (1.0, no hook)
     assert mem.data['prores/alpha/mean'][0][1] == 0.0
 
 

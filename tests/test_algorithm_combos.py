@@ -10,11 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from prores_algo import ProRes
-from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 
 
 def hooked_paths(model):
-    return sorted(n for n, m in model.named_modules() if ALPHA_BUFFER in m._buffers and m._forward_hooks)
+    return sorted(n for n, m in model.named_modules() if ALPHA_BUFFER in m._buffers and has_prores_hook(m))
 
 
 def tiny_bert():

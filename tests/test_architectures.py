@@ -25,7 +25,7 @@ from torch.testing import assert_close
 
 from prores_algo import apply_prores
 from prores_algo.policies import LAYER_POLICIES
-from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 
 VOCAB, HIDDEN, N_LAYERS, SEQ, BATCH = 97, 32, 3, 8, 2
 EXACT = dict(atol=0.0, rtol=0.0)
@@ -305,7 +305,9 @@ def test_state_dict_keys_and_remove(arch):
         ctrl.remove()
         assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, **EXACT)
     assert list(model.state_dict().keys()) == keys
-    assert _alpha_buffers(model) == []
+    # the α buffers stay, inert: 1.0 and read by no hook (a DDP wrapper keeps finding them, issue 12)
+    assert len(_alpha_buffers(model)) == 2 * N_LAYERS
+    assert all(float(b) == 1.0 for n, b in model.named_buffers() if n.endswith(ALPHA_BUFFER))
     assert all(not m._forward_hooks for m in model.modules())
     assert ctrl.removed and ctrl.alphas == [1.0] * N_LAYERS
     apply_prores(model, t_warmup=10)  # can be applied again once removed
@@ -499,7 +501,7 @@ def test_custom_model_errors():
         apply_prores(net, layer_class='MyBlock', branches=['attn_out', 'mlp_proj'])
     with pytest.raises(ValueError, match='layer_class'):
         apply_prores(net, layer_class='NoSuchBlock', branches=['attn_out'])
-    assert _alpha_buffers(net) == [] and all(not m._forward_hooks for m in net.modules())  # nothing half-done
+    assert _alpha_buffers(net) == [] and not any(has_prores_hook(m) or m._forward_hooks for m in net.modules())
 
     ctrl = apply_prores(net, layer_class='MyBlock', branches=['attn_out', 'mlp_out'])
     for kwargs in (dict(layer_class='MyBlock', branches=['attn_out', 'mlp_out']),
@@ -507,7 +509,7 @@ def test_custom_model_errors():
         with pytest.raises(ValueError, match='already applied'):
             apply_prores(net, **kwargs)
     assert len(_alpha_buffers(net)) == 2 * N_LAYERS
-    assert sum(len(m._forward_hooks) for m in net.modules()) == 2 * N_LAYERS
+    assert sum(has_prores_hook(m) for m in net.modules()) == 2 * N_LAYERS
     ctrl.remove()
     apply_prores(net, layer_class='MyBlock', branches=['attn_out', 'mlp_out'])
 

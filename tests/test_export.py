@@ -10,7 +10,7 @@ from prores_algo import apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.models.decoder import Decoder
 from prores_algo.surgery import ALPHA_BUFFER
-from tests.helpers import set_alphas, tiny_config
+from tests.helpers import assert_prores_removed, set_alphas, tiny_config
 
 VOCAB = 64
 ATOL = 1e-5
@@ -96,7 +96,7 @@ def test_fold_save_pretrained_reload_matches_hooked(arch, via, tmp_path):
         controller_copy = controller
         out = fold_prores(model)
     assert out is model
-    assert not any(ALPHA_BUFFER in m._buffers for m in model.modules())
+    assert assert_prores_removed(model) > 0  # α buffers stay as inert 1.0 (a wrapper keeps seeing them)
     assert all(not m._forward_hooks for m in model.modules()), 'every ProRes hook must be gone'
     torch.testing.assert_close(_logits(model, ids), hooked, rtol=0, atol=ATOL)
     model.save_pretrained(tmp_path / arch)
