@@ -400,11 +400,12 @@ def main(argv=None) -> dict:
                'elapsed_s_previous': 0.0}
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
-        results['resumed'] = int(old.get('resumed', 0)) + 1
         for k, r in old.get('runs', {}).items():
             if 'error' not in r and any(s == r['spec'] for s in specs):
                 results['runs'][k] = r
+        if results['runs']:  # the wall time covers this study only, across resumes (not an unrelated old file)
+            results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
+            results['resumed'] = int(old.get('resumed', 0)) + 1
     todo = [s for s in specs if run_key(s) not in results['runs']]
     print(f'{len(specs)} runs, {len(specs) - len(todo)} kept from {out.name}, {len(todo)} to run with {args.jobs} jobs',
           flush=True)

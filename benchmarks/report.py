@@ -120,6 +120,25 @@ def overhead_table(r: dict) -> str:
                   'recompiles from α updates / at removal'], rows)
 
 
+def overhead_mechanisms(r: dict) -> str:
+    m = r.get('mechanisms')
+    if not m:
+        return '(not measured in this overhead.json: rerun `python benchmarks/overhead.py`)'
+    b, t, sh = m['bytes'], m['timing'], m['bytes_shape']
+    rows = []
+    for mech, key, label in (('hook', 'prores_hook', 'output hook (before 2026-11-30; `mechanism=\'hook\'`)'),
+                             ('gemm', 'prores_gemm', 'α in the GEMMs (default)')):
+        rows.append([label, f"{b['float32'][f'{mech}_extra_bytes'] / 1e9:.6g} GB",
+                     f"{b['bfloat16'][f'{mech}_extra_bytes'] / 1e9:.6g} GB",
+                     f"{t[key]['ratio_median']:.3f} [{t[key]['ratio_q25']:.3f}, {t[key]['ratio_q75']:.3f}]"])
+    head = (f"extra bytes per training step, {sh['layers']} layers × {sh['d_model']}, {sh['batch']}×{sh['seq']} "
+            'tokens')
+    td = m['timing_dims']
+    return table(['mechanism', f'{head}, fp32', 'same, bf16',
+                  f"CPU step-time ratio, eager, {td['layers']} layers × {td['d_model']}, {td['batch']}×{td['seq']} tokens"],
+                 rows)
+
+
 GENERATORS = {
     'quality-status': ('quality', quality_status),
     'quality-answer': ('quality', quality_answer),
@@ -127,6 +146,7 @@ GENERATORS = {
     'quality-depth': ('quality', quality_depth),
     'quality-ablation': ('quality', quality_ablation),
     'overhead': ('overhead', overhead_table),
+    'overhead-mechanisms': ('overhead', overhead_mechanisms),
 }
 
 

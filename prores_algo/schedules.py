@@ -20,9 +20,10 @@ __all__ = ['alpha', 'alphas', 'names', 'aliases', 'register', 'canonical_name', 
 
 # The paper's T = W / L: 1000 optimizer steps of α warmup per layer (500 from 96 layers on).
 PAPER_STEPS_PER_LAYER = 1000
-# Below this many steps per layer, benchmarks/quality.py measured ProRes behind the baseline here
-# (Pre-LN slightly, Post-LN + `linear` collapsing to a unigram model); see benchmarks/RESULTS.md.
-MIN_STEPS_PER_LAYER = 25
+# Below this many steps per layer, benchmarks/quality.py measured no gain from ProRes for both norm
+# placements (8 layers, linear: Pre-LN ahead from 100, Post-LN from 25, Post-LN stalls at 3); see
+# benchmarks/RESULTS.md.
+MIN_STEPS_PER_LAYER = 100
 
 # fn(l, L, t, W) -> α with l in 1..L, t >= 0, W > 0.
 ScheduleFn = Callable[[int, int, float, float], float]
@@ -86,7 +87,8 @@ def short_warmup_message(warmup_steps: float, num_layers: int) -> str | None:
         return None
     return (f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
             f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '
-            f'benchmark measured ProRes behind the baseline, and Post-LN models with the linear schedule can collapse '
+            f'benchmark did not measure a gain for every norm placement, and Post-LN models with the linear schedule '
+            f'can collapse '
             f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
             f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
             f'ProRes off for runs this short.')

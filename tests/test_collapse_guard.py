@@ -47,7 +47,7 @@ def test_short_warmup_message_thresholds():
     msg = schedules.short_warmup_message(3 * L, L)
     assert '3 steps of alpha warmup per layer' in msg
     assert f'The paper uses {schedules.PAPER_STEPS_PER_LAYER}' in msg
-    assert f'below {schedules.MIN_STEPS_PER_LAYER} per layer' in msg
+    assert f'below {schedules.MIN_STEPS_PER_LAYER} per layer' in msg and 'collapse' in msg
     assert f't_warmup >= {schedules.MIN_STEPS_PER_LAYER * L} steps' in msg
 
 
