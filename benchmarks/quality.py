@@ -417,7 +417,10 @@ def main(argv=None) -> dict:
         results['elapsed_s'] = time.time() - t0
         write_json(out, results)
 
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
+    # one fresh process per run: streaming keeps shared memory and file handles per process, and a worker that
+    # ran dozens of runs hit the open-file limit (EMFILE) in an earlier version of this benchmark
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn'),
+                             max_tasks_per_child=1) as pool:
         futures = [pool.submit(_safe_execute, s, str(data_path), unigram) for s in todo]  # priority order
         for f in as_completed(futures):
             r = f.result()
