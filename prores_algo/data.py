@@ -42,7 +42,7 @@ from prores_algo.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     'TEXT_SUFFIXES', 'META_FILENAME', 'iter_documents', 'write_mds', 'ensure_dataset', 'read_metadata',
-    'TokenDataset', 'build_dataloader', 'verify_local_split', 'main'
+    'TokenDataset', 'build_dataloader', 'verify_local_split', 'main', 'RemoteDataError'
 ]
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
@@ -56,6 +56,12 @@ SPLITS = ('train', 'val')
 # (`compression` is deliberately absent: it changes the bytes on disk, not the samples.)
 SETTING_FIELDS = ('source', 'tokenizer', 'seq_len', 'val_fraction', 'max_tokens', 'max_bytes', 'seed')
 _TMP_MARK = '.prores-tmp-'
+# Every shard's hash is written into index.json; `build_dataloader` has streaming check it on every
+# download from a remote (a corrupt or replaced object is an error, never silently different data).
+HASH_ALGO = 'sha1'
+# What a remote dataset's local cache records about its origin (never named prores_data.json: a cache
+# is not a complete dataset, whatever it holds, so it must never be read as one).
+CACHE_RECORD = 'prores_remote.json'
 _SOURCE_HELP = ("'stdlib' (the Python standard library sources on this machine), an existing local file or "
                 f"folder ({', '.join(TEXT_SUFFIXES)}; .jsonl needs a 'text' field), or "
                 "'hf:NAME[:CONFIG[:SPLIT]]' (e.g. 'hf:allenai/c4:en')")
@@ -296,9 +302,165 @@ def _out_path(out_dir: Any) -> Path:
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f'`out_dir` must be a local folder path, got {out_dir!r}')
     if _is_url(str(out_dir)):
-        raise ValueError(f'`out_dir` {str(out_dir)!r}: only local folders can be written (write locally, then '
-                         'upload the folder and pass its URL to build_dataloader)')
+        raise ValueError(f'`out_dir` {str(out_dir)!r}: only local folders can be built here; write to an object '
+                         "store with write_mds(..., out_dir='s3://...') or `prores-data --out s3://...`")
     return Path(out_dir).expanduser().resolve()
+
+
+# --------------------------------------------------------------------------------------------------
+# Object stores (s3:// tested end to end; any scheme streaming uploads to / downloads from works)
+# --------------------------------------------------------------------------------------------------
+
+
+class RemoteDataError(ValueError):
+    """A remote dataset (s3://...) cannot be written or read; the message names the URL and the likely cause."""
+
+
+def _split_url(url: str) -> tuple[str, str, str]:
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    return u.scheme, u.netloc, u.path.strip('/')
+
+
+def _error_code(e: BaseException) -> str:
+    return str(((getattr(e, 'response', None) or {}).get('Error') or {}).get('Code', ''))
+
+
+_DENIED = ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken',
+           'AllAccessDisabled', 'InvalidClientTokenId')
+_CREDENTIALS_HELP = ('check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance '
+                     'role) and their permissions on the bucket')
+
+
+def _s3_endpoint() -> str:
+    ep = os.environ.get('S3_ENDPOINT_URL')
+    return f'the S3 endpoint {ep} (S3_ENDPOINT_URL)' if ep else 'AWS S3 (S3_ENDPOINT_URL is not set)'
+
+
+def _s3_diagnosis(url: str, check_prefix: bool) -> Optional[str]:
+    """Why s3://bucket/prefix cannot be used, from the store's own answers (None: no cause found).
+
+    Uses the same endpoint rule as streaming's S3 uploader and downloader (S3_ENDPOINT_URL).
+    """
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    _, bucket, prefix = _split_url(url)
+    client = boto3.session.Session().client('s3', endpoint_url=os.environ.get('S3_ENDPOINT_URL'),
+                                            config=Config(retries={'max_attempts': 2, 'mode': 'standard'},
+                                                          connect_timeout=10, read_timeout=30))
+    try:
+        client.head_bucket(Bucket=bucket)
+        if not check_prefix:
+            return None
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=f'{prefix}/' if prefix else '', MaxKeys=1)
+    except NoCredentialsError:
+        return f'no AWS credentials were found; {_CREDENTIALS_HELP}'
+    except ClientError as e:
+        code = _error_code(e)
+        if code in ('404', 'NoSuchBucket'):
+            return f'bucket {bucket!r} does not exist at {_s3_endpoint()}'
+        if code in _DENIED:
+            return f'access to bucket {bucket!r} was denied ({code}); {_CREDENTIALS_HELP}'
+        return f'{type(e).__name__}: {e}'
+    except BotoCoreError as e:  # EndpointConnectionError, ReadTimeoutError, ...
+        return f'{_s3_endpoint()} cannot be reached ({type(e).__name__}: {e})'
+    if not listing.get('Contents'):
+        return f'nothing is stored under {url}/ (bucket {bucket!r} exists): check the prefix'
+    return None
+
+
+def _diagnose(url: str, check_prefix: bool) -> Optional[str]:
+    if _split_url(url)[0] != 's3':
+        return None
+    try:
+        return _s3_diagnosis(url, check_prefix)
+    except Exception:  # the diagnosis is a courtesy; the caller still reports the original error
+        return None
+
+
+def _remote_read_error(remote: str, what: str, e: BaseException) -> RemoteDataError:
+    cause = _diagnose(remote, check_prefix=True)
+    if cause is None:
+        if _error_code(e) in ('404', 'NoSuchKey') or isinstance(e, FileNotFoundError):
+            cause = (f'{what} does not exist: the upload of this dataset did not complete, or it was not written by '
+                     f'prores-data (`prores-data --out {remote}` uploads {META_FILENAME} last, once every shard is up)')
+        elif _error_code(e) in _DENIED:
+            cause = f'access to {what} was denied ({_error_code(e)}); {_CREDENTIALS_HELP}'
+        else:
+            cause = f'{type(e).__name__}: {e}'
+    return RemoteDataError(f'cannot read the dataset at {remote}: {cause}')
+
+
+def _remote_write_error(remote: str, e: BaseException) -> RemoteDataError:
+    cause = _diagnose(remote, check_prefix=False)
+    if cause is None:
+        cause = (f'access denied ({_error_code(e)}); {_CREDENTIALS_HELP}' if _error_code(e) in _DENIED else
+                 f'{type(e).__name__}: {e}')
+    return RemoteDataError(f'cannot write the dataset to {remote}: {cause}')
+
+
+class _RemoteOut:
+    """The remote side of a write: streaming's own uploader for `url` (which checks the bucket when it is
+    created), plus listing and, on S3, deletion. `staging` is the local folder uploads are read from."""
+
+    def __init__(self, url: str, staging: Path):
+        from streaming.base.storage import CloudUploader
+        self.url = url
+        self.scheme, self.bucket, prefix = _split_url(url)
+        self.base = f'{prefix}/' if prefix else ''
+        try:
+            self.uploader = CloudUploader.get((str(staging), url), keep_local=True, exist_ok=True)
+        except Exception as e:
+            raise _remote_write_error(url, e) from None
+
+    def keys(self) -> list[str]:
+        """Object names under the URL, relative to it."""
+        try:
+            names = self.uploader.list_objects() or []
+        except Exception as e:
+            raise _remote_write_error(self.url, e) from None
+        return sorted(n[len(self.base):] for n in names if n.startswith(self.base))
+
+    def prepare(self, overwrite: bool) -> list[str]:
+        """Refuse a prefix that holds anything but (the debris of) one of our datasets, or a complete dataset
+        unless `overwrite`; when overwriting, first delete its metadata, so from then on the old dataset
+        is incomplete and no mix of old and new objects ever looks complete. Returns the names found."""
+        keys = self.keys()
+        foreign = [k for k in keys if k != META_FILENAME and k.split('/', 1)[0] not in SPLITS]
+        if foreign:
+            raise RemoteDataError(f'`out_dir` {self.url} holds other objects ({foreign[:5]}); refusing to write a '
+                                  'dataset there (even with overwrite): choose an empty or new prefix')
+        if META_FILENAME in keys:
+            if not overwrite:
+                raise RemoteDataError(f'`out_dir` {self.url} already holds a dataset; pass overwrite=True '
+                                      '(--overwrite) to replace it, or choose another prefix')
+            self.delete([META_FILENAME])
+        elif keys and self.scheme != 's3':
+            raise RemoteDataError(f'`out_dir` {self.url} holds the objects of an unfinished write; delete them first '
+                                  f'(replacing objects is implemented for s3:// only)')
+        return keys
+
+    def upload(self, name: str) -> None:
+        try:
+            self.uploader.upload_file(name)
+        except Exception as e:
+            raise _remote_write_error(self.url, e) from None
+
+    def delete(self, names: list[str]) -> None:
+        if not names:
+            return
+        if self.scheme != 's3':
+            raise RemoteDataError(f'cannot delete {len(names)} object(s) under {self.url}: implemented for s3:// only; '
+                                  'delete them yourself')
+        try:
+            for i in range(0, len(names), 1000):
+                answer = self.uploader.s3.delete_objects(Bucket=self.bucket, Delete={
+                    'Objects': [{'Key': self.base + n} for n in names[i:i + 1000]], 'Quiet': True})
+                if answer.get('Errors'):
+                    raise RuntimeError(f'the store refused to delete: {answer["Errors"][:3]}')
+        except Exception as e:
+            raise _remote_write_error(self.url, e) from None
 
 
 def read_metadata(path: str | os.PathLike) -> Optional[dict[str, Any]]:
@@ -340,23 +502,56 @@ def _looks_like_ours(out: Path) -> bool:
     return all(c.name in (*SPLITS, META_FILENAME) or c.name.startswith('.') for c in out.iterdir())
 
 
-def _build(source: str, out: Path, tokenizer: Any, seq_len: int, val_fraction: float, max_tokens: Optional[int],
-           compression: Optional[str], seed: int, max_bytes: Optional[int], overwrite: bool,
-           progress: bool) -> dict[str, Any]:
-    """Write the dataset; caller holds the lock and has validated the arguments."""
+class _UploadErrors:
+    """Mixin for streaming's MDSWriter that keeps the first upload error (streaming only logs it and then
+    raises a bare 'One of the threads failed')."""
+    upload_error: Optional[BaseException] = None
+
+    def exception_callback(self, future: Any) -> None:
+        if future.exception() is not None and self.upload_error is None:
+            self.upload_error = future.exception()
+        super().exception_callback(future)  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _finish_on_success(writer: Any) -> Iterator[Any]:
+    """MDSWriter's own __exit__ calls finish() even while an exception propagates, which writes (and, to a
+    remote, uploads) a valid-looking index.json over a partial split. Finish only on success; on error
+    cancel the queued uploads and wait for the running ones, so nothing is uploaded after we return."""
+    try:
+        yield writer
+    except BaseException:
+        writer.executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    writer.finish()
+
+
+def _build(source: str, out: Optional[Path], tokenizer: Any, seq_len: int, val_fraction: float,
+           max_tokens: Optional[int], compression: Optional[str], seed: int, max_bytes: Optional[int], overwrite: bool,
+           progress: bool, remote: Optional[str] = None) -> dict[str, Any]:
+    """Write the dataset; caller holds the lock (of `out`) and has validated the arguments.
+
+    `remote` (a URL): the shards go there through streaming's uploader, as they are written, and
+    `out` is an optional complete local copy (None: staged in a temporary folder, deleted as uploaded).
+    """
     from streaming import MDSWriter
     from tqdm.auto import tqdm
 
-    if out.exists():
+    class Writer(_UploadErrors, MDSWriter):
+        pass
+
+    name = '`keep_local`' if remote else '`out_dir`'
+    if out is not None and out.exists():
         if not out.is_dir():
-            raise ValueError(f'`out_dir` {str(out)!r} exists and is not a folder')
+            raise ValueError(f'{name} {str(out)!r} exists and is not a folder')
         if read_metadata(out) is not None and not overwrite:
-            raise ValueError(f'`out_dir` {str(out)!r} already holds a dataset; pass overwrite=True (--overwrite) '
-                             'to replace it, or choose another out_dir')
+            raise ValueError(f'{name} {str(out)!r} already holds a dataset; pass overwrite=True (--overwrite) '
+                             'to replace it, or choose another folder')
         if any(out.iterdir()) and not _looks_like_ours(out):
-            raise ValueError(f'`out_dir` {str(out)!r} exists and holds other files; refusing to replace it '
+            raise ValueError(f'{name} {str(out)!r} exists and holds other files; refusing to replace it '
                              '(even with overwrite); choose an empty or new folder')
-    _clean_stale_tmp(out)
+    if out is not None:
+        _clean_stale_tmp(out)
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if not isinstance(tok, (ByteTokenizer, HFTokenizer)) and not all(
@@ -369,18 +564,34 @@ def _build(source: str, out: Path, tokenizer: Any, seq_len: int, val_fraction: f
     # Everything is written into a hidden sibling and renamed into place only when complete: MDSWriter's
     # __exit__ calls finish() even while an exception propagates, which would otherwise leave a
     # valid-looking index.json over a partial dataset at out_dir.
-    tmp = out.parent / f'.{out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    if out is not None:
+        tmp = out.parent / f'.{out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix='prores-data-upload-'))
     columns = {COLUMN: f'ndarray:{DTYPE}:{seq_len}'}  # static dtype and shape: no per-sample header
     splits = ('train', 'val') if val_fraction > 0 else ('train',)
+    dest: Optional[_RemoteOut] = None
+    writers: dict[str, Any] = {}
+    started = False
     try:
+        found = []
+        if remote is not None:
+            dest = _RemoteOut(remote, tmp)  # checks the bucket and the credentials before any tokenizing
+            found = dest.prepare(overwrite)
+        started = True
         with contextlib.ExitStack() as stack:
-            packers = {
-                s: _Packer(stack.enter_context(MDSWriter(out=str(tmp / s), columns=columns, compression=compression)),
-                           seq_len) for s in splits
-            }
+            for s in splits:
+                # With a remote, streaming uploads each shard as soon as it is written (and drops the local
+                # file unless a local copy is kept); index.json goes up when the split is finished.
+                target = (str(tmp / s), f'{remote}/{s}') if remote else str(tmp / s)
+                writers[s] = stack.enter_context(_finish_on_success(
+                    Writer(out=target, columns=columns, compression=compression, hashes=[HASH_ALGO],
+                           keep_local=out is not None)))
+            packers = {s: _Packer(writers[s], seq_len) for s in splits}
             bar = stack.enter_context(
-                tqdm(total=max_tokens, unit='tok', unit_scale=True, desc=f'prores-data {out.name}',
-                     disable=not progress, dynamic_ncols=True))
+                tqdm(total=max_tokens, unit='tok', unit_scale=True,
+                     desc=f'prores-data {out.name if out is not None else remote}', disable=not progress,
+                     dynamic_ncols=True))
             budget = max_tokens
             eos = np.array([tok.eos_token_id], dtype=DTYPE)
             encode_array = getattr(tok, 'encode_array', None)
@@ -417,6 +628,7 @@ def _build(source: str, out: Path, tokenizer: Any, seq_len: int, val_fraction: f
             'max_bytes': max_bytes,
             'seed': seed,
             'compression': compression,
+            'hashes': [HASH_ALGO],
             'column': COLUMN,
             'dtype': DTYPE,
             'python': sys.version.split()[0],  # informative: what 'stdlib' meant when this was built
@@ -424,7 +636,17 @@ def _build(source: str, out: Path, tokenizer: Any, seq_len: int, val_fraction: f
         }
         # Metadata last: its presence (plus the index files) is what read_metadata calls complete.
         (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2) + '\n')
-        if out.exists():
+        if dest is not None:
+            # The remote dataset is complete once its metadata is up: upload it last, then drop what an
+            # earlier dataset or an unfinished write left under the prefix that the new indexes do not list.
+            dest.upload(META_FILENAME)
+            keep = {META_FILENAME} | {f'{s}/index.json' for s in splits} | {
+                f'{s}/{shard[k]["basename"]}' for s in splits for shard in writers[s].shards
+                for k in ('raw_data', 'zip_data') if shard.get(k)}
+            dest.delete([k for k in found if k not in keep])
+        if out is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif out.exists():
             # Move the old folder aside first (rename onto a non-empty folder fails), then drop it.
             trash = out.parent / f'.{out.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}'
             os.replace(out, trash)
@@ -433,9 +655,17 @@ def _build(source: str, out: Path, tokenizer: Any, seq_len: int, val_fraction: f
         else:
             os.replace(tmp, out)
         return meta
-    except BaseException:
+    except BaseException as e:
         # Includes KeyboardInterrupt. A hard kill leaves `tmp`; the next run's _clean_stale_tmp removes it.
         shutil.rmtree(tmp, ignore_errors=True)
+        if dest is None or not started:  # never delete what was there before we began writing
+            raise
+        # Remote: nothing there is complete (the metadata goes up last); remove the partial splits too.
+        with contextlib.suppress(Exception):
+            dest.delete([k for k in dest.keys() if k != META_FILENAME])
+        failed = next((w.upload_error for w in writers.values() if w.upload_error is not None), None)
+        if failed is not None and not isinstance(e, RemoteDataError):
+            raise _remote_write_error(remote, failed) from e
         raise
 
 
@@ -450,7 +680,8 @@ def write_mds(source: str,
               *,
               max_bytes: Optional[int] = None,
               overwrite: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True,
+              keep_local: Optional[str | os.PathLike] = None) -> dict[str, Any]:
     """Tokenize `source`, pack into samples of exactly `seq_len` tokens, write `out_dir/{train,val}` MDS shards.
 
     Each document's tokens are followed by eos; documents go to val when a stable hash of
@@ -459,9 +690,29 @@ def write_mds(source: str,
     eos included); `max_bytes` caps the text read. The write is atomic (temporary sibling folder,
     renamed when complete). Refuses to replace an existing dataset unless `overwrite`.
 
+    `out_dir` may be an object-store URL (`s3://bucket/prefix`; S3_ENDPOINT_URL selects an
+    S3-compatible store): streaming's uploader sends each shard up as it is written. The bucket and
+    credentials are checked before any tokenizing; `prores_data.json` is uploaded last, so a remote
+    dataset is complete exactly when it is there; a failed write deletes what it uploaded. With
+    `keep_local` (a folder) a complete local copy is also kept, written atomically as above;
+    without it the shards are staged in a temporary folder and dropped once uploaded.
+
     Returns the metadata dict also written to `out_dir/prores_data.json`.
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
+    if isinstance(out_dir, str) and _is_url(out_dir):
+        remote = out_dir.rstrip('/')
+        if not _split_url(remote)[1]:
+            raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
+        if keep_local is None:
+            return _build(source, None, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
+                          overwrite, progress, remote=remote)
+        out = _out_path(keep_local)
+        with _lock(out):
+            return _build(source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
+                          overwrite, progress, remote=remote)
+    if keep_local is not None:
+        raise ValueError('`keep_local` is for a remote `out_dir` (s3://...); a local `out_dir` is the local copy')
     out = _out_path(out_dir)
     with _lock(out):
         return _build(source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
@@ -598,6 +849,8 @@ class TokenDataset(StreamingDataset):
     plus `seq_len` which, if given, must match the shards.
     """
 
+    _shard_error: Optional[BaseException] = None
+
     def __init__(self, *, seq_len: Optional[int] = None, **kwargs: Any) -> None:
         with _shm_registration_lock():
             super().__init__(**kwargs)
@@ -607,9 +860,73 @@ class TokenDataset(StreamingDataset):
                              f'seq_len={self.seq_len}; set seq_len to {self.seq_len} or rebuild the data')
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, torch.Tensor]:
-        sample = super().get_item(sample_id, retry)
+        try:
+            sample = super().get_item(sample_id, retry)
+        except RuntimeError as e:
+            if self._shard_error is not None:
+                raise self._shard_error from e
+            raise
         # astype copies: MDS decodes into a read-only buffer, and models want int64 ids anyway.
         return {'input_ids': torch.from_numpy(sample[COLUMN].astype(np.int64))}
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's download (and hash check) of one shard, with failures that name the shard's URL.
+
+        A shard that fails its hash check is deleted from the local cache: streaming renames a download
+        into place before checking it, and would otherwise take the bad file as present on the next run.
+        The shard goes back to 'remote', so other ranks of this node waiting for it do not hang: they
+        retry and fail the same way.
+        """
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            from streaming.base.dataset import _IterState, _ShardState
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            shard = self.shards[shard_id]
+            folder = os.path.join(stream.local, stream.split)
+            names = [info.basename for pair in shard.file_pairs for info in pair if info is not None]
+            url = f'{stream.remote}/{stream.split}/{names[-1]}' if stream.remote else os.path.join(folder, names[0])
+            if 'Checksum failure' in str(e):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(folder, name))
+                msg = (f'shard {url} failed its {stream.validate_hash} check: the bytes downloaded are not the ones '
+                       f'its index.json lists (a corrupt or replaced object). The bad copy was deleted from '
+                       f'{folder!r}. Rebuild the dataset at {stream.remote} (prores-data --out {stream.remote} '
+                       '--overwrite ...) or restore the object.')
+            else:
+                msg = f'could not fetch shard {url} into {folder!r}: {type(e).__name__}: {e}'
+            self._shard_states[shard_id] = _ShardState.REMOTE
+            self._shard_error = RemoteDataError(msg)
+            # streaming's end of epoch waits for its download threads to report their exit, which a thread
+            # that raised never does (it would wait forever): mark this epoch's iteration as exited.
+            it = getattr(self, '_iterator', None)
+            if it is not None:
+                with it._lock:
+                    it._state = _IterState.EXITED
+            raise self._shard_error from e
+
+    def on_exception(self, future: Any) -> None:
+        # A shard failure we already reported: stop the other threads without streaming re-raising it in
+        # the callback (which only prints a second traceback).
+        if self._shard_error is not None and future.exception() is self._shard_error:
+            self._event.set()
+            return
+        super().on_exception(future)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # streaming downloads in a background thread; when it fails, the epoch just ends early and the next
+        # one raises 'Background thread failed'. Raise the shard's own error instead, right away.
+        if self._shard_error is not None:
+            raise self._shard_error
+        try:
+            yield from super().__iter__()
+        except RuntimeError as e:
+            if self._shard_error is not None:
+                raise self._shard_error from e
+            raise
+        if self._shard_error is not None:
+            raise self._shard_error
 
 
 def _num_tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -623,19 +940,56 @@ def _default_cache_dir(remote: str) -> str:
     return os.path.join(tempfile.gettempdir(), 'prores_algo_streaming', key)
 
 
-def _remote_metadata(remote: str) -> Optional[dict[str, Any]]:
-    """Best-effort fetch of prores_data.json next to the remote splits (None if unavailable)."""
+def _remote_metadata(remote: str) -> dict[str, Any]:
+    """prores_data.json of the dataset at `remote`; RemoteDataError (naming the URL and the cause: no
+    bucket, nothing under the prefix, denied credentials, unreachable endpoint, unfinished upload) if
+    it cannot be read. Its presence is what makes a remote dataset complete: it is uploaded last."""
     from streaming.base.storage import CloudDownloader
+    url = remote.rstrip('/') + '/' + META_FILENAME
     with tempfile.TemporaryDirectory() as d:
         # A fresh folder each time: the downloader skips files that already exist locally.
         local = os.path.join(d, META_FILENAME)
         try:
-            CloudDownloader.direct_download(remote.rstrip('/') + '/' + META_FILENAME, local)
-            return json.loads(Path(local).read_text())
-        except Exception as e:  # missing file, no credentials, unsupported scheme...
-            warnings.warn(f'could not read {META_FILENAME} at {remote!r} ({type(e).__name__}: {e}); '
-                          'skipping the vocab_size check')
-            return None
+            CloudDownloader.direct_download(url, local)
+        except Exception as e:  # missing object or bucket, credentials, endpoint, unsupported scheme...
+            raise _remote_read_error(remote, url, e) from None
+        try:
+            meta = json.loads(Path(local).read_text())
+        except (OSError, ValueError) as e:
+            raise RemoteDataError(f'cannot read the dataset at {remote}: {url} is not valid JSON ({e})') from None
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+        raise RemoteDataError(f'cannot read the dataset at {remote}: {url} is not the metadata of a prores_algo '
+                              f'dataset (format {meta.get("format") if isinstance(meta, dict) else None!r})')
+    return meta
+
+
+def _cache_record(local: str, remote: str) -> Optional[dict[str, Any]]:
+    """The metadata a warm `local` cache recorded for `remote` (None when cold). A cache that belongs to
+    another remote is an error: streaming would serve that remote's cached shards as this one's."""
+    try:
+        record = json.loads(Path(local, CACHE_RECORD).read_text())
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict) and isinstance(record.get('meta'), dict):
+        if record.get('remote') != remote:
+            raise RemoteDataError(f'`local_cache` {local!r} holds a cache of {record.get("remote")!r}, not of '
+                                  f'{remote!r}; use a separate local_cache for each remote dataset')
+        return record['meta']
+    stray = [s for s in SPLITS if os.path.exists(os.path.join(local, s, 'index.json'))]
+    if stray:
+        warnings.warn(f'`local_cache` {local!r} holds {stray} index files but no {CACHE_RECORD}: assuming they are '
+                      f'a cache of {remote!r} (an earlier run stopped before recording it)')
+    return None
+
+
+def _write_cache_record(local: str, remote: str, meta: dict[str, Any]) -> None:
+    # Atomic (unique temporary name, then rename): every rank on a node may write it at once.
+    if not os.path.isdir(local):
+        return
+    tmp = os.path.join(local, f'.{CACHE_RECORD}.{os.getpid()}-{uuid.uuid4().hex[:8]}')
+    with open(tmp, 'w') as f:
+        json.dump({'remote': remote, 'meta': meta}, f, indent=1)
+    os.replace(tmp, os.path.join(local, CACHE_RECORD))
 
 
 def _check_meta(meta: dict[str, Any], where: str, seq_len: Optional[int], vocab_size: Optional[int]) -> None:
@@ -705,7 +1059,11 @@ def build_dataloader(path_or_remote: str,
     `batch_size` is per device: StreamingDataset partitions samples across ranks (read from the
     torch.distributed env vars) and needs it for that. A local folder is read in place
     (local=path, remote=None); a URL (s3://, gs://, oci://, hf://, https://, ...) is streamed into
-    `local_cache` (default: a deterministic folder under the system temp dir).
+    `local_cache` (default: a deterministic folder under the system temp dir). For a URL the
+    dataset's prores_data.json must be there (it is uploaded last: no metadata, no complete dataset;
+    RemoteDataError names the URL and the cause), shards are checked against the hashes in index.json
+    as they are downloaded, and the metadata is recorded in the cache (CACHE_RECORD), so a warm cache
+    makes no request to the store at all.
     `seq_len` / `vocab_size`, when given, are checked against the dataset before training starts.
 
     Shared memory (streaming 0.13): every StreamingDataset registers shared memory under a fresh
@@ -724,9 +1082,14 @@ def build_dataloader(path_or_remote: str,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f'`batch_size` must be a positive int, got {batch_size!r}')
     path_or_remote = str(path_or_remote)
+    cached = True
     if _is_url(path_or_remote):
-        remote, local = path_or_remote, (local_cache or _default_cache_dir(path_or_remote))
-        meta = _remote_metadata(remote)
+        remote = path_or_remote.rstrip('/')
+        local = os.path.abspath(os.path.expanduser(local_cache)) if local_cache else _default_cache_dir(remote)
+        meta = _cache_record(local, remote)  # a warm cache needs no request to the store at all
+        cached = meta is not None
+        if meta is None:
+            meta = _remote_metadata(remote)
         where = remote
     else:
         local_path = Path(path_or_remote).expanduser().resolve()
@@ -744,15 +1107,37 @@ def build_dataloader(path_or_remote: str,
             warnings.warn(f'{str(local_path)!r} has no complete {META_FILENAME}; skipping the vocab_size check')
     if meta is not None:
         _check_meta(meta, where, seq_len, vocab_size)
+    if remote is not None and isinstance(meta.get('splits'), dict) and split not in meta['splits']:
+        raise FileNotFoundError(f'split {split!r} not found at {remote} (splits present: {sorted(meta["splits"])})')
 
+    extra = {}
+    if remote is not None:
+        # Shards are checked against the hashes in index.json as they are downloaded (datasets written
+        # before hashes were recorded are read unchecked).
+        extra['validate_hash'] = HASH_ALGO if HASH_ALGO in (meta or {}).get('hashes', ()) else None
     try:
         dataset = TokenDataset(local=local, remote=remote, split=split, batch_size=batch_size, shuffle=shuffle,
-                               shuffle_seed=seed, seq_len=seq_len)
+                               shuffle_seed=seed, seq_len=seq_len, **extra)
     except ValueError as e:
         if 'Reused local directory' in str(e):
             raise ValueError(f'{e}\nAnother live loader uses the cache {local!r} for {where!r}/{split}; pass a '
                              'distinct `local_cache`.') from e
         raise
+    except FileExistsError as e:
+        if '_locals' not in str(e):
+            raise
+        raise RuntimeError(f'{e}: another process on this machine registered streaming shared memory under the same '
+                           'name at the same moment. Several simulated nodes on one machine need a /dev/shm each '
+                           "(README: 'Two nodes on one machine').") from e
+    except Exception as e:
+        remote_side = type(e).__module__.split('.')[0] in ('botocore', 'boto3', 's3transfer', 'urllib3', 'google',
+                                                          'azure', 'oci') or (remote is not None and remote in str(e))
+        if remote is None or not remote_side:
+            raise
+        # e.g. the split's index.json is missing remotely, or the store went away since the metadata
+        raise _remote_read_error(remote, f'{remote}/{split}/index.json', e) from e
+    if not cached:
+        _write_cache_record(local, remote, meta)
     n = len(dataset)  # samples this rank will see per epoch
     if drop_last and n < batch_size:
         raise ValueError(f'split {split!r} at {where!r} has {n} samples per rank, fewer than `batch_size` '
@@ -783,7 +1168,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         description='Tokenize a text source and write packed fixed-length samples as MDS shards '
         '(OUT/train, OUT/val, OUT/prores_data.json) for prores_algo training.')
     parser.add_argument('--source', default='stdlib', help=f'text source: {_SOURCE_HELP} (default: stdlib)')
-    parser.add_argument('--out', required=True, help='output folder (created atomically)')
+    parser.add_argument('--out', required=True,
+                        help='output folder (created atomically), or an object-store URL such as s3://bucket/prefix '
+                        '(uploaded through streaming; S3_ENDPOINT_URL selects an S3-compatible endpoint)')
+    parser.add_argument('--keep-local', default=None, metavar='DIR',
+                        help='with a URL --out: also keep a complete local copy in DIR (default: none)')
     parser.add_argument('--tokenizer', default='byte',
                         help="'byte' (default, no files needed), a local tokenizer folder or a HF hub id")
     parser.add_argument('--seq-len', type=int, default=128, help='tokens per sample (default: 128)')
@@ -800,7 +1189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta = write_mds(args.source, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len,
                          val_fraction=args.val_fraction, max_tokens=args.max_tokens, compression=args.compression,
                          seed=args.seed, max_bytes=args.max_bytes, overwrite=args.overwrite,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, keep_local=args.keep_local)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))  # exits 2 with the message, no traceback
     parts = ', '.join(f'{s} {v["samples"]} samples ({v["tokens"]} tokens, {v["documents"]} docs)'

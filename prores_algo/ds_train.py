@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import os
 import socket
 import sys
 import time
+import zlib
 from typing import Any, Iterator, Optional
 
 import torch
@@ -53,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     'deepspeed_config': 'yamls/deepspeed/zero3.json',  # path or dict
     # model
     'n_layers': 4, 'd_model': 64, 'n_heads': 4, 'seq_len': 64, 'vocab': 256, 'norm': 'pre',
+    'd_ffn': None,  # None: DecoderConfig's default (SwiGLU 8/3 x d_model, rounded); the paper's 1.3B sets 5632
     'final_norm': True, 'deepnet_init': None,  # None: the official rule, default_deepnet_init(prores on)
     # optimisation
     'steps': 20, 'lr': None, 'weight_decay': 0.1, 'betas': (0.9, 0.95),
@@ -64,10 +67,12 @@ DEFAULTS: dict[str, Any] = {
     # ZeRO
     'require_stage3': False, 'zero_init': True,
     # data
-    'data': None, 'num_samples': None, 'eval_samples': 64, 'seed': 0,
+    'data': None, 'local_cache': None, 'num_samples': None, 'eval_samples': 64, 'seed': 0,
     # loop
     'eval_every': 0, 'save_dir': None, 'save_interval': 0, 'load_dir': None, 'load_tag': None,
     'summary': None, 'log_every': 1, 'verbose': False,
+    # the summary lists, per step, a CRC-32 of every sample this rank trained on (checks data partitioning)
+    'record_samples': False,
     # set by cfg_from_yaml: the YAML's global batch (checked against the JSON) and the shards to build
     'global_train_batch_size': None, '_data_build': None,
     # resume from save_dir's `latest` checkpoint if there is one (the same command restarts a killed run)
@@ -114,7 +119,7 @@ def _mds_loader(cfg: dict, split: str, micro: int, shuffle: bool):
     except ImportError as e:
         raise ValueError(f'--data needs prores_algo.data.build_dataloader (and mosaicml-streaming): {e}') from e
     spec = build_dataloader(cfg['data'], split, micro, seq_len=cfg['seq_len'], shuffle=shuffle, seed=cfg['seed'],
-                            vocab_size=cfg['vocab'])
+                            vocab_size=cfg['vocab'], local_cache=cfg.get('local_cache'))
     return getattr(spec, 'dataloader', spec)
 
 
@@ -147,7 +152,7 @@ def build_model(cfg: dict, ds_config: Optional[dict] = None, zero_init: bool = F
     prores_on = bool(cfg['prores']) and cfg['schedule'] not in (None, 'none', 'off')
     deepnet_init = cfg.get('deepnet_init')
     dc = DecoderConfig(vocab_size=cfg['vocab'], d_model=cfg['d_model'], n_layers=cfg['n_layers'],
-                       n_heads=cfg['n_heads'], max_seq_len=cfg['seq_len'], norm=cfg['norm'],
+                       n_heads=cfg['n_heads'], max_seq_len=cfg['seq_len'], norm=cfg['norm'], d_ffn=cfg.get('d_ffn'),
                        final_norm=cfg.get('final_norm', True),
                        deepnet_init=default_deepnet_init(prores_on) if deepnet_init is None else deepnet_init)
     torch.manual_seed(cfg['seed'])
@@ -351,6 +356,8 @@ def train(cfg: dict) -> dict:
     batches = _micro_batches(train_loader, train_sampler, start * accum)
 
     out: dict[str, Any] = {'steps': [], 'losses': [], 'lrs': [], 'alphas': [], 'eval': [], 'saved': []}
+    if cfg['record_samples']:
+        out['samples'] = []
 
     def do_eval(step):
         if eval_loader is not None:
@@ -366,9 +373,11 @@ def train(cfg: dict) -> dict:
     while engine.global_steps < steps:
         t = engine.global_steps
         lr_now = float(engine.get_lr()[0])
-        micro_losses, step_alphas = [], None
+        micro_losses, step_alphas, step_samples = [], None, []
         for _ in range(accum):
             ids = next(batches)['input_ids'].to(device)
+            if cfg['record_samples']:
+                step_samples += [zlib.crc32(row.numpy().tobytes()) for row in ids.cpu()]
             if prores is not None:
                 alphas = prores.step(engine)
                 if step_alphas is None:
@@ -385,6 +394,8 @@ def train(cfg: dict) -> dict:
         loss = _all_mean([sum(micro_losses) / len(micro_losses)], device)[0]
         alphas = step_alphas if step_alphas is not None else [1.0] * cfg['n_layers']
         out['steps'].append(t)
+        if cfg['record_samples']:
+            out['samples'].append(step_samples)
         out['losses'].append(loss)
         out['lrs'].append(lr_now)
         out['alphas'].append(list(alphas))
@@ -466,6 +477,17 @@ def cfg_from_yaml(path: str, overrides: Optional[list[str]] = None, deepspeed_co
         raise ConfigError(f'model.name={c.model.name!r}: the DeepSpeed loop trains the reference decoder; '
                           'use model.name=reference (HF models: the Hugging Face Trainer with deepspeed=)')
     m = c.model.kwargs
+    defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
+    mapped = {'n_layers', 'd_model', 'n_heads', 'vocab_size', 'norm', 'final_norm', 'deepnet_init', 'd_ffn',
+              'max_seq_len'}
+    dropped = sorted(k for k, v in m.items() if k not in mapped and (k not in defaults or v != defaults[k]))
+    if dropped:  # never train a different model than the YAML describes
+        raise ConfigError(f'model: the DeepSpeed loop does not take {dropped} (it maps {sorted(mapped)}); remove them '
+                          'or leave them at their defaults')
+    for key, value in (('save_folder', c.save_folder), ('load_path', c.load_path)):
+        if value and '://' in value:
+            raise ConfigError(f'{key}={value!r}: DeepSpeed reads and writes checkpoints as files; on several nodes '
+                              'use a folder every node can reach (a shared filesystem), not an object-store URL')
     unknown_algos = set(c.algorithms) - {'prores', 'gradient_clipping'}
     if unknown_algos:
         raise ConfigError(f'algorithms: {sorted(unknown_algos)} are Composer algorithms; the DeepSpeed loop runs '
@@ -476,9 +498,9 @@ def cfg_from_yaml(path: str, overrides: Optional[list[str]] = None, deepspeed_co
         'deepspeed_config': deepspeed_config or DEFAULTS['deepspeed_config'],
         'n_layers': m.get('n_layers'), 'd_model': m.get('d_model'), 'n_heads': m.get('n_heads'),
         'seq_len': c.data.seq_len, 'vocab': m.get('vocab_size'), 'norm': m.get('norm', 'pre'),
-        'final_norm': m.get('final_norm', True), 'deepnet_init': m.get('deepnet_init'),
+        'final_norm': m.get('final_norm', True), 'deepnet_init': m.get('deepnet_init'), 'd_ffn': m.get('d_ffn'),
         'steps': steps, 'lr': c.optimizer.lr, 'weight_decay': c.optimizer.weight_decay,
-        'betas': tuple(c.optimizer.betas), 'seed': c.seed, 'data': c.data.path,
+        'betas': tuple(c.optimizer.betas), 'seed': c.seed, 'data': c.data.path, 'local_cache': c.data.local_cache,
         'global_train_batch_size': c.global_train_batch_size,
         'save_dir': c.save_folder, 'save_interval': _batches(c.save_interval, steps, 'save_interval'),
         'eval_every': _batches(c.eval_interval, steps, 'eval_interval'),
@@ -521,6 +543,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model')
     for k in ('n_layers', 'd_model', 'n_heads', 'seq_len', 'vocab'):
         g.add_argument(f'--{k}', type=int, default=d[k])
+    g.add_argument('--d_ffn', type=int, default=d['d_ffn'], help='FFN width (default: 8/3 x d_model, rounded)')
     g.add_argument('--norm', default=d['norm'], choices=('pre', 'post', 'sandwich', 'deepnorm', 'lns'))
     g = p.add_argument_group('optimisation')
     g.add_argument('--steps', type=int, default=d['steps'], help='total optimizer steps (max duration)')
@@ -547,6 +570,8 @@ def _parser() -> argparse.ArgumentParser:
                    help='do not build the model under deepspeed.zero.Init')
     g = p.add_argument_group('data and loop')
     g.add_argument('--data', default=None, help='folder/URL of MDS shards (prores_algo.data); default: synthetic')
+    g.add_argument('--local_cache', default=None,
+                   help='with a URL --data: where this node caches the shards (default: a folder under the temp dir)')
     g.add_argument('--num_samples', type=int, default=None, help='synthetic train samples (default: one epoch)')
     g.add_argument('--eval_samples', type=int, default=d['eval_samples'])
     g.add_argument('--seed', type=int, default=d['seed'])
@@ -559,6 +584,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)")
     g.add_argument('--summary', default=None, help="JSON summary path (rank 0; '{rank}' in it: every rank)")
     g.add_argument('--log_every', type=int, default=d['log_every'])
+    g.add_argument('--record_samples', action='store_true',
+                   help='the summary lists a CRC-32 of every sample each rank trained on, per step')
     g.add_argument('--verbose', action='store_true', help='keep DeepSpeed INFO logs')
     return p
 
@@ -568,8 +595,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.pop('local_rank', None)
     config, overrides = args.pop('config'), args.pop('overrides')
     if config is not None:
-        loop_keys = {k: args[k] for k in ('summary', 'log_every', 'verbose', 'require_stage3', 'zero_init', 'load_tag')}
-        loop_keys['autoresume'] = args['autoresume']
+        loop_keys = {k: args[k] for k in ('summary', 'log_every', 'verbose', 'require_stage3', 'zero_init', 'load_tag',
+                                          'record_samples')}
+        if args['autoresume']:  # else the YAML's autoresume
+            loop_keys['autoresume'] = True
+        for key in ('local_cache', 'micro_batch_size', 'grad_accum'):  # given: they win over the YAML / JSON "auto"
+            if args[key] is not None:
+                loop_keys[key] = args[key]
         args = {**cfg_from_yaml(config, overrides, args['deepspeed_config']), **loop_keys}
     elif overrides:
         raise SystemExit(f'key=value overrides {overrides} need --config YAML')
