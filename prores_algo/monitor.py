@@ -130,6 +130,21 @@ def _sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.float() for n in norms]).square().sum()
 
 
+def _mean_over_ranks(sums: list[torch.Tensor], counts: list[int]) -> Optional[list[float]]:
+    """Per layer: sum over ranks of `sums` / sum over ranks of `counts` (one all-reduce); None if nothing
+    was recorded here, NaN for a layer nothing was recorded for on any rank."""
+    if not counts or not any(counts):
+        return None
+    device = next((s.device for s in sums if s.device.type != 'cpu'), torch.device('cpu'))
+    packed = torch.stack([s.to(device) for s in sums] +
+                         [torch.tensor(float(c), dtype=torch.float64, device=device) for c in counts])
+    if _dist_world() > 1:
+        torch.distributed.all_reduce(packed)
+    n = len(sums)
+    totals, ns = packed[:n].tolist(), packed[n:].tolist()
+    return [t / c if c else float('nan') for t, c in zip(totals, ns)]
+
+
 class LayerStats:
     """Framework-free measurements over the residual layers of one model (shared by both callbacks)."""
 
@@ -186,30 +201,13 @@ class LayerStats:
     def rms(self) -> Optional[list[float]]:
         """RMS per layer over everything recorded since start_rms (None if no forward was recorded)."""
         self.stop_rms()
-        if not self._count or not any(self._count):
-            return None
-        device = next((s.device for s in self._sumsq if s.device.type != 'cpu'), torch.device('cpu'))
-        packed = torch.stack([s.to(device) for s in self._sumsq] +
-                             [torch.tensor(float(c), dtype=torch.float64, device=device) for c in self._count])
-        if _dist_world() > 1:
-            torch.distributed.all_reduce(packed)
-        n = len(self.layers)
-        sums, counts = packed[:n].tolist(), packed[n:].tolist()
-        return [math.sqrt(s / c) if c else float('nan') for s, c in zip(sums, counts)]
+        means = _mean_over_ranks(self._sumsq, self._count)
+        return None if means is None else [math.sqrt(m) for m in means]
 
     def cosines(self) -> Optional[list[float]]:
         """position_cosine per layer, averaged over the sequences recorded since start_rms (all ranks)."""
         self.stop_rms()
-        if not self._cos_n or not any(self._cos_n):
-            return None
-        device = next((s.device for s in self._cos_sum if s.device.type != 'cpu'), torch.device('cpu'))
-        packed = torch.stack([s.to(device) for s in self._cos_sum] +
-                             [torch.tensor(float(c), dtype=torch.float64, device=device) for c in self._cos_n])
-        if _dist_world() > 1:
-            torch.distributed.all_reduce(packed)
-        n = len(self.layers)
-        sums, counts = packed[:n].tolist(), packed[n:].tolist()
-        return [s / c if c else float('nan') for s, c in zip(sums, counts)]
+        return _mean_over_ranks(self._cos_sum, self._cos_n)
 
     # gradient norms --------------------------------------------------------------------------------
     def grad_norms_sq(self) -> Optional[torch.Tensor]:
