@@ -1161,6 +1161,17 @@ def build_dataloader(path_or_remote: str,
 # --------------------------------------------------------------------------------------------------
 
 
+def _whole_number(text: str) -> int:
+    """argparse type: a whole number, also in scientific notation ('2e9'); its range is checked by write_mds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number: use e.g. 2000000 or 2e6') from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f'{text!r} must be a whole number, e.g. 2000000 or 2e6')
+    return int(value)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """`prores-data`: convert a text source into packed-token MDS shards (train/val). Returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -1178,7 +1189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--seq-len', type=int, default=128, help='tokens per sample (default: 128)')
     parser.add_argument('--val-fraction', type=float, default=0.05,
                         help='fraction of documents for the val split; 0: no val split (default: 0.05)')
-    parser.add_argument('--max-tokens', type=int, default=None, help='stop after this many tokens (default: all)')
+    parser.add_argument('--max-tokens', type=_whole_number, default=None,
+                        help='stop after this many tokens (default: all); 2e9 and 2000000000 both work')
     parser.add_argument('--max-bytes', type=int, default=None, help='stop after this much text (default: all)')
     parser.add_argument('--compression', default=None, help='MDS shard compression, e.g. zstd (default: none)')
     parser.add_argument('--seed', type=int, default=0, help='train/val split seed (default: 0)')

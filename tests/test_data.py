@@ -523,3 +523,15 @@ def test_cli_module_help():
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'usage: prores-data' in r.stdout and '--source' in r.stdout and '--overwrite' in r.stdout
+
+
+def test_cli_counts_accept_scientific_notation():
+    """The README writes `--max-tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
+    import argparse
+
+    from prores_algo.data import _whole_number
+    assert _whole_number('2e9') == 2_000_000_000 and _whole_number('150000') == 150_000
+    with pytest.raises(argparse.ArgumentTypeError, match='whole number'):
+        _whole_number('2.5')
+    with pytest.raises(argparse.ArgumentTypeError, match='not a number'):
+        _whole_number('lots')
