@@ -1,5 +1,8 @@
 """Small shared builders for tests: tiny models and synthetic token loaders (real data is tested in test_data)."""
 
+import os
+import socket
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +27,25 @@ def token_loader(n=64, seq_len=16, vocab=64, batch_size=4, seed=0):
     from composer.core import DataSpec
     loader = DataLoader(RandomTokens(n, seq_len, vocab, seed), batch_size=batch_size, shuffle=False)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['input_ids'].numel()))
+
+
+# What a launcher (torchrun, `composer -n`, deepspeed) sets in its workers' environment (BASE_RANK and
+# LOCAL_SIZE are Composer's). A test that starts its own job, or must look like a single process nobody
+# launched, takes these out.
+DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
+            'NODE_RANK', 'BASE_RANK', 'TORCHELASTIC_RUN_ID', 'LOCAL_SIZE')
+
+
+def env_without_dist(env=None) -> dict:
+    """A copy of `env` (default: os.environ) without the launcher variables in DIST_ENV."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in DIST_ENV}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's own rendezvous / server)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def tiny_config(**kw):

@@ -106,9 +106,10 @@ def run_composer(out: str, fsdp2: bool) -> None:
     from composer import Callback, Trainer
     from composer.models import ComposerModel
     from composer.utils import dist
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
 
     from prores_algo import ProRes
+    from tests.helpers import RandomTokens
 
     class Wrapped(ComposerModel):
         def __init__(self):
@@ -121,17 +122,6 @@ def run_composer(out: str, fsdp2: bool) -> None:
         def loss(self, outputs, batch):
             return lm_loss(outputs, batch['input_ids'])
 
-    class Tokens(Dataset):
-        def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.data = torch.randint(0, VOCAB, (64, SEQ), generator=g)
-
-        def __len__(self):
-            return len(self.data)
-
-        def __getitem__(self, i):
-            return {'input_ids': self.data[i]}
-
     class Record(Callback):
         def __init__(self):
             self.seen = {}
@@ -140,7 +130,7 @@ def run_composer(out: str, fsdp2: bool) -> None:
             self.seen[int(state.timestamp.batch)] = [alpha_buffers(state.model), branch_hooks(state.model)]
 
     def fit(save_folder, load_path=None):
-        ds = Tokens()
+        ds = RandomTokens(64, SEQ, VOCAB, seed=0)
         loader = DataLoader(ds, batch_size=2, sampler=dist.get_sampler(ds, shuffle=False))
         model = Wrapped()
         rec = Record()
@@ -226,10 +216,10 @@ def run_ddp(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ HF Trainer
 def run_hf(out: str) -> None:
-    from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments
 
     from prores_algo.integrations.hf import ProResCallback
+    from tests.helpers import RandomTokens
 
     class HFWrap(nn.Module):
         def __init__(self):
@@ -240,23 +230,13 @@ def run_hf(out: str) -> None:
             logits = self.model(input_ids)
             return {'loss': lm_loss(logits, input_ids), 'logits': logits}
 
-    class Tokens(Dataset):
-        def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.data = torch.randint(0, VOCAB, (64, SEQ), generator=g)
-
-        def __len__(self):
-            return len(self.data)
-
-        def __getitem__(self, i):
-            return {'input_ids': self.data[i]}
-
     def fit(max_steps, model, callback):
         args = TrainingArguments(output_dir=f'{out}/hf', max_steps=max_steps, per_device_train_batch_size=2,
                                  learning_rate=1e-2, report_to=[], save_strategy='no', logging_steps=1,
                                  use_cpu=True, ddp_backend='gloo', disable_tqdm=True, seed=0,
                                  dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback])
+        trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, SEQ, VOCAB, seed=0),
+                          callbacks=[callback])
         trainer.train()
         return trainer
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from tests.helpers import free_port
 
 REGION = 'us-east-1'
 # Names that change which credentials / endpoint boto3 uses; cleared so the machine's own AWS setup
@@ -36,12 +37,6 @@ AWS_ENV = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'A
 def moto_available() -> bool:
     return shutil.which('moto_server', path=str(Path(sys.executable).parent)) is not None or \
         shutil.which('moto_server') is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 class MotoS3:

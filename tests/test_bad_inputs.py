@@ -39,12 +39,11 @@ from prores_algo.config import ConfigError, load_config
 from prores_algo.models.decoder import Decoder, DecoderConfig
 from prores_algo.policies import LAYER_POLICIES
 from prores_algo.surgery import ALPHA_BUFFER
+from tests.helpers import DIST_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 QS = ROOT / 'yamls' / 'quickstart.yaml'
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
-_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-             'NODE_RANK', 'TORCHELASTIC_RUN_ID')
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -572,7 +571,7 @@ def test_matrix_size_and_ids():
 
 @pytest.mark.parametrize('case', CASES, ids=lambda c: c.id)
 def test_bad_input(case, tmp_path, request, capsys, monkeypatch):
-    for k in _DIST_ENV:  # the DeepSpeed rows must see a single, not-yet-launched process
+    for k in DIST_ENV:  # the DeepSpeed rows must see a single, not-yet-launched process
         monkeypatch.delenv(k, raising=False)
     ctx = Ctx(tmp=tmp_path, request=request)
     with pytest.raises(case.exc) as info:

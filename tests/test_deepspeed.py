@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from prores_algo.integrations.deepspeed import (CLIENT_STATE_KEY, SIDECAR_FILE, 
                                                 lr_lambda_from, lr_scheduler_factory, save_checkpoint)
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
 from prores_algo.models.decoder import Decoder, DecoderConfig
+from tests.helpers import DIST_ENV, env_without_dist, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
@@ -35,22 +35,14 @@ STEPS, T_WARMUP, N_LAYERS = 8, 8, 4
 TINY = ['--n_layers', str(N_LAYERS), '--d_model', '32', '--n_heads', '4', '--seq_len', '16', '--vocab', '64',
         '--steps', str(STEPS), '--t_warmup', str(T_WARMUP), '--lr', '1e-2', '--lr_warmup', '1', '--eval_samples', '16',
         '--seed', '0']
-_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-             'NODE_RANK', 'TORCHELASTIC_RUN_ID')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _launch(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node nproc -m prores_algo.ds_train args` from the repo root."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     cmd = [str(TORCHRUN), f'--nproc_per_node={nproc}', '--nnodes=1', '--master_addr=127.0.0.1',
-           f'--master_port={_free_port()}', '-m', 'prores_algo.ds_train', *args]
+           f'--master_port={free_port()}', '-m', 'prores_algo.ds_train', *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -197,7 +189,7 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_dist_env(monkeypatch):
-    for k in _DIST_ENV:
+    for k in DIST_ENV:
         monkeypatch.delenv(k, raising=False)
 
 

@@ -3,7 +3,6 @@ step equals the schedule, FSDP2 really shards, and N batches straight == N/2 + c
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from prores_algo import schedules
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / 'tests' / 'dist_driver.py'
@@ -25,19 +25,13 @@ def data(tmp_path_factory):
     return str(out)
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def launch(yaml, out, data, *overrides):
     composer = Path(sys.executable).parent / 'composer'
     base = [f'data.path={data}', 'data.source=null', 'data.seq_len=32', 'model.max_seq_len=32', 'model.d_model=32',
             'model.n_heads=4', 'model.n_layers=3', 'global_train_batch_size=8', 'eval_batch_size=8',
             'eval_interval=100ba', 'eval_subset_num_batches=1', 'algorithms.prores.t_warmup=8ba',
             'algorithms.prores.log_interval=1', 'console_log_interval=100ba', 'data.shuffle=false']
-    cmd = [str(composer), '-n', '2', '--master_port', str(_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
+    cmd = [str(composer), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
            '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), str(out), str(yaml), *base, *overrides]
     Path(out).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,

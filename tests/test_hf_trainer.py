@@ -8,7 +8,6 @@ callback through transformers' own CallbackHandler in the Trainer's event order.
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from prores_algo import schedules
 from prores_algo.export import fold_prores
 from prores_algo.integrations.hf import ProResCallback, unwrap_model
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_ACCELERATE = importlib.util.find_spec('accelerate') is not None
@@ -136,12 +136,6 @@ def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_al
     check_alphas(seen, warmup=4, grad_accum=1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 DS_SCRIPT = textwrap.dedent('''
     import json, sys, tempfile
     import torch, transformers as T
@@ -179,7 +173,7 @@ def test_real_trainer_deepspeed_zero3_cpu_single_process(tmp_path):
     pytest.importorskip('deepspeed')
     script = tmp_path / 'ds_hf.py'
     script.write_text(DS_SCRIPT)
-    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(_free_port()), 'RANK': '0',
+    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'RANK': '0',
            'WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'OMP_NUM_THREADS': '1',
            'PYTHONPATH': os.pathsep.join(p for p in [str(REPO), os.environ.get('PYTHONPATH', '')] if p)}
     proc = subprocess.run([sys.executable, str(script), str(REPO)], cwd=tmp_path, env=env, capture_output=True,

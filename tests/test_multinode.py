@@ -51,7 +51,8 @@ import torch
 
 from prores_algo import schedules
 
-from s3_server import MotoS3, free_port, moto_available, process_env
+from s3_server import MotoS3, moto_available, process_env
+from tests.helpers import DIST_ENV, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -61,8 +62,6 @@ SEQ, N_TRAIN, GLOBAL_BATCH, LAYERS, T_WARMUP = 32, 64, 8, 3, 8
 STEPS = N_TRAIN // GLOBAL_BATCH  # one epoch
 PREFIX = 'mn'
 RUN_TIMEOUT = 900  # s, per launch of all nodes (a CPU-starved CI machine; a run takes ~1 min on 2 idle cores)
-_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-             'NODE_RANK', 'BASE_RANK', 'TORCHELASTIC_RUN_ID', 'LOCAL_SIZE')
 
 pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 server: pip install 'moto[server]'")
 
@@ -147,7 +146,7 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
         for cmd, nd in zip(commands, node_dirs):
             (nd / 'tmp').mkdir(parents=True, exist_ok=True)
             env = process_env(extra_env)
-            for k in _DIST_ENV:
+            for k in DIST_ENV:
                 env.pop(k, None)
             env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', TMPDIR=str(nd / 'tmp'), PYTHONUNBUFFERED='1',
                        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests'), env.get('PYTHONPATH', '')]))

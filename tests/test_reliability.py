@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,25 +38,18 @@ import pytest
 import torch
 
 from prores_algo import schedules
+from tests.helpers import env_without_dist, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DRIVER = ROOT / 'tests' / 'reliability_driver.py'
 DS_ENTRY = ROOT / 'tests' / 'slow_ds_train.py'
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
-_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-             'NODE_RANK', 'TORCHELASTIC_RUN_ID')
 N_LAYERS, T_WARMUP, STEPS, SAVE_EVERY = 3, 8, 12, 3
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     env.update(extra)
     return env
@@ -139,7 +131,7 @@ def data(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------- Composer
 
 def composer_cmd(out: Path, ckpt: Path, data: Path) -> list[str]:
-    return [str(BIN / 'composer'), '-n', '2', '--master_port', str(_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
+    return [str(BIN / 'composer'), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
             '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), str(out), str(ROOT / 'yamls' / 'quickstart.yaml'),
             f'data.path={data}', 'data.source=null', 'data.seq_len=32', 'model.max_seq_len=32', 'model.d_model=32',
             'model.n_heads=4', f'model.n_layers={N_LAYERS}', 'global_train_batch_size=8', 'eval_batch_size=8',
@@ -240,7 +232,7 @@ DS_ARGS = ['--deepspeed_config', str(ZERO3_JSON), '--n_layers', '4', '--d_model'
 
 def ds_cmd(save: Path, *extra) -> list[str]:
     return [str(BIN / 'torchrun'), '--nproc_per_node=2', '--nnodes=1', '--master_addr=127.0.0.1',
-            f'--master_port={_port()}', str(DS_ENTRY), *DS_ARGS, '--save_dir', str(save), '--summary',
+            f'--master_port={free_port()}', str(DS_ENTRY), *DS_ARGS, '--save_dir', str(save), '--summary',
             str(save.parent / f'{save.name}_summary_{{rank}}.json'), *extra]
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prores_algo import apply_prores, schedules
 from prores_algo.export import fold_prores
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+from tests.helpers import env_without_dist, free_port
 from tests.removal_driver import LAYERS, STEPS, T_WARMUP, batches, fresh_model, lm_loss
 
 pytestmark = pytest.mark.filterwarnings('ignore:ProRes t_warmup')  # W = 4 steps is short on purpose
@@ -39,18 +39,10 @@ pytestmark = pytest.mark.filterwarnings('ignore:ProRes t_warmup')  # W = 4 steps
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / 'tests' / 'removal_driver.py'
 BIN = Path(sys.executable).parent
-_DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-             'NODE_RANK', 'TORCHELASTIC_RUN_ID')
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join(p for p in (env.get('PYTHONPATH'), str(ROOT)) if p))
     return env
@@ -59,11 +51,11 @@ def _env() -> dict:
 def _launch(mode: str, out: Path, *extra: str, launcher: str = 'torchrun') -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     if launcher == 'composer':
-        cmd = [str(BIN / 'composer'), '-n', '2', '--master_port', str(_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
+        cmd = [str(BIN / 'composer'), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
                '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), mode, str(out), *extra]
     else:
         cmd = [str(BIN / 'torchrun'), '--nproc_per_node=2', '--nnodes=1', '--master_addr=127.0.0.1',
-               f'--master_port={_port()}', str(DRIVER), mode, str(out), *extra]
+               f'--master_port={free_port()}', str(DRIVER), mode, str(out), *extra]
     proc = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         logs = ''.join(f'\n--- {f.name}:\n{f.read_text()[-3000:]}' for f in sorted(out.glob('std*.txt')))
