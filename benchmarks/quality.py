@@ -149,7 +149,8 @@ def _final_position_cosine(data_path: Path, n_seqs: int = 32):
     from prores_algo.surgery import find_residual_layers
 
     class FinalCosine(Callback):
-        values: list[float] = []
+        def __init__(self):
+            self.values: list[float] = []
 
         def fit_end(self, state, logger):
             ds = TokenDataset(local=str(data_path), split='val', shuffle=False, batch_size=1)

@@ -141,6 +141,11 @@ def _micro_batches(loader, sampler, start: int) -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------------
+def _prores_on(cfg: dict) -> bool:
+    """ProRes is on unless `prores` is false or the schedule is none/off."""
+    return bool(cfg['prores']) and cfg['schedule'] not in (None, 'none', 'off')
+
+
 def build_model(cfg: dict, ds_config: Optional[dict] = None, zero_init: bool = False) -> Decoder:
     """The reference decoder, seeded with cfg['seed']; under `deepspeed.zero.Init` if `zero_init`.
 
@@ -149,7 +154,7 @@ def build_model(cfg: dict, ds_config: Optional[dict] = None, zero_init: bool = F
     the parameters gathered. The random draws happen in the same order as without zero.Init, so both
     builds give the same weights.
     """
-    prores_on = bool(cfg['prores']) and cfg['schedule'] not in (None, 'none', 'off')
+    prores_on = _prores_on(cfg)
     deepnet_init = cfg.get('deepnet_init')
     dc = DecoderConfig(vocab_size=cfg['vocab'], d_model=cfg['d_model'], n_layers=cfg['n_layers'],
                        n_heads=cfg['n_heads'], max_seq_len=cfg['seq_len'], norm=cfg['norm'], d_ffn=cfg.get('d_ffn'),
@@ -302,7 +307,7 @@ def train(cfg: dict) -> dict:
     lr_factory = lr_scheduler_factory(cfg['lr_schedule'], max_steps=steps, t_warmup=cfg['lr_warmup'],
                                       t_decay=cfg['lr_decay'], alpha_f=cfg['alpha_f'],
                                       lr_warmup_delay=cfg['lr_warmup_delay'])
-    prores_on = bool(cfg['prores']) and cfg['schedule'] not in (None, 'none', 'off')
+    prores_on = _prores_on(cfg)
     if prores_on:  # unknown names fail here, before any process group
         expected = {'enabled': True, 'schedule': schedules.canonical_name(cfg['schedule']),
                     't_warmup': float(cfg['t_warmup'] if cfg['t_warmup'] is not None else 1000 * cfg['n_layers']),

@@ -315,9 +315,8 @@ class _MonitorBase:
         """RMS and position-cosine metrics of a measured step; True if this step shows a collapse (warned
         once per run: every position of a sequence carries nearly the same vector)."""
         metrics: dict[str, float] = {}
-        rms = self.stats.rms() if self.track_rms else None
+        rms = self.stats.rms() if self.track_rms else None  # each of these also takes the hooks away
         cos = self.stats.cosines() if self.track_cosine else None
-        self.stats.stop_rms()
         metrics.update(_metrics('rms', rms))
         if cos is None:
             return metrics, False

@@ -1,8 +1,9 @@
 """Attach ProRes to a model: find each layer's residual branches and scale them by the layer's α.
 
-Mechanism (README, "Mechanism"): a forward hook on every branch-final module multiplies its output by a 0-dim,
-non-persistent buffer `prores_alpha` that lives on that module and is updated in place with `fill_`.
-Because of that choice:
+Mechanism (README, "Mechanism"): every branch-final module gets a 0-dim, non-persistent buffer
+`prores_alpha`, updated in place with `fill_`, and its output is scaled by it: inside the GEMMs of an
+`nn.Linear` (`prores_algo.scaled_linear`, which also keeps α as a Python float for the BLAS scalars), or by
+a forward hook on every other branch end (and everywhere with `mechanism='hook'`). Because of that choice:
   * parameter names and `state_dict` keys do not change (HF checkpoints still load);
   * optimizers built before the surgery keep working (no parameter is replaced);
   * FSDP / ZeRO-3 never shard α, and `.to(device)` moves it with the module;
@@ -202,6 +203,7 @@ class ProResController:
                              'matrix multiplies of branches that end in an nn.Linear and by an output hook elsewhere; '
                              '"hook" uses the output hook everywhere')
         self.mechanism = mechanism
+        self._warned_short = False  # warn_if_short_warmup warns once per controller
         self.layers = layers
         self.schedule = schedules.canonical_name(schedule)
         self._warmup_steps = None if warmup_steps is None else _check_warmup(warmup_steps)
@@ -421,7 +423,7 @@ def apply_prores(model: nn.Module,
 def warn_if_short_warmup(controller: ProResController) -> bool:
     """Warn (once per controller) when W / L, in optimizer steps, is below the regime where ProRes helps.
     Front ends call it once W is known in steps; True if it warned."""
-    if getattr(controller, '_warned_short', False) or controller.warmup_steps is None:
+    if controller._warned_short or controller.warmup_steps is None:
         return False
     msg = schedules.short_warmup_message(controller.warmup_steps, controller.num_layers)
     if msg is None:
