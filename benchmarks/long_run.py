@@ -177,7 +177,7 @@ def run(steps: int = 20_000, warmup_frac: float = 0.25, settle: int | None = Non
     monitor_on = False
     if monitor:
         try:
-            from prores_algo.monitor import ResidualMonitor
+            from prores_algo.integrations.composer import ResidualMonitor
             callbacks.append(ResidualMonitor(interval='50ba'))
             monitor_on = True
         except ImportError:

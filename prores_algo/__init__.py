@@ -16,10 +16,10 @@ __all__ = ['ProRes', 'apply_prores', 'find_residual_layers', 'ProResController',
            '__version__']
 
 _LAZY = {
-    'ProRes': 'prores_algo.algorithm',
+    'ProRes': 'prores_algo.integrations.composer',
     'WSDScheduler': 'prores_algo.lr_schedules',
     'wsd_multiplier': 'prores_algo.lr_schedules',
-    'ResidualMonitor': 'prores_algo.monitor',
+    'ResidualMonitor': 'prores_algo.integrations.composer',
     'ProResCallback': 'prores_algo.integrations.hf',
     'plot_alpha_heatmap': 'prores_algo.preview',
 }

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS, policy_for
-from prores_algo.scaled_linear import uninstall_scaled_forward
-from prores_algo.surgery import ALPHA_BUFFER, ProResController, _scale_branch_output, has_prores_hook, make_alpha_inert
+from prores_algo.surgery import ALPHA_BUFFER, ProResController, has_prores_hook, unscale
 
 __all__ = ['fold_prores', 'fold_alpha_into_module', 'FOLD_TARGETS_ATTRIBUTE']
 
@@ -144,16 +143,6 @@ def _hooked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if ALPHA_BUFFER in m._buffers and has_prores_hook(m)]
 
 
-def _drop_hook(module: nn.Module) -> None:
-    for key, fn in list(module._forward_hooks.items()):
-        if fn is _scale_branch_output:
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
-    uninstall_scaled_forward(module)  # the other mechanism: α inside the Linear's GEMMs
-    make_alpha_inert(module)  # kept, as 1.0: a DDP/FSDP wrapper must keep seeing the same buffers
-
-
 def _unwrap_controller(obj):
     controller = getattr(obj, 'controller', None)  # the Composer algorithm, the HF callback
     return controller if isinstance(controller, ProResController) else obj
@@ -183,9 +172,8 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
         root = model if model is not None else getattr(controller, 'model', None)
         plan = []  # (alpha, [(name, module)])
         if not controller.removed:
-            for layer_idx, name, hooked, _ in controller._hooks:
-                layer = controller.layers[layer_idx]
-                alpha = float(hooked._buffers[ALPHA_BUFFER])
+            for layer, name, hooked, _ in controller.scaled_branches():
+                alpha = float(hooked._buffers[ALPHA_BUFFER])  # what the forward uses (equal to the controller's α)
                 plan.append((alpha, _targets(layer.module, layer.path, name, hooked)))
         _apply_plan(plan)
         controller.remove()
@@ -207,7 +195,7 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
         plan.append((alpha, _targets(layer, layer_path, branch, hooked)))
     _apply_plan(plan)
     for _, hooked in _hooked_modules(root):
-        _drop_hook(hooked)
+        unscale(hooked)
     return root
 
 

@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from prores_algo.surgery import find_residual_layers
+from prores_algo.timing import to_steps
 
-__all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'ResidualMonitor', 'ResidualMonitorCallback']
+__all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'MonitorBase']
 
 
 # --- spike counting ---------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def _dist_world() -> int:
                                                   torch.distributed.is_initialized()) else 1
 
 
-def _local(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def local_tensor(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(local tensor, is sharded): a DTensor's local shard, else the tensor itself."""
     local = getattr(t, '_local_tensor', None)
     if local is not None:
@@ -123,7 +124,7 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t, False
 
 
-def _sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     norms = torch._foreach_norm([t.float() if t.dtype not in (torch.float32, torch.float64) else t for t in tensors])
@@ -152,7 +153,7 @@ class LayerStats:
         self.model = model
         self.layers = list(layers)
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
-        self.sharded = (any(_local(p)[1] for ps in self.params for p in ps) if sharded is None else sharded)
+        self.sharded = (any(local_tensor(p)[1] for ps in self.params for p in ps) if sharded is None else sharded)
         self.recording = False  # True during a real forward pass of a measured step
         self._rms_handles: list = []
         self._sumsq: list[torch.Tensor] = []
@@ -214,9 +215,9 @@ class LayerStats:
         """Squared gradient norm per layer (a device tensor, no sync); None if no parameter has a grad."""
         rows, any_grad = [], False
         for ps in self.params:
-            grads = [_local(p.grad)[0] for p in ps if p.grad is not None]
+            grads = [local_tensor(p.grad)[0] for p in ps if p.grad is not None]
             any_grad |= bool(grads)
-            rows.append(_sum_squares(grads))
+            rows.append(sum_squares(grads))
         if not any_grad:
             return None
         device = next((r.device for r in rows if r.device.type != 'cpu'), rows[0].device)
@@ -231,7 +232,7 @@ class LayerStats:
     # relative update size --------------------------------------------------------------------------
     @torch.no_grad()
     def snapshot(self) -> None:
-        self._snapshot = [[_local(p.detach())[0].clone() for p in ps] for ps in self.params]
+        self._snapshot = [[local_tensor(p.detach())[0].clone() for p in ps] for ps in self.params]
 
     @torch.no_grad()
     def update_ratios(self) -> Optional[list[float]]:
@@ -240,11 +241,11 @@ class LayerStats:
         before, self._snapshot = self._snapshot, None
         diff_sq, base_sq = [], []
         for ps, olds in zip(self.params, before):
-            news = [_local(p.detach())[0] for p in ps]
+            news = [local_tensor(p.detach())[0] for p in ps]
             if any(n.shape != o.shape for n, o in zip(news, olds)):
                 return None  # parameters were re-partitioned in between (ZeRO-3): cannot compare
-            diff_sq.append(_sum_squares([n.float() - o.float() for n, o in zip(news, olds)]))
-            base_sq.append(_sum_squares(olds))
+            diff_sq.append(sum_squares([n.float() - o.float() for n, o in zip(news, olds)]))
+            base_sq.append(sum_squares(olds))
         device = next((d.device for d in diff_sq if d.device.type != 'cpu'), torch.device('cpu'))
         packed = self.reduce_sharded(torch.stack([d.to(device) for d in diff_sq + base_sq]))
         n = len(self.layers)
@@ -253,25 +254,23 @@ class LayerStats:
 
 
 def _parse_interval(interval: Union[int, str]) -> int:
-    value = interval
-    if isinstance(interval, str):
-        text = interval.strip()
-        if text.endswith('ba'):
-            text = text[:-2]
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}")
-    return value
+    message = f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}"
+    try:
+        steps = to_steps(interval, 'interval')
+    except ValueError:
+        raise ValueError(message) from None
+    if not steps.is_integer() or steps < 1:
+        raise ValueError(message)
+    return int(steps)
 
 
-def _metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]:
+def per_layer_metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]:
     return {} if values is None else {f'monitor/{prefix}/layer_{i}': float(v) for i, v in enumerate(values)}
 
 
-class _MonitorBase:
+class MonitorBase:
+    """What both monitor callbacks share: settings, layer statistics, collapse detection, spike counters."""
+
     def __init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class, branches,
                  layer_pattern, position_cosine=True, collapse_threshold=0.95, collapse_patience=10,
                  stop_on_collapse=False):
@@ -317,10 +316,10 @@ class _MonitorBase:
         metrics: dict[str, float] = {}
         rms = self.stats.rms() if self.track_rms else None  # each of these also takes the hooks away
         cos = self.stats.cosines() if self.track_cosine else None
-        metrics.update(_metrics('rms', rms))
+        metrics.update(per_layer_metrics('rms', rms))
         if cos is None:
             return metrics, False
-        metrics.update(_metrics('position_cosine', cos))
+        metrics.update(per_layer_metrics('position_cosine', cos))
         worst = max(range(len(cos)), key=lambda i: cos[i] if math.isfinite(cos[i]) else -1.0)
         high = math.isfinite(cos[worst]) and cos[worst] >= self.collapse_threshold
         self._high_cosine_run = self._high_cosine_run + 1 if high else 0
@@ -353,295 +352,3 @@ class _MonitorBase:
         if self.spikes and state:
             self.loss_spikes.load_state_dict(state.get('loss_spikes', {}))
             self.grad_spikes.load_state_dict(state.get('grad_spikes', {}))
-
-
-# --- Composer --------------------------------------------------------------------------------------
-
-try:
-    from composer.core import Callback as _ComposerCallback
-except ImportError:  # a plain PyTorch / HF environment: only the HF callback and the helpers are usable
-    _ComposerCallback = object
-
-
-class ResidualMonitor(_MonitorBase, _ComposerCallback):
-    """Composer callback: per-layer residual RMS, gradient norm and update ratio, plus spike counters.
-
-    Args:
-        interval: measure every this many batches (optimizer steps): int or 'Nba' (default '10ba').
-        rms, grad_norm, update_ratio: which per-layer quantities to measure.
-        spike_window, spike_std: the spike rule (previous `spike_window` values, `spike_std` std);
-            spike_window=0 turns the counters off.
-        layer_class, branches, layer_pattern: for models `find_residual_layers` does not know.
-        position_cosine: log `monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
-        collapse_threshold, collapse_patience: a collapse is `collapse_patience` consecutive measured steps
-            whose largest per-layer position cosine is >= `collapse_threshold`: logged as
-            `monitor/collapse` = 1 and warned about once. Trained models here sit at 0.4-0.6. Small Post-LN
-            models pass through a short high-cosine phase early in training even without ProRes (8
-            measurements at interval 10 for a 16-layer, width-32 baseline), hence the patience.
-        stop_on_collapse: also stop training when the collapse is reported.
-    """
-
-    def __init__(self,
-                 interval: Union[int, str] = '10ba',
-                 rms: bool = True,
-                 grad_norm: bool = True,
-                 update_ratio: bool = True,
-                 spike_window: int = 100,
-                 spike_std: float = 7.0,
-                 layer_class: Optional[str] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None,
-                 position_cosine: bool = True,
-                 collapse_threshold: float = 0.95,
-                 collapse_patience: int = 10,
-                 stop_on_collapse: bool = False):
-        _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
-                              stop_on_collapse)
-        self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
-        self._total_grad_sq: Optional[torch.Tensor] = None
-        self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
-
-    def fit_start(self, state, logger) -> None:
-        if self.stats is None:
-            self.stats = self._find(state.model, sharded=None if not getattr(state, 'fsdp_enabled', False) else True)
-
-    def batch_start(self, state, logger) -> None:
-        if self.stats is None:
-            self.fit_start(state, logger)
-        self._grad_sq = self._total_grad_sq = None
-        if int(state.timestamp.batch) % self.interval == 0:
-            self._measured_step = int(state.timestamp.batch)  # BATCH_END sees the timestamp already advanced
-            self._begin_measure()
-
-    def before_forward(self, state, logger) -> None:
-        self.stats.recording = self.measuring
-
-    def after_forward(self, state, logger) -> None:
-        self.stats.recording = False
-
-    def after_backward(self, state, logger) -> None:
-        need_layers = self.measuring and self.track_grad_norm
-        need_total = self.spikes and self.track_grad_norm
-        if not (need_layers or need_total):
-            return
-        per_layer = self.stats.grad_norms_sq() if need_layers else None
-        scaler = getattr(state, 'scaler', None)
-        scale = None
-        if scaler is not None and getattr(scaler, 'is_enabled', lambda: False)():
-            scale = scaler.get_scale()  # AFTER_BACKWARD grads are still multiplied by the loss scale
-        if per_layer is not None:
-            self._grad_sq = per_layer / (scale * scale) if scale else per_layer
-        if need_total:
-            grads = [_local(p.grad)[0] for p in state.model.parameters() if p.grad is not None]
-            if grads:
-                total = _sum_squares(grads)
-                self._total_grad_sq = total / (scale * scale) if scale else total
-
-    def batch_end(self, state, logger) -> None:
-        metrics: dict[str, float] = {}
-        if self.spikes:
-            loss = (getattr(state, 'total_loss_dict', None) or {}).get('loss/train/total')
-            if loss is not None:
-                self.loss_spikes.push(float(loss))
-            if self._total_grad_sq is not None:
-                self._pending_grad.append(self.stats.reduce_sharded(self._total_grad_sq.reshape(1)))
-        if self.measuring:
-            self.measuring = False
-            self.stats.recording = False
-            layer_metrics, collapsed = self._layer_metrics(self._measured_step)
-            metrics.update(layer_metrics)
-            if collapsed and self.stop_on_collapse:
-                state.stop_training()
-            if self._grad_sq is not None:
-                metrics.update(_metrics('grad_norm', self.stats.reduce_sharded(self._grad_sq).sqrt().tolist()))
-            if self.track_update_ratio:
-                metrics.update(_metrics('update_ratio', self.stats.update_ratios()))
-            if self.spikes:  # one sync per interval for the deferred grad norms
-                if self._pending_grad:
-                    for g in torch.cat([g.to(self._pending_grad[0].device) for g in self._pending_grad]).sqrt().tolist():
-                        self.grad_spikes.push(g)
-                    self._pending_grad = []
-                metrics.update(self.spike_metrics())
-        if metrics:
-            logger.log_metrics(metrics)
-
-    def fit_end(self, state, logger) -> None:
-        if self.stats is not None:
-            self.stats.stop_rms()
-        if self._pending_grad:
-            for g in torch.cat(self._pending_grad).sqrt().tolist():
-                self.grad_spikes.push(g)
-            self._pending_grad = []
-
-
-# --- Hugging Face ----------------------------------------------------------------------------------
-
-def _hf_base():
-    try:
-        from transformers import TrainerCallback
-        return TrainerCallback
-    except ImportError:
-        return object
-
-
-class ResidualMonitorCallback(_MonitorBase, _hf_base()):
-    """`transformers.TrainerCallback` with the same measurements as `ResidualMonitor`.
-
-    Steps are optimizer steps (`state.global_step`). Metrics of a measured step are added to the next
-    `on_log` (place the callback first with `install(trainer)` for reporting integrations to see them).
-    Per-layer gradient norms are taken from each parameter's gradient after its last accumulation of
-    the step (a post-accumulate-grad hook), i.e. before the Trainer clips. The grad-spike counter uses
-    the Trainer's own logged `grad_norm` (pre-clipping global norm), so its window holds logged steps;
-    the loss-spike counter uses the mean forward loss of every step.
-    """
-
-    def __init__(self,
-                 interval: Union[int, str] = 10,
-                 rms: bool = True,
-                 grad_norm: bool = True,
-                 update_ratio: bool = True,
-                 spike_window: int = 100,
-                 spike_std: float = 7.0,
-                 layer_class: Optional[str] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None,
-                 position_cosine: bool = True,
-                 collapse_threshold: float = 0.95,
-                 collapse_patience: int = 10,
-                 stop_on_collapse: bool = False):
-        _MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
-                              stop_on_collapse)
-        self._root_handles: list = []
-        self._grad_handles: list = []
-        self._param_sq: dict[int, torch.Tensor] = {}
-        self._step_losses: list[torch.Tensor] = []
-        self._pending_losses: list[torch.Tensor] = []
-        self._pending: dict[str, float] = {}
-
-    def install(self, trainer) -> 'ResidualMonitorCallback':
-        handler = trainer.callback_handler
-        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
-        handler.callbacks.insert(0, self)
-        return self
-
-    # root-model hooks: record only real forwards; collect the loss of each training forward
-    def _pre_forward(self, module, args):
-        if module.training and self.stats is not None:
-            self.stats.recording = self.measuring
-
-    def _post_forward(self, module, args, output):
-        if self.stats is not None:
-            self.stats.recording = False
-        if not (self.spikes and module.training and torch.is_grad_enabled()):
-            return
-        loss = getattr(output, 'loss', None)
-        if loss is None and isinstance(output, dict):
-            loss = output.get('loss')
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._step_losses.append(loss.detach().float().reshape(1))
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from prores_algo.integrations.hf import unwrap_model
-        model = unwrap_model(model)
-        if self.stats is not None and self.stats.model is model:
-            return
-        for h in self._root_handles:
-            h.remove()
-        zero = bool(getattr(args, 'deepspeed', None)) if args is not None else False
-        self.stats = self._find(model)
-        self._zero = zero or any(hasattr(p, 'ds_id') for p in model.parameters())
-        self._root_handles = [model.register_forward_pre_hook(self._pre_forward),
-                              model.register_forward_hook(self._post_forward)]
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_losses = []
-        if self.stats is None or int(state.global_step) % self.interval != 0:
-            return
-        self._measured_step = int(state.global_step)  # on_step_end sees global_step already advanced
-        self._begin_measure_hf()
-
-    def _begin_measure_hf(self) -> None:
-        self.measuring = True
-        if self.track_rms or self.track_cosine:
-            self.stats.start_rms()
-        if self._zero:
-            return  # ZeRO partitions .grad and parameter data: per-layer grad / update are not measurable here
-        if self.track_update_ratio:
-            self.stats.snapshot()
-        if self.track_grad_norm:
-            self._param_sq = {}
-            for ps in self.stats.params:
-                for p in ps:
-                    self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
-
-    def _grad_hook(self, p: torch.Tensor) -> None:
-        if p.grad is not None:
-            self._param_sq[id(p)] = _sum_squares([_local(p.grad)[0].detach()])
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        for h in self._grad_handles:
-            h.remove()
-        self._grad_handles = []
-        if self.measuring and self._param_sq:
-            rows = []
-            for ps in self.stats.params:
-                vals = [self._param_sq[id(p)] for p in ps if id(p) in self._param_sq]
-                rows.append(torch.stack(vals).sum() if vals else torch.zeros(()))
-            device = next((r.device for r in rows if r.device.type != 'cpu'), torch.device('cpu'))
-            grad_sq = self.stats.reduce_sharded(torch.stack([r.to(device) for r in rows]))
-            self._pending.update(_metrics('grad_norm', grad_sq.sqrt().tolist()))
-            self._param_sq = {}
-
-    def on_step_end(self, args, state, control, **kwargs):
-        for h in self._grad_handles:  # a step without on_pre_optimizer_step (should not happen)
-            h.remove()
-        self._grad_handles = []
-        if self.spikes and self._step_losses:
-            self._pending_losses.append(torch.cat(self._step_losses).mean().reshape(1))
-        self._step_losses = []
-        if not self.measuring:
-            return
-        self.measuring = False
-        self.stats.recording = False
-        layer_metrics, collapsed = self._layer_metrics(self._measured_step)
-        self._pending.update(layer_metrics)
-        if collapsed and self.stop_on_collapse:
-            control.should_training_stop = True
-        if self.track_update_ratio and not self._zero:
-            self._pending.update(_metrics('update_ratio', self.stats.update_ratios()))
-        if self.spikes:
-            self._flush_losses()
-            self._pending.update(self.spike_metrics())
-
-    def _flush_losses(self) -> None:
-        if self._pending_losses:
-            device = self._pending_losses[0].device
-            for v in torch.cat([l.to(device) for l in self._pending_losses]).tolist():
-                self.loss_spikes.push(v)
-            self._pending_losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
-        if self.spikes and 'grad_norm' in logs and logs['grad_norm'] is not None:
-            self.grad_spikes.push(float(logs['grad_norm']))
-            self._pending.update(self.spike_metrics())
-        if not self._pending:
-            return
-        last = state.log_history[-1] if state.log_history else None
-        if isinstance(last, dict) and last.get('step') == state.global_step and all(
-                k in last for k in logs if k != 'step'):
-            last.update(self._pending)
-        logs.update(self._pending)
-        self._pending = {}
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.stats is not None:
-            self.stats.stop_rms()
-        for h in self._grad_handles:
-            h.remove()
-        self._grad_handles = []
-        if self.spikes:
-            self._flush_losses()

@@ -13,6 +13,8 @@ Checked on transformers 4.57: tests/test_surgery.py verifies every entry numeric
 
 from __future__ import annotations
 
+from typing import Sequence
+
 __all__ = ['LAYER_POLICIES', 'LAYER_VARIANTS', 'BRANCH_REWRITES', 'FOLD_TARGETS', 'register_policy', 'policy_for',
            'BRANCHES_ATTRIBUTE']
 
@@ -116,17 +118,26 @@ FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+def check_branches(branches: Sequence[str]) -> tuple[str, ...]:
+    """The one validation of a user's branch list: a non-empty list of dotted module names."""
+    if isinstance(branches, str):  # tuple('attn.o_proj') would be single characters
+        raise ValueError(f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
+                         f"'mlp.down_proj'], got the string {branches!r}")
+    try:
+        names = tuple(branches)
+    except TypeError:
+        names = ()
+    if not names or not all(isinstance(b, str) and b for b in names):
+        raise ValueError(f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
+                         f"'mlp.down_proj'], got {branches!r}")
+    return names
+
+
 def register_policy(layer_class_name: str, branches: tuple[str, ...] | list[str], *, overwrite: bool = False) -> None:
     """Teach ProRes a new layer class: `register_policy('MyBlock', ('attn.proj', 'mlp.fc2'))`."""
     if not isinstance(layer_class_name, str) or not layer_class_name:
         raise ValueError(f'layer_class_name must be a non-empty class name, got {layer_class_name!r}')
-    if isinstance(branches, str):  # tuple('attn.o_proj') would register single characters
-        raise ValueError(f"branches must be a list or tuple of dotted module names, e.g. ('attn.o_proj', "
-                         f"'mlp.down_proj'), got the string {branches!r}")
-    branches = tuple(branches)
-    if not branches or not all(isinstance(b, str) and b for b in branches):
-        raise ValueError(f"branches must be a non-empty sequence of dotted module names, e.g. ('attn.o_proj', "
-                         f"'mlp.down_proj'), got {branches!r}")
+    branches = check_branches(branches)
     if layer_class_name in LAYER_POLICIES and not overwrite and LAYER_POLICIES[layer_class_name] != branches:
         raise ValueError(f'a policy for {layer_class_name!r} exists ({LAYER_POLICIES[layer_class_name]}); '
                          'pass overwrite=True to replace it')

@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         schedules.canonical_name(args.schedule)
         if args.layers < 1:
             raise ValueError(f'--layers must be >= 1, got {args.layers}')
-        t_warmup = float(args.t_warmup) if args.t_warmup is not None else 1000.0 * args.layers
+        t_warmup = float(args.t_warmup) if args.t_warmup is not None else schedules.default_warmup(args.layers)
         if not t_warmup > 0:
             raise ValueError(f'--t-warmup must be > 0, got {args.t_warmup}')
         duration = float(args.duration) if args.duration is not None else 1.25 * t_warmup

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The name of the 0-dim fp32 α buffer ProRes registers on every branch-final module (non-persistent).
+ALPHA_BUFFER = 'prores_alpha'
+
 __all__ = ['ScaledLinearFunction', 'scaled_linear', 'install_scaled_forward', 'uninstall_scaled_forward',
            'has_scaled_forward', 'ALPHA_VALUE_ATTR']
 
@@ -96,7 +99,6 @@ def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _scaled_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         # traced: the α buffer is a graph input and inductor fuses the multiply into the GEMM epilogue
-        from prores_algo.surgery import ALPHA_BUFFER
         return F.linear(x, self.weight, self.bias) * self._buffers[ALPHA_BUFFER]
     return ScaledLinearFunction.apply(x, self.weight, self.bias, self.__dict__[ALPHA_VALUE_ATTR])
 

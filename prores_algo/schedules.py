@@ -25,6 +25,12 @@ PAPER_STEPS_PER_LAYER = 1000
 # benchmarks/RESULTS.md.
 MIN_STEPS_PER_LAYER = 100
 
+
+def default_warmup(num_layers: int) -> float:
+    """The paper's W for a model of `num_layers` layers: 1000 optimizer steps per layer (the one place the
+    default is written; every front end calls this)."""
+    return float(PAPER_STEPS_PER_LAYER * num_layers)
+
 # fn(l, L, t, W) -> α with l in 1..L, t >= 0, W > 0.
 ScheduleFn = Callable[[int, int, float, float], float]
 

@@ -30,14 +30,12 @@ import torch
 from torch import nn
 
 from prores_algo import schedules
-from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES, policy_for
-from prores_algo.scaled_linear import (can_scale_in_gemm, has_scaled_forward, install_scaled_forward, set_scaled_alpha,
-                                       uninstall_scaled_forward)
+from prores_algo.policies import BRANCH_REWRITES, BRANCHES_ATTRIBUTE, LAYER_POLICIES, check_branches, policy_for
+from prores_algo.scaled_linear import (ALPHA_BUFFER, can_scale_in_gemm, has_scaled_forward, install_scaled_forward,
+                                       set_scaled_alpha, uninstall_scaled_forward)
 
 __all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER',
            'warn_if_short_warmup']
-
-ALPHA_BUFFER = 'prores_alpha'
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,18 @@ class _ScaledForwardHandle:
 
     def remove(self) -> None:
         uninstall_scaled_forward(self.module)
+
+
+def unscale(module: nn.Module) -> None:
+    """Stop scaling `module` by either mechanism, wherever that was set up (a model whose controller is
+    gone), and leave its α buffer as the inert 1.0 that `ProResController.remove` leaves."""
+    for key, fn in list(module._forward_hooks.items()):
+        if fn is _scale_branch_output:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+    uninstall_scaled_forward(module)
+    make_alpha_inert(module)
 
 
 def make_alpha_inert(module: nn.Module) -> None:
@@ -141,9 +151,7 @@ def find_residual_layers(model: nn.Module,
     if layer_class is not None and layer_pattern is not None:
         raise ValueError('pass either layer_class or layer_pattern, not both')
     if branches is not None:
-        if isinstance(branches, str) or not all(isinstance(b, str) and b for b in branches) or not branches:
-            raise ValueError(f'branches must be a non-empty list of dotted module names (e.g. '
-                             f"['attn.o_proj', 'mlp.down_proj']), got {branches!r}")
+        branches = check_branches(branches)
     layers: list[ResidualLayer] = []
     inside: str | None = None  # path of the layer we are inside: nested matches belong to it
     for path, module in model.named_modules():
@@ -337,6 +345,11 @@ class ProResController:
     def num_hooks(self) -> int:
         return len(self._hooks)
 
+    def scaled_branches(self) -> list[tuple[ResidualLayer, str, nn.Module, float]]:
+        """Every branch this controller scales now: (its layer, the branch name, the branch-final module,
+        its current α). Empty once the hooks are removed. `prores_algo.export.fold_prores` reads this."""
+        return [(self.layers[idx], name, module, self._alphas[idx]) for idx, name, module, _ in self._hooks]
+
     # --- internals ---------------------------------------------------------------------------------
     def _require_warmup(self) -> float:
         if self._warmup_steps is None:
@@ -413,7 +426,7 @@ def apply_prores(model: nn.Module,
     """
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
-        t_warmup = schedules.PAPER_STEPS_PER_LAYER * len(layers)
+        t_warmup = schedules.default_warmup(len(layers))
     controller = ProResController(layers, schedule, t_warmup, remove_when_done, mechanism)
     controller.model = model
     warn_if_short_warmup(controller)

@@ -40,7 +40,7 @@ def _algorithms() -> dict[str, Any]:
     import composer.algorithms as algos
     from composer.core import Algorithm
 
-    from prores_algo.algorithm import ProRes
+    from prores_algo.integrations.composer import ProRes
     table = _registry(algos, Algorithm)
     table['low_precision_layernorm'] = algos.LowPrecisionLayerNorm  # Composer's own spelling
     table['prores'] = ProRes
@@ -68,7 +68,7 @@ def _callbacks() -> dict[str, Any]:
     from composer.core import Callback
     table = _registry(cbs, Callback)
     try:
-        from prores_algo.monitor import ResidualMonitor
+        from prores_algo.integrations.composer import ResidualMonitor
         table['residual_monitor'] = ResidualMonitor
     except ImportError:  # pragma: no cover
         pass

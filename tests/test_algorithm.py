@@ -122,7 +122,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 def test_resume_under_different_configuration_is_refused(tmp_path):
     make_trainer(ProRes(t_warmup='12ba'), max_duration='2ba', save_folder=str(tmp_path), save_interval='2ba').fit()
-    with pytest.raises(ValueError, match=r"ProRes configuration differs.*t_warmup"):
+    with pytest.raises(ValueError, match=r"trained with a different ProRes configuration.*t_warmup"):
         make_trainer(ProRes(t_warmup='24ba'), max_duration='4ba', load_path=str(tmp_path / 'ep0-ba2-rank0.pt'))
 
 
@@ -142,7 +142,7 @@ def test_state_dict_keys_unchanged_by_algorithm():
     (dict(lr_warmup_delay='-5ba'), 'lr_warmup_delay must be >= 0'),
     (dict(lr_warmup_delay='soon'), 'lr_warmup_delay'),
     (dict(log_interval=0), 'log_interval'),
-    (dict(branches='attn.o_proj'), 'branches must be a list'),
+    (dict(branches='attn.o_proj'), 'branches must be a non-empty list'),
 ])
 def test_bad_arguments_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from prores_algo import apply_prores, schedules
-from prores_algo.monitor import ResidualMonitor, position_cosine
+from prores_algo.integrations.composer import ResidualMonitor
+from prores_algo.monitor import position_cosine
 from tests.helpers import tiny_config
 
 

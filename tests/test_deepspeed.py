@@ -98,7 +98,8 @@ def test_zero3_alpha_identical_on_ranks_and_equal_to_schedule(run_a):
             layer = int(name.split('.')[1])
             assert value == pytest.approx(r0['alphas'][-1][layer], abs=1e-7)  # stored as fp32
     assert r0['prores'] == {'enabled': True, 'schedule': 'linear', 't_warmup': float(T_WARMUP),
-                            'num_layers': N_LAYERS, 'time_unit': 'steps'}
+                            'num_layers': N_LAYERS, 'time_unit': 'steps', 'layer_class': None, 'branches': None,
+                            'layer_pattern': None}
 
 
 def test_zero3_loss_falls_and_is_logged(run_a):
@@ -424,7 +425,8 @@ def test_checkpoint_guard(tmp_path):
     tag = save_checkpoint(engine, prores, str(tmp_path), tag='step3')
     assert tag == 'step3'
     sidecar = json.loads((tmp_path / 'step3' / SIDECAR_FILE).read_text())
-    assert sidecar == {'enabled': True, 'schedule': 'linear', 't_warmup': 8.0, 'num_layers': 4, 'time_unit': 'steps'}
+    assert sidecar == {'enabled': True, 'schedule': 'linear', 't_warmup': 8.0, 'num_layers': 4, 'time_unit': 'steps',
+                       'layer_class': None, 'branches': None, 'layer_pattern': None}
 
     # same configuration (alias spelling accepted): loads and sets α from the restored step
     model2 = _tiny_decoder()

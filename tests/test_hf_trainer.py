@@ -150,7 +150,7 @@ DS_SCRIPT = textwrap.dedent('''
                                logging_steps=1, save_strategy='no', learning_rate=1e-3, disable_tqdm=True, seed=0)
     model = tiny_llama()
     cb, rec = ProResCallback(t_warmup=4), StepRecorder()
-    from prores_algo.monitor import ResidualMonitorCallback
+    from prores_algo.integrations.hf import ResidualMonitorCallback
     mon = ResidualMonitorCallback(interval=2, spike_window=2)
     seen = record_forwards(model, rec)
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec, mon])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_entry_point_resolves_to_the_algorithm_class():
     eps = entry_points(group='llmfoundry_algorithms')
     (ep,) = [e for e in eps if e.name == 'prores']
-    assert ep.value == 'prores_algo.algorithm:ProRes'
+    assert ep.value == 'prores_algo.integrations.composer:ProRes'
     cls = ep.load()
     from composer.core import Algorithm
 

@@ -8,7 +8,9 @@ import torch
 from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 
-from prores_algo.monitor import LayerStats, ResidualMonitor, ResidualMonitorCallback, SpikeCounter
+from prores_algo.integrations.composer import ResidualMonitor
+from prores_algo.integrations.hf import ResidualMonitorCallback
+from prores_algo.monitor import LayerStats, SpikeCounter
 from tests.helpers import tiny_composer_model, token_loader
 
 LR = 0.1

@@ -38,9 +38,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from prores_algo import schedules
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
+from prores_algo.spec import DISABLED_RECORD, ProResSpec, check_resume
 from prores_algo.surgery import ProResController, apply_prores
+from prores_algo.timing import to_steps
 
 __all__ = [
     'DeepSpeedProRes', 'attach_prores', 'lr_lambda_from', 'build_lr_scheduler', 'lr_scheduler_factory',
@@ -50,7 +51,6 @@ __all__ = [
 
 CLIENT_STATE_KEY = 'prores'  # key of the ProRes configuration in DeepSpeed's client_state
 SIDECAR_FILE = 'prores.json'  # written next to the checkpoint files so a mismatch is caught before loading
-_STATE_FIELDS = ('enabled', 'schedule', 't_warmup', 'num_layers', 'time_unit')
 _TIME_UNITS = ('steps', 'samples')
 
 
@@ -64,10 +64,12 @@ class DeepSpeedProRes:
     `engine.global_samples`; `t_warmup` is in that unit.
     """
 
-    def __init__(self, controller: ProResController, time_unit: str = 'steps'):
+    def __init__(self, controller: ProResController, time_unit: str = 'steps', spec: Optional[ProResSpec] = None):
         if time_unit not in _TIME_UNITS:
             raise ValueError(f'time_unit must be one of {_TIME_UNITS}, got {time_unit!r}')
         self.controller = controller
+        self.spec = spec if spec is not None else ProResSpec(controller.schedule, controller.warmup_steps,
+                                                             remove_when_done=controller.remove_when_done)
         self.time_unit = time_unit
         self._checked_dtype = False
 
@@ -116,8 +118,7 @@ class DeepSpeedProRes:
 
     def state(self) -> dict:
         """The ProRes configuration a checkpoint records (α itself is a function of the step: not saved)."""
-        return {'enabled': True, 'schedule': self.schedule, 't_warmup': float(self.t_warmup),
-                'num_layers': self.num_layers, 'time_unit': self.time_unit}
+        return self.spec.record(self.num_layers, t_warmup=float(self.t_warmup), time_unit=self.time_unit)
 
     def _keep_alpha_fp32(self) -> None:
         # DeepSpeed 0.19 keeps buffers fp32 under bf16/fp16 (unless `buffer_dtype` is configured); older
@@ -146,14 +147,17 @@ def attach_prores(model: torch.nn.Module,
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
         model = model.module  # a DeepSpeed engine was passed: attach to the model inside it
+    selection = {k: apply_prores_kwargs[k] for k in ('layer_class', 'branches', 'layer_pattern', 'remove_when_done')
+                 if k in apply_prores_kwargs}
+    spec = ProResSpec(schedule, t_warmup, **selection)  # validates before any hook is attached
     controller = apply_prores(model, schedule, t_warmup, **apply_prores_kwargs)
-    return DeepSpeedProRes(controller, time_unit)
+    return DeepSpeedProRes(controller, time_unit, spec)
 
 
 def prores_state(prores: Optional[DeepSpeedProRes]) -> dict:
     """What a checkpoint records about ProRes (`{'enabled': False}` for a run without it)."""
     if prores is None:
-        return {'enabled': False}
+        return dict(DISABLED_RECORD)
     if isinstance(prores, ProResController):
         prores = DeepSpeedProRes(prores)
     return prores.state()
@@ -176,33 +180,13 @@ LR_SCHEDULES = {
 
 
 def _to_steps(value: Any, max_steps: int, field: str) -> int:
-    """Steps from an int, 'Nba' or 'Xdur' (a fraction of max_steps, floored as Composer does)."""
-    if isinstance(value, bool):
-        raise ValueError(f'{field} must be a number of steps, "Nba" or "Xdur", got {value!r}')
-    if isinstance(value, int):
-        steps = value
-    elif isinstance(value, float) and value.is_integer():
-        steps = int(value)
-    elif isinstance(value, str):
-        s = value.strip().lower()
-        try:
-            if s.endswith('ba'):
-                steps = int(float(s[:-2]))
-            elif s.endswith('dur'):
-                steps = int(float(s[:-3]) * max_steps)
-            elif s.lstrip('+-').isdigit():
-                steps = int(s)
-            else:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f'{field}={value!r}: the DeepSpeed loop counts optimizer steps; give an int, "Nba" '
-                             f'(steps) or "Xdur" (fraction of the run). Token/sample units ("tok", "sp") are not '
-                             f'supported here.') from None
-    else:
-        raise ValueError(f'{field} must be an int, "Nba" or "Xdur", got {type(value).__name__} {value!r}')
+    """Whole optimizer steps from an int, 'Nba' or 'Xdur' (a fraction of max_steps, floored as Composer does)."""
+    steps = to_steps(value, field, max_steps)
     if steps < 0:
         raise ValueError(f'{field} must be >= 0, got {value!r}')
-    return steps
+    if not (isinstance(value, str) and value.strip().endswith('dur')) and not steps.is_integer():
+        raise ValueError(f'{field} must be a whole number of optimizer steps, got {value!r}')
+    return int(steps)
 
 
 def lr_lambda_from(schedule: Union[str, Mapping] = 'wsd',
@@ -406,38 +390,12 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+_RESUME_HINT = ("Resume with the checkpoint's ProRes settings (schedule, t_warmup, model depth), or start a fresh run "
+                'without load_dir.')
+
+
 def _compare(saved: Mapping, current: Mapping, where: str) -> None:
-    def norm(state):
-        state = dict(state)
-        if not state.get('enabled', True):
-            return {'enabled': False}
-        out = {'enabled': True}
-        for field in _STATE_FIELDS[1:]:
-            out[field] = state.get(field)
-        if out['schedule'] is not None:
-            try:
-                out['schedule'] = schedules.canonical_name(out['schedule'])
-            except ValueError:
-                pass
-        if out['t_warmup'] is not None:
-            out['t_warmup'] = float(out['t_warmup'])
-        if out['time_unit'] is None:
-            out['time_unit'] = 'steps'
-        return out
-
-    a, b = norm(saved), norm(current)
-    if a == b:
-        return
-
-    def show(state):
-        if not state['enabled']:
-            return 'ProRes off'
-        return ', '.join(f'{k}={state[k]!r}' for k in _STATE_FIELDS[1:])
-
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    raise ValueError(f'cannot resume from {where}: it was trained with a different ProRes configuration '
-                     f'(differs in {diff}). Checkpoint: {show(a)}; this run: {show(b)}. Resume with the checkpoint\'s '
-                     'ProRes settings (schedule, t_warmup, model depth), or start a fresh run without load_dir.')
+    check_resume(saved, current, where, _RESUME_HINT)
 
 
 def _read_latest(load_dir: str) -> Optional[str]:

@@ -21,19 +21,20 @@ Evaluation and generation during warmup use the current α (the model *is* that 
 Save a mid-warmup model for plain `from_pretrained` with `prores_algo.export.fold_prores(callback)`.
 Works with `deepspeed=` (ZeRO-3 included): ProRes only scales module outputs by a non-persistent
 buffer, which ZeRO never partitions. `ResidualMonitorCallback` (per-layer residual RMS, gradient norm,
-update size, spike counters) is re-exported from `prores_algo.monitor`.
+update size, position cosine, spike counters) is the monitor's callback for the same Trainer.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from prores_algo import schedules
-from prores_algo.surgery import ProResController, find_residual_layers, warn_if_short_warmup
+from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
+from prores_algo.spec import ProResSpec, alpha_metrics
+from prores_algo.surgery import ProResController
 
 __all__ = ['ProResCallback', 'ResidualMonitorCallback', 'unwrap_model']
 
@@ -56,37 +57,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _resolve_warmup(t_warmup, num_layers: int, max_steps: Optional[int]) -> float:
-    """W in optimizer steps: a number, 'Nba', or a fraction of max_steps ('0.1dur')."""
-    if t_warmup is None:
-        return 1000.0 * num_layers
-    if isinstance(t_warmup, str):
-        text = t_warmup.strip()
-        try:
-            if text.endswith('dur'):
-                frac = float(text[:-3])
-                if not 0 < frac <= 1:
-                    raise ValueError
-                if not max_steps or max_steps <= 0:
-                    raise ValueError(f't_warmup={t_warmup!r} needs the total number of steps, which the Trainer '
-                                     'does not know (an IterableDataset without max_steps): give W in steps')
-                return frac * max_steps
-            if text.endswith('ba'):
-                text = text[:-2]
-            value = float(text)
-        except ValueError as e:
-            if 'needs the total' in str(e):
-                raise
-            raise ValueError(f"t_warmup={t_warmup!r}: use optimizer steps (24000 or '24000ba') or a fraction of "
-                             "max_steps ('0.1dur')") from None
-        t_warmup = value
-    if isinstance(t_warmup, bool) or not isinstance(t_warmup, (int, float)) or not t_warmup > 0 \
-            or math.isinf(t_warmup):
-        raise ValueError(f't_warmup must be a positive number of optimizer steps, got {t_warmup!r}')
-    return float(t_warmup)
+class _FirstInLine:
+    """`install(trainer)`: put this callback first in the Trainer's list, so that reporting integrations
+    (W&B, TensorBoard, ...), which the Trainer places before user callbacks, see what it adds to a log."""
+
+    def install(self, trainer):
+        handler = trainer.callback_handler
+        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
+        handler.callbacks.insert(0, self)
+        return self
 
 
-class ProResCallback(TrainerCallback):
+def _add_to_log(state, logs: dict, metrics: dict) -> None:
+    """Add `metrics` to the log being written and to its `state.log_history` entry (`Trainer.log` appended
+    {**logs, 'step': global_step} just before calling `on_log`)."""
+    last = state.log_history[-1] if state.log_history else None
+    if isinstance(last, dict) and last.get('step') == state.global_step and all(k in last for k in logs if k != 'step'):
+        last.update(metrics)
+    logs.update(metrics)
+
+
+class ProResCallback(_FirstInLine, TrainerCallback):
     """Progressive Residual Warmup for `transformers.Trainer`.
 
     Args:
@@ -107,30 +98,19 @@ class ProResCallback(TrainerCallback):
                  *,
                  layer_pattern: Optional[str] = None,
                  remove_when_done: bool = True):
-        self.schedule = schedules.canonical_name(schedule)
-        if t_warmup is not None and not isinstance(t_warmup, str):
-            _resolve_warmup(t_warmup, 1, None)  # validate numbers now, strings once max_steps is known
-        elif isinstance(t_warmup, str) and not t_warmup.strip().endswith('dur'):
-            _resolve_warmup(t_warmup, 1, None)
-        self.t_warmup = t_warmup
-        if branches is not None and (isinstance(branches, str) or not list(branches)):
-            raise ValueError(f"branches must be a list of module names like ['self_attn.o_proj', 'mlp.down_proj'], "
-                             f'got {branches!r}')
-        self.layer_class = layer_class
-        self.branches = None if branches is None else tuple(branches)
-        self.layer_pattern = layer_pattern
+        self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, bool(remove_when_done))
+        self.spec.check_steps_warmup()  # numbers now; a 'dur' fraction once max_steps is known
         self.log_alphas = bool(log_alphas)
-        self.remove_when_done = bool(remove_when_done)
         self.controller: Optional[ProResController] = None
         self.model: Optional[nn.Module] = None
 
-    # --- placement ----------------------------------------------------------------------------------
-    def install(self, trainer) -> 'ProResCallback':
-        """Add this callback *first* in `trainer`'s callback list, so reporting integrations see α."""
-        handler = trainer.callback_handler
-        handler.callbacks = [cb for cb in handler.callbacks if cb is not self]
-        handler.callbacks.insert(0, self)
-        return self
+    @property
+    def schedule(self) -> str:
+        return self.spec.schedule
+
+    @property
+    def t_warmup(self):
+        return self.spec.t_warmup
 
     # --- Trainer events -----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -144,17 +124,12 @@ class ProResCallback(TrainerCallback):
             return
         if c is not None and not c.removed:
             c.remove()  # a different model: let go of the old one
-        layers = find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
-        warmup = _resolve_warmup(self.t_warmup, len(layers), getattr(state, 'max_steps', None))
-        self.controller = ProResController(layers, self.schedule, warmup, self.remove_when_done)
-        self.controller.model = model  # lets prores_algo.export.fold_prores(callback) return the model
-        self.model = model
         max_steps = getattr(state, 'max_steps', None)
-        if max_steps and max_steps > 0 and self.controller.warmup_steps > max_steps:
-            import warnings
-            warnings.warn(f'ProRes t_warmup ({self.controller.warmup_steps:g} steps) exceeds max_steps ({max_steps}): '
-                          'the deepest layers never reach α = 1 in this run. Use a shorter t_warmup, e.g. "0.1dur".')
-        warn_if_short_warmup(self.controller)
+        layers = self.spec.find_layers(model)
+        self.controller = self.spec.attach(model, self.spec.warmup_steps(len(layers), max_steps), layers=layers)
+        self.model = model
+        self.spec.warn_if_longer_than_run(self.controller, max_steps, 'steps', 'max_steps')
+        self.spec.warn_if_short(self.controller)
         self.set_step(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -163,13 +138,7 @@ class ProResCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_alphas or self.controller is None or logs is None:
             return
-        metrics = self.alpha_metrics()
-        last = state.log_history[-1] if state.log_history else None
-        # Trainer.log appended {**logs, 'step': global_step} just before on_log: keep it in step with `logs`
-        if isinstance(last, dict) and last.get('step') == state.global_step and all(
-                k in last for k in logs if k != 'step'):
-            last.update(metrics)
-        logs.update(metrics)
+        _add_to_log(state, logs, self.alpha_metrics())
 
     # --- helpers ------------------------------------------------------------------------------------
     def set_step(self, step: int) -> list[float]:
@@ -181,10 +150,7 @@ class ProResCallback(TrainerCallback):
         return c.set_step(step)
 
     def alpha_metrics(self) -> dict[str, float]:
-        alphas = self.controller.alphas
-        metrics = {f'prores/alpha/layer_{i}': a for i, a in enumerate(alphas)}
-        metrics['prores/alpha/mean'] = sum(alphas) / len(alphas)
-        return metrics
+        return alpha_metrics(self.controller.alphas)
 
     @property
     def alphas(self) -> list[float]:
@@ -194,8 +160,153 @@ class ProResCallback(TrainerCallback):
         return f'ProResCallback(schedule={self.schedule!r}, t_warmup={self.t_warmup!r})'
 
 
-def __getattr__(name):
-    if name == 'ResidualMonitorCallback':
-        from prores_algo.monitor import ResidualMonitorCallback
-        return ResidualMonitorCallback
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+# --- the residual monitor ------------------------------------------------------------------------------
+class ResidualMonitorCallback(MonitorBase, _FirstInLine, TrainerCallback):
+    """`transformers.TrainerCallback` with the same measurements as `ResidualMonitor`.
+
+    Steps are optimizer steps (`state.global_step`). Metrics of a measured step are added to the next
+    `on_log` (place the callback first with `install(trainer)` for reporting integrations to see them).
+    Per-layer gradient norms are taken from each parameter's gradient after its last accumulation of
+    the step (a post-accumulate-grad hook), i.e. before the Trainer clips. The grad-spike counter uses
+    the Trainer's own logged `grad_norm` (pre-clipping global norm), so its window holds logged steps;
+    the loss-spike counter uses the mean forward loss of every step.
+    """
+
+    def __init__(self,
+                 interval: Union[int, str] = 10,
+                 rms: bool = True,
+                 grad_norm: bool = True,
+                 update_ratio: bool = True,
+                 spike_window: int = 100,
+                 spike_std: float = 7.0,
+                 layer_class: Optional[str] = None,
+                 branches: Optional[Sequence[str]] = None,
+                 layer_pattern: Optional[str] = None,
+                 position_cosine: bool = True,
+                 collapse_threshold: float = 0.95,
+                 collapse_patience: int = 10,
+                 stop_on_collapse: bool = False):
+        MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
+                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
+                              stop_on_collapse)
+        self._root_handles: list = []
+        self._grad_handles: list = []
+        self._param_sq: dict[int, torch.Tensor] = {}
+        self._step_losses: list[torch.Tensor] = []
+        self._pending_losses: list[torch.Tensor] = []
+        self._pending: dict[str, float] = {}
+
+    # root-model hooks: record only real forwards; collect the loss of each training forward
+    def _pre_forward(self, module, args):
+        if module.training and self.stats is not None:
+            self.stats.recording = self.measuring
+
+    def _post_forward(self, module, args, output):
+        if self.stats is not None:
+            self.stats.recording = False
+        if not (self.spikes and module.training and torch.is_grad_enabled()):
+            return
+        loss = getattr(output, 'loss', None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get('loss')
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._step_losses.append(loss.detach().float().reshape(1))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model = unwrap_model(model)
+        if self.stats is not None and self.stats.model is model:
+            return
+        for h in self._root_handles:
+            h.remove()
+        zero = bool(getattr(args, 'deepspeed', None)) if args is not None else False
+        self.stats = self._find(model)
+        self._zero = zero or any(hasattr(p, 'ds_id') for p in model.parameters())
+        self._root_handles = [model.register_forward_pre_hook(self._pre_forward),
+                              model.register_forward_hook(self._post_forward)]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_losses = []
+        if self.stats is None or int(state.global_step) % self.interval != 0:
+            return
+        self._measured_step = int(state.global_step)  # on_step_end sees global_step already advanced
+        self._begin_measure_hf()
+
+    def _begin_measure_hf(self) -> None:
+        self.measuring = True
+        if self.track_rms or self.track_cosine:
+            self.stats.start_rms()
+        if self._zero:
+            return  # ZeRO partitions .grad and parameter data: per-layer grad / update are not measurable here
+        if self.track_update_ratio:
+            self.stats.snapshot()
+        if self.track_grad_norm:
+            self._param_sq = {}
+            for ps in self.stats.params:
+                for p in ps:
+                    self._grad_handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._param_sq[id(p)] = sum_squares([local_tensor(p.grad)[0].detach()])
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        if self.measuring and self._param_sq:
+            rows = []
+            for ps in self.stats.params:
+                vals = [self._param_sq[id(p)] for p in ps if id(p) in self._param_sq]
+                rows.append(torch.stack(vals).sum() if vals else torch.zeros(()))
+            device = next((r.device for r in rows if r.device.type != 'cpu'), torch.device('cpu'))
+            grad_sq = self.stats.reduce_sharded(torch.stack([r.to(device) for r in rows]))
+            self._pending.update(per_layer_metrics('grad_norm', grad_sq.sqrt().tolist()))
+            self._param_sq = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for h in self._grad_handles:  # a step without on_pre_optimizer_step (should not happen)
+            h.remove()
+        self._grad_handles = []
+        if self.spikes and self._step_losses:
+            self._pending_losses.append(torch.cat(self._step_losses).mean().reshape(1))
+        self._step_losses = []
+        if not self.measuring:
+            return
+        self.measuring = False
+        self.stats.recording = False
+        layer_metrics, collapsed = self._layer_metrics(self._measured_step)
+        self._pending.update(layer_metrics)
+        if collapsed and self.stop_on_collapse:
+            control.should_training_stop = True
+        if self.track_update_ratio and not self._zero:
+            self._pending.update(per_layer_metrics('update_ratio', self.stats.update_ratios()))
+        if self.spikes:
+            self._flush_losses()
+            self._pending.update(self.spike_metrics())
+
+    def _flush_losses(self) -> None:
+        if self._pending_losses:
+            device = self._pending_losses[0].device
+            for v in torch.cat([l.to(device) for l in self._pending_losses]).tolist():
+                self.loss_spikes.push(v)
+            self._pending_losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        if self.spikes and 'grad_norm' in logs and logs['grad_norm'] is not None:
+            self.grad_spikes.push(float(logs['grad_norm']))
+            self._pending.update(self.spike_metrics())
+        if not self._pending:
+            return
+        _add_to_log(state, logs, self._pending)
+        self._pending = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stats is not None:
+            self.stats.stop_rms()
+        for h in self._grad_handles:
+            h.remove()
+        self._grad_handles = []
+        if self.spikes:
+            self._flush_losses()

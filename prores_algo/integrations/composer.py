@@ -1,4 +1,6 @@
-"""Composer algorithm `ProRes` (YAML name `prores`): a thin event layer over `apply_prores`.
+"""ProRes for MosaicML Composer: the algorithm `ProRes` (YAML name `prores`) and the `ResidualMonitor` callback.
+
+`ProRes` is a thin event layer over `ProResSpec` (prores_algo.spec) and the hooks of `prores_algo.surgery`.
 
 Events:
   INIT        surgery: hook every layer's residual branches (α at t = 0).
@@ -12,17 +14,20 @@ Events:
 from __future__ import annotations
 
 import logging
-import warnings
+import math
 from typing import Any, Optional, Sequence, Union
 
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+import torch
+from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from prores_algo import schedules
-from prores_algo.lr_schedules import delay_lr_warmup, parse_time
-from prores_algo.surgery import ProResController, find_residual_layers, warn_if_short_warmup
+from prores_algo.lr_schedules import delay_lr_warmup
+from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
+from prores_algo.spec import ProResSpec, alpha_metrics, check_resume, default_warmup
+from prores_algo.surgery import ProResController
+from prores_algo.timing import parse_time
 
-__all__ = ['ProRes']
+__all__ = ['ProRes', 'ResidualMonitor']
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ class ProRes(Algorithm):
                  branches: Optional[Sequence[str]] = None,
                  layer_pattern: Optional[str] = None,
                  remove_when_done: bool = True):
-        self.schedule = schedules.canonical_name(schedule)
+        self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done)
+        self.schedule = self.spec.schedule
         self.t_warmup = None if t_warmup is None else parse_time(t_warmup, 't_warmup')
         if self.t_warmup is not None:
             if self.t_warmup.unit not in (*_UNIT_FIELD, TimeUnit.DURATION):
@@ -70,18 +76,13 @@ class ProRes(Algorithm):
         if interval.unit != TimeUnit.BATCH or interval.value < 1:
             raise ValueError(f'log_interval must be a positive number of batches (e.g. 1 or "100ba"), got {log_interval!r}')
         self.log_interval = int(interval.value)
-        if branches is not None and (isinstance(branches, str) or not list(branches)):
-            raise ValueError(f"branches must be a list of module names like ['attn.o_proj', 'mlp.down_proj'], "
-                             f'got {branches!r}')
         self.layer_class = layer_class
-        self.branches = None if branches is None else tuple(branches)
+        self.branches = self.spec.branches
         self.layer_pattern = layer_pattern
-        if not isinstance(remove_when_done, bool):
-            raise ValueError(f'remove_when_done must be true or false, got {remove_when_done!r}')
         self.remove_when_done = remove_when_done
         self.controller: Optional[ProResController] = None
         self._unit: Optional[TimeUnit] = None
-        self._warned = False
+        self._warned_long = False  # the "W exceeds the run" warning, once per instance
 
     # --- Composer plumbing -------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
@@ -98,14 +99,12 @@ class ProRes(Algorithm):
     def _init(self, state: State, logger: Logger) -> None:
         if self.controller is not None:
             raise ValueError('this ProRes instance was already applied to a model; create a new ProRes() per Trainer')
-        layers = find_residual_layers(state.model, self.layer_class, self.branches, self.layer_pattern)
         # W stays unresolved (every α = 0) until max_duration is known when t_warmup is a 'dur' fraction.
-        self.controller = ProResController(layers, self.schedule, None, self.remove_when_done)
-        self.controller.model = state.model
+        self.controller = self.spec.attach(state.model, None)
         if self._try_resolve_warmup(state):
             self.controller.set_step(self._now(state))
         log.info('ProRes: %d layers, schedule %s, t_warmup %s', self.controller.num_layers, self.schedule,
-                 self.t_warmup or f'{1000 * self.controller.num_layers}ba (default)')
+                 self.t_warmup or f'{default_warmup(self.controller.num_layers):g}ba (default)')
         logger.log_hyperparameters({f'prores/{k}': v for k, v in self.config.items()})
 
     def _fit_start(self, state: State, logger: Logger) -> None:
@@ -118,7 +117,7 @@ class ProRes(Algorithm):
                              'max_duration: set max_duration or give t_warmup in batches/tokens')
         self._warn_if_longer_than_run(state)
         if self._unit == TimeUnit.BATCH:  # batches are optimizer steps: W / L is comparable to the paper's T
-            warn_if_short_warmup(self.controller)
+            self.spec.warn_if_short(self.controller)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
             # a model cast after INIT (`model.to(torch.bfloat16)`) casts α too: keep it fp32 and exact
@@ -130,9 +129,7 @@ class ProRes(Algorithm):
         alphas = self.controller.set_step(self._now(state))
         batch = int(state.timestamp.batch)
         if batch % self.log_interval == 0:
-            metrics = {f'prores/alpha/layer_{i}': a for i, a in enumerate(alphas)}
-            metrics['prores/alpha/mean'] = sum(alphas) / len(alphas)
-            logger.log_metrics(metrics)
+            logger.log_metrics(alpha_metrics(alphas))
 
     # --- time ----------------------------------------------------------------------------------------
     def _now(self, state: State) -> float:
@@ -141,7 +138,8 @@ class ProRes(Algorithm):
     def _try_resolve_warmup(self, state: State) -> bool:
         """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START)."""
         assert self.controller is not None
-        tw = self.t_warmup if self.t_warmup is not None else Time(schedules.PAPER_STEPS_PER_LAYER * self.controller.num_layers, TimeUnit.BATCH)
+        tw = self.t_warmup if self.t_warmup is not None else \
+            Time(int(default_warmup(self.controller.num_layers)), TimeUnit.BATCH)
         value, unit = float(tw.value), tw.unit
         if unit == TimeUnit.DURATION:
             max_duration = state.max_duration
@@ -161,31 +159,23 @@ class ProRes(Algorithm):
 
     def _warn_if_longer_than_run(self, state: State) -> None:
         max_duration = state.max_duration
-        if self._warned or max_duration is None or self.controller is None:
+        if max_duration is None or self.controller is None:
             return
         total = None
         if max_duration.unit == self._unit:
             total = max_duration.value
         elif max_duration.unit == TimeUnit.EPOCH and self._unit == TimeUnit.BATCH and state.dataloader_len is not None:
             total = max_duration.value * int(state.dataloader_len)
-        if total is not None and self.controller.warmup_steps > total:
-            self._warned = True
-            warnings.warn(f'ProRes t_warmup ({self.controller.warmup_steps:g} {self._unit.value}) exceeds max_duration '
-                          f'({max_duration}): the deepest layers never reach α = 1 in this run. Use a shorter t_warmup, '
-                          f'e.g. "0.1dur" (the paper used 12-32% of training).')
+        if not self._warned_long:
+            self._warned_long = self.spec.warn_if_longer_than_run(self.controller, total, self._unit.value,
+                                                                  'max_duration')
 
     # --- checkpoints: the configuration travels with the run ------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        return {
-            'schedule': self.schedule,
-            't_warmup': None if self.t_warmup is None else str(self.t_warmup),
-            'lr_warmup_delay': str(self.lr_warmup_delay),
-            'num_layers': None if self.controller is None else self.controller.num_layers,
-            'layer_class': self.layer_class,
-            'branches': None if self.branches is None else list(self.branches),
-            'layer_pattern': self.layer_pattern,
-        }
+        return self.spec.record(None if self.controller is None else self.controller.num_layers,
+                                t_warmup=None if self.t_warmup is None else str(self.t_warmup),
+                                lr_warmup_delay=str(self.lr_warmup_delay))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), 'config': self.config}
@@ -194,14 +184,122 @@ class ProRes(Algorithm):
         saved = state.get('config')
         if saved is None:
             return
-        ours = self.config
-        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
-        if diff:
-            lines = ', '.join(f'{k}: checkpoint {a!r} vs now {b!r}' for k, (a, b) in diff.items())
-            raise ValueError(f'ProRes configuration differs from the checkpoint being resumed ({lines}). Resume with '
-                             'the same ProRes settings, or start a new run (load weights only with '
-                             'load_weights_only=True).')
+        check_resume(saved, self.config, 'this checkpoint', 'Resume with the same ProRes settings, or start a new '
+                     'run (load weights only with load_weights_only=True).')
 
     def __repr__(self) -> str:
         t = None if self.t_warmup is None else str(self.t_warmup)
         return f'ProRes(schedule={self.schedule!r}, t_warmup={t!r}, lr_warmup_delay={str(self.lr_warmup_delay)!r})'
+
+
+# --- the residual monitor ------------------------------------------------------------------------------
+class ResidualMonitor(MonitorBase, Callback):
+    """Composer callback: per-layer residual RMS, gradient norm and update ratio, plus spike counters.
+
+    Args:
+        interval: measure every this many batches (optimizer steps): int or 'Nba' (default '10ba').
+        rms, grad_norm, update_ratio: which per-layer quantities to measure.
+        spike_window, spike_std: the spike rule (previous `spike_window` values, `spike_std` std);
+            spike_window=0 turns the counters off.
+        layer_class, branches, layer_pattern: for models `find_residual_layers` does not know.
+        position_cosine: log `monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
+        collapse_threshold, collapse_patience: a collapse is `collapse_patience` consecutive measured steps
+            whose largest per-layer position cosine is >= `collapse_threshold`: logged as
+            `monitor/collapse` = 1 and warned about once. Trained models here sit at 0.4-0.6. Small Post-LN
+            models pass through a short high-cosine phase early in training even without ProRes (8
+            measurements at interval 10 for a 16-layer, width-32 baseline), hence the patience.
+        stop_on_collapse: also stop training when the collapse is reported.
+    """
+
+    def __init__(self,
+                 interval: Union[int, str] = '10ba',
+                 rms: bool = True,
+                 grad_norm: bool = True,
+                 update_ratio: bool = True,
+                 spike_window: int = 100,
+                 spike_std: float = 7.0,
+                 layer_class: Optional[str] = None,
+                 branches: Optional[Sequence[str]] = None,
+                 layer_pattern: Optional[str] = None,
+                 position_cosine: bool = True,
+                 collapse_threshold: float = 0.95,
+                 collapse_patience: int = 10,
+                 stop_on_collapse: bool = False):
+        MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
+                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
+                              stop_on_collapse)
+        self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
+        self._total_grad_sq: Optional[torch.Tensor] = None
+        self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
+
+    def fit_start(self, state, logger) -> None:
+        if self.stats is None:
+            self.stats = self._find(state.model, sharded=None if not getattr(state, 'fsdp_enabled', False) else True)
+
+    def batch_start(self, state, logger) -> None:
+        if self.stats is None:
+            self.fit_start(state, logger)
+        self._grad_sq = self._total_grad_sq = None
+        if int(state.timestamp.batch) % self.interval == 0:
+            self._measured_step = int(state.timestamp.batch)  # BATCH_END sees the timestamp already advanced
+            self._begin_measure()
+
+    def before_forward(self, state, logger) -> None:
+        self.stats.recording = self.measuring
+
+    def after_forward(self, state, logger) -> None:
+        self.stats.recording = False
+
+    def after_backward(self, state, logger) -> None:
+        need_layers = self.measuring and self.track_grad_norm
+        need_total = self.spikes and self.track_grad_norm
+        if not (need_layers or need_total):
+            return
+        per_layer = self.stats.grad_norms_sq() if need_layers else None
+        scaler = getattr(state, 'scaler', None)
+        scale = None
+        if scaler is not None and getattr(scaler, 'is_enabled', lambda: False)():
+            scale = scaler.get_scale()  # AFTER_BACKWARD grads are still multiplied by the loss scale
+        if per_layer is not None:
+            self._grad_sq = per_layer / (scale * scale) if scale else per_layer
+        if need_total:
+            grads = [local_tensor(p.grad)[0] for p in state.model.parameters() if p.grad is not None]
+            if grads:
+                total = sum_squares(grads)
+                self._total_grad_sq = total / (scale * scale) if scale else total
+
+    def batch_end(self, state, logger) -> None:
+        metrics: dict[str, float] = {}
+        if self.spikes:
+            loss = (getattr(state, 'total_loss_dict', None) or {}).get('loss/train/total')
+            if loss is not None:
+                self.loss_spikes.push(float(loss))
+            if self._total_grad_sq is not None:
+                self._pending_grad.append(self.stats.reduce_sharded(self._total_grad_sq.reshape(1)))
+        if self.measuring:
+            self.measuring = False
+            self.stats.recording = False
+            layer_metrics, collapsed = self._layer_metrics(self._measured_step)
+            metrics.update(layer_metrics)
+            if collapsed and self.stop_on_collapse:
+                state.stop_training()
+            if self._grad_sq is not None:
+                metrics.update(per_layer_metrics('grad_norm', self.stats.reduce_sharded(self._grad_sq).sqrt().tolist()))
+            if self.track_update_ratio:
+                metrics.update(per_layer_metrics('update_ratio', self.stats.update_ratios()))
+            if self.spikes:  # one sync per interval for the deferred grad norms
+                if self._pending_grad:
+                    for g in torch.cat([g.to(self._pending_grad[0].device) for g in self._pending_grad]).sqrt().tolist():
+                        self.grad_spikes.push(g)
+                    self._pending_grad = []
+                metrics.update(self.spike_metrics())
+        if metrics:
+            logger.log_metrics(metrics)
+
+    def fit_end(self, state, logger) -> None:
+        if self.stats is not None:
+            self.stats.stop_rms()
+        if self._pending_grad:
+            for g in torch.cat(self._pending_grad).sqrt().tolist():
+                self.grad_spikes.push(g)
+            self._pending_grad = []

@@ -1,0 +1,73 @@
+"""The one time parser: every duration a user writes goes through here.
+
+Durations are written the Composer way in every front end: '24000ba' (batches = optimizer steps),
+'0.1dur' (a fraction of the run), '5e8tok', '1e6sp', '2ep'; a plain int means batches. `parse_time`
+turns any of them into Composer's `Time` (Composer does the parsing; this module adds errors that name
+the field). `to_steps` serves the loops that count optimizer steps (Hugging Face, DeepSpeed, the
+monitor's interval): it also takes plain numbers and number strings (a command-line flag arrives as
+'200'), resolves a 'dur' fraction against the run length, and refuses units it cannot convert.
+
+Composer is imported lazily, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional
+
+__all__ = ['parse_time', 'to_steps', 'TIME_EXAMPLES']
+
+TIME_EXAMPLES = '"24000ba" (batches), "0.1dur" (fraction of max_duration), "5e8tok" or "1e6sp"'
+_NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
+
+
+def parse_time(value: Any, field: str):
+    """Composer `Time` from a Time, a Time string ('24000ba', '0.1dur', '5e8tok') or an int (batches)."""
+    from composer.core import Time
+    if isinstance(value, Time):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f'{field} must be a Composer Time string such as "1000ba", got {value!r}')
+    if isinstance(value, int):
+        return Time(value, 'ba')
+    if isinstance(value, str):
+        try:
+            return Time.from_timestring(value)
+        except (ValueError, TypeError):
+            raise ValueError(f'{field}={value!r} is not a Time string: give a number with a unit, e.g. {TIME_EXAMPLES}; '
+                             f'a plain int means batches') from None
+    raise ValueError(f'{field} must be an int (batches) or a Time string like "24000ba", got '
+                     f'{type(value).__name__} {value!r}')
+
+
+def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float:
+    """Optimizer steps (a float) from a number, a number string, 'Nba', or 'Xdur' (X · max_steps).
+
+    Range checks (positive, whole) are the caller's: what is valid differs between a warmup length and
+    an interval. A 'dur' fraction needs `max_steps`; tokens, samples and epochs cannot be converted by
+    a loop that counts optimizer steps and are refused with the field's name.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f'{field} must be a number of optimizer steps, "Nba" or "Xdur", got {value!r}')
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f'{field} must be a finite number of optimizer steps, got {value!r}')
+        return float(value)
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None:
+        if _NUMBER.fullmatch(text):
+            return float(text)
+        if text.endswith('ba') and _NUMBER.fullmatch(text[:-2]):  # '2.5ba': Composer's Time wants whole batches
+            return float(text[:-2])
+    t = parse_time(value, field)
+    unit = t.unit.value
+    if unit == 'ba':
+        return float(t.value)
+    if unit == 'dur':
+        if max_steps is None or not max_steps > 0:
+            raise ValueError(f'{field}={value!r} is a fraction of the run, whose length in optimizer steps is not '
+                             'known here: give optimizer steps (e.g. 24000 or "24000ba")')
+        return float(t.value) * float(max_steps)
+    raise ValueError(f'{field}={value!r}: this loop counts optimizer steps; give an int, "Nba" (steps) or "Xdur" '
+                     f'(a fraction of the run), not "{unit}" (tokens, samples and epochs are not converted here)')
