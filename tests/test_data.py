@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from prores_algo import data
+from prores_algo.data import loader, writer
 from prores_algo.data import build_dataloader, ensure_dataset, iter_documents, main, read_metadata, write_mds
 from prores_algo.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -353,7 +354,7 @@ def test_interrupted_write_leaves_nothing_loadable_and_rerun_completes(corpus, t
                 raise RuntimeError('disk on fire')
             yield doc
 
-    monkeypatch.setattr(data, 'iter_documents', crashing)
+    monkeypatch.setattr(writer, 'iter_documents', crashing)
     with pytest.raises(RuntimeError, match='disk on fire'):
         write_mds(str(root), out, seq_len=8, val_fraction=0.25, progress=False)
     assert not out.exists() and read_metadata(out) is None
@@ -369,7 +370,7 @@ def test_interrupted_write_leaves_nothing_loadable_and_rerun_completes(corpus, t
     with pytest.raises(FileNotFoundError):
         build_dataloader(str(out), 'train', 2)
 
-    monkeypatch.setattr(data, 'iter_documents', real)
+    monkeypatch.setattr(writer, 'iter_documents', real)
     meta = write_mds(str(root), out, seq_len=8, val_fraction=0.25, progress=False)
     assert not stale.exists()
     rows, _ = read_split(out, 'train')
@@ -405,7 +406,7 @@ def test_ensure_dataset_reuses_and_detects_mismatch(corpus, tmp_path, monkeypatc
     def no_rebuild(*a, **k):
         raise AssertionError('should have reused the dataset')
 
-    monkeypatch.setattr(data, '_build', no_rebuild)
+    monkeypatch.setattr(writer, '_build', no_rebuild)
     # relative vs absolute source path and a different compression still count as the same data
     monkeypatch.chdir(tmp_path)
     assert ensure_dataset('corpus', 'ds', seq_len=8, val_fraction=0.25, compression='zstd', progress=False) == built
@@ -421,13 +422,13 @@ def test_ensure_dataset_concurrent_callers_build_once(corpus, tmp_path, monkeypa
     # Every rank of a job may call ensure_dataset at once: one builds, the others wait and reuse.
     root, _ = corpus
     builds = []
-    real_build = data._build
+    real_build = writer._build
 
     def counting_build(*a, **k):
         builds.append(1)
         return real_build(*a, **k)
 
-    monkeypatch.setattr(data, '_build', counting_build)
+    monkeypatch.setattr(writer, '_build', counting_build)
     with ThreadPoolExecutor(3) as pool:
         metas = list(pool.map(lambda _: ensure_dataset(str(root), tmp_path / 'ds', seq_len=8, progress=False),
                               range(3)))
@@ -486,8 +487,8 @@ def test_remote_url_goes_to_streaming_remote(tmp_path, monkeypatch):
         def __len__(self):
             return 10
 
-    monkeypatch.setattr(data, 'TokenDataset', FakeDataset)
-    monkeypatch.setattr(data, '_remote_metadata', lambda remote: {'seq_len': 8, 'vocab_size': 257})
+    monkeypatch.setattr(loader, 'TokenDataset', FakeDataset)
+    monkeypatch.setattr(loader, '_remote_metadata', lambda remote: {'seq_len': 8, 'vocab_size': 257})
     spec = build_dataloader('s3://bucket/ds', 'train', 2, local_cache=str(tmp_path / 'cache'))
     assert seen['remote'] == 's3://bucket/ds' and seen['local'] == str(tmp_path / 'cache')
     assert seen['split'] == 'train' and seen['batch_size'] == 2 and spec.num_tokens == 80
