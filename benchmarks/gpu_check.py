@@ -26,8 +26,8 @@ seq 1024), bf16 autocast, AdamW, grad clipping:
 Results: printed, and written as JSON to $OUT/gpu_check.json when $OUT is set (after every phase, so
 a timeout still leaves partial results).
 
-    python benchmarks/gpu_check.py                 # on the GPU machine (see gpu_check.sh)
-    python benchmarks/gpu_check.py --smoke         # CPU, tiny model, 3 steps, no compile (CI)
+    python -m benchmarks.gpu_check                 # on the GPU machine (see gpu_check.sh)
+    python -m benchmarks.gpu_check --smoke         # CPU, tiny model, 3 steps, no compile (CI)
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PEAK_BF16 = {'H100 PCIe': 756e12, 'H100': 989e12, 'H200': 989e12, 'GH200': 989e12, 'A100': 312e12}
 

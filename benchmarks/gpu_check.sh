@@ -43,7 +43,8 @@ for name in ('transformers', 'composer', 'deepspeed', 'streaming', 'triton'):
 PYEOF
 
 echo "== gpu_check.py $*"
-timeout "${GPU_CHECK_TIMEOUT:-470}" $PY benchmarks/gpu_check.py "$@"
+# run as a module from the repository root: prores_algo and benchmarks import from the source tree (no install)
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "${GPU_CHECK_TIMEOUT:-470}" $PY -m benchmarks.gpu_check "$@"
 rc=$?
 if [ -n "${OUT:-}" ] && [ -f "$OUT/gpu_check.json" ]; then echo "results written to $OUT/gpu_check.json"; fi
 exit $rc

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Long-run stability of ProRes in a real Composer Trainer: no memory or object growth, hooks really gone.
 
-    python benchmarks/long_run.py                       # 20k steps, writes benchmarks/results/long_run.json
-    python benchmarks/long_run.py --steps 2000 --out -  # the CI variant's size (tests/test_reliability.py)
+    python -m benchmarks.long_run                       # 20k steps, writes benchmarks/results/long_run.json
+    python -m benchmarks.long_run --steps 2000 --out -  # the CI variant's size (tests/test_reliability.py)
 
 What runs: a tiny reference decoder (4 layers, d_model 32, seq 16, batch 4, synthetic tokens, AdamW, WSD
 LR) for `--steps` optimizer steps with ProRes (linear, W = 25% of the run, so warmup ends part-way),
@@ -48,20 +48,14 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if str(ROOT / 'benchmarks') not in sys.path:  # _common.py when this file is loaded by path (tests); appended,
-    sys.path.append(str(ROOT / 'benchmarks'))  # so its generic module names shadow nothing
+from composer import Callback, Trainer
+from composer.loggers import LoggerDestination
 
-from _common import write_json  # noqa: E402  (benchmarks/_common.py)
-from composer import Callback, Trainer  # noqa: E402
-from composer.loggers import LoggerDestination  # noqa: E402
-
-from prores_algo import ProRes, WSDScheduler  # noqa: E402
-from prores_algo.models.composer_decoder import ComposerDecoder  # noqa: E402
-from prores_algo.models.decoder import DecoderConfig  # noqa: E402
-from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook  # noqa: E402
+from benchmarks._common import ROOT, write_json
+from prores_algo import ProRes, WSDScheduler
+from prores_algo.models.composer_decoder import ComposerDecoder
+from prores_algo.models.decoder import DecoderConfig
+from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 
 OBJ_TOL_PER_1K = 20.0
 RSS_TOL_MB_PER_1K = 1.0

@@ -39,9 +39,9 @@ branch Linear's matrix multiplies, prores_algo/scaled_linear.py):
   * CPU step-time ratios of an eager model where activation traffic matters (width 1024, seq 512).
 
 Usage:
-  python benchmarks/overhead.py            # full (a few minutes on 2 shared cores)
-  python benchmarks/overhead.py --quick    # < 1 minute
-  python benchmarks/overhead.py --smoke    # seconds, for tests (tiny models)
+  python -m benchmarks.overhead            # full (a few minutes on 2 shared cores)
+  python -m benchmarks.overhead --quick    # < 1 minute
+  python -m benchmarks.overhead --smoke    # seconds, for tests (tiny models)
 Writes benchmarks/results/overhead.json (or --out).
 """
 
@@ -61,15 +61,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-if str(ROOT / 'benchmarks') not in sys.path:  # _common.py when this file is loaded by path (tests); appended,
-    sys.path.append(str(ROOT / 'benchmarks'))  # so its generic module names shadow nothing
-
-from _common import machine_info, write_json  # noqa: E402  (benchmarks/_common.py)
-from prores_algo.models.decoder import Decoder, DecoderConfig, default_d_ffn  # noqa: E402
-from prores_algo.surgery import apply_prores  # noqa: E402
+from benchmarks._common import ROOT, machine_info, write_json
+from prores_algo.models.decoder import Decoder, DecoderConfig, default_d_ffn
+from prores_algo.surgery import apply_prores
 
 VARIANTS = ('baseline', 'prores_warmup', 'prores_done')
 TARGETS = {'step_time_ratio_warmup': 1.02, 'step_time_ratio_after': 1.01, 'peak_memory_ratio': 1.01,
@@ -580,7 +574,7 @@ def main(argv=None) -> dict:
                'steps_per_round': args.steps_per_round, 'warmup_steps': args.warmup_steps,
                'compile_steps': args.compile_steps, 'dtype': 'float32', 'device': 'cpu', 'optimizer': 'AdamW',
                'schedule': 'linear'},
-               'command': 'python benchmarks/overhead.py' + ('' if args.mode == 'full' else f' --{args.mode}'),
+               'command': 'python -m benchmarks.overhead' + ('' if args.mode == 'full' else f' --{args.mode}'),
                'machine': machine_info(), 'targets': TARGETS, 'models': {}}
     for name in [m.strip() for m in args.models.split(',') if m.strip()]:
         results['models'][name] = bench_model(name, args, dims)

@@ -29,11 +29,11 @@ benchmarks/results/quality.json, and `--resume` keeps every finished run whose s
 so an interrupted benchmark continues where it stopped.
 
 Usage:
-  python benchmarks/quality.py --resume        # full: ~3.5 h with 2 jobs on 2 cores (resumable)
-  python benchmarks/quality.py --quick         # < 5 minutes
-  python benchmarks/quality.py --smoke         # seconds (tests)
-  python benchmarks/quality.py --plots-only    # redraw the figures from the JSON
-  python benchmarks/report.py                  # tables into RESULTS.md
+  python -m benchmarks.quality --resume        # full: ~3.5 h with 2 jobs on 2 cores (resumable)
+  python -m benchmarks.quality --quick         # < 5 minutes
+  python -m benchmarks.quality --smoke         # seconds (tests)
+  python -m benchmarks.quality --plots-only    # redraw the figures from the JSON
+  python -m benchmarks.report                  # tables into RESULTS.md
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 
 try:  # run as `python -m benchmarks.quality` or loaded as part of the package
     from benchmarks._common import ROOT, machine_info, write_json
-except ImportError:  # run as `python benchmarks/quality.py`: its folder is on sys.path
+except ImportError:  # run as `python -m benchmarks.quality`: its folder is on sys.path
     from _common import ROOT, machine_info, write_json
 
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -390,7 +390,7 @@ def main(argv=None) -> dict:
     meta = ensure_dataset('stdlib', data_path, progress=False, **settings)
     unigram = unigram_level(data_path, m['eval_batches'])
 
-    cmd = 'python benchmarks/quality.py' + ('' if args.mode == 'full' else f' --{args.mode}')
+    cmd = 'python -m benchmarks.quality' + ('' if args.mode == 'full' else f' --{args.mode}')
     results = {'benchmark': 'quality', 'mode': args.mode, 'command': cmd, 'status': 'running',
                'config': {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in m.items()}, 'lr': LR,
                           'lr_warmup': LR_WARMUP, 'w_fraction': W_FRACTION, 'stall_margin': STALL_MARGIN,

@@ -5,8 +5,8 @@ RESULTS.md is written by a person; each table in it sits between
 between those markers. Prose stays as written: when the numbers change, reread it.
 
 Usage:
-  python benchmarks/report.py                     # results/overhead.json + results/quality.json -> RESULTS.md
-  python benchmarks/report.py --check             # exit 1 if RESULTS.md's tables are not up to date
+  python -m benchmarks.report                     # results/overhead.json + results/quality.json -> RESULTS.md
+  python -m benchmarks.report --check             # exit 1 if RESULTS.md's tables are not up to date
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def overhead_table(r: dict) -> str:
 def overhead_mechanisms(r: dict) -> str:
     m = r.get('mechanisms')
     if not m:
-        return '(not measured in this overhead.json: rerun `python benchmarks/overhead.py`)'
+        return '(not measured in this overhead.json: rerun `python -m benchmarks.overhead`)'
     b, t, sh = m['bytes'], m['timing'], m['bytes_shape']
     rows = []
     for mech, key, label in (('hook', 'prores_hook', 'output hook (before 2026-11-30; `mechanism=\'hook\'`)'),
@@ -178,7 +178,7 @@ def main(argv=None) -> str:
     new = render(old, sources)
     if args.check:
         if new != old:
-            print(f'{out} is out of date: run python benchmarks/report.py', file=sys.stderr)
+            print(f'{out} is out of date: run python -m benchmarks.report', file=sys.stderr)
             sys.exit(1)
         return new
     out.write_text(new)

@@ -28,8 +28,8 @@ def _finite(x):
 def outputs(tmp_path_factory):
     """Run both benchmarks' --smoke configurations once; the tests below check what they wrote."""
     d = tmp_path_factory.mktemp('bench')
-    _run(['benchmarks/overhead.py', '--smoke', '--out', str(d / 'overhead.json')])
-    _run(['benchmarks/quality.py', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=300)
+    _run(['-m', 'benchmarks.overhead', '--smoke', '--out', str(d / 'overhead.json')])
+    _run(['-m', 'benchmarks.quality', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=300)
     return d
 
 
@@ -85,8 +85,7 @@ def test_quality_smoke(outputs):
 
 
 def test_paired_summary_counts_stalls_apart():
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import quality
+    from benchmarks import quality
 
     def run(seed, variant, loss, stalled=False):
         return {'spec': {'seed': seed, 'variant': variant}, 'val_loss': loss, 'stalled': stalled, 'diverged': False,
@@ -103,8 +102,7 @@ def test_paired_summary_counts_stalls_apart():
 
 
 def test_report_fills_only_the_generated_blocks(outputs):
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import report
+    from benchmarks import report
     names = sorted(report.GENERATORS)
     template = 'Hand-written prose.\n\n' + '\n\n'.join(
         f'<!-- BEGIN generated:{n} -->\nold\n<!-- END generated:{n} -->\nprose after {n}' for n in names)
@@ -125,6 +123,6 @@ def test_report_fills_only_the_generated_blocks(outputs):
 
 def test_committed_results_md_is_up_to_date():
     """The tables in benchmarks/RESULTS.md are the ones the committed JSON gives."""
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import report
+    from benchmarks import report
     report.main(['--check'])
+

@@ -24,7 +24,7 @@ had mapped, so repeated test runs do not fill /dev/shm.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -351,10 +351,7 @@ def test_prores_data_kill9_mid_write_never_leaves_a_loadable_partial(tmp_path):
 # ----------------------------------------------------------------------------------------------- long run
 
 def _long_run_module():
-    spec = importlib.util.spec_from_file_location('long_run', ROOT / 'benchmarks' / 'long_run.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module('benchmarks.long_run')
 
 
 def test_long_run_short_variant_is_flat_and_hooks_are_gone():
