@@ -139,6 +139,20 @@ def overhead_mechanisms(r: dict) -> str:
                  rows)
 
 
+def sharded_memory(r: dict) -> str:
+    c = r['config']
+    rows = []
+    for stack, label in (('fsdp2', 'FSDP2 (`fully_shard` per layer)'), ('zero3', 'DeepSpeed ZeRO-3')):
+        s = r['stacks'][stack]
+        off = max(rank['off']['peak_above_start_bytes'] for rank in s['per_rank'])
+        ratio = s['max_ratio_vs_off']
+        rows.append([label, f'{off / 1e6:.2f} MB', f"**{ratio['hook']:.4f}**", f"**{ratio['gemm']:.4f}**",
+                     f"{ratio['weight_copy']:.4f}"])
+    return table([f"2 CPU processes, {c['layers']} layers × {c['d_model']}, {c['batch']}×{c['seq']} tokens per rank",
+                  'step peak above start, ProRes off', 'ratio: output hook', 'ratio: α in the GEMMs (default)',
+                  'ratio: control, scaled weight copy'], rows)
+
+
 GENERATORS = {
     'quality-status': ('quality', quality_status),
     'quality-answer': ('quality', quality_answer),
@@ -147,6 +161,7 @@ GENERATORS = {
     'quality-ablation': ('quality', quality_ablation),
     'overhead': ('overhead', overhead_table),
     'overhead-mechanisms': ('overhead', overhead_mechanisms),
+    'sharded-memory': ('sharded_memory', sharded_memory),
 }
 
 
@@ -168,11 +183,13 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--overhead', default=str(HERE / 'results' / 'overhead.json'))
     p.add_argument('--quality', default=str(HERE / 'results' / 'quality.json'))
+    p.add_argument('--sharded-memory', default=str(HERE / 'results' / 'sharded_memory.json'))
     p.add_argument('--out', default=str(HERE / 'RESULTS.md'), help='the Markdown file whose tables are filled in')
     p.add_argument('--check', action='store_true', help='exit 1 if the tables are not up to date')
     args = p.parse_args(argv)
     sources = {k: json.loads(Path(v).read_text()) if Path(v).is_file() else None
-               for k, v in (('overhead', args.overhead), ('quality', args.quality))}
+               for k, v in (('overhead', args.overhead), ('quality', args.quality),
+                            ('sharded_memory', args.sharded_memory))}
     out = Path(args.out)
     old = out.read_text()
     new = render(old, sources)

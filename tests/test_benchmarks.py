@@ -126,3 +126,17 @@ def test_committed_results_md_is_up_to_date():
     from benchmarks import report
     report.main(['--check'])
 
+
+def test_sharded_memory_smoke(tmp_path):
+    """2-process FSDP2 and ZeRO-3 runs: neither ProRes mechanism moves a step's peak memory (a mechanism
+    that kept a gathered weight alive until the backward would)."""
+    out = tmp_path / 'sharded_memory.json'
+    _run(['-m', 'benchmarks.sharded_memory', '--smoke', '--out', str(out)], timeout=600)
+    r = json.loads(out.read_text())
+    assert set(r['stacks']) == {'fsdp2', 'zero3'}
+    for stack, s in r['stacks'].items():
+        for rank in s['per_rank']:
+            assert rank['off']['peak_above_start_bytes'] > 0
+            for v in ('hook', 'gemm'):
+                assert rank[v]['alphas'] == [0.5, 0.25]  # mid-warmup: every branch really scaled
+        assert s['within_target'], (stack, s['max_ratio_vs_off'])
