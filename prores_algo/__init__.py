@@ -7,7 +7,8 @@ The core (`schedules`, `surgery`, `policies`) needs only torch; `ProRes` (the Co
 from prores_algo import schedules
 from prores_algo.policies import register_policy
 from prores_algo.export import fold_prores
-from prores_algo.surgery import ProResController, apply_prores, find_residual_layers
+from prores_algo.layers import find_residual_layers
+from prores_algo.surgery import ProResController, apply_prores
 
 __version__ = '0.1.0'
 

@@ -2,7 +2,7 @@
 
 `ResidualMonitor` (Composer `Callback`) and `ResidualMonitorCallback` (`transformers.TrainerCallback`)
 log, every `interval` optimizer steps, for each transformer layer i (found with
-`surgery.find_residual_layers`, the same layers ProRes scales):
+`layers.find_residual_layers`, the same layers ProRes scales):
 
   monitor/rms/layer_{i}           RMS of the layer's output (the residual stream after layer i) over the
                                   whole batch (all micro-batches; all ranks when distributed)
@@ -44,7 +44,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from prores_algo.surgery import find_residual_layers
+from prores_algo.layers import find_residual_layers
 from prores_algo.timing import to_steps
 
 __all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'MonitorBase']

@@ -21,7 +21,8 @@ from torch import nn
 from prores_algo import schedules
 from prores_algo.schedules import default_warmup
 from prores_algo.policies import check_branches
-from prores_algo.surgery import ProResController, ResidualLayer, find_residual_layers, warn_if_short_warmup
+from prores_algo.layers import ResidualLayer, find_residual_layers
+from prores_algo.surgery import ProResController, warn_if_short_warmup
 from prores_algo.timing import to_steps
 
 __all__ = ['ProResSpec', 'alpha_metrics', 'default_warmup', 'check_resume', 'DISABLED_RECORD']

@@ -14,7 +14,7 @@ import transformers as T
 
 from prores_algo import apply_prores
 from prores_algo.policies import LAYER_POLICIES
-from prores_algo.surgery import find_residual_layers
+from prores_algo.layers import find_residual_layers
 from tests.helpers import set_random_alphas
 
 TOL = dict(rtol=0, atol=1e-6)

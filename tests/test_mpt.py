@@ -21,7 +21,8 @@ from torch import nn
 
 from prores_algo import apply_prores
 from prores_algo.export import fold_prores
-from prores_algo.surgery import ALPHA_BUFFER, find_residual_layers
+from prores_algo.layers import find_residual_layers
+from prores_algo.surgery import ALPHA_BUFFER
 from tests.helpers import assert_prores_removed, set_random_alphas
 
 FOUNDRY = 'llm-foundry==0.22.0'
