@@ -189,6 +189,15 @@ def _build_scheduler(cfg: TrainConfig):
 
 # --- data ---------------------------------------------------------------------------------------------
 
+def _require(cfg: TrainConfig) -> None:
+    """What the schema leaves optional for the DeepSpeed loop (its JSON's lr and batch, synthetic data)
+    prores-train needs."""
+    missing = [key for key, value in (('data.path', cfg.data.path), ('optimizer.lr', cfg.optimizer.lr),
+                                      ('global_train_batch_size', cfg.global_train_batch_size)) if value is None]
+    if missing:
+        raise ConfigError('; '.join(f"missing required key '{key}'" for key in missing))
+
+
 def _prepare_data(cfg: TrainConfig):
     """Build MDS shards from `data.source` if `data.path` holds none (local rank 0 builds, others wait)."""
     from composer.utils import dist
@@ -234,6 +243,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from composer.utils import dist, get_device, reproducibility
 
     from prores_algo.tokenizers import load_tokenizer
+    _require(cfg)
     device = get_device(cfg.device)
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=cfg.dist_timeout)
