@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
+from prores_algo.recipe import is_url
 from prores_algo.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
@@ -65,11 +66,6 @@ CACHE_RECORD = 'prores_remote.json'
 _SOURCE_HELP = ("'stdlib' (the Python standard library sources on this machine), an existing local file or "
                 f"folder ({', '.join(TEXT_SUFFIXES)}; .jsonl needs a 'text' field), or "
                 "'hf:NAME[:CONFIG[:SPLIT]]' (e.g. 'hf:allenai/c4:en')")
-_URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
-
-
-def _is_url(path: str) -> bool:
-    return bool(_URL_RE.match(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +224,7 @@ def _hf_documents(source: str) -> Iterator[str]:
 
 def _normalize_source(source: str) -> str:
     """Local paths are recorded absolute so './data' and '/abs/data' compare equal in ensure_dataset."""
-    if source == 'stdlib' or source.startswith('hf:') or _is_url(source):
+    if source == 'stdlib' or source.startswith('hf:') or is_url(source):
         return source
     return str(Path(source).expanduser().resolve())
 
@@ -301,7 +297,7 @@ def _validate_args(seq_len: Any, val_fraction: Any, max_tokens: Any, compression
 def _out_path(out_dir: Any) -> Path:
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f'`out_dir` must be a local folder path, got {out_dir!r}')
-    if _is_url(str(out_dir)):
+    if is_url(str(out_dir)):
         raise ValueError(f'`out_dir` {str(out_dir)!r}: only local folders can be built here; write to an object '
                          "store with write_mds(..., out_dir='s3://...') or `prores-data --out s3://...`")
     return Path(out_dir).expanduser().resolve()
@@ -700,7 +696,7 @@ def write_mds(source: str,
     Returns the metadata dict also written to `out_dir/prores_data.json`.
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    if isinstance(out_dir, str) and _is_url(out_dir):
+    if isinstance(out_dir, str) and is_url(out_dir):
         remote = out_dir.rstrip('/')
         if not _split_url(remote)[1]:
             raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
@@ -1083,7 +1079,7 @@ def build_dataloader(path_or_remote: str,
         raise ValueError(f'`batch_size` must be a positive int, got {batch_size!r}')
     path_or_remote = str(path_or_remote)
     cached = True
-    if _is_url(path_or_remote):
+    if is_url(path_or_remote):
         remote = path_or_remote.rstrip('/')
         local = os.path.abspath(os.path.expanduser(local_cache)) if local_cache else _default_cache_dir(remote)
         meta = _cache_record(local, remote)  # a warm cache needs no request to the store at all
