@@ -37,7 +37,9 @@ class ModelConfig(BaseModel):
 
 
 class DataConfig(_Strict):
-    path: str  # MDS folder (built from `source` if missing) or a remote URL of prebuilt shards
+    # MDS folder (built from `source` if missing) or a remote URL of prebuilt shards. Required by
+    # prores-train; absent (None), the DeepSpeed loop trains on its synthetic token set.
+    path: Optional[str] = None
     source: Optional[str] = 'stdlib'  # text to build shards from: 'stdlib', a local path, 'hf:NAME[:CONFIG]'
     seq_len: int = 128
     max_tokens: Optional[int] = None
@@ -50,7 +52,7 @@ class DataConfig(_Strict):
 
 class OptimizerConfig(_Strict):
     name: Literal['adamw', 'decoupled_adamw'] = 'adamw'
-    lr: float
+    lr: Optional[float] = None  # required by prores-train; absent, the DeepSpeed loop takes its JSON's lr
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -58,7 +60,7 @@ class OptimizerConfig(_Strict):
     @field_validator('lr', 'eps')
     @classmethod
     def _positive_float(cls, v):
-        if not (math.isfinite(v) and v > 0):
+        if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError('must be a positive finite number, e.g. 1.0e-3')
         return v
 
@@ -92,7 +94,7 @@ class TrainConfig(_Strict):
     model: ModelConfig
     tokenizer: str = 'byte'
     data: DataConfig
-    global_train_batch_size: int
+    global_train_batch_size: Optional[int] = None  # required by prores-train; the DeepSpeed loop: from its JSON
     device_train_microbatch_size: Union[int, Literal['auto'], None] = None
     eval_batch_size: Optional[int] = None
     optimizer: OptimizerConfig
@@ -122,7 +124,7 @@ class TrainConfig(_Strict):
     @field_validator('global_train_batch_size')
     @classmethod
     def _positive(cls, v):
-        if v < 1:
+        if v is not None and v < 1:
             raise ValueError('must be a positive int')
         return v
 

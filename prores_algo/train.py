@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from prores_algo import recipe
 from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
 
 __all__ = ['main', 'build_trainer', 'build_model', 'ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
@@ -104,29 +105,15 @@ def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict
 
 def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
     """The ComposerModel named by `model.name`; checks vocab against the tokenizer and seq_len."""
-    kwargs = cfg.model.kwargs
-    if cfg.model.name == 'reference':
-        from prores_algo.models.composer_decoder import ComposerDecoder
-        from prores_algo.models.decoder import DecoderConfig, default_deepnet_init
-        check_kwargs('model (reference)', DecoderConfig, kwargs)
-        kwargs.setdefault('max_seq_len', cfg.data.seq_len)
-        kwargs.setdefault('deepnet_init', default_deepnet_init('prores' in cfg.algorithms))
-        try:
-            dcfg = DecoderConfig(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f'model: {e}') from None
-        vocab, max_len = dcfg.vocab_size, dcfg.max_seq_len
-    else:
-        vocab, max_len, dcfg = None, None, None
-    if tokenizer_vocab is not None and vocab is not None and vocab < tokenizer_vocab:
+    if cfg.model.name != 'reference':
+        return _build_hf_causal_lm(cfg.model.kwargs, tokenizer_vocab, cfg.data.seq_len)
+    from prores_algo.models.composer_decoder import ComposerDecoder
+    dcfg = recipe.decoder_config(cfg)  # the model the DeepSpeed loop builds from the same YAML
+    vocab = dcfg.vocab_size
+    if tokenizer_vocab is not None and vocab < tokenizer_vocab:
         raise ConfigError(f'model.vocab_size={vocab} is smaller than the tokenizer\'s vocabulary ({tokenizer_vocab} '
                           f'ids, tokenizer {cfg.tokenizer!r}): set model.vocab_size >= {tokenizer_vocab}')
-    if max_len is not None and cfg.data.seq_len > max_len:
-        raise ConfigError(f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={max_len}: raise '
-                          'model.max_seq_len or lower data.seq_len')
-    if cfg.model.name == 'reference':
-        return ComposerDecoder(dcfg)
-    return _build_hf_causal_lm(kwargs, tokenizer_vocab, cfg.data.seq_len)
+    return ComposerDecoder(dcfg)
 
 
 def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], seq_len: int):
@@ -177,22 +164,9 @@ def _with_labels(batch):
     return batch
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    """The paper: weight decay on matrices only — none on biases, norm weights, embeddings."""
-    if hasattr(model, 'param_groups'):
-        return model.param_groups(weight_decay)
-    embed_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and id(p) not in embed_ids else no_decay).append(p)
-    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-
-
 def _build_optimizer(cfg: TrainConfig, model):
-    o = cfg.optimizer
-    groups = _param_groups(model, o.weight_decay)
+    o = recipe.optimizer(cfg)
+    groups = recipe.param_groups(model, o.weight_decay)
     if o.name == 'adamw':
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     from composer.optim import DecoupledAdamW
@@ -200,22 +174,28 @@ def _build_optimizer(cfg: TrainConfig, model):
 
 
 def _build_scheduler(cfg: TrainConfig):
-    if cfg.scheduler is None:
+    schedule = recipe.lr_schedule(cfg)
+    if schedule is None:
         return None
     table = _schedulers()
-    name = cfg.scheduler.name
+    name = schedule.name
     if name not in table:
         from prores_algo.config import _suggest
         raise ConfigError(f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}")
-    kwargs = cfg.scheduler.kwargs
+    kwargs = schedule.kwargs
     check_kwargs(f'scheduler ({name})', table[name], kwargs)
     return table[name](**kwargs)
 
 
 # --- data ---------------------------------------------------------------------------------------------
 
-def _is_url(path: str) -> bool:
-    return '://' in path
+def _require(cfg: TrainConfig) -> None:
+    """What the schema leaves optional for the DeepSpeed loop (its JSON's lr and batch, synthetic data)
+    prores-train needs."""
+    missing = [key for key, value in (('data.path', cfg.data.path), ('optimizer.lr', cfg.optimizer.lr),
+                                      ('global_train_batch_size', cfg.global_train_batch_size)) if value is None]
+    if missing:
+        raise ConfigError('; '.join(f"missing required key '{key}'" for key in missing))
 
 
 def _prepare_data(cfg: TrainConfig):
@@ -224,17 +204,16 @@ def _prepare_data(cfg: TrainConfig):
 
     from prores_algo.data import ensure_dataset
     d = cfg.data
-    if _is_url(d.path):
+    if recipe.is_url(d.path):
         return
     if dist.get_local_rank() == 0:
-        if d.source is None:
+        build = recipe.dataset_build_args(cfg)
+        if build is None:
             if not os.path.isdir(d.path):
                 raise ConfigError(f'data.path={d.path!r} does not exist and data.source is null: build shards with '
                                   '`prores-data` or set data.source (e.g. stdlib, a folder of text, hf:allenai/c4:en)')
         else:
-            ensure_dataset(d.source, d.path, tokenizer=cfg.tokenizer, seq_len=d.seq_len, val_fraction=d.val_fraction,
-                           max_tokens=d.max_tokens, seed=cfg.seed, max_bytes=d.max_bytes,
-                           progress=dist.get_global_rank() == 0)
+            ensure_dataset(**build, progress=dist.get_global_rank() == 0)
     dist.barrier()
 
 
@@ -264,6 +243,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from composer.utils import dist, get_device, reproducibility
 
     from prores_algo.tokenizers import load_tokenizer
+    _require(cfg)
     device = get_device(cfg.device)
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=cfg.dist_timeout)
@@ -327,7 +307,7 @@ def _save_overwrite(cfg: TrainConfig) -> bool:
     """
     if cfg.save_overwrite:
         return True
-    if not (cfg.autoresume and cfg.save_folder) or _is_url(cfg.save_folder):
+    if not (cfg.autoresume and cfg.save_folder) or recipe.is_url(cfg.save_folder):
         return False
     from composer.utils import format_name_with_dist
     folder = format_name_with_dist(cfg.save_folder, cfg.run_name)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from prores_algo import schedules
-from prores_algo.ds_train import cfg_from_yaml, train
+from prores_algo.ds_settings import from_yaml, resolve
+from prores_algo.ds_train import train
 from tests.test_deepspeed import ROOT, ZERO3_JSON, _launch, _ok
 
 QS = ROOT / 'yamls' / 'quickstart.yaml'
@@ -15,11 +16,11 @@ SMALL = ['model.n_layers=3', 'model.d_model=32', 'model.n_heads=4', 'model.max_s
 
 
 def test_yaml_maps_onto_the_deepspeed_loop(tmp_path):
-    cfg = cfg_from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL])
-    assert (cfg['n_layers'], cfg['d_model'], cfg['vocab'], cfg['seq_len']) == (3, 32, 257, 32)
-    assert (cfg['steps'], cfg['t_warmup'], cfg['schedule'], cfg['lr']) == (6, 4, 'linear', 3e-3)
-    assert (cfg['lr_schedule'], cfg['lr_warmup'], cfg['lr_decay']) == ('wsd', '0.05dur', '0.2dur')
-    assert cfg['global_train_batch_size'] == 8 and cfg['data'] == f'{tmp_path}/d'
+    plan = resolve(from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL])[0])
+    assert (plan.model.n_layers, plan.model.d_model, plan.model.vocab_size, plan.seq_len) == (3, 32, 257, 32)
+    assert (plan.steps, plan.t_warmup, plan.prores.schedule, plan.optimizer.lr) == (6, 4, 'linear', 3e-3)
+    assert (plan.lr_schedule, plan.lr_warmup, plan.lr_decay) == ('wsd', '0.05dur', '0.2dur')
+    assert plan.global_train_batch_size == 8 and plan.data == f'{tmp_path}/d'
 
 
 def test_yaml_trains_under_two_process_zero3(tmp_path):
@@ -42,10 +43,10 @@ def no_dist_env(monkeypatch):
 
 
 def test_yaml_batch_conflicting_with_deepspeed_json_is_an_error(tmp_path, no_dist_env):
-    cfg = cfg_from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL, 'global_train_batch_size=16'],
-                        str(ZERO3_JSON))
+    config, options = from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL, 'global_train_batch_size=16'],
+                                {'deepspeed_config': str(ZERO3_JSON)})
     with pytest.raises(ValueError, match=r'global_train_batch_size=16 conflicts with the DeepSpeed config'):
-        train(cfg)
+        train(config, options)
     assert not (tmp_path / 'd').exists()
 
 
@@ -56,4 +57,4 @@ def test_yaml_batch_conflicting_with_deepspeed_json_is_an_error(tmp_path, no_dis
 ])
 def test_yaml_settings_the_deepspeed_loop_cannot_honour(override, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        cfg_from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL, override])
+        resolve(from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL, override])[0])

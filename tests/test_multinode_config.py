@@ -19,7 +19,8 @@ MULTINODE = {'1.3b': (ROOT / 'yamls' / 'multinode' / '1.3b.yaml', 1_364_297_728,
 
 @pytest.mark.parametrize('size', sorted(MULTINODE))
 def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
-    from prores_algo.ds_train import build_model, cfg_from_yaml
+    from prores_algo.ds_settings import resolve
+    from prores_algo.ds_train import build_model
     from prores_algo.train import build_model as composer_model
     path, params, layers = MULTINODE[size]
     cfg = load_config(path)
@@ -31,21 +32,22 @@ def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
         assert sum(p.numel() for p in composer_model(cfg).parameters()) == params
     # DeepSpeed: the same YAML (checkpoints on a shared filesystem), the same model, d_ffn included
     with pytest.raises(ConfigError, match=r"save_folder='s3://.*shared filesystem"):
-        cfg_from_yaml(str(path))
-    ds = cfg_from_yaml(str(path), ['save_folder=/shared/runs/x'])
-    assert (ds['save_dir'], ds['autoresume'], ds['data'], ds['local_cache']) == \
+        resolve(cfg)
+    ds = resolve(load_config(path, ['save_folder=/shared/runs/x']))
+    assert (ds.save_dir, ds.autoresume, ds.data, ds.local_cache) == \
         ('/shared/runs/x', True, cfg.data.path, cfg.data.local_cache)
     with torch.device('meta'):
         assert sum(p.numel() for p in build_model(ds).parameters()) == params
 
 
 def test_deepspeed_loop_refuses_model_keys_it_would_drop():
-    from prores_algo.ds_train import cfg_from_yaml
+    from prores_algo.ds_settings import resolve
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
-    assert cfg_from_yaml(qs, ['model.d_ffn=96'])['d_ffn'] == 96
-    assert cfg_from_yaml(qs, ['model.norm_eps=1e-5'])['d_ffn'] is None  # the default: harmless
+    assert resolve(load_config(qs, ['model.d_ffn=96'])).model.d_ffn == 96
+    # the default: harmless
+    assert resolve(load_config(qs, ['model.norm_eps=1e-5'])).model == resolve(load_config(qs)).model
     with pytest.raises(ConfigError, match=r"does not take \['tie_embeddings'\]"):
-        cfg_from_yaml(qs, ['model.tie_embeddings=true'])
+        resolve(load_config(qs, ['model.tie_embeddings=true']))
 
 
 def test_deepspeed_cli_options_reach_the_loop_with_a_yaml(monkeypatch, tmp_path):
@@ -54,16 +56,18 @@ def test_deepspeed_cli_options_reach_the_loop_with_a_yaml(monkeypatch, tmp_path)
     from prores_algo import ds_train
     seen = {}
 
-    def fake_train(cfg):
-        seen.update(cfg)
+    def fake_train(config, options):
+        seen.update(config=config, options=options)
         return {'rank': 1, 'final_eval_loss': None}
 
     monkeypatch.setattr(ds_train, 'train', fake_train)
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
     ds_train.main(['--config', qs, '--micro_batch_size', '8', '--grad_accum', '2', '--local_cache', str(tmp_path),
                    '--record_samples', 'data.path=s3://bucket/ds', 'autoresume=true', 'save_folder=/shared/x'])
-    assert (seen['micro_batch_size'], seen['grad_accum'], seen['local_cache'], seen['record_samples']) == \
+    config, options = seen['config'], seen['options']
+    assert (options.micro_batch_size, options.grad_accum, config.data.local_cache, options.record_samples) == \
         (8, 2, str(tmp_path), True)
-    assert seen['autoresume'] and seen['data'] == 's3://bucket/ds' and seen['save_dir'] == '/shared/x'
+    assert config.autoresume and config.data.path == 's3://bucket/ds' and config.save_folder == '/shared/x'
     ds_train.main(['--config', qs, 'data.local_cache=/yaml/cache'])
-    assert seen['local_cache'] == '/yaml/cache' and seen['micro_batch_size'] is None and not seen['autoresume']
+    config, options = seen['config'], seen['options']
+    assert config.data.local_cache == '/yaml/cache' and options.micro_batch_size is None and not config.autoresume

@@ -15,7 +15,8 @@ from typing import Any, Optional
 import torch
 
 from prores_algo.data.layout import CACHE_RECORD, HASH_ALGO, META_FILENAME, SPLITS, read_metadata
-from prores_algo.data.remote import RemoteDataError, _is_url, _remote_metadata, _remote_read_error
+from prores_algo.recipe import is_url
+from prores_algo.data.remote import RemoteDataError, _remote_metadata, _remote_read_error
 from prores_algo.data.token_dataset import TokenDataset
 
 
@@ -211,7 +212,7 @@ def build_dataloader(path_or_remote: str,
         raise ValueError(f'`batch_size` must be a positive int, got {batch_size!r}')
     path_or_remote = str(path_or_remote)
     cached = True
-    if _is_url(path_or_remote):
+    if is_url(path_or_remote):
         remote, local, meta, cached = _remote_source(path_or_remote, local_cache)
         where = remote
     else:

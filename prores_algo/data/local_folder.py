@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prores_algo.data.layout import META_FILENAME, SPLITS, read_metadata
-from prores_algo.data.remote import _is_url
+from prores_algo.recipe import is_url
 
 _TMP_MARK = '.prores-tmp-'
 
@@ -20,7 +20,7 @@ _TMP_MARK = '.prores-tmp-'
 def _out_path(out_dir: Any) -> Path:
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f'`out_dir` must be a local folder path, got {out_dir!r}')
-    if _is_url(str(out_dir)):
+    if is_url(str(out_dir)):
         raise ValueError(f'`out_dir` {str(out_dir)!r}: only local folders can be built here; write to an object '
                          "store with write_mds(..., out_dir='s3://...') or `prores-data --out s3://...`")
     return Path(out_dir).expanduser().resolve()

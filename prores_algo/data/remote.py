@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from prores_algo.data.layout import FORMAT, META_FILENAME, SPLITS
-
-_URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
-
-
-def _is_url(path: str) -> bool:
-    return bool(_URL_RE.match(path))
-
 
 class RemoteDataError(ValueError):
     """A remote dataset (s3://...) cannot be written or read; the message names the URL and the likely cause."""

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
-from prores_algo.data.remote import _is_url
+from prores_algo.recipe import is_url
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
 _SOURCE_HELP = ("'stdlib' (the Python standard library sources on this machine), an existing local file or "
@@ -173,6 +173,6 @@ def _hf_documents(source: str) -> Iterator[str]:
 
 def _normalize_source(source: str) -> str:
     """Local paths are recorded absolute so './data' and '/abs/data' compare equal in ensure_dataset."""
-    if source == 'stdlib' or source.startswith('hf:') or _is_url(source):
+    if source == 'stdlib' or source.startswith('hf:') or is_url(source):
         return source
     return str(Path(source).expanduser().resolve())

@@ -15,7 +15,8 @@ from prores_algo.data.layout import COLUMN, DTYPE, FORMAT, FORMAT_VERSION, HASH_
 from prores_algo.data.local_folder import (_check_replaceable, _clean_stale_tmp, _lock, _move_into_place, _out_path,
                                            _staging_folder)
 from prores_algo.data.packing import _check_samples, _pack_documents, _Packer
-from prores_algo.data.remote import RemoteDataError, _is_url, _remote_write_error, _RemoteOut, _split_url
+from prores_algo.recipe import is_url
+from prores_algo.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
 from prores_algo.data.settings import _checked_tokenizer, _normalize_tokenizer_name, _requested_settings, _validate_args
 from prores_algo.data.sources import _normalize_source, iter_documents
 
@@ -197,7 +198,7 @@ def write_mds(source: str,
     Returns the metadata dict also written to `out_dir/prores_data.json`.
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    if isinstance(out_dir, str) and _is_url(out_dir):
+    if isinstance(out_dir, str) and is_url(out_dir):
         remote = out_dir.rstrip('/')
         if not _split_url(remote)[1]:
             raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
