@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from prores_algo import recipe
 from prores_algo.config import ConfigError, TrainConfig, load_config
+from prores_algo.timing import to_steps, whole_steps
 
 if TYPE_CHECKING:
     from prores_algo.models.decoder import DecoderConfig
@@ -89,15 +90,13 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
     for key in ('d_ffn', 'deepnet_init'):
         if f[key] is not None:
             model[key] = f[key]
-    delay = f['lr_warmup_delay']
-    if isinstance(delay, str) and delay.strip().endswith('dur'):  # the LR helper floors a fraction of the run
-        delay = f"{int(float(delay.strip()[:-3]) * steps)}ba"
+    delay = f"{whole_steps(f['lr_warmup_delay'], 'lr_warmup_delay', steps)}ba"  # a 'dur' fraction: floored
     algorithms = {}
     if f['prores'] and f['schedule'] not in (None, 'none', 'off'):
         algorithms['prores'] = {'schedule': f['schedule'], 'lr_warmup_delay': delay}
         if f['t_warmup'] is not None:
             algorithms['prores']['t_warmup'] = f['t_warmup']
-    elif _steps(delay, steps, 'lr_warmup_delay'):
+    elif delay != '0ba':
         raise ValueError(f"lr_warmup_delay={f['lr_warmup_delay']!r} delays the LR warmup for ProRes "
                          '(algorithms.prores.lr_warmup_delay): it needs ProRes on')
     raw = {
@@ -178,15 +177,16 @@ def resolve(config: TrainConfig) -> StepPlan:
     if unknown_algos:
         raise ConfigError(f'algorithms: {sorted(unknown_algos)} are Composer algorithms; the DeepSpeed loop runs '
                           'only prores (clipping comes from the DeepSpeed JSON `gradient_clipping`)')
-    steps = _batches(config.max_duration, None, 'max_duration')
+    steps = whole_steps(config.max_duration, 'max_duration')
     if steps < 1:
         raise ValueError(f'steps must be >= 1, got {steps}')
     prores = recipe.prores(config)
     sched = recipe.lr_schedule(config)
     return StepPlan(
         model=recipe.decoder_config(config), prores=prores,
-        t_warmup=None if prores.t_warmup is None else _steps(prores.t_warmup, steps, 'algorithms.prores.t_warmup'),
-        lr_warmup_delay=_steps(prores.lr_warmup_delay, steps, 'algorithms.prores.lr_warmup_delay'),
+        t_warmup=None if prores.t_warmup is None else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup',
+                                                                    steps),
+        lr_warmup_delay=whole_steps(prores.lr_warmup_delay, 'algorithms.prores.lr_warmup_delay', steps),
         optimizer=recipe.optimizer(config),
         lr_schedule='constant' if sched is None else sched.name,
         lr_warmup=0 if sched is None else sched.kwargs.get('t_warmup', DEFAULTS['lr_warmup']),
@@ -194,28 +194,14 @@ def resolve(config: TrainConfig) -> StepPlan:
         alpha_f=0.0 if sched is None else sched.kwargs.get('alpha_f', 0.0),
         steps=steps, seed=config.seed, data=config.data.path, seq_len=config.data.seq_len, local_cache=config.data.local_cache,
         data_build=recipe.dataset_build_args(config), global_train_batch_size=config.global_train_batch_size,
-        eval_every=_batches(config.eval_interval, steps, 'eval_interval'), save_dir=config.save_folder,
-        save_interval=_batches(config.save_interval, steps, 'save_interval'), load_dir=config.load_path,
+        eval_every=whole_steps(config.eval_interval, 'eval_interval', steps), save_dir=config.save_folder,
+        save_interval=whole_steps(config.save_interval, 'save_interval', steps), load_dir=config.load_path,
         autoresume=config.autoresume)
 
 
-def _batches(value: Any, steps: Optional[int], field: str) -> int | str:
-    """'Nba' → N; 'Xdur' stays a fraction string for the LR helpers, or becomes X·steps when given."""
-    text = str(value).strip()
-    if text.endswith('dur'):
-        return int(round(float(text[:-3]) * steps)) if steps is not None else text
-    if text.endswith('ba'):
-        return int(float(text[:-2]))
-    if text.lstrip('+-').isdigit():
-        return int(text)
-    raise ValueError(f'{field}={value!r}: the DeepSpeed path counts optimizer steps; use "Nba" or a "dur" fraction')
-
-
-def _steps(value: Any, steps: int, field: str):
-    """A number of optimizer steps as given (the flat options' W may be a float), else `_batches`."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    return _batches(value, steps, field)
+def _warmup_steps(value: Any, field: str, max_steps: int) -> float:
+    """ProRes' W in optimizer steps, kept exact as the Composer algorithm and the HF callback keep it."""
+    return to_steps(value, field, max_steps)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import math
 import re
 from typing import Any, Optional
 
-__all__ = ['parse_time', 'to_steps', 'TIME_EXAMPLES']
+__all__ = ['parse_time', 'to_steps', 'whole_steps', 'TIME_EXAMPLES']
 
 TIME_EXAMPLES = '"24000ba" (batches), "0.1dur" (fraction of max_duration), "5e8tok" or "1e6sp"'
 _NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
@@ -71,3 +71,14 @@ def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float
         return float(t.value) * float(max_steps)
     raise ValueError(f'{field}={value!r}: this loop counts optimizer steps; give an int, "Nba" (steps) or "Xdur" '
                      f'(a fraction of the run), not "{unit}" (tokens, samples and epochs are not converted here)')
+
+
+def whole_steps(value: Any, field: str, max_steps: Optional[float] = None) -> int:
+    """`to_steps` for counts that must be whole and >= 0 (intervals, delays, run lengths): a 'dur' fraction
+    of the run is floored, as Composer does; any other non-integer is refused."""
+    steps = to_steps(value, field, max_steps)
+    if steps < 0:
+        raise ValueError(f'{field} must be >= 0, got {value!r}')
+    if not (isinstance(value, str) and value.strip().endswith('dur')) and not steps.is_integer():
+        raise ValueError(f'{field}={value!r}: give a whole number of optimizer steps')
+    return int(steps)

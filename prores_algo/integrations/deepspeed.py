@@ -41,7 +41,7 @@ import torch
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
 from prores_algo.spec import DISABLED_RECORD, ProResSpec, check_resume
 from prores_algo.surgery import ProResController, apply_prores
-from prores_algo.timing import to_steps
+from prores_algo.timing import whole_steps
 
 __all__ = [
     'DeepSpeedProRes', 'attach_prores', 'lr_lambda_from', 'build_lr_scheduler', 'lr_scheduler_factory',
@@ -179,16 +179,6 @@ LR_SCHEDULES = {
 }
 
 
-def _to_steps(value: Any, max_steps: int, field: str) -> int:
-    """Whole optimizer steps from an int, 'Nba' or 'Xdur' (a fraction of max_steps, floored as Composer does)."""
-    steps = to_steps(value, field, max_steps)
-    if steps < 0:
-        raise ValueError(f'{field} must be >= 0, got {value!r}')
-    if not (isinstance(value, str) and value.strip().endswith('dur')) and not steps.is_integer():
-        raise ValueError(f'{field} must be a whole number of optimizer steps, got {value!r}')
-    return int(steps)
-
-
 def lr_lambda_from(schedule: Union[str, Mapping] = 'wsd',
                    *,
                    max_steps: int,
@@ -239,9 +229,9 @@ def lr_lambda_from(schedule: Union[str, Mapping] = 'wsd',
         raise ValueError(f'alpha_f must be a finite number, got {alpha_f!r}')
     alpha_f = float(alpha_f)
     M = max_steps
-    W = _to_steps(t_warmup, M, 't_warmup')
-    D = _to_steps(lr_warmup_delay, M, 'lr_warmup_delay')
-    decay = _to_steps(t_decay, M, 't_decay') if kind == 'wsd' else 0
+    W = whole_steps(t_warmup, 't_warmup', M)
+    D = whole_steps(lr_warmup_delay, 'lr_warmup_delay', M)
+    decay = whole_steps(t_decay, 't_decay', M) if kind == 'wsd' else 0
     if kind == 'wsd':
         wsd_multiplier(0, M, W, decay, alpha_f)  # validates warmup + decay <= max_steps
     elif W > M:
