@@ -35,8 +35,15 @@ EXACT = dict(atol=0.0, rtol=0.0)
 TOL = dict(atol=1e-6, rtol=1e-6)
 MIXED_ALPHAS = (0.0, 0.37, 1.0)  # one layer off, one warming up, one fully on
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-               intermediate_size=64, max_position_embeddings=64, attn_implementation='eager')
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    attn_implementation='eager',
+)
 
 
 # ------------------------------------------------------------------------------------- layer references
@@ -44,16 +51,19 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_LAYERS,
 # re-implements the layer's forward (transformers 4.57) with α on each residual branch. The additions keep
 # the operand order of the HF code so that float rounding is the same.
 
+
 def _ref_llama(layer, x, a, ctx):
-    attn = layer.self_attn(layer.input_layernorm(x), position_embeddings=ctx['position_embeddings'],
-                           attention_mask=ctx['attention_mask'])[0]
+    attn = layer.self_attn(
+        layer.input_layernorm(x), position_embeddings=ctx['position_embeddings'], attention_mask=ctx['attention_mask']
+    )[0]
     h = x + a * attn
     return h + a * layer.mlp(layer.post_attention_layernorm(h))
 
 
 def _ref_gemma2(layer, x, a, ctx):  # sandwich: x + α·PostNorm(F(PreNorm(x)))
-    attn = layer.self_attn(layer.input_layernorm(x), position_embeddings=ctx['position_embeddings'],
-                           attention_mask=ctx['attention_mask'])[0]
+    attn = layer.self_attn(
+        layer.input_layernorm(x), position_embeddings=ctx['position_embeddings'], attention_mask=ctx['attention_mask']
+    )[0]
     h = x + a * layer.post_attention_layernorm(attn)
     return h + a * layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
 
@@ -64,8 +74,12 @@ def _ref_gpt2(layer, x, a, ctx):
 
 
 def _ref_neox(layer, x, a, ctx):
-    attn = a * layer.attention(layer.input_layernorm(x), ctx['attention_mask'],
-                               position_embeddings=ctx['position_embeddings'])[0]
+    attn = (
+        a
+        * layer.attention(
+            layer.input_layernorm(x), ctx['attention_mask'], position_embeddings=ctx['position_embeddings']
+        )[0]
+    )
     if layer.use_parallel_residual:  # x + α·attn(ln1(x)) + α·mlp(ln2(x))
         return a * layer.mlp(layer.post_attention_layernorm(x)) + attn + x
     h = attn + x
@@ -74,8 +88,13 @@ def _ref_neox(layer, x, a, ctx):
 
 def _ref_opt(layer, x, a, ctx):
     pre = layer.do_layer_norm_before
-    h = x + a * layer.self_attn(hidden_states=layer.self_attn_layer_norm(x) if pre else x,
-                                attention_mask=ctx['attention_mask'])[0]
+    h = (
+        x
+        + a
+        * layer.self_attn(
+            hidden_states=layer.self_attn_layer_norm(x) if pre else x, attention_mask=ctx['attention_mask']
+        )[0]
+    )
     if not pre:
         h = layer.self_attn_layer_norm(h)
     mlp = layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h) if pre else h)))
@@ -91,6 +110,7 @@ def _ref_bert(layer, x, a, ctx):  # Post-LN: LN(x + α·F(x))
 
 # ------------------------------------------------------------------------------------- layer contexts
 
+
 def _causal_mask(x):
     s = x.shape[1]
     mask = torch.full((s, s), torch.finfo(x.dtype).min).triu(1)
@@ -99,8 +119,9 @@ def _causal_mask(x):
 
 def _ctx_rope(model, x):
     pos = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
-    return dict(attention_mask=_causal_mask(x), position_ids=pos,
-                position_embeddings=model.base_model.rotary_emb(x, pos))
+    return dict(
+        attention_mask=_causal_mask(x), position_ids=pos, position_embeddings=model.base_model.rotary_emb(x, pos)
+    )
 
 
 def _ctx_neox(model, x):
@@ -117,6 +138,7 @@ def _ctx_none(model, x):  # GPT-2 masks causally by itself; BERT attends bidirec
 
 
 # ------------------------------------------------------------------------------------- architectures
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
@@ -137,6 +159,7 @@ def _seeded(fn):
     def build():
         torch.manual_seed(0)
         return fn().float().eval()
+
     return build
 
 
@@ -151,32 +174,64 @@ _LLAMA_BRANCH_WEIGHTS = ('self_attn.o_proj.weight', 'mlp.down_proj.weight')
 
 
 def _llama_like(name, model_cls, config_cls, **extra):
-    return Arch(name, _seeded(lambda: model_cls(config_cls(**_COMMON, num_key_value_heads=2, **extra))),
-                lambda m: m.model.layers, _ctx_rope, _ref_llama, lambda base: base.norm, _LLAMA_BRANCH_WEIGHTS)
+    return Arch(
+        name,
+        _seeded(lambda: model_cls(config_cls(**_COMMON, num_key_value_heads=2, **extra))),
+        lambda m: m.model.layers,
+        _ctx_rope,
+        _ref_llama,
+        lambda base: base.norm,
+        _LLAMA_BRANCH_WEIGHTS,
+    )
 
 
 def _neox(parallel):
     def build():
-        model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(
-            **_COMMON, hidden_dropout=0.0, attention_dropout=0.0, use_parallel_residual=parallel))
+        model = T.GPTNeoXForCausalLM(
+            T.GPTNeoXConfig(**_COMMON, hidden_dropout=0.0, attention_dropout=0.0, use_parallel_residual=parallel)
+        )
         assert all(layer.use_parallel_residual == parallel for layer in model.gpt_neox.layers)
         return model
 
-    return Arch(f'gpt_neox_{"parallel" if parallel else "sequential"}', _seeded(build),
-                lambda m: m.gpt_neox.layers, _ctx_neox, _ref_neox, lambda base: base.final_layer_norm,
-                ('attention.dense.weight', 'mlp.dense_4h_to_h.weight'))
+    return Arch(
+        f'gpt_neox_{"parallel" if parallel else "sequential"}',
+        _seeded(build),
+        lambda m: m.gpt_neox.layers,
+        _ctx_neox,
+        _ref_neox,
+        lambda base: base.final_layer_norm,
+        ('attention.dense.weight', 'mlp.dense_4h_to_h.weight'),
+    )
 
 
 def _opt(pre_ln):
-    return Arch('opt' if pre_ln else 'opt_post_ln',
-                _seeded(lambda: T.OPTForCausalLM(T.OPTConfig(
-                    vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, dropout=0.0,
-                    attention_dropout=0.0, activation_dropout=0.0, do_layer_norm_before=pre_ln,
-                    attn_implementation='eager'))),
-                lambda m: m.model.decoder.layers, _ctx_mask, _ref_opt,
-                lambda base: base.decoder.final_layer_norm or nn.Identity(),
-                ('self_attn.out_proj.weight', 'fc2.weight'), post_ln=not pre_ln)
+    return Arch(
+        'opt' if pre_ln else 'opt_post_ln',
+        _seeded(
+            lambda: T.OPTForCausalLM(
+                T.OPTConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=HIDDEN,
+                    num_hidden_layers=N_LAYERS,
+                    num_attention_heads=4,
+                    ffn_dim=64,
+                    max_position_embeddings=64,
+                    word_embed_proj_dim=HIDDEN,
+                    dropout=0.0,
+                    attention_dropout=0.0,
+                    activation_dropout=0.0,
+                    do_layer_norm_before=pre_ln,
+                    attn_implementation='eager',
+                )
+            )
+        ),
+        lambda m: m.model.decoder.layers,
+        _ctx_mask,
+        _ref_opt,
+        lambda base: base.decoder.final_layer_norm or nn.Identity(),
+        ('self_attn.out_proj.weight', 'fc2.weight'),
+        post_ln=not pre_ln,
+    )
 
 
 ARCHS = [
@@ -184,22 +239,56 @@ ARCHS = [
     _llama_like('mistral', T.MistralForCausalLM, T.MistralConfig),
     _llama_like('qwen2', T.Qwen2ForCausalLM, T.Qwen2Config),
     _llama_like('qwen3', T.Qwen3ForCausalLM, T.Qwen3Config, head_dim=8),
-    Arch('gemma2', _seeded(lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8))),
-         lambda m: m.model.layers, _ctx_rope, _ref_gemma2, lambda base: base.norm,
-         _LLAMA_BRANCH_WEIGHTS + ('post_attention_layernorm.weight', 'post_feedforward_layernorm.weight')),
-    Arch('gpt2', _seeded(lambda: T.GPT2LMHeadModel(T.GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4, n_positions=64, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation='eager'))),
-         lambda m: m.transformer.h, _ctx_none, _ref_gpt2, lambda base: base.ln_f,
-         ('attn.c_proj.weight', 'mlp.c_proj.weight')),
+    Arch(
+        'gemma2',
+        _seeded(lambda: T.Gemma2ForCausalLM(T.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=8))),
+        lambda m: m.model.layers,
+        _ctx_rope,
+        _ref_gemma2,
+        lambda base: base.norm,
+        _LLAMA_BRANCH_WEIGHTS + ('post_attention_layernorm.weight', 'post_feedforward_layernorm.weight'),
+    ),
+    Arch(
+        'gpt2',
+        _seeded(
+            lambda: T.GPT2LMHeadModel(
+                T.GPT2Config(
+                    vocab_size=VOCAB,
+                    n_embd=HIDDEN,
+                    n_layer=N_LAYERS,
+                    n_head=4,
+                    n_positions=64,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                    attn_implementation='eager',
+                )
+            )
+        ),
+        lambda m: m.transformer.h,
+        _ctx_none,
+        _ref_gpt2,
+        lambda base: base.ln_f,
+        ('attn.c_proj.weight', 'mlp.c_proj.weight'),
+    ),
     _neox(parallel=True),
     _neox(parallel=False),
     _opt(pre_ln=True),
     _opt(pre_ln=False),
-    Arch('bert', _seeded(lambda: T.BertForMaskedLM(T.BertConfig(
-        **_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))),
-         lambda m: m.bert.encoder.layer, _ctx_none, _ref_bert, lambda base: nn.Identity(),
-         ('attention.output.dense.weight', 'output.dense.weight'), post_ln=True),
+    Arch(
+        'bert',
+        _seeded(
+            lambda: T.BertForMaskedLM(
+                T.BertConfig(**_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            )
+        ),
+        lambda m: m.bert.encoder.layer,
+        _ctx_none,
+        _ref_bert,
+        lambda base: nn.Identity(),
+        ('attention.output.dense.weight', 'output.dense.weight'),
+        post_ln=True,
+    ),
 ]
 ARCH_BY_NAME = {a.name: a for a in ARCHS}
 arch_params = pytest.mark.parametrize('arch', ARCHS, ids=str)
@@ -237,6 +326,7 @@ def _alpha_buffers(model):
 
 # ------------------------------------------------------------------------------------- 1. layer level
 
+
 @arch_params
 @pytest.mark.parametrize('alphas', [MIXED_ALPHAS, 'random'], ids=['mixed', 'random'])
 def test_layer_matches_hand_written_reference(arch, alphas):
@@ -260,6 +350,7 @@ def test_layer_matches_hand_written_reference(arch, alphas):
 
 
 # ------------------------------------------------------------------------------------- 2. whole model
+
 
 @arch_params
 def test_whole_model_alpha_one_zero_and_intermediate(arch):
@@ -290,6 +381,7 @@ def test_whole_model_alpha_one_zero_and_intermediate(arch):
 
 # ------------------------------------------------------------------------------------- 3. state dict, remove
 
+
 @arch_params
 def test_state_dict_keys_and_remove(arch):
     model, ref, ctrl = _hooked_and_reference(arch)
@@ -315,6 +407,7 @@ def test_state_dict_keys_and_remove(arch):
 
 # ------------------------------------------------------------------------------------- 4. optimizer, grads
 
+
 @arch_params
 def test_optimizer_built_before_surgery_and_zero_alpha_grads(arch):
     model = arch.build().train()  # every dropout probability is 0: train mode is deterministic
@@ -325,8 +418,7 @@ def test_optimizer_built_before_surgery_and_zero_alpha_grads(arch):
     ids = _ids()
 
     _set_alphas(ctrl, MIXED_ALPHAS)
-    before = [{w: layer.get_parameter(w).detach().clone() for w in arch.branch_weights}
-              for layer in arch.layers(model)]
+    before = [{w: layer.get_parameter(w).detach().clone() for w in arch.branch_weights} for layer in arch.layers(model)]
     loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss)
     loss.backward()
@@ -358,14 +450,16 @@ def test_optimizer_built_before_surgery_and_zero_alpha_grads(arch):
 
 _ALPHA0_LOGITS = {  # hand-computed logits of a Pre-LN decoder whose layers are all the identity
     'llama': lambda m, ids: m.lm_head(m.model.norm(m.model.embed_tokens(ids))),
-    'gpt2': lambda m, ids: m.lm_head(m.transformer.ln_f(
-        m.transformer.wte(ids) + m.transformer.wpe(torch.arange(ids.shape[1])[None]))),
+    'gpt2': lambda m, ids: m.lm_head(
+        m.transformer.ln_f(m.transformer.wte(ids) + m.transformer.wpe(torch.arange(ids.shape[1])[None]))
+    ),
 }
 
 
 @pytest.mark.parametrize('name', ['llama', 'gpt2'])
 def test_composer_huggingface_model(name):
     from composer.models import HuggingFaceModel
+
     arch = ARCH_BY_NAME[name]
     hf = arch.build()
     raw = copy.deepcopy(hf)
@@ -399,6 +493,7 @@ def test_composer_huggingface_model(name):
 
 # ------------------------------------------------------------------------------------- 6. checkpointing
 
+
 @pytest.mark.parametrize('use_reentrant', [True, False])
 def test_activation_checkpointing_same_loss_and_grads(use_reentrant):
     arch = ARCH_BY_NAME['llama']
@@ -411,7 +506,9 @@ def test_activation_checkpointing_same_loss_and_grads(use_reentrant):
         _set_alphas(apply_prores(m, t_warmup=1000), alphas)
 
     calls = {'plain': 0, 'ckpt': 0}  # the branch module really is recomputed under checkpointing
-    plain.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *_: calls.__setitem__('plain', calls['plain'] + 1))
+    plain.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda *_: calls.__setitem__('plain', calls['plain'] + 1)
+    )
     ckpt.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *_: calls.__setitem__('ckpt', calls['ckpt'] + 1))
 
     ids = _ids()
@@ -429,6 +526,7 @@ def test_activation_checkpointing_same_loss_and_grads(use_reentrant):
 
 
 # ------------------------------------------------------------------------------------- 7. custom models
+
 
 class MyBlock(nn.Module):
     def __init__(self, d):
@@ -469,11 +567,15 @@ def _my_net():
     return MyNet()
 
 
-@pytest.mark.parametrize('how', [
-    dict(layer_class='MyBlock', branches=['attn_out', 'mlp_out']),
-    dict(layer_class=MyBlock, branches=('attn_out', 'mlp_out')),
-    dict(layer_pattern='blocks.*', branches=['attn_out', 'mlp_out']),
-], ids=['class_name', 'class', 'pattern'])
+@pytest.mark.parametrize(
+    'how',
+    [
+        dict(layer_class='MyBlock', branches=['attn_out', 'mlp_out']),
+        dict(layer_class=MyBlock, branches=('attn_out', 'mlp_out')),
+        dict(layer_pattern='blocks.*', branches=['attn_out', 'mlp_out']),
+    ],
+    ids=['class_name', 'class', 'pattern'],
+)
 def test_custom_model_layer_class_and_pattern(how):
     net = _my_net()
     ref = copy.deepcopy(net)
@@ -504,8 +606,10 @@ def test_custom_model_errors():
     assert _alpha_buffers(net) == [] and not any(has_prores_hook(m) or m._forward_hooks for m in net.modules())
 
     ctrl = apply_prores(net, layer_class='MyBlock', branches=['attn_out', 'mlp_out'])
-    for kwargs in (dict(layer_class='MyBlock', branches=['attn_out', 'mlp_out']),
-                   dict(layer_pattern='blocks.*', branches=['mlp_out'])):
+    for kwargs in (
+        dict(layer_class='MyBlock', branches=['attn_out', 'mlp_out']),
+        dict(layer_pattern='blocks.*', branches=['mlp_out']),
+    ):
         with pytest.raises(ValueError, match='already applied'):
             apply_prores(net, **kwargs)
     assert len(_alpha_buffers(net)) == 2 * N_LAYERS
@@ -530,6 +634,7 @@ def test_custom_block_declaring_its_branches():
 
 
 # ------------------------------------------------------------------------------------- 8. bf16 autocast
+
 
 def test_autocast_bf16_llama():
     arch = ARCH_BY_NAME['llama']
@@ -556,6 +661,7 @@ def test_autocast_bf16_llama():
 
 
 # ------------------------------------------------------------------------------------- device placement
+
 
 @pytest.mark.parametrize('name', ['llama', 'gpt2', 'gpt_neox_parallel', 'bert'])
 def test_alpha_buffers_live_on_the_model_device(name):

@@ -10,10 +10,10 @@ import torch
 from prores_algo import apply_prores, schedules
 from prores_algo.integrations.composer import ResidualMonitor
 from prores_algo.monitor import position_cosine
-from tests.helpers import tiny_config
-
+from tests.support.helpers import tiny_config
 
 # ----------------------------------------------------------------------------------- position cosine
+
 
 def test_position_cosine_exact():
     g = torch.Generator().manual_seed(0)
@@ -29,18 +29,22 @@ def test_position_cosine_exact():
         position_cosine(torch.randn(2, 1, 4))
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    ({'collapse_threshold': 1.5}, 'collapse_threshold'),
-    ({'collapse_patience': 0}, 'collapse_patience'),
-    ({'stop_on_collapse': 'yes'}, 'stop_on_collapse'),
-    ({'position_cosine': False, 'stop_on_collapse': True}, 'needs position_cosine=True'),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        ({'collapse_threshold': 1.5}, 'collapse_threshold'),
+        ({'collapse_patience': 0}, 'collapse_patience'),
+        ({'stop_on_collapse': 'yes'}, 'stop_on_collapse'),
+        ({'position_cosine': False, 'stop_on_collapse': True}, 'needs position_cosine=True'),
+    ],
+)
 def test_monitor_collapse_options_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ResidualMonitor(**kwargs)
 
 
 # --------------------------------------------------------------------------------- short-warmup warning
+
 
 def test_short_warmup_message_thresholds():
     L = 12
@@ -54,6 +58,7 @@ def test_short_warmup_message_thresholds():
 
 def test_apply_prores_warns_once_for_short_warmup():
     from prores_algo.models.decoder import Decoder
+
     model = Decoder(tiny_config(n_layers=4))
     with pytest.warns(UserWarning, match='steps of alpha warmup per layer'):
         apply_prores(model, t_warmup=8)
@@ -67,13 +72,19 @@ def test_composer_prores_warns_at_fit_start_in_batches_only():
     from composer import Trainer
 
     from prores_algo import ProRes
-    from tests.helpers import tiny_composer_model, token_loader
+    from tests.support.helpers import tiny_composer_model, token_loader
 
     def fit(t_warmup, max_duration='4ba'):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter('always')
-            Trainer(model=tiny_composer_model(n_layers=4), train_dataloader=token_loader(), max_duration=max_duration,
-                    algorithms=[ProRes(t_warmup=t_warmup)], device='cpu', progress_bar=False).fit()
+            Trainer(
+                model=tiny_composer_model(n_layers=4),
+                train_dataloader=token_loader(),
+                max_duration=max_duration,
+                algorithms=[ProRes(t_warmup=t_warmup)],
+                device='cpu',
+                progress_bar=False,
+            ).fit()
         return [str(x.message) for x in w if 'per layer' in str(x.message)]
 
     short = fit('0.5dur')  # 2 batches over 4 layers
@@ -84,9 +95,11 @@ def test_composer_prores_warns_at_fit_start_in_batches_only():
 
 # ------------------------------------------------------------------------------- a provoked collapse
 
+
 @pytest.fixture(scope='module')
 def text_data(tmp_path_factory):
     from prores_algo.data import write_mds
+
     out = tmp_path_factory.mktemp('data') / 'stdlib-32'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=300_000, progress=False)
     return str(out)
@@ -96,16 +109,36 @@ def _train_post_ln(data, steps, t_warmup, monitor):
     """16-layer, width-32 Post-LN decoder on real text, LR 1.5e-3 with a 10% LR warmup; returns warnings."""
     from prores_algo.config import load_config
     from prores_algo.train import run
-    o = {'data.path': data, 'data.source': 'null', 'data.seq_len': 32, 'model.d_model': 32, 'model.n_heads': 4,
-         'model.n_layers': 16, 'model.max_seq_len': 32, 'model.norm': 'post', 'max_duration': f'{steps}ba',
-         'eval_interval': '0ba', 'eval_subset_num_batches': 2, 'global_train_batch_size': 16, 'eval_batch_size': 16,
-         'eval_first': 'false', 'optimizer.lr': 1.5e-3, 'scheduler.t_warmup': '0.1dur', 'console_log_interval': '1000ba',
-         'seed': 0}
+
+    o = {
+        'data.path': data,
+        'data.source': 'null',
+        'data.seq_len': 32,
+        'model.d_model': 32,
+        'model.n_heads': 4,
+        'model.n_layers': 16,
+        'model.max_seq_len': 32,
+        'model.norm': 'post',
+        'max_duration': f'{steps}ba',
+        'eval_interval': '0ba',
+        'eval_subset_num_batches': 2,
+        'global_train_batch_size': 16,
+        'eval_batch_size': 16,
+        'eval_first': 'false',
+        'optimizer.lr': 1.5e-3,
+        'scheduler.t_warmup': '0.1dur',
+        'console_log_interval': '1000ba',
+        'seed': 0,
+    }
     if t_warmup:
         o['algorithms.prores.t_warmup'] = f'{t_warmup}ba'
     from pathlib import Path
-    cfg = load_config(Path(__file__).resolve().parents[1] / 'benchmarks' / 'quality.yaml', [f'{k}={v}' for k, v in o.items()])
+
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / 'benchmarks' / 'quality.yaml', [f'{k}={v}' for k, v in o.items()]
+    )
     from composer.loggers import InMemoryLogger
+
     torch.set_num_threads(1)
     mem = InMemoryLogger()
     with warnings.catch_warnings(record=True) as w:
@@ -120,8 +153,9 @@ def test_post_ln_collapse_is_detected_and_stops_the_run(text_data):
     position the same direction) for ~150 steps; the monitor reports it once, after `collapse_patience`
     measurements, and stops the run. Without ProRes the same model only passes through a shorter
     high-cosine phase (8 measurements), which the patience of 12 does not report."""
-    prores_monitor = ResidualMonitor(interval=10, grad_norm=False, update_ratio=False, spike_window=0,
-                                     collapse_patience=12, stop_on_collapse=True)
+    prores_monitor = ResidualMonitor(
+        interval=10, grad_norm=False, update_ratio=False, spike_window=0, collapse_patience=12, stop_on_collapse=True
+    )
     msgs, last = _train_post_ln(text_data, 200, 48, prores_monitor)
     assert sum('steps of alpha warmup per layer' in m for m in msgs) == 1  # the fit-start warning
     collapse = [m for m in msgs if 'Residual stream collapse' in m]
@@ -129,8 +163,9 @@ def test_post_ln_collapse_is_detected_and_stops_the_run(text_data):
     assert prores_monitor.collapsed_at is not None and prores_monitor.collapsed_at < 200
     assert last == prores_monitor.collapsed_at < 199  # stopped at the batch that reported the collapse
 
-    baseline_monitor = ResidualMonitor(interval=10, grad_norm=False, update_ratio=False, spike_window=0,
-                                       collapse_patience=12, stop_on_collapse=True)
+    baseline_monitor = ResidualMonitor(
+        interval=10, grad_norm=False, update_ratio=False, spike_window=0, collapse_patience=12, stop_on_collapse=True
+    )
     msgs, last = _train_post_ln(text_data, 150, None, baseline_monitor)
     assert not any('Residual stream collapse' in m for m in msgs)
     assert baseline_monitor.collapsed_at is None and last == 149

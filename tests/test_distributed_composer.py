@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from prores_algo import schedules
-from tests.helpers import free_port
+from tests.support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / 'tests' / 'dist_driver.py'
+DRIVER = ROOT / 'tests' / 'support' / 'dist_driver.py'
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     from prores_algo.data import write_mds
+
     out = tmp_path_factory.mktemp('dist') / 'mds'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=100_000, progress=False)
     return str(out)
@@ -27,15 +28,43 @@ def data(tmp_path_factory):
 
 def launch(yaml, out, data, *overrides):
     composer = Path(sys.executable).parent / 'composer'
-    base = [f'data.path={data}', 'data.source=null', 'data.seq_len=32', 'model.max_seq_len=32', 'model.d_model=32',
-            'model.n_heads=4', 'model.n_layers=3', 'global_train_batch_size=8', 'eval_batch_size=8',
-            'eval_interval=100ba', 'eval_subset_num_batches=1', 'algorithms.prores.t_warmup=8ba',
-            'algorithms.prores.log_interval=1', 'console_log_interval=100ba', 'data.shuffle=false']
-    cmd = [str(composer), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
-           '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), str(out), str(yaml), *base, *overrides]
+    base = [
+        f'data.path={data}',
+        'data.source=null',
+        'data.seq_len=32',
+        'model.max_seq_len=32',
+        'model.d_model=32',
+        'model.n_heads=4',
+        'model.n_layers=3',
+        'global_train_batch_size=8',
+        'eval_batch_size=8',
+        'eval_interval=100ba',
+        'eval_subset_num_batches=1',
+        'algorithms.prores.t_warmup=8ba',
+        'algorithms.prores.log_interval=1',
+        'console_log_interval=100ba',
+        'data.shuffle=false',
+    ]
+    cmd = [
+        str(composer),
+        '-n',
+        '2',
+        '--master_port',
+        str(free_port()),
+        '--stdout',
+        f'{out}/stdout{{rank}}.txt',
+        '--stderr',
+        f'{out}/stderr{{rank}}.txt',
+        str(DRIVER),
+        str(out),
+        str(yaml),
+        *base,
+        *overrides,
+    ]
     Path(out).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True,
-                          timeout=600, cwd=out)
+    proc = subprocess.run(
+        cmd, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=600, cwd=out
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads(Path(out, f'rank{r}.json').read_text()) for r in (0, 1)]
 
@@ -59,8 +88,9 @@ def model_state(ckpt):
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
 def test_two_process_training_and_exact_resume(kind, data, tmp_path):
     yaml = ROOT / 'yamls' / ('quickstart.yaml' if kind == 'ddp' else 'sharding/fsdp2-cpu.yaml')
-    straight = launch(yaml, tmp_path / 'a', data, 'max_duration=6ba', f'save_folder={tmp_path}/ck_a',
-                      'save_interval=3ba')
+    straight = launch(
+        yaml, tmp_path / 'a', data, 'max_duration=6ba', f'save_folder={tmp_path}/ck_a', 'save_interval=3ba'
+    )
     check_alphas(straight, range(6))
     if kind == 'fsdp2':
         shards = straight[0]['shards']
@@ -71,10 +101,19 @@ def test_two_process_training_and_exact_resume(kind, data, tmp_path):
     else:
         assert straight[0]['shards'] == {}
     assert straight[0]['losses'][-1] < straight[0]['losses'][0]
-    resumed = launch(yaml, tmp_path / 'b', data, 'max_duration=6ba', f'save_folder={tmp_path}/ck_b',
-                     'save_interval=3ba', f'load_path={tmp_path}/ck_a/ep0-ba3-rank0.pt')
+    resumed = launch(
+        yaml,
+        tmp_path / 'b',
+        data,
+        'max_duration=6ba',
+        f'save_folder={tmp_path}/ck_b',
+        'save_interval=3ba',
+        f'load_path={tmp_path}/ck_a/ep0-ba3-rank0.pt',
+    )
     assert sorted(resumed[0]['alphas'], key=int) == ['3', '4', '5']
-    assert {b: resumed[0]['alphas'][b] for b in ('3', '4', '5')} == {b: straight[0]['alphas'][b] for b in ('3', '4', '5')}
+    assert {b: resumed[0]['alphas'][b] for b in ('3', '4', '5')} == {
+        b: straight[0]['alphas'][b] for b in ('3', '4', '5')
+    }
     assert resumed[0]['losses'] == straight[0]['losses'][3:]
     a, b = model_state(tmp_path / 'ck_a' / 'ep0-ba6-rank0.pt'), model_state(tmp_path / 'ck_b' / 'ep0-ba6-rank0.pt')
     assert a.keys() == b.keys() and len(a) > 0

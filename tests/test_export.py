@@ -10,15 +10,24 @@ from prores_algo import apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.models.decoder import Decoder
 from prores_algo.surgery import ALPHA_BUFFER
-from tests.helpers import assert_prores_removed, set_alphas, tiny_config
+from tests.support.helpers import assert_prores_removed, set_alphas, tiny_config
 
 VOCAB = 64
 ATOL = 1e-5
 
 
 def _llama():
-    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64))
+    return T.LlamaForCausalLM(
+        T.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _gpt2():
@@ -26,34 +35,77 @@ def _gpt2():
 
 
 def _gemma3():  # sandwich norms computing x·(1 + w): the α·(1 + w) − 1 rule
-    return T.Gemma3ForCausalLM(T.Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                                  intermediate_size=48, max_position_embeddings=64, pad_token_id=0))
+    return T.Gemma3ForCausalLM(
+        T.Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
+    )
 
 
 def _neox():
-    return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                                num_attention_heads=4, intermediate_size=48,
-                                                max_position_embeddings=64))
+    return T.GPTNeoXForCausalLM(
+        T.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def _mixtral():  # the MoE block is the branch: α goes into every expert's w2
-    return T.MixtralForCausalLM(T.MixtralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                                max_position_embeddings=64, num_local_experts=4,
-                                                num_experts_per_tok=2))
+    return T.MixtralForCausalLM(
+        T.MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
 
 
 def _qwen2_moe():  # sparse layer (experts + shared expert) and dense layers
-    return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                                  max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
-                                                  moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                                                  decoder_sparse_step=2))
+    return T.Qwen2MoeForCausalLM(
+        T.Qwen2MoeConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=2,
+        )
+    )
 
 
-HF_MODELS = {'llama': _llama, 'gpt2': _gpt2, 'gemma3': _gemma3, 'gpt_neox': _neox, 'mixtral': _mixtral,
-             'qwen2_moe': _qwen2_moe}
+HF_MODELS = {
+    'llama': _llama,
+    'gpt2': _gpt2,
+    'gemma3': _gemma3,
+    'gpt_neox': _neox,
+    'mixtral': _mixtral,
+    'qwen2_moe': _qwen2_moe,
+}
 
 
 def _randomise(model, seed=0):
@@ -202,8 +254,16 @@ def test_weightless_branch_without_fold_target_gives_clear_error():
 
 def test_bert_fold_targets():
     torch.manual_seed(0)
-    model = T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=48, max_position_embeddings=64)).eval()
+    model = T.BertForMaskedLM(
+        T.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    ).eval()
     _randomise(model)
     controller = apply_prores(model, t_warmup=200)
     controller.set_step(60)

@@ -7,9 +7,18 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'prores_algo'
-CORE = ('prores_algo', 'prores_algo.schedules', 'prores_algo.policies', 'prores_algo.surgery',
-        'prores_algo.scaled_linear', 'prores_algo.spec', 'prores_algo.timing', 'prores_algo.monitor',
-        'prores_algo.export', 'prores_algo.models.decoder')
+CORE = (
+    'prores_algo',
+    'prores_algo.schedules',
+    'prores_algo.policies',
+    'prores_algo.surgery',
+    'prores_algo.scaled_linear',
+    'prores_algo.spec',
+    'prores_algo.timing',
+    'prores_algo.monitor',
+    'prores_algo.export',
+    'prores_algo.models.decoder',
+)
 FRAMEWORKS = ('composer', 'transformers', 'deepspeed', 'streaming')
 
 
@@ -26,8 +35,9 @@ def _internal_imports(path: Path, modules: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module
-                     for a in node.names]
+            names = [
+                f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in modules else node.module for a in node.names
+            ]
         else:
             continue
         found.update(n for n in names if n in modules)
@@ -46,7 +56,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d]
+                cycle = stack[stack.index(d) :] + [d]
                 raise AssertionError('import cycle: ' + ' -> '.join(cycle))
             if d not in state:
                 visit(d, stack + [d])
@@ -58,7 +68,9 @@ def test_no_import_cycles():
 
 
 def test_core_imports_no_training_framework():
-    code = (f'import sys, importlib\nfor m in {CORE!r}: importlib.import_module(m)\n'
-            f'print(sorted(f for f in {FRAMEWORKS!r} if f in sys.modules))')
+    code = (
+        f'import sys, importlib\nfor m in {CORE!r}: importlib.import_module(m)\n'
+        f'print(sorted(f for f in {FRAMEWORKS!r} if f in sys.modules))'
+    )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == '[]', f'the core imported {out}'

@@ -11,12 +11,13 @@ from composer.loggers import InMemoryLogger
 from prores_algo.integrations.composer import ResidualMonitor
 from prores_algo.integrations.hf import ResidualMonitorCallback
 from prores_algo.monitor import LayerStats, SpikeCounter
-from tests.helpers import tiny_composer_model, token_loader
+from tests.support.helpers import tiny_composer_model, token_loader
 
 LR = 0.1
 
 
 # --- the spike rule ---------------------------------------------------------------------------------
+
 
 def reference_spikes(values, window, k):
     """Straight from the definition: v_t >= mean + k·std of v_{t-window..t-1} (population std)."""
@@ -28,7 +29,7 @@ def reference_spikes(values, window, k):
         if len(hist) >= window:
             prev = hist[-window:]
             mean = sum(prev) / window
-            std = math.sqrt(sum((p - mean)**2 for p in prev) / window)
+            std = math.sqrt(sum((p - mean) ** 2 for p in prev) / window)
             count += v >= mean + k * std and v > mean
         hist.append(v)
     return count
@@ -69,6 +70,7 @@ def test_spike_counter_matches_reference_on_noisy_sequence():
 
 # --- Composer: RMS / grad norm / update ratio against a manual computation ----------------------------------
 
+
 def first_batch(batch_size=4):
     return next(iter(token_loader(batch_size=batch_size).dataloader))
 
@@ -93,10 +95,19 @@ def run_composer(monitor, max_duration='1ba', lr=LR, microbatch=None, extra_call
     model = tiny_composer_model(seed=seed)
     reference = copy.deepcopy(model)
     mem = InMemoryLogger()
-    trainer = Trainer(model=model, train_dataloader=token_loader(batch_size=4), max_duration=max_duration,
-                      optimizers=torch.optim.SGD(model.parameters(), lr=lr), callbacks=[*extra_callbacks, monitor],
-                      loggers=[mem], device='cpu', progress_bar=False, log_to_console=False, seed=seed,
-                      device_train_microbatch_size=microbatch)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=token_loader(batch_size=4),
+        max_duration=max_duration,
+        optimizers=torch.optim.SGD(model.parameters(), lr=lr),
+        callbacks=[*extra_callbacks, monitor],
+        loggers=[mem],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        seed=seed,
+        device_train_microbatch_size=microbatch,
+    )
     trainer.fit()
     return reference, mem
 
@@ -131,9 +142,17 @@ def test_composer_interval_and_hooks_only_on_measured_batches():
     monitor = ResidualMonitor(interval='3ba', spike_window=0)
     model = tiny_composer_model()
     mem = InMemoryLogger()
-    Trainer(model=model, train_dataloader=token_loader(batch_size=4), max_duration='7ba',
-            optimizers=torch.optim.SGD(model.parameters(), lr=LR), callbacks=[monitor, Probe(monitor)], loggers=[mem],
-            device='cpu', progress_bar=False, log_to_console=False).fit()
+    Trainer(
+        model=model,
+        train_dataloader=token_loader(batch_size=4),
+        max_duration='7ba',
+        optimizers=torch.optim.SGD(model.parameters(), lr=LR),
+        callbacks=[monitor, Probe(monitor)],
+        loggers=[mem],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
     assert [(b, h > 0, r) for b, h, r in seen] == [(b, b % 3 == 0, b % 3 == 0) for b in range(7)]
     assert len(logged(mem, 'monitor/rms/layer_0')) == 3  # batches 0, 3, 6
     assert all(len(b._forward_hooks) == 0 for b in model.model.blocks)
@@ -171,12 +190,22 @@ def test_composer_spike_counters_count_injected_spikes():
 
 def test_monitor_with_prores_and_unknown_model_error():
     from prores_algo import ProRes
+
     monitor = ResidualMonitor(interval=1, spike_window=0)
     model = tiny_composer_model()
     mem = InMemoryLogger()
-    Trainer(model=model, train_dataloader=token_loader(batch_size=4), max_duration='2ba',
-            optimizers=torch.optim.SGD(model.parameters(), lr=LR), algorithms=[ProRes(t_warmup='8ba')],
-            callbacks=[monitor], loggers=[mem], device='cpu', progress_bar=False, log_to_console=False).fit()
+    Trainer(
+        model=model,
+        train_dataloader=token_loader(batch_size=4),
+        max_duration='2ba',
+        optimizers=torch.optim.SGD(model.parameters(), lr=LR),
+        algorithms=[ProRes(t_warmup='8ba')],
+        callbacks=[monitor],
+        loggers=[mem],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
     # at batch 0 every α is 0: each layer passes its input through, so all RMS equal the embedding RMS
     r = [logged(mem, f'monitor/rms/layer_{i}')[0] for i in range(4)]
     assert r == pytest.approx([r[0]] * 4, rel=1e-6)
@@ -189,8 +218,10 @@ def test_monitor_with_prores_and_unknown_model_error():
 
 # --- Hugging Face -----------------------------------------------------------------------------------
 
+
 def test_hf_callback_values_equal_manual_with_grad_accumulation():
-    from tests.test_hf_trainer import Tokens, simulated_train, tiny_llama
+    from tests.integrations.test_hf import Tokens, simulated_train, tiny_llama
+
     model = tiny_llama()
     reference = copy.deepcopy(model)
     mon = ResidualMonitorCallback(interval=2, spike_window=0)
@@ -198,16 +229,22 @@ def test_hf_callback_values_equal_manual_with_grad_accumulation():
     # step 0 is measured: micro-batches are samples (0,1) and (2,3)
     data = Tokens(n=12)
     outs = []
-    handles = [l.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
-               for l in reference.model.layers]
+    handles = [
+        l.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+        for l in reference.model.layers
+    ]
     for i in (0, 2):
         batch = {k: torch.stack([data[j][k] for j in (i, i + 1)]) for k in ('input_ids', 'labels')}
         (reference(**batch).loss / 2).backward()
     for h in handles:
         h.remove()
     L = len(reference.model.layers)
-    rms = [math.sqrt(sum(outs[m * L + i].pow(2).sum().item() for m in range(2)) /
-                     sum(outs[m * L + i].numel() for m in range(2))) for i in range(L)]
+    rms = [
+        math.sqrt(
+            sum(outs[m * L + i].pow(2).sum().item() for m in range(2)) / sum(outs[m * L + i].numel() for m in range(2))
+        )
+        for i in range(L)
+    ]
     grad = [math.sqrt(sum(p.grad.pow(2).sum().item() for p in l.parameters())) for l in reference.model.layers]
     norm = [math.sqrt(sum(p.pow(2).sum().item() for p in l.parameters())) for l in reference.model.layers]
     logs = state.log_history
@@ -217,14 +254,19 @@ def test_hf_callback_values_equal_manual_with_grad_accumulation():
         assert logs[0][f'monitor/update_ratio/layer_{i}'] == pytest.approx(1e-2 * grad[i] / norm[i], rel=1e-4)
     assert 'monitor/rms/layer_0' not in logs[1] and 'monitor/rms/layer_0' in logs[2]  # interval 2
     assert not any(l._forward_hooks for l in model.model.layers)
-    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
-               if getattr(p, '_post_accumulate_grad_hooks', None) is not None)
+    assert all(
+        not p._post_accumulate_grad_hooks
+        for p in model.parameters()
+        if getattr(p, '_post_accumulate_grad_hooks', None) is not None
+    )
 
 
 def test_hf_loss_spikes_from_forward_outputs():
-    from tests.test_hf_trainer import simulated_train, tiny_llama
-    mon = ResidualMonitorCallback(interval=5, spike_window=3, spike_std=7.0, rms=False, grad_norm=False,
-                                  update_ratio=False)
+    from tests.integrations.test_hf import simulated_train, tiny_llama
+
+    mon = ResidualMonitorCallback(
+        interval=5, spike_window=3, spike_std=7.0, rms=False, grad_norm=False, update_ratio=False
+    )
     model = tiny_llama()
     calls = []
 
@@ -240,16 +282,30 @@ def test_hf_loss_spikes_from_forward_outputs():
     assert state.log_history[5]['monitor/loss_spikes'] == 1
 
 
-@pytest.mark.skipif(__import__('importlib').util.find_spec('accelerate') is None,
-                    reason='transformers.Trainer requires the `accelerate` package (not installed here)')
+@pytest.mark.skipif(
+    __import__('importlib').util.find_spec('accelerate') is None,
+    reason='transformers.Trainer requires the `accelerate` package (not installed here)',
+)
 def test_hf_real_trainer_logs_monitor_metrics(tmp_path):
     import transformers as T
+
     from prores_algo.integrations.hf import ProResCallback
-    from tests.test_hf_trainer import Tokens, tiny_llama
+    from tests.integrations.test_hf import Tokens, tiny_llama
+
     model = tiny_llama()
-    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4,
-                               per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
-                               save_strategy='no', learning_rate=1e-3, disable_tqdm=True, max_grad_norm=1e-3)
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_strategy='no',
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        max_grad_norm=1e-3,
+    )
     mon = ResidualMonitorCallback(interval=2, spike_window=2)
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ProResCallback(t_warmup=3), mon])
     trainer.train()
@@ -259,7 +315,7 @@ def test_hf_real_trainer_logs_monitor_metrics(tmp_path):
     # step 0: every α is 0, so no gradient reaches a layer and no layer moves
     assert all(logs[0][f'monitor/{k}/layer_{i}'] == 0 for k in ('grad_norm', 'update_ratio') for i in range(3))
     h = logs[2]
-    per_layer = math.sqrt(sum(h[f'monitor/grad_norm/layer_{i}']**2 for i in range(3)))
+    per_layer = math.sqrt(sum(h[f'monitor/grad_norm/layer_{i}'] ** 2 for i in range(3)))
     # pre-clipping values (clipping to 1e-3 would cap them far below the Trainer's logged grad_norm)
     assert 1e-2 < per_layer <= h['grad_norm'] * (1 + 1e-5)
     assert all(h[f'monitor/update_ratio/layer_{i}'] > 0 for i in range(3))

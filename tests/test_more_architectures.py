@@ -13,17 +13,25 @@ import torch
 import transformers as T
 
 from prores_algo import apply_prores
-from prores_algo.policies import LAYER_POLICIES
 from prores_algo.layers import find_residual_layers
-from tests.helpers import set_random_alphas
+from prores_algo.policies import LAYER_POLICIES
+from tests.support.helpers import set_random_alphas
 
 TOL = dict(rtol=0, atol=1e-6)
 VOCAB, SEQ, BATCH = 64, 8, 2
 
 
 def _base(**kw):
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
+    cfg = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     cfg.update(kw)
     return cfg
 
@@ -34,10 +42,15 @@ def _first(out):
 
 # --- hand-written layer forwards: x + α·F(x) from the unhooked copy's submodules ---------------------
 
+
 def _attn_kwargs(kw):
-    return dict(attention_mask=kw.get('attention_mask'), position_ids=kw.get('position_ids'),
-                position_embeddings=kw.get('position_embeddings'), past_key_values=None,
-                cache_position=kw.get('cache_position'))
+    return dict(
+        attention_mask=kw.get('attention_mask'),
+        position_ids=kw.get('position_ids'),
+        position_embeddings=kw.get('position_embeddings'),
+        past_key_values=None,
+        cache_position=kw.get('cache_position'),
+    )
 
 
 def llama_like(layer, x, kw, a, mlp='mlp'):
@@ -49,9 +62,14 @@ def llama_like(layer, x, kw, a, mlp='mlp'):
 def gemma3(layer, x, kw, a):
     """Sandwich: h = x + α·post_ln(attn(in_ln(x))); out = h + α·post_ff_ln(mlp(pre_ff_ln(h)))."""
     pe = kw['position_embeddings_local'] if layer.self_attn.is_sliding else kw['position_embeddings_global']
-    attn = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=pe,
-                           attention_mask=kw.get('attention_mask'), position_ids=kw.get('position_ids'),
-                           past_key_values=None, cache_position=kw.get('cache_position'))[0]
+    attn = layer.self_attn(
+        hidden_states=layer.input_layernorm(x),
+        position_embeddings=pe,
+        attention_mask=kw.get('attention_mask'),
+        position_ids=kw.get('position_ids'),
+        past_key_values=None,
+        cache_position=kw.get('cache_position'),
+    )[0]
     h = x + a * layer.post_attention_layernorm(attn)
     return h + a * layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
 
@@ -75,10 +93,18 @@ def falcon(layer, x, kw, a):
     c = layer.config
 
     def attn(n):
-        return layer.self_attention(n, layer_past=None, attention_mask=kw['attention_mask'],
-                                    position_ids=kw.get('position_ids'), alibi=kw.get('alibi'), head_mask=None,
-                                    use_cache=False, output_attentions=False, cache_position=kw.get('cache_position'),
-                                    position_embeddings=kw.get('position_embeddings'))[0]
+        return layer.self_attention(
+            n,
+            layer_past=None,
+            attention_mask=kw['attention_mask'],
+            position_ids=kw.get('position_ids'),
+            alibi=kw.get('alibi'),
+            head_mask=None,
+            use_cache=False,
+            output_attentions=False,
+            cache_position=kw.get('cache_position'),
+            position_embeddings=kw.get('position_embeddings'),
+        )[0]
 
     if c.new_decoder_architecture and c.num_ln_in_parallel_attn == 2:
         return x + a * attn(layer.ln_attn(x)) + a * layer.mlp(layer.ln_mlp(x))
@@ -91,50 +117,103 @@ def falcon(layer, x, kw, a):
 
 def gptj(layer, x, kw, a):
     n = layer.ln_1(x)
-    attn = layer.attn(hidden_states=n, layer_past=None, attention_mask=kw.get('attention_mask'),
-                      position_ids=kw.get('position_ids'), head_mask=None, use_cache=False, output_attentions=False,
-                      cache_position=kw.get('cache_position'))[0]
+    attn = layer.attn(
+        hidden_states=n,
+        layer_past=None,
+        attention_mask=kw.get('attention_mask'),
+        position_ids=kw.get('position_ids'),
+        head_mask=None,
+        use_cache=False,
+        output_attentions=False,
+        cache_position=kw.get('cache_position'),
+    )[0]
     return x + a * attn + a * layer.mlp(n)
 
 
 # family id -> (model class, config class, config kwargs, layer class name, manual forward)
 CASES = {
     'gemma': (T.GemmaForCausalLM, T.GemmaConfig, _base(head_dim=8), 'GemmaDecoderLayer', llama_like),
-    'gemma3': (T.Gemma3ForCausalLM, T.Gemma3TextConfig, _base(head_dim=8, sliding_window=4,
-                                                               layer_types=['sliding_attention', 'full_attention',
-                                                                            'sliding_attention']),
-               'Gemma3DecoderLayer', gemma3),
+    'gemma3': (
+        T.Gemma3ForCausalLM,
+        T.Gemma3TextConfig,
+        _base(head_dim=8, sliding_window=4, layer_types=['sliding_attention', 'full_attention', 'sliding_attention']),
+        'Gemma3DecoderLayer',
+        gemma3,
+    ),
     'phi': (T.PhiForCausalLM, T.PhiConfig, _base(partial_rotary_factor=0.5), 'PhiDecoderLayer', phi),
     'phi_qk_layernorm': (T.PhiForCausalLM, T.PhiConfig, _base(qk_layernorm=True), 'PhiDecoderLayer', phi),
     'phi3': (T.Phi3ForCausalLM, T.Phi3Config, _base(), 'Phi3DecoderLayer', llama_like),
     'stablelm': (T.StableLmForCausalLM, T.StableLmConfig, _base(), 'StableLmDecoderLayer', stablelm),
-    'stablelm_parallel': (T.StableLmForCausalLM, T.StableLmConfig, _base(use_parallel_residual=True),
-                          'StableLmDecoderLayer', stablelm),
-    'falcon_sequential': (T.FalconForCausalLM, T.FalconConfig,
-                          _base(parallel_attn=False, new_decoder_architecture=False, multi_query=False,
-                                bias=True), 'FalconDecoderLayer', falcon),
-    'falcon_parallel': (T.FalconForCausalLM, T.FalconConfig,
-                        _base(parallel_attn=True, new_decoder_architecture=False, multi_query=True),
-                        'FalconDecoderLayer', falcon),
-    'falcon_alibi': (T.FalconForCausalLM, T.FalconConfig,
-                     _base(parallel_attn=True, new_decoder_architecture=False, alibi=True),
-                     'FalconDecoderLayer', falcon),
-    'falcon_new_arch': (T.FalconForCausalLM, T.FalconConfig,
-                        _base(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
-                        'FalconDecoderLayer', falcon),
-    'falcon_new_arch_1ln': (T.FalconForCausalLM, T.FalconConfig,
-                            _base(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
-                            'FalconDecoderLayer', falcon),
-    'gptj': (T.GPTJForCausalLM, T.GPTJConfig,
-             dict(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64),
-             'GPTJBlock', gptj),
-    'mixtral': (T.MixtralForCausalLM, T.MixtralConfig, _base(num_local_experts=4, num_experts_per_tok=2),
-                'MixtralDecoderLayer', lambda l, x, kw, a: llama_like(l, x, kw, a, mlp='block_sparse_moe')),
+    'stablelm_parallel': (
+        T.StableLmForCausalLM,
+        T.StableLmConfig,
+        _base(use_parallel_residual=True),
+        'StableLmDecoderLayer',
+        stablelm,
+    ),
+    'falcon_sequential': (
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        _base(parallel_attn=False, new_decoder_architecture=False, multi_query=False, bias=True),
+        'FalconDecoderLayer',
+        falcon,
+    ),
+    'falcon_parallel': (
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        _base(parallel_attn=True, new_decoder_architecture=False, multi_query=True),
+        'FalconDecoderLayer',
+        falcon,
+    ),
+    'falcon_alibi': (
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        _base(parallel_attn=True, new_decoder_architecture=False, alibi=True),
+        'FalconDecoderLayer',
+        falcon,
+    ),
+    'falcon_new_arch': (
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        _base(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
+        'FalconDecoderLayer',
+        falcon,
+    ),
+    'falcon_new_arch_1ln': (
+        T.FalconForCausalLM,
+        T.FalconConfig,
+        _base(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1),
+        'FalconDecoderLayer',
+        falcon,
+    ),
+    'gptj': (
+        T.GPTJForCausalLM,
+        T.GPTJConfig,
+        dict(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64),
+        'GPTJBlock',
+        gptj,
+    ),
+    'mixtral': (
+        T.MixtralForCausalLM,
+        T.MixtralConfig,
+        _base(num_local_experts=4, num_experts_per_tok=2),
+        'MixtralDecoderLayer',
+        lambda l, x, kw, a: llama_like(l, x, kw, a, mlp='block_sparse_moe'),
+    ),
     # decoder_sparse_step=2: layers 1 is sparse (MoE + shared expert), 0 and 2 dense Qwen2MoeMLP
-    'qwen2_moe': (T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig,
-                  _base(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                        shared_expert_intermediate_size=24, decoder_sparse_step=2),
-                  'Qwen2MoeDecoderLayer', llama_like),
+    'qwen2_moe': (
+        T.Qwen2MoeForCausalLM,
+        T.Qwen2MoeConfig,
+        _base(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=2,
+        ),
+        'Qwen2MoeDecoderLayer',
+        llama_like,
+    ),
 }
 
 
@@ -164,9 +243,13 @@ def test_hooked_layer_equals_x_plus_alpha_f(case):
     alphas = set_random_alphas(controller)
 
     seen = []
-    handles = [l.module.register_forward_hook(
-        lambda m, args, kwargs, out: seen.append((args[0].detach().clone(), kwargs, _first(out).detach().clone())),
-        with_kwargs=True) for l in controller.layers]
+    handles = [
+        l.module.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append((args[0].detach().clone(), kwargs, _first(out).detach().clone())),
+            with_kwargs=True,
+        )
+        for l in controller.layers
+    ]
     ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding in one row: the attention mask path is exercised too
@@ -185,8 +268,9 @@ def test_hooked_layer_equals_x_plus_alpha_f(case):
     # α = 1 everywhere and removal both give back exactly the plain model
     controller.remove()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, plain_logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask, use_cache=False).logits, plain_logits, rtol=0, atol=0
+        )
 
 
 def test_every_new_family_is_in_the_table():

@@ -6,7 +6,7 @@ Each simulated node is one launcher process tree, started the way a user starts 
     torchrun --nnodes 2 --nproc_per_node P --node_rank R --master_addr 127.0.0.1 --master_port PORT \\
         -m prores_algo.ds_train --config YAML ...
 
-The data is in the object store (moto's S3 server, tests/s3_server.py) and every node caches it in a
+The data is in the object store (moto's S3 server, tests/support/s3_server.py) and every node caches it in a
 local folder of its own (`data.local_cache`). What real machines have apart, the simulated nodes get
 apart too:
 
@@ -50,13 +50,12 @@ import pytest
 import torch
 
 from prores_algo import schedules
-
-from s3_server import MotoS3, moto_available, process_env
-from tests.helpers import DIST_ENV, free_port
+from tests.support.helpers import DIST_ENV, free_port
+from tests.support.s3_server import MotoS3, moto_available, process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DRIVER = ROOT / 'tests' / 'multinode_driver.py'
+DRIVER = ROOT / 'tests' / 'support' / 'multinode_driver.py'
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
 SEQ, N_TRAIN, GLOBAL_BATCH, LAYERS, T_WARMUP = 32, 64, 8, 3, 8
 STEPS = N_TRAIN // GLOBAL_BATCH  # one epoch
@@ -83,8 +82,10 @@ def _node_wrapper() -> list[str] | None:
 
 NODE_WRAPPER = _node_wrapper()
 needs_namespaces = pytest.mark.skipif(
-    NODE_WRAPPER is None, reason='simulating nodes needs a private /dev/shm per node: `unshare --mount` (root) or '
-    '`unshare --mount --map-root-user` (unprivileged user namespaces) must work here')
+    NODE_WRAPPER is None,
+    reason='simulating nodes needs a private /dev/shm per node: `unshare --mount` (root) or '
+    '`unshare --mount --map-root-user` (unprivileged user namespaces) must work here',
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ def _documents() -> tuple[list[str], list[int]]:
     """Documents of exactly SEQ - 1 bytes: with the byte tokenizer and eos each is exactly one sample, so
     the train split has a known size (N_TRAIN, a multiple of every world size x batch used here)."""
     from prores_algo.data import _is_val
+
     docs, train = [], []
     i = 0
     while len(train) < N_TRAIN:
@@ -112,6 +114,7 @@ def _crc(doc: str) -> int:
 def store(tmp_path_factory):
     """A moto S3 server (stopped at teardown) holding the dataset, written by `prores-data --out s3://...`."""
     from prores_algo.data import main
+
     d = tmp_path_factory.mktemp('multinode')
     docs, train = _documents()
     source = d / 'docs.jsonl'
@@ -120,13 +123,30 @@ def store(tmp_path_factory):
         saved = dict(os.environ)
         os.environ.update(s3.env)
         try:
-            assert main(['--source', str(source), '--out', f's3://{s3.bucket}/{PREFIX}', '--tokenizer', 'byte',
-                         '--seq-len', str(SEQ), '--val-fraction', '0.1', '--no-progress']) == 0
+            assert (
+                main(
+                    [
+                        '--source',
+                        str(source),
+                        '--out',
+                        f's3://{s3.bucket}/{PREFIX}',
+                        '--tokenizer',
+                        'byte',
+                        '--seq-len',
+                        str(SEQ),
+                        '--val-fraction',
+                        '0.1',
+                        '--no-progress',
+                    ]
+                )
+                == 0
+            )
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        yield SimpleNamespace(s3=s3, dir=d, url=f's3://{s3.bucket}/{PREFIX}', train={_crc(docs[i]) for i in train},
-                              log=d / 'moto.log')
+        yield SimpleNamespace(
+            s3=s3, dir=d, url=f's3://{s3.bucket}/{PREFIX}', train={_crc(docs[i]) for i in train}, log=d / 'moto.log'
+        )
 
 
 def _dataset_requests(log: Path, start: int) -> list[str]:
@@ -148,11 +168,24 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
             env = process_env(extra_env)
             for k in DIST_ENV:
                 env.pop(k, None)
-            env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', TMPDIR=str(nd / 'tmp'), PYTHONUNBUFFERED='1',
-                       PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests'), env.get('PYTHONPATH', '')]))
+            env.update(
+                OMP_NUM_THREADS='1',
+                MKL_NUM_THREADS='1',
+                TMPDIR=str(nd / 'tmp'),
+                PYTHONUNBUFFERED='1',
+                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests' / 'support'), env.get('PYTHONPATH', '')]),
+            )
             out = open(nd / 'launcher.log', 'ab')
-            procs.append(subprocess.Popen([*NODE_WRAPPER, *cmd], cwd=ROOT, env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [*NODE_WRAPPER, *cmd],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             out.close()
         deadline = time.monotonic() + RUN_TIMEOUT
         while any(p.poll() is None for p in procs):
@@ -174,13 +207,13 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
                 p.wait(timeout=30)
     codes = [p.returncode for p in procs]
     if codes != [0] * len(procs):
-        logs = '\n'.join(f'--- node {i} (exit {c}) ---\n' + _tail(nd) for i, (c, nd) in
-                         enumerate(zip(codes, node_dirs)))
+        logs = '\n'.join(
+            f'--- node {i} (exit {c}) ---\n' + _tail(nd) for i, (c, nd) in enumerate(zip(codes, node_dirs))
+        )
         pytest.fail(f'nodes exited with {codes}\n{logs}')
 
 
 class _suppress:
-
     def __enter__(self):
         return self
 
@@ -199,21 +232,54 @@ def _composer_run(store, tmp: Path, name: str, nproc: int, overrides: list[str])
     nodes, port = 2, free_port()
     world = nodes * nproc
     out = tmp / name / 'out'
-    base = [f'data.path={store.url}', f'data.seq_len={SEQ}', f'model.max_seq_len={SEQ}', 'model.d_model=32',
-            'model.n_heads=4', f'model.n_layers={LAYERS}', f'global_train_batch_size={GLOBAL_BATCH}',
-            f'eval_batch_size={GLOBAL_BATCH // world}', 'eval_interval=4ba', 'eval_subset_num_batches=1',
-            f'algorithms.prores.t_warmup={T_WARMUP}ba', 'algorithms.prores.log_interval=1',
-            'console_log_interval=100ba', 'data.shuffle=true', f'max_duration={STEPS}ba', 'save_interval=4ba']
+    base = [
+        f'data.path={store.url}',
+        f'data.seq_len={SEQ}',
+        f'model.max_seq_len={SEQ}',
+        'model.d_model=32',
+        'model.n_heads=4',
+        f'model.n_layers={LAYERS}',
+        f'global_train_batch_size={GLOBAL_BATCH}',
+        f'eval_batch_size={GLOBAL_BATCH // world}',
+        'eval_interval=4ba',
+        'eval_subset_num_batches=1',
+        f'algorithms.prores.t_warmup={T_WARMUP}ba',
+        'algorithms.prores.log_interval=1',
+        'console_log_interval=100ba',
+        'data.shuffle=true',
+        f'max_duration={STEPS}ba',
+        'save_interval=4ba',
+    ]
     commands, dirs = [], []
     for r in range(nodes):
         nd = tmp / name / f'node{r}'
         nd.mkdir(parents=True, exist_ok=True)
         dirs.append(nd)
-        commands.append([str(BIN / 'composer'), '--world_size', str(world), '--nproc', str(nproc), '--node_rank',
-                         str(r), '--master_addr', '127.0.0.1', '--master_port', str(port), '--stdout',
-                         f'{nd}/stdout{{rank}}.txt', '--stderr', f'{nd}/stderr{{rank}}.txt', str(DRIVER), str(out),
-                         str(ROOT / 'yamls' / 'quickstart.yaml'), *base, *overrides,
-                         f'data.local_cache={tmp / "caches" / f"node{r}"}'])
+        commands.append(
+            [
+                str(BIN / 'composer'),
+                '--world_size',
+                str(world),
+                '--nproc',
+                str(nproc),
+                '--node_rank',
+                str(r),
+                '--master_addr',
+                '127.0.0.1',
+                '--master_port',
+                str(port),
+                '--stdout',
+                f'{nd}/stdout{{rank}}.txt',
+                '--stderr',
+                f'{nd}/stderr{{rank}}.txt',
+                str(DRIVER),
+                str(out),
+                str(ROOT / 'yamls' / 'quickstart.yaml'),
+                *base,
+                *overrides,
+                f'data.local_cache={tmp / "caches" / f"node{r}"}',
+            ]
+        )
     _run_nodes(commands, dirs, store.s3.env)
     return [json.loads((out / f'rank{r}.json').read_text()) for r in range(world)]
 
@@ -233,8 +299,9 @@ def _check_alphas(ranks: list[dict], batches) -> None:
 def _check_epoch(store, per_rank_batches: list[list[list[int]]]) -> None:
     """Every training sample exactly once over the epoch, across all ranks of all nodes."""
     seen = [crc for batches in per_rank_batches for batch in batches for crc in batch]
-    assert len(seen) == N_TRAIN and set(seen) == store.train, \
+    assert len(seen) == N_TRAIN and set(seen) == store.train, (
         f'{len(seen)} samples seen, {len(set(seen))} distinct, expected each of the {N_TRAIN} once'
+    )
     # and the ranks did split the data: each saw its equal share
     assert {len([c for b in batches for c in b]) for batches in per_rank_batches} == {N_TRAIN // len(per_rank_batches)}
 
@@ -303,15 +370,44 @@ def _ds_run(store, tmp: Path, name: str, options: list[str], overrides: list[str
         nd = tmp / name / f'node{r}'
         nd.mkdir(parents=True, exist_ok=True)
         dirs.append(nd)
-        commands.append([str(BIN / 'torchrun'), '--nnodes', str(nodes), '--nproc_per_node', str(nproc),
-                         '--node_rank', str(r), '--master_addr', '127.0.0.1', '--master_port', str(port),
-                         '-m', 'prores_algo.ds_train', '--config', str(ROOT / 'yamls' / 'quickstart.yaml'),
-                         '--deepspeed_config', str(ZERO3_JSON), '--require_stage3', '--record_samples',
-                         '--summary', str(tmp / name / 'summary_{rank}.json'), *options, *overrides,
-                         f'data.path={store.url}', f'data.seq_len={SEQ}', 'model.d_model=32', 'model.n_heads=4',
-                         f'model.n_layers={LAYERS}', f'global_train_batch_size={GLOBAL_BATCH}',
-                         f'algorithms.prores.t_warmup={T_WARMUP}ba', f'max_duration={STEPS}ba', 'eval_interval=100ba',
-                         'save_interval=4ba', f'data.local_cache={tmp / "caches" / f"node{r}"}'])
+        commands.append(
+            [
+                str(BIN / 'torchrun'),
+                '--nnodes',
+                str(nodes),
+                '--nproc_per_node',
+                str(nproc),
+                '--node_rank',
+                str(r),
+                '--master_addr',
+                '127.0.0.1',
+                '--master_port',
+                str(port),
+                '-m',
+                'prores_algo.ds_train',
+                '--config',
+                str(ROOT / 'yamls' / 'quickstart.yaml'),
+                '--deepspeed_config',
+                str(ZERO3_JSON),
+                '--require_stage3',
+                '--record_samples',
+                '--summary',
+                str(tmp / name / 'summary_{rank}.json'),
+                *options,
+                *overrides,
+                f'data.path={store.url}',
+                f'data.seq_len={SEQ}',
+                'model.d_model=32',
+                'model.n_heads=4',
+                f'model.n_layers={LAYERS}',
+                f'global_train_batch_size={GLOBAL_BATCH}',
+                f'algorithms.prores.t_warmup={T_WARMUP}ba',
+                f'max_duration={STEPS}ba',
+                'eval_interval=100ba',
+                'save_interval=4ba',
+                f'data.local_cache={tmp / "caches" / f"node{r}"}',
+            ]
+        )
     _run_nodes(commands, dirs, store.s3.env)
     return [json.loads((tmp / name / f'summary_{r}.json').read_text()) for r in range(nodes * nproc)]
 
@@ -340,13 +436,17 @@ def test_deepspeed_zero3_two_nodes_train_and_exact_resume(store, tmp_path):
     # ZeRO-3: every rank writes its own partition (model + optimizer states); rank 0 the tag and sidecar
     for tag in ('global_step4', 'global_step8'):
         names = sorted(p.name for p in (ck / tag).iterdir() if p.suffix == '.pt')
-        assert names == sorted(f'{pre}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt' for r in (0, 1)
-                               for pre, kind in (('', 'model'), ('', 'optim'))), names
+        assert names == sorted(
+            f'{pre}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt'
+            for r in (0, 1)
+            for pre, kind in (('', 'model'), ('', 'optim'))
+        ), names
     assert (ck / 'latest').read_text().strip() == 'global_step8'
 
     start = store.log.stat().st_size
-    b = _ds_run(store, tmp_path, 'b', ['--load_tag', 'global_step4'],
-                [f'save_folder={tmp_path / "ckpt_b"}', f'load_path={ck}'])
+    b = _ds_run(
+        store, tmp_path, 'b', ['--load_tag', 'global_step4'], [f'save_folder={tmp_path / "ckpt_b"}', f'load_path={ck}']
+    )
     assert _dataset_requests(store.log, start) == []  # warm caches on both nodes
     for sa, sb in zip(a, b):
         assert sb['start_step'] == 4 and sb['resumed_from']

@@ -13,8 +13,10 @@ import torch
 from prores_algo.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MULTINODE = {'1.3b': (ROOT / 'yamls' / 'multinode' / '1.3b.yaml', 1_364_297_728, 24),
-             '7b': (ROOT / 'yamls' / 'multinode' / '7b.yaml', 6_738_415_616, 32)}
+MULTINODE = {
+    '1.3b': (ROOT / 'yamls' / 'multinode' / '1.3b.yaml', 1_364_297_728, 24),
+    '7b': (ROOT / 'yamls' / 'multinode' / '7b.yaml', 6_738_415_616, 32),
+}
 
 
 @pytest.mark.parametrize('size', sorted(MULTINODE))
@@ -22,6 +24,7 @@ def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
     from prores_algo.ds_settings import resolve
     from prores_algo.ds_train import build_model
     from prores_algo.train import build_model as composer_model
+
     path, params, layers = MULTINODE[size]
     cfg = load_config(path)
     assert cfg.data.path.startswith('s3://') and cfg.data.local_cache and cfg.data.source is None
@@ -34,14 +37,19 @@ def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
     with pytest.raises(ConfigError, match=r"save_folder='s3://.*shared filesystem"):
         resolve(cfg)
     ds = resolve(load_config(path, ['save_folder=/shared/runs/x']))
-    assert (ds.save_dir, ds.autoresume, ds.data, ds.local_cache) == \
-        ('/shared/runs/x', True, cfg.data.path, cfg.data.local_cache)
+    assert (ds.save_dir, ds.autoresume, ds.data, ds.local_cache) == (
+        '/shared/runs/x',
+        True,
+        cfg.data.path,
+        cfg.data.local_cache,
+    )
     with torch.device('meta'):
         assert sum(p.numel() for p in build_model(ds).parameters()) == params
 
 
 def test_deepspeed_loop_refuses_model_keys_it_would_drop():
     from prores_algo.ds_settings import resolve
+
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
     assert resolve(load_config(qs, ['model.d_ffn=96'])).model.d_ffn == 96
     # the default: harmless
@@ -54,6 +62,7 @@ def test_deepspeed_cli_options_reach_the_loop_with_a_yaml(monkeypatch, tmp_path)
     """--micro_batch_size / --grad_accum / --local_cache / --record_samples pass through with --config, and the
     YAML's autoresume is kept unless --autoresume is given."""
     from prores_algo import ds_train
+
     seen = {}
 
     def fake_train(config, options):
@@ -62,11 +71,29 @@ def test_deepspeed_cli_options_reach_the_loop_with_a_yaml(monkeypatch, tmp_path)
 
     monkeypatch.setattr(ds_train, 'train', fake_train)
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
-    ds_train.main(['--config', qs, '--micro_batch_size', '8', '--grad_accum', '2', '--local_cache', str(tmp_path),
-                   '--record_samples', 'data.path=s3://bucket/ds', 'autoresume=true', 'save_folder=/shared/x'])
+    ds_train.main(
+        [
+            '--config',
+            qs,
+            '--micro_batch_size',
+            '8',
+            '--grad_accum',
+            '2',
+            '--local_cache',
+            str(tmp_path),
+            '--record_samples',
+            'data.path=s3://bucket/ds',
+            'autoresume=true',
+            'save_folder=/shared/x',
+        ]
+    )
     config, options = seen['config'], seen['options']
-    assert (options.micro_batch_size, options.grad_accum, config.data.local_cache, options.record_samples) == \
-        (8, 2, str(tmp_path), True)
+    assert (options.micro_batch_size, options.grad_accum, config.data.local_cache, options.record_samples) == (
+        8,
+        2,
+        str(tmp_path),
+        True,
+    )
     assert config.autoresume and config.data.path == 's3://bucket/ds' and config.save_folder == '/shared/x'
     ds_train.main(['--config', qs, 'data.local_cache=/yaml/cache'])
     config, options = seen['config'], seen['options']

@@ -18,7 +18,7 @@ from torch import nn
 
 from prores_algo import apply_prores
 from prores_algo.models.decoder import Decoder, DecoderConfig, default_deepnet_init
-from tests.helpers import set_random_alphas
+from tests.support.helpers import set_random_alphas
 
 V, D, L, H, S = 64, 32, 3, 4, 16
 
@@ -30,10 +30,10 @@ def rms(x, weight, eps):
 
 def rope(x, theta=10000.0):
     hd = x.shape[-1]
-    inv_freq = 1.0 / (theta**(torch.arange(0, hd, 2).float() / hd))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
     freqs = torch.einsum('i,j->ij', torch.arange(x.shape[-2]).float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
 
 
@@ -62,7 +62,7 @@ def official_forward(model, ids, norm, alphas, eps=1e-5):
             h = x + attention(blk, rms(x, blk.norm1.weight, eps)) * alpha
             x = h + mlp(blk, rms(h, blk.norm2.weight, eps)) * alpha
         else:  # post / deeppost: residual (times (2L)^(1/4) for deeppost) + branch * alpha, then the norm
-            beta = (2 * L)**0.25 if norm == 'deepnorm' else 1.0
+            beta = (2 * L) ** 0.25 if norm == 'deepnorm' else 1.0
             h = rms(beta * x + attention(blk, x) * alpha, blk.norm1.weight, eps)
             x = rms(beta * h + mlp(blk, h) * alpha, blk.norm2.weight, eps)
     x = rms(x, model.final_norm.weight, eps)  # the official model: a final norm for every NORM_TYPE
@@ -133,8 +133,11 @@ def test_rmsnorm_eps_is_official():
 
 
 def _linear_stds(model):
-    return {name: float(m.weight.std()) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.startswith('blocks.')}
+    return {
+        name: float(m.weight.std())
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.startswith('blocks.')
+    }
 
 
 def test_deepnorm_init_official_rule():
@@ -145,7 +148,7 @@ def test_deepnorm_init_official_rule():
     plain = _linear_stds(Decoder(DecoderConfig(**kw, deepnet_init=True)))
     torch.manual_seed(0)
     prores = _linear_stds(Decoder(DecoderConfig(**kw, deepnet_init=False)))
-    gain = (8 * 4)**-0.25
+    gain = (8 * 4) ** -0.25
     # xavier_normal std = gain * sqrt(2 / (fan_in + fan_out))
     assert plain['blocks.0.attn.v_proj'] == pytest.approx(gain * math.sqrt(2 / 512), rel=0.05)
     assert plain['blocks.0.mlp.down_proj'] == pytest.approx(gain * math.sqrt(2 / (512 + 256)), rel=0.05)
@@ -159,16 +162,20 @@ def test_training_entries_resolve_deepnet_init_from_prores(tmp_path):
     from prores_algo import ds_train
     from prores_algo.config import TrainConfig
     from prores_algo.train import build_model
-    base = dict(model=dict(name='reference', vocab_size=V, d_model=D, n_layers=L, n_heads=H, norm='deepnorm'),
-                data=dict(path=str(tmp_path), seq_len=S), global_train_batch_size=2,
-                optimizer=dict(lr=1e-3), max_duration='2ba')
+
+    base = dict(
+        model=dict(name='reference', vocab_size=V, d_model=D, n_layers=L, n_heads=H, norm='deepnorm'),
+        data=dict(path=str(tmp_path), seq_len=S),
+        global_train_batch_size=2,
+        optimizer=dict(lr=1e-3),
+        max_duration='2ba',
+    )
     with_prores = TrainConfig(**base, algorithms={'prores': {}})
     assert build_model(with_prores).model.config.deepnet_init is False
     assert build_model(TrainConfig(**base)).model.config.deepnet_init is True
     explicit = TrainConfig(**{**base, 'model': {**base['model'], 'deepnet_init': True}}, algorithms={'prores': {}})
     assert build_model(explicit).model.config.deepnet_init is True
-    cfg = {**ds_train.DEFAULTS, 'norm': 'deepnorm', 'n_layers': L, 'd_model': D, 'n_heads': H, 'vocab': V,
-           'seq_len': S}
+    cfg = {**ds_train.DEFAULTS, 'norm': 'deepnorm', 'n_layers': L, 'd_model': D, 'n_heads': H, 'vocab': V, 'seq_len': S}
     assert ds_train.build_model({**cfg, 'prores': True}).config.deepnet_init is False
     assert ds_train.build_model({**cfg, 'prores': False}).config.deepnet_init is True
 
@@ -186,10 +193,11 @@ OFFICIAL_RUNS = {
 @pytest.mark.parametrize('norm', ['pre', 'post'])
 def test_paper_yamls_match_official_scripts(size, norm):
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1] / 'yamls' / 'paper'
     want = OFFICIAL_RUNS[size]
     for prores in (False, True):
-        path = root / f"{size}-{norm}ln{'-prores' if prores else ''}.yaml"
+        path = root / f'{size}-{norm}ln{"-prores" if prores else ""}.yaml'
         cfg = yaml.safe_load(path.read_text())
         m = cfg['model']
         for key in ('d_model', 'n_layers', 'n_heads', 'd_ffn'):
@@ -201,6 +209,6 @@ def test_paper_yamls_match_official_scripts(size, norm):
         assert cfg['scheduler']['t_warmup'] == '2000ba', path.name
         assert cfg['max_duration'] == '100000ba' and cfg['global_train_batch_size'] == 512
         if prores:
-            assert cfg['algorithms']['prores']['t_warmup'] == f"{want['prores_w']}ba", path.name
+            assert cfg['algorithms']['prores']['t_warmup'] == f'{want["prores_w"]}ba', path.name
         else:
             assert 'prores' not in cfg['algorithms']

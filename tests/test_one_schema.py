@@ -70,13 +70,19 @@ def _composer_side(cfg, monkeypatch) -> SimpleNamespace:
     model = composer_entry.build_model(cfg)
     algorithms = composer_entry._build_named('algorithms', composer_entry._algorithms(), cfg.algorithms)
     (prores,) = [a for a in algorithms if type(a).__name__ == 'ProRes']
-    return SimpleNamespace(model=model.model.config, optimizer=composer_entry._build_optimizer(cfg, model),
-                           scheduler=composer_entry._build_scheduler(cfg), prores=prores, data_build=build)
+    return SimpleNamespace(
+        model=model.model.config,
+        optimizer=composer_entry._build_optimizer(cfg, model),
+        scheduler=composer_entry._build_scheduler(cfg),
+        prores=prores,
+        data_build=build,
+    )
 
 
 def _steps_of(time, max_steps: int):
     """A Composer time in batches, a 'dur' fraction resolved as Composer's schedulers do (floored)."""
     from composer.core import Time, TimeUnit
+
     time = Time.from_timestring(time) if isinstance(time, str) else time
     if time.unit == TimeUnit.DURATION:
         return int(time.value * max_steps)
@@ -85,7 +91,8 @@ def _steps_of(time, max_steps: int):
 
 
 def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch):
-    from composer.core import Time, TimeUnit, Timestamp
+    from composer.core import Time, Timestamp, TimeUnit
+
     overrides = ['algorithms.prores.log_interval=1']
     cfg = load_config(yaml_path, overrides)  # what prores-train reads
     c = _composer_side(cfg, monkeypatch)
@@ -103,8 +110,11 @@ def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch
 
     # optimizer: the peak LR, betas, eps and the weight decay of each parameter group
     groups = c.optimizer.param_groups
-    assert (plan.optimizer.lr, plan.optimizer.betas, plan.optimizer.eps) == \
-        (groups[0]['lr'], groups[0]['betas'], groups[0]['eps'])
+    assert (plan.optimizer.lr, plan.optimizer.betas, plan.optimizer.eps) == (
+        groups[0]['lr'],
+        groups[0]['betas'],
+        groups[0]['eps'],
+    )
     assert [g['weight_decay'] for g in groups] == [plan.optimizer.weight_decay, 0.0]
 
     # LR schedule: warmup / decay lengths, final multiplier, and the multiplier at every step
@@ -113,8 +123,9 @@ def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch
     assert _steps_of(s.t_warmup, steps) == _steps_of(plan.lr_warmup, steps)
     assert _steps_of(s.t_decay, steps) == _steps_of(plan.lr_decay, steps)
     assert s.alpha_f == plan.alpha_f
-    ds_lr = lr_lambda_from(plan.lr_schedule, max_steps=plan.steps, t_warmup=plan.lr_warmup, t_decay=plan.lr_decay,
-                           alpha_f=plan.alpha_f)
+    ds_lr = lr_lambda_from(
+        plan.lr_schedule, max_steps=plan.steps, t_warmup=plan.lr_warmup, t_decay=plan.lr_decay, alpha_f=plan.alpha_f
+    )
     for t in range(steps + 1):
         state = SimpleNamespace(max_duration=Time(steps, 'ba'), timestamp=Timestamp(batch=t), dataloader_len=None)
         assert s(state) == ds_lr(t), t
@@ -127,8 +138,10 @@ def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch
     assert plan.lr_warmup_delay == _steps_of(p.lr_warmup_delay, steps)
 
 
-@pytest.mark.parametrize('override', ['optimizer.lrr=1e-3', 'max_duraton=5ba', 'model={name: gpt}',
-                                      'data.seq_len=many', 'global_train_batch_size=0'])
+@pytest.mark.parametrize(
+    'override',
+    ['optimizer.lrr=1e-3', 'max_duraton=5ba', 'model={name: gpt}', 'data.seq_len=many', 'global_train_batch_size=0'],
+)
 def test_a_bad_key_gets_the_same_message_from_both_entries(override, monkeypatch, capsys):
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
     monkeypatch.setattr(ds_train, 'train', lambda *a: pytest.fail('the DeepSpeed loop started'))
@@ -141,17 +154,50 @@ def test_a_bad_key_gets_the_same_message_from_both_entries(override, monkeypatch
 
 def test_the_flat_options_are_the_same_schema():
     """`--n_layers 3 --steps 40 ...` and the YAML saying the same resolve to the same run."""
-    flat, _ = from_flat({'n_layers': 3, 'd_model': 32, 'n_heads': 4, 'seq_len': 32, 'vocab': 257, 'norm': 'post',
-                         'steps': 40, 'lr': 2e-3, 'betas': (0.9, 0.98), 'weight_decay': 0.05, 'lr_warmup': '4ba',
-                         'lr_decay': '0.25dur', 'alpha_f': 0.1, 'schedule': 'linear_square', 't_warmup': 12,
-                         'lr_warmup_delay': 2, 'seed': 5, 'eval_every': 10, 'save_interval': 20})
-    yaml = load_config(data={
-        'seed': 5, 'model': {'name': 'reference', 'vocab_size': 257, 'd_model': 32, 'n_layers': 3, 'n_heads': 4,
-                             'norm': 'post', 'max_seq_len': 32},
-        'data': {'seq_len': 32, 'source': None}, 'optimizer': {'lr': 2e-3, 'betas': [0.9, 0.98], 'weight_decay': 0.05},
-        'scheduler': {'name': 'wsd', 't_warmup': '4ba', 't_decay': '0.25dur', 'alpha_f': 0.1},
-        'algorithms': {'prores': {'schedule': 'linear_square', 't_warmup': '12ba', 'lr_warmup_delay': '2ba'}},
-        'max_duration': '40ba', 'eval_interval': '10ba', 'save_interval': '20ba'})
+    flat, _ = from_flat(
+        {
+            'n_layers': 3,
+            'd_model': 32,
+            'n_heads': 4,
+            'seq_len': 32,
+            'vocab': 257,
+            'norm': 'post',
+            'steps': 40,
+            'lr': 2e-3,
+            'betas': (0.9, 0.98),
+            'weight_decay': 0.05,
+            'lr_warmup': '4ba',
+            'lr_decay': '0.25dur',
+            'alpha_f': 0.1,
+            'schedule': 'linear_square',
+            't_warmup': 12,
+            'lr_warmup_delay': 2,
+            'seed': 5,
+            'eval_every': 10,
+            'save_interval': 20,
+        }
+    )
+    yaml = load_config(
+        data={
+            'seed': 5,
+            'model': {
+                'name': 'reference',
+                'vocab_size': 257,
+                'd_model': 32,
+                'n_layers': 3,
+                'n_heads': 4,
+                'norm': 'post',
+                'max_seq_len': 32,
+            },
+            'data': {'seq_len': 32, 'source': None},
+            'optimizer': {'lr': 2e-3, 'betas': [0.9, 0.98], 'weight_decay': 0.05},
+            'scheduler': {'name': 'wsd', 't_warmup': '4ba', 't_decay': '0.25dur', 'alpha_f': 0.1},
+            'algorithms': {'prores': {'schedule': 'linear_square', 't_warmup': '12ba', 'lr_warmup_delay': '2ba'}},
+            'max_duration': '40ba',
+            'eval_interval': '10ba',
+            'save_interval': '20ba',
+        }
+    )
     a, b = resolve(flat), resolve(yaml)
     assert (a.prores.enabled, a.prores.schedule) == (b.prores.enabled, b.prores.schedule)
     assert dataclasses.replace(a, prores=b.prores) == b  # the times as written differ (12 vs '12ba'), not in steps

@@ -22,7 +22,7 @@ def parse_table(text):
     assert cols[-1] == 'mean'
     layers = [int(c.split('=')[1]) for c in cols[:-1]]
     rows, means = {}, {}
-    for line in lines[header_at + 1:]:
+    for line in lines[header_at + 1 :]:
         parts = line.split()
         try:
             step = float(parts[0])
@@ -49,9 +49,30 @@ def _check(text, schedule, L, W, digits):
 def test_cli_subprocess_matches_schedule_and_writes_png(tmp_path):
     png = tmp_path / 'alpha.png'
     env = {**os.environ, 'MPLBACKEND': 'Agg', 'PYTHONPATH': str(REPO)}
-    out = subprocess.run([sys.executable, '-m', 'prores_algo.preview', '--layers', '24', '--t-warmup', '24000',
-                          '--schedule', 'linear', '--duration', '30000', '--steps', '10', '--png', str(png)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'prores_algo.preview',
+            '--layers',
+            '24',
+            '--t-warmup',
+            '24000',
+            '--schedule',
+            'linear',
+            '--duration',
+            '30000',
+            '--steps',
+            '10',
+            '--png',
+            str(png),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     layers, rows = _check(out.stdout, 'linear', 24, 24000, 4)
     assert layers[0] == 1 and layers[-1] == 24 and len(layers) == 12  # compact for a deep model
@@ -63,8 +84,26 @@ def test_cli_subprocess_matches_schedule_and_writes_png(tmp_path):
 
 @pytest.mark.parametrize('schedule', ['linear', 'linear_square', 'reverse', 'stagewise_sqrt_l', 'staggered', 'sqrt'])
 def test_main_every_layer_exact(schedule, capsys):
-    assert main(['--layers', '6', '--t-warmup', '600', '--schedule', schedule, '--duration', '700', '--steps', '7',
-                 '--all-layers', '--digits', '7']) == 0
+    assert (
+        main(
+            [
+                '--layers',
+                '6',
+                '--t-warmup',
+                '600',
+                '--schedule',
+                schedule,
+                '--duration',
+                '700',
+                '--steps',
+                '7',
+                '--all-layers',
+                '--digits',
+                '7',
+            ]
+        )
+        == 0
+    )
     layers, rows = _check(capsys.readouterr().out, schedule, 6, 600, 7)
     assert layers == [1, 2, 3, 4, 5, 6]
     assert 600.0 in rows  # W itself is always a sampled row

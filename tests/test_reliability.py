@@ -38,12 +38,12 @@ import pytest
 import torch
 
 from prores_algo import schedules
-from tests.helpers import env_without_dist, free_port
+from tests.support.helpers import env_without_dist, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DRIVER = ROOT / 'tests' / 'reliability_driver.py'
-DS_ENTRY = ROOT / 'tests' / 'slow_ds_train.py'
+DRIVER = ROOT / 'tests' / 'support' / 'reliability_driver.py'
+DS_ENTRY = ROOT / 'tests' / 'support' / 'slow_ds_train.py'
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
 N_LAYERS, T_WARMUP, STEPS, SAVE_EVERY = 3, 8, 12, 3
 
@@ -57,8 +57,9 @@ def _env(**extra) -> dict:
 
 def _start(cmd, log: Path, env: dict, cwd: Path) -> subprocess.Popen:
     # A new session: the launcher and every rank share one process group we can kill at once.
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=open(log, 'w'), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=open(log, 'w'), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
@@ -85,8 +86,9 @@ def kill_group_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 3
     """Poll until `ready()`; then SIGKILL the whole process group. Returns what was killed."""
     t0 = time.time()
     while not ready():
-        assert proc.poll() is None, f'the run ended (rc {proc.returncode}) before it could be killed:\n' + \
-            log.read_text()[-4000:]
+        assert proc.poll() is None, (
+            f'the run ended (rc {proc.returncode}) before it could be killed:\n' + log.read_text()[-4000:]
+        )
         assert time.time() - t0 < timeout, 'timed out waiting for the kill point'
         time.sleep(0.01)
     assert proc.poll() is None, 'the run ended before it could be killed'
@@ -123,6 +125,7 @@ def _unlink_shm(paths) -> None:
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     from prores_algo.data import write_mds
+
     out = tmp_path_factory.mktemp('reliability') / 'mds'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=100_000, progress=False)
     return out
@@ -130,14 +133,40 @@ def data(tmp_path_factory):
 
 # ----------------------------------------------------------------------------------------------- Composer
 
+
 def composer_cmd(out: Path, ckpt: Path, data: Path) -> list[str]:
-    return [str(BIN / 'composer'), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
-            '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), str(out), str(ROOT / 'yamls' / 'quickstart.yaml'),
-            f'data.path={data}', 'data.source=null', 'data.seq_len=32', 'model.max_seq_len=32', 'model.d_model=32',
-            'model.n_heads=4', f'model.n_layers={N_LAYERS}', 'global_train_batch_size=8', 'eval_batch_size=8',
-            'eval_interval=100ba', 'eval_subset_num_batches=2', f'algorithms.prores.t_warmup={T_WARMUP}ba',
-            'console_log_interval=100ba', f'max_duration={STEPS}ba', f'save_folder={ckpt}',
-            f'save_interval={SAVE_EVERY}ba', 'autoresume=true', 'run_name=reliability']
+    return [
+        str(BIN / 'composer'),
+        '-n',
+        '2',
+        '--master_port',
+        str(free_port()),
+        '--stdout',
+        f'{out}/stdout{{rank}}.txt',
+        '--stderr',
+        f'{out}/stderr{{rank}}.txt',
+        str(DRIVER),
+        str(out),
+        str(ROOT / 'yamls' / 'quickstart.yaml'),
+        f'data.path={data}',
+        'data.source=null',
+        'data.seq_len=32',
+        'model.max_seq_len=32',
+        'model.d_model=32',
+        'model.n_heads=4',
+        f'model.n_layers={N_LAYERS}',
+        'global_train_batch_size=8',
+        'eval_batch_size=8',
+        'eval_interval=100ba',
+        'eval_subset_num_batches=2',
+        f'algorithms.prores.t_warmup={T_WARMUP}ba',
+        'console_log_interval=100ba',
+        f'max_duration={STEPS}ba',
+        f'save_folder={ckpt}',
+        f'save_interval={SAVE_EVERY}ba',
+        'autoresume=true',
+        'run_name=reliability',
+    ]
 
 
 def _ranks(out: Path) -> list[dict]:
@@ -208,6 +237,7 @@ def test_autoresume_may_overwrite_only_in_the_runs_own_folder(tmp_path):
     with autoresume and this folder's own `latest-rank0.pt` (the checkpoint autoresume loads)."""
     from prores_algo.config import load_config
     from prores_algo.train import _save_overwrite
+
     qs = ROOT / 'yamls' / 'quickstart.yaml'
     base = [f'save_folder={tmp_path}/{{run_name}}/ck', 'autoresume=true', 'run_name=r']
     folder = tmp_path / 'r' / 'ck'
@@ -224,16 +254,53 @@ def test_autoresume_may_overwrite_only_in_the_runs_own_folder(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed
 
-DS_ARGS = ['--deepspeed_config', str(ZERO3_JSON), '--n_layers', '4', '--d_model', '32', '--n_heads', '4',
-           '--seq_len', '16', '--vocab', '64', '--steps', str(STEPS), '--t_warmup', str(T_WARMUP), '--lr', '1e-2',
-           '--lr_warmup', '1', '--eval_samples', '16', '--seed', '0', '--save_interval', str(SAVE_EVERY),
-           '--log_every', '100']
+DS_ARGS = [
+    '--deepspeed_config',
+    str(ZERO3_JSON),
+    '--n_layers',
+    '4',
+    '--d_model',
+    '32',
+    '--n_heads',
+    '4',
+    '--seq_len',
+    '16',
+    '--vocab',
+    '64',
+    '--steps',
+    str(STEPS),
+    '--t_warmup',
+    str(T_WARMUP),
+    '--lr',
+    '1e-2',
+    '--lr_warmup',
+    '1',
+    '--eval_samples',
+    '16',
+    '--seed',
+    '0',
+    '--save_interval',
+    str(SAVE_EVERY),
+    '--log_every',
+    '100',
+]
 
 
 def ds_cmd(save: Path, *extra) -> list[str]:
-    return [str(BIN / 'torchrun'), '--nproc_per_node=2', '--nnodes=1', '--master_addr=127.0.0.1',
-            f'--master_port={free_port()}', str(DS_ENTRY), *DS_ARGS, '--save_dir', str(save), '--summary',
-            str(save.parent / f'{save.name}_summary_{{rank}}.json'), *extra]
+    return [
+        str(BIN / 'torchrun'),
+        '--nproc_per_node=2',
+        '--nnodes=1',
+        '--master_addr=127.0.0.1',
+        f'--master_port={free_port()}',
+        str(DS_ENTRY),
+        *DS_ARGS,
+        '--save_dir',
+        str(save),
+        '--summary',
+        str(save.parent / f'{save.name}_summary_{{rank}}.json'),
+        *extra,
+    ]
 
 
 def test_deepspeed_sidecar_is_written_before_latest_names_the_tag(tmp_path):
@@ -266,6 +333,7 @@ def test_deepspeed_sidecar_is_written_before_latest_names_the_tag(tmp_path):
 
 def _fp32_params(save: Path, tag: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     return get_fp32_state_dict_from_zero_checkpoint(str(save), tag=tag)
 
 
@@ -303,9 +371,25 @@ def test_deepspeed_kill9_then_resume_matches_uninterrupted(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- prores-data
 
+
 def _data_cmd(out: Path, *extra) -> list[str]:
-    return [sys.executable, '-m', 'prores_algo.data', '--source', 'stdlib', '--out', str(out), '--seq-len', '128',
-            '--max-tokens', '2000000', '--val-fraction', '0.05', '--no-progress', *extra]
+    return [
+        sys.executable,
+        '-m',
+        'prores_algo.data',
+        '--source',
+        'stdlib',
+        '--out',
+        str(out),
+        '--seq-len',
+        '128',
+        '--max-tokens',
+        '2000000',
+        '--val-fraction',
+        '0.05',
+        '--no-progress',
+        *extra,
+    ]
 
 
 def _tmp_siblings(out: Path) -> list[Path]:
@@ -314,6 +398,7 @@ def _tmp_siblings(out: Path) -> list[Path]:
 
 def _check_complete(out: Path, max_tokens: int = 2_000_000) -> dict:
     from prores_algo.data import build_dataloader, read_metadata
+
     meta = read_metadata(out)
     assert meta is not None and sum(s['tokens_read'] for s in meta['splits'].values()) == max_tokens
     for split, info in meta['splits'].items():
@@ -324,6 +409,7 @@ def _check_complete(out: Path, max_tokens: int = 2_000_000) -> dict:
 
 def test_prores_data_kill9_mid_write_never_leaves_a_loadable_partial(tmp_path):
     from prores_algo.data import build_dataloader, ensure_dataset, read_metadata
+
     out = tmp_path / 'ds'
     victim = _start(_data_cmd(out), tmp_path / 'd1.log', _env(), tmp_path)
     kill_group_when(victim, lambda: bool(_tmp_siblings(out)), tmp_path / 'd1.log', timeout=120)
@@ -344,11 +430,14 @@ def test_prores_data_kill9_mid_write_never_leaves_a_loadable_partial(tmp_path):
     assert read_metadata(out) == meta
     _check_complete(out)
     # and what the YAML entry does with it: reuse the complete dataset (same settings), clean nothing up yet
-    assert ensure_dataset('stdlib', out, seq_len=128, max_tokens=2_000_000, val_fraction=0.05, seed=0,
-                          progress=False) == meta
+    assert (
+        ensure_dataset('stdlib', out, seq_len=128, max_tokens=2_000_000, val_fraction=0.05, seed=0, progress=False)
+        == meta
+    )
 
 
 # ----------------------------------------------------------------------------------------------- long run
+
 
 def _long_run_module():
     return importlib.import_module('benchmarks.long_run')
@@ -358,7 +447,12 @@ def test_long_run_short_variant_is_flat_and_hooks_are_gone():
     lr = _long_run_module()
     result = lr.run(steps=1000, settle=100, sample_every=50)
     assert result['num_samples'] >= 12
-    assert result['after_warmup'] == {'batch': 251, 'removed': True, 'alpha_buffers': 0, 'branch_forward_hooks': 0,
-                                      'all_forward_hooks': 0}
+    assert result['after_warmup'] == {
+        'batch': 251,
+        'removed': True,
+        'alpha_buffers': 0,
+        'branch_forward_hooks': 0,
+        'all_forward_hooks': 0,
+    }
     failures = lr.check(result, rss_tol=lr.RSS_TOL_MB_PER_1K_SHORT)
     assert not failures, (failures, result['samples'])

@@ -8,10 +8,15 @@ import torch
 from torch import nn
 
 from prores_algo import apply_prores
-from prores_algo.scaled_linear import (can_scale_in_gemm, has_scaled_forward, install_scaled_forward,
-                                       set_scaled_alpha, uninstall_scaled_forward)
+from prores_algo.scaled_linear import (
+    can_scale_in_gemm,
+    has_scaled_forward,
+    install_scaled_forward,
+    set_scaled_alpha,
+    uninstall_scaled_forward,
+)
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
-from tests.helpers import tiny_config
+from tests.support.helpers import tiny_config
 
 
 def _pair(bias, seed=0):
@@ -73,6 +78,7 @@ def test_only_plain_linears_are_scaled_in_the_gemm():
 
 def test_controller_uses_the_gemm_for_linear_branches_and_the_hook_elsewhere():
     from prores_algo.models.decoder import Decoder
+
     pre = Decoder(tiny_config(norm='pre'))
     c = apply_prores(pre, t_warmup=1000)
     branches = [pre.blocks[0].attn.o_proj, pre.blocks[0].mlp.down_proj]
@@ -84,7 +90,9 @@ def test_controller_uses_the_gemm_for_linear_branches_and_the_hook_elsewhere():
     assert not any(has_prores_hook(m) for m in pre.modules())
     sandwich = Decoder(tiny_config(norm='sandwich'))  # branches end in a norm: the output hook
     apply_prores(sandwich, t_warmup=1000)
-    assert sandwich.blocks[0].attn_post_norm._forward_hooks and not has_scaled_forward(sandwich.blocks[0].attn_post_norm)
+    assert sandwich.blocks[0].attn_post_norm._forward_hooks and not has_scaled_forward(
+        sandwich.blocks[0].attn_post_norm
+    )
     hook = Decoder(tiny_config(norm='pre'))
     apply_prores(hook, t_warmup=1000, mechanism='hook')
     assert hook.blocks[0].attn.o_proj._forward_hooks and not has_scaled_forward(hook.blocks[0].attn.o_proj)
@@ -94,6 +102,7 @@ def test_controller_uses_the_gemm_for_linear_branches_and_the_hook_elsewhere():
 
 def test_both_mechanisms_give_the_same_training_step():
     from prores_algo.models.decoder import Decoder
+
     torch.manual_seed(0)
     a = Decoder(tiny_config(norm='pre'))
     b = copy.deepcopy(a)
@@ -111,6 +120,7 @@ def test_both_mechanisms_give_the_same_training_step():
 
 def test_compiled_no_recompile_when_alpha_changes():
     from torch._dynamo.testing import CompileCounter
+
     lin = nn.Linear(16, 8)
     lin.register_buffer(ALPHA_BUFFER, torch.tensor(0.5), persistent=False)
     install_scaled_forward(lin, 0.5)

@@ -21,8 +21,8 @@ def reference(name, l, L, t, W):
     stage0 = clip((t - T * (l - 1)) / T)
     return {
         'linear': lin,
-        'linear_sqrt': lin ** 0.5,
-        'linear_square': lin ** 2,
+        'linear_sqrt': lin**0.5,
+        'linear_square': lin**2,
         'equal': min(1.0, t / W),
         'reverse': min(1.0, t / (T * (L - l + 1))),
         'stagewise_0': stage0,
@@ -36,8 +36,21 @@ def reference(name, l, L, t, W):
     }[name]
 
 
-PAPER_SCHEDULES = ['linear', 'linear_sqrt', 'linear_square', 'equal', 'reverse', 'stagewise_0', 'stagewise_L',
-                   'stagewise_sqrt_L', 'stagewise_sqrt_l', 'fix_L', 'fix_sqrt_L', 'fix_sqrt_l', 'staggered']
+PAPER_SCHEDULES = [
+    'linear',
+    'linear_sqrt',
+    'linear_square',
+    'equal',
+    'reverse',
+    'stagewise_0',
+    'stagewise_L',
+    'stagewise_sqrt_L',
+    'stagewise_sqrt_l',
+    'fix_L',
+    'fix_sqrt_L',
+    'fix_sqrt_l',
+    'staggered',
+]
 
 
 def test_names_cover_design_table():
@@ -77,8 +90,10 @@ def test_paper_default_linear_values():
     assert schedules.alpha('staggered', 6, L, 9000, W) == 0.5
 
 
-@pytest.mark.parametrize('alias,canonical', [('linear_equal', 'equal'), ('linear_reverse', 'reverse'),
-                                             ('sqrt', 'linear_sqrt'), ('square', 'linear_square')])
+@pytest.mark.parametrize(
+    'alias,canonical',
+    [('linear_equal', 'equal'), ('linear_reverse', 'reverse'), ('sqrt', 'linear_sqrt'), ('square', 'linear_square')],
+)
 def test_official_aliases(alias, canonical):
     assert schedules.canonical_name(alias) == canonical
     assert schedules.alphas(alias, 6, 1234, 6000) == schedules.alphas(canonical, 6, 1234, 6000)
@@ -98,15 +113,18 @@ def test_custom_schedule_registration():
         schedules.register('sqrt', cubic)  # aliases are taken too
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(name='cosine'), 'unknown schedule'),
-    (dict(warmup_steps=0), 'warmup_steps'),
-    (dict(warmup_steps=-5), 'warmup_steps'),
-    (dict(warmup_steps=float('inf')), 'warmup_steps'),
-    (dict(layer_index=4), 'layer_index'),
-    (dict(layer_index=-1), 'layer_index'),
-    (dict(num_layers=0, layer_index=0), 'num_layers'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(name='cosine'), 'unknown schedule'),
+        (dict(warmup_steps=0), 'warmup_steps'),
+        (dict(warmup_steps=-5), 'warmup_steps'),
+        (dict(warmup_steps=float('inf')), 'warmup_steps'),
+        (dict(layer_index=4), 'layer_index'),
+        (dict(layer_index=-1), 'layer_index'),
+        (dict(num_layers=0, layer_index=0), 'num_layers'),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     args = dict(name='linear', layer_index=0, num_layers=4, step=10, warmup_steps=100)
     args.update(kwargs)
@@ -123,8 +141,11 @@ def test_unknown_schedule_lists_accepted_values():
 def test_schedules_module_does_not_need_torch():
     import subprocess
     import sys
-    code = ("import sys, importlib.util; sys.modules['torch'] = None; "
-            "spec = importlib.util.spec_from_file_location('s', 'prores_algo/schedules.py'); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.alpha('linear', 0, 2, 5, 20))")
+
+    code = (
+        "import sys, importlib.util; sys.modules['torch'] = None; "
+        "spec = importlib.util.spec_from_file_location('s', 'prores_algo/schedules.py'); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.alpha('linear', 0, 2, 5, 20))"
+    )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == '0.5'

@@ -23,16 +23,30 @@ YAMLS = sorted(p for p in glob.glob(str(ROOT / 'yamls' / '**' / '*.yaml'), recur
 def tiny_data(tmp_path_factory):
     """Byte-level MDS shards of the stdlib corpus (the quickstart's data, smaller)."""
     from prores_algo.data import write_mds
+
     out = tmp_path_factory.mktemp('data') / 'stdlib-32'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=150_000, progress=False)
     return str(out)
 
 
 def small_overrides(data_path, **extra):
-    o = {'data.path': data_path, 'data.source': 'null', 'data.seq_len': 32, 'model.d_model': 32, 'model.n_heads': 4,
-         'model.n_layers': 3, 'model.max_seq_len': 32, 'max_duration': '6ba', 'eval_interval': '3ba',
-         'eval_subset_num_batches': 2, 'global_train_batch_size': 8, 'eval_batch_size': 8,
-         'algorithms.prores.t_warmup': '4ba', 'algorithms.prores.log_interval': 1, 'console_log_interval': '100ba'}
+    o = {
+        'data.path': data_path,
+        'data.source': 'null',
+        'data.seq_len': 32,
+        'model.d_model': 32,
+        'model.n_heads': 4,
+        'model.n_layers': 3,
+        'model.max_seq_len': 32,
+        'max_duration': '6ba',
+        'eval_interval': '3ba',
+        'eval_subset_num_batches': 2,
+        'global_train_batch_size': 8,
+        'eval_batch_size': 8,
+        'algorithms.prores.t_warmup': '4ba',
+        'algorithms.prores.log_interval': 1,
+        'console_log_interval': '100ba',
+    }
     o.update(extra)
     return [f'{k}={v}' for k, v in o.items()]
 
@@ -51,6 +65,7 @@ def test_yamls_exist():
 def test_every_yaml_parses_and_builds(path):
     """GPU configs build their model on the meta device; data/tokenizer fields are checked, nothing fetched."""
     from prores_algo import train
+
     cfg = load_config(path)
     train._build_named('algorithms', train._algorithms(), cfg.algorithms)
     train._build_named('callbacks', train._callbacks(), cfg.callbacks)
@@ -68,17 +83,18 @@ def test_every_yaml_parses_and_builds(path):
         prores = cfg.algorithms.get('prores')
         assert (prores is not None) == Path(path).stem.endswith('-prores')
         if prores:
-            assert prores['t_warmup'] == f"{1000 * cfg.model.kwargs['n_layers']}ba"
+            assert prores['t_warmup'] == f'{1000 * cfg.model.kwargs["n_layers"]}ba'
         # the official scripts: 2000 LR-warmup steps for every norm placement (test_official_fidelity has the rest)
         assert cfg.scheduler.kwargs['t_warmup'] == '2000ba'
     if 'depth' in path and Path(path).stem.endswith('-prores'):
         layers = cfg.model.kwargs['n_layers']
-        assert cfg.algorithms['prores']['t_warmup'] == f"{(1000 if layers <= 72 else 500) * layers}ba"
+        assert cfg.algorithms['prores']['t_warmup'] == f'{(1000 if layers <= 72 else 500) * layers}ba'
 
 
 @pytest.mark.parametrize('norm', ['pre', 'post', 'sandwich', 'deepnorm', 'lns'])
 def test_every_norm_placement_trains_with_prores(norm, tiny_data):
     from composer.loggers import InMemoryLogger
+
     mem = InMemoryLogger()
     cfg = load_config(ROOT / 'yamls' / 'quickstart.yaml', small_overrides(tiny_data, **{'model.norm': norm}))
     result = run(cfg, extra_loggers=(mem,))
@@ -92,7 +108,8 @@ def test_hf_causal_lm_family_trains(tiny_data):
     over = small_overrides(tiny_data)
     over = [o for o in over if not o.startswith('model.')] + [
         'model={name: hf_causal_lm, model_type: llama, vocab_size: 257, hidden_size: 32, intermediate_size: 64, '
-        'num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}']
+        'num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}'
+    ]
     cfg = load_config(ROOT / 'yamls' / 'quickstart.yaml', over)
     result = run(cfg)
     assert result['val_loss'] < result['val_loss_start']
@@ -108,9 +125,21 @@ def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
     """`composer -n 2 -m prores_algo.train yamls/quickstart.yaml` (DDP over gloo on CPU), a few batches."""
     composer = Path(sys.executable).parent / 'composer'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    cmd = [str(composer), '-n', '2', '--master_port', str(_free_port()), '--stdout', str(tmp_path / 'out{rank}.txt'),
-           '--stderr', str(tmp_path / 'err{rank}.txt'), '-m', 'prores_algo.train',
-           str(ROOT / 'yamls' / 'quickstart.yaml'), *small_overrides(tiny_data, max_duration='4ba')]
+    cmd = [
+        str(composer),
+        '-n',
+        '2',
+        '--master_port',
+        str(_free_port()),
+        '--stdout',
+        str(tmp_path / 'out{rank}.txt'),
+        '--stderr',
+        str(tmp_path / 'err{rank}.txt'),
+        '-m',
+        'prores_algo.train',
+        str(ROOT / 'yamls' / 'quickstart.yaml'),
+        *small_overrides(tiny_data, max_duration='4ba'),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     # the launcher streams rank 0 to its own stdout and the other ranks to --stdout files
     out0 = proc.stdout
@@ -126,15 +155,18 @@ def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
 QS = ROOT / 'yamls' / 'quickstart.yaml'
 
 
-@pytest.mark.parametrize('overrides,match', [
-    (['max_duraton=10ba'], r"unknown key 'max_duraton' \(did you mean 'max_duration'\?\)"),
-    (['data.seq_lenn=64'], r"unknown key 'data.seq_lenn' \(did you mean 'data.seq_len'"),
-    (['model.name=gpt5'], r"model.name"),
-    (['optimizer.name=adamww'], r"optimizer.name"),
-    (['global_train_batch_size=0'], 'global_train_batch_size'),
-    (['precision=fp64'], 'precision'),
-    (['maxduration'], 'key=value'),
-])
+@pytest.mark.parametrize(
+    'overrides,match',
+    [
+        (['max_duraton=10ba'], r"unknown key 'max_duraton' \(did you mean 'max_duration'\?\)"),
+        (['data.seq_lenn=64'], r"unknown key 'data.seq_lenn' \(did you mean 'data.seq_len'"),
+        (['model.name=gpt5'], r'model.name'),
+        (['optimizer.name=adamww'], r'optimizer.name'),
+        (['global_train_batch_size=0'], 'global_train_batch_size'),
+        (['precision=fp64'], 'precision'),
+        (['maxduration'], 'key=value'),
+    ],
+)
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(QS, overrides)
@@ -145,20 +177,24 @@ def test_missing_config_file():
         load_config('yamls/nope.yaml')
 
 
-@pytest.mark.parametrize('overrides,match', [
-    (['algorithms.prorez={}'], r"algorithms: unknown name 'prorez' \(did you mean 'prores'\?\)"),
-    (['algorithms.prores.t_warmpu=10ba'], r"algorithms.prores: unknown key 't_warmpu' \(did you mean 't_warmup'"),
-    (['algorithms.prores.schedule=cosine'], 'unknown schedule'),
-    (['scheduler.name=wsdd'], r"scheduler.name: unknown scheduler 'wsdd'"),
-    (['scheduler.t_decy=0.1dur'], r"scheduler \(wsd\): unknown key 't_decy'"),
-    (['callbacks.lr_monitr={}'], r"callbacks: unknown name 'lr_monitr'"),
-    (['model.vocab_size=200'], r'model.vocab_size=200 is smaller than the tokenizer'),
-    (['model.n_layer=3'], r"model \(reference\): unknown key 'n_layer' \(did you mean 'n_layers'"),
-    (['data.seq_len=4096'], r'data.seq_len=4096 exceeds model.max_seq_len'),
-    (['tokenizer=/no/such/tokenizer'], r'tokenizer'),
-])
+@pytest.mark.parametrize(
+    'overrides,match',
+    [
+        (['algorithms.prorez={}'], r"algorithms: unknown name 'prorez' \(did you mean 'prores'\?\)"),
+        (['algorithms.prores.t_warmpu=10ba'], r"algorithms.prores: unknown key 't_warmpu' \(did you mean 't_warmup'"),
+        (['algorithms.prores.schedule=cosine'], 'unknown schedule'),
+        (['scheduler.name=wsdd'], r"scheduler.name: unknown scheduler 'wsdd'"),
+        (['scheduler.t_decy=0.1dur'], r"scheduler \(wsd\): unknown key 't_decy'"),
+        (['callbacks.lr_monitr={}'], r"callbacks: unknown name 'lr_monitr'"),
+        (['model.vocab_size=200'], r'model.vocab_size=200 is smaller than the tokenizer'),
+        (['model.n_layer=3'], r"model \(reference\): unknown key 'n_layer' \(did you mean 'n_layers'"),
+        (['data.seq_len=4096'], r'data.seq_len=4096 exceeds model.max_seq_len'),
+        (['tokenizer=/no/such/tokenizer'], r'tokenizer'),
+    ],
+)
 def test_build_errors_name_what_to_change(overrides, match, tmp_path):
     from prores_algo.train import build_trainer
+
     cfg = load_config(QS, [f'data.path={tmp_path}/d', 'model.max_seq_len=128', *overrides])
     with pytest.raises(ValueError, match=match):
         build_trainer(cfg)
@@ -167,6 +203,7 @@ def test_build_errors_name_what_to_change(overrides, match, tmp_path):
 
 def test_missing_data_without_source(tmp_path):
     from prores_algo.train import build_trainer
+
     cfg = load_config(QS, [f'data.path={tmp_path}/missing', 'data.source=null'])
     with pytest.raises(ValueError, match=r'data.path=.*does not exist and data.source is null'):
         build_trainer(cfg)
@@ -174,6 +211,7 @@ def test_missing_data_without_source(tmp_path):
 
 def test_empty_corpus_and_seq_len_larger_than_data(tmp_path):
     from prores_algo.train import build_trainer
+
     (tmp_path / 'empty').mkdir()
     cfg = load_config(QS, [f'data.path={tmp_path}/d1', f'data.source={tmp_path}/empty'])
     with pytest.raises(ValueError, match='empty'):
@@ -187,7 +225,11 @@ def test_empty_corpus_and_seq_len_larger_than_data(tmp_path):
 
 
 def test_cli_returns_2_with_message_on_config_error(tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'prores_algo.train', str(QS), 'max_duraton=1ba'],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'prores_algo.train', str(QS), 'max_duraton=1ba'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "did you mean 'max_duration'" in proc.stderr

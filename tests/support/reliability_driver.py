@@ -1,7 +1,7 @@
 """Run by tests/test_reliability.py under `composer -n 2`: train from a YAML (autoresume-ready) and
 write what each rank saw.
 
-usage: composer -n 2 tests/reliability_driver.py OUT_DIR CONFIG.yaml [key=value ...]
+usage: composer -n 2 tests/support/reliability_driver.py OUT_DIR CONFIG.yaml [key=value ...]
 
 Env PRORES_TEST_SLEEP=<seconds>: sleep that long after every batch (gives a test time to kill the run
 mid-training; sleeping changes no number). Per rank, OUT_DIR/rank{r}.json holds the α each batch used
@@ -34,8 +34,11 @@ class Record(Callback):
         if self.first_batch is None:
             self.first_batch = b
         # α of the hooked branches (after removal the buffers stay as inert 1.0 that no hook reads)
-        self.alphas[b] = {n: float(m._buffers[ALPHA_BUFFER]) for n, m in state.model.named_modules()
-                          if ALPHA_BUFFER in m._buffers and has_prores_hook(m)}
+        self.alphas[b] = {
+            n: float(m._buffers[ALPHA_BUFFER])
+            for n, m in state.model.named_modules()
+            if ALPHA_BUFFER in m._buffers and has_prores_hook(m)
+        }
 
     def after_train_batch(self, state, logger):
         self.losses[int(state.timestamp.batch)] = float(state.loss)  # before the timestamp advances
@@ -54,13 +57,17 @@ def main():
     prores = next(a for a in trainer.state.algorithms if type(a).__name__ == 'ProRes')
     rank = dist.get_global_rank()
     result = {
-        'alphas': rec.alphas, 'losses': rec.losses, 'first_batch': rec.first_batch,
+        'alphas': rec.alphas,
+        'losses': rec.losses,
+        'first_batch': rec.first_batch,
         'final_batch': int(trainer.state.timestamp.batch),
-        'final_alphas': prores.controller.alphas, 'removed': prores.controller.removed,
+        'final_alphas': prores.controller.alphas,
+        'removed': prores.controller.removed,
         'num_hooks': prores.controller.num_hooks,
         'alpha_buffers_end': sum(1 for n, _ in trainer.state.model.named_buffers() if n.endswith('prores_alpha')),
-        'alpha_values_end': sorted({float(b) for n, b in trainer.state.model.named_buffers()
-                                    if n.endswith('prores_alpha')}),
+        'alpha_values_end': sorted(
+            {float(b) for n, b in trainer.state.model.named_buffers() if n.endswith('prores_alpha')}
+        ),
         'prores_hooks_end': sum(has_prores_hook(m) for m in trainer.state.model.modules()),
         'eval': {k: float(v) for k, v in trainer.state.eval_metric_values.items()},
     }

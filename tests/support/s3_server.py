@@ -23,20 +23,36 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from tests.helpers import free_port
+from tests.support.helpers import free_port
 
 REGION = 'us-east-1'
 # Names that change which credentials / endpoint boto3 uses; cleared so the machine's own AWS setup
 # never leaks into a test.
-AWS_ENV = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_SECURITY_TOKEN', 'AWS_PROFILE',
-           'AWS_DEFAULT_PROFILE', 'AWS_REGION', 'AWS_DEFAULT_REGION', 'AWS_CONFIG_FILE', 'AWS_SHARED_CREDENTIALS_FILE',
-           'AWS_ENDPOINT_URL', 'AWS_ENDPOINT_URL_S3', 'S3_ENDPOINT_URL', 'AWS_EC2_METADATA_DISABLED',
-           'MOSAICML_STREAMING_AWS_REQUESTER_PAYS', 'S3_CANNED_ACL')
+AWS_ENV = (
+    'AWS_ACCESS_KEY_ID',
+    'AWS_SECRET_ACCESS_KEY',
+    'AWS_SESSION_TOKEN',
+    'AWS_SECURITY_TOKEN',
+    'AWS_PROFILE',
+    'AWS_DEFAULT_PROFILE',
+    'AWS_REGION',
+    'AWS_DEFAULT_REGION',
+    'AWS_CONFIG_FILE',
+    'AWS_SHARED_CREDENTIALS_FILE',
+    'AWS_ENDPOINT_URL',
+    'AWS_ENDPOINT_URL_S3',
+    'S3_ENDPOINT_URL',
+    'AWS_EC2_METADATA_DISABLED',
+    'MOSAICML_STREAMING_AWS_REQUESTER_PAYS',
+    'S3_CANNED_ACL',
+)
 
 
 def moto_available() -> bool:
-    return shutil.which('moto_server', path=str(Path(sys.executable).parent)) is not None or \
-        shutil.which('moto_server') is not None
+    return (
+        shutil.which('moto_server', path=str(Path(sys.executable).parent)) is not None
+        or shutil.which('moto_server') is not None
+    )
 
 
 class MotoS3:
@@ -60,8 +76,13 @@ class MotoS3:
         self.url = f'http://127.0.0.1:{self.port}'
         out = open(self.log, 'ab') if self.log else subprocess.DEVNULL
         env = {k: v for k, v in os.environ.items() if k not in AWS_ENV}
-        self.proc = subprocess.Popen([exe, '-H', '127.0.0.1', '-p', str(self.port)], stdout=out,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [exe, '-H', '127.0.0.1', '-p', str(self.port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         if out is not subprocess.DEVNULL:
             out.close()
         deadline = time.monotonic() + self.startup_timeout
@@ -87,13 +108,19 @@ class MotoS3:
         # Before authentication is on, any key works: create the user, its key, and the bucket.
         iam = self._boto('iam', 'bootstrap', 'bootstrap')
         iam.create_user(UserName='prores')
-        iam.put_user_policy(UserName='prores', PolicyName='all', PolicyDocument=json.dumps(
-            {'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': '*', 'Resource': '*'}]}))
+        iam.put_user_policy(
+            UserName='prores',
+            PolicyName='all',
+            PolicyDocument=json.dumps(
+                {'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': '*', 'Resource': '*'}]}
+            ),
+        )
         key = iam.create_access_key(UserName='prores')['AccessKey']
         self.key_id, self.secret = key['AccessKeyId'], key['SecretAccessKey']
         self.client().create_bucket(Bucket=self.bucket)
-        request = urllib.request.Request(self.url + '/moto-api/reset-auth', data=b'0', method='POST',
-                                         headers={'Content-Type': 'text/plain'})
+        request = urllib.request.Request(
+            self.url + '/moto-api/reset-auth', data=b'0', method='POST', headers={'Content-Type': 'text/plain'}
+        )
         urllib.request.urlopen(request, timeout=10).read()
 
     def stop(self) -> None:
@@ -137,8 +164,10 @@ class MotoS3:
 
     def _boto(self, service: str, key_id: str, secret: str):
         import boto3
-        return boto3.session.Session().client(service, endpoint_url=self.url, region_name=REGION,
-                                              aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+        return boto3.session.Session().client(
+            service, endpoint_url=self.url, region_name=REGION, aws_access_key_id=key_id, aws_secret_access_key=secret
+        )
 
     def client(self):
         return self._boto('s3', self.key_id or 'bootstrap', self.secret or 'bootstrap')

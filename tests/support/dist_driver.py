@@ -1,6 +1,6 @@
 """Run by tests under `composer -n 2`: trains from a YAML and writes what each rank saw to JSON.
 
-usage: composer -n 2 tests/dist_driver.py OUT_DIR CONFIG.yaml [key=value ...]
+usage: composer -n 2 tests/support/dist_driver.py OUT_DIR CONFIG.yaml [key=value ...]
 Per rank: alphas read from the model's α buffers before every forward, the train losses, and for
 sharded runs the local vs full size of every parameter (proof that FSDP2 really partitions).
 """
@@ -22,6 +22,7 @@ class Record(Callback):
 
     def fit_start(self, state, logger):
         from torch.distributed.tensor import DTensor
+
         for name, p in state.model.named_parameters():
             if isinstance(p, DTensor):
                 self.shards[name] = [p.to_local().numel(), p.numel()]
@@ -41,8 +42,11 @@ def main():
     trainer.fit()
     rank = dist.get_global_rank()
     Path(out).mkdir(parents=True, exist_ok=True)
-    Path(out, f'rank{rank}.json').write_text(json.dumps({
-        'alphas': rec.alphas, 'losses': rec.losses, 'shards': rec.shards, 'world_size': dist.get_world_size()}))
+    Path(out, f'rank{rank}.json').write_text(
+        json.dumps(
+            {'alphas': rec.alphas, 'losses': rec.losses, 'shards': rec.shards, 'world_size': dist.get_world_size()}
+        )
+    )
     trainer.close()
 
 

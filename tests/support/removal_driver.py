@@ -2,13 +2,13 @@
 that has NO buffers of its own, under a wrapper that watches the module's buffers.
 
 usage:
-  composer -n 2 tests/removal_driver.py composer OUT [fsdp2]     Composer Trainer (DDP, or FSDP2): a straight
+  composer -n 2 tests/support/removal_driver.py composer OUT [fsdp2]     Composer Trainer (DDP, or FSDP2): a straight
                                                                  run, then the same run resumed from a
                                                                  checkpoint saved after the removal
-  torchrun --nproc_per_node 2 tests/removal_driver.py ddp OUT     apply_prores + raw torch DDP: set_step past
+  torchrun --nproc_per_node 2 tests/support/removal_driver.py ddp OUT     apply_prores + raw torch DDP: set_step past
                                                                  W, then fold_prores mid-run, then re-apply
-  torchrun --nproc_per_node 2 tests/removal_driver.py hf OUT      transformers.Trainer + ProResCallback (DDP)
-  torchrun --nproc_per_node 2 tests/removal_driver.py deepspeed OUT   attach_prores + DeepSpeed ZeRO-3
+  torchrun --nproc_per_node 2 tests/support/removal_driver.py hf OUT      transformers.Trainer + ProResCallback (DDP)
+  torchrun --nproc_per_node 2 tests/support/removal_driver.py deepspeed OUT   attach_prores + DeepSpeed ZeRO-3
 
 Each rank writes OUT/<mode>_rank{r}.json: what it saw, and the final parameters' bytes (hex digests).
 """
@@ -33,6 +33,7 @@ STEPS = 8  # ... of 8
 
 class Block(nn.Module):
     """Pre-LN block with plain causal attention: parameters only, no buffer anywhere."""
+
     prores_branches = ('attn_out', 'mlp_out')
 
     def __init__(self):
@@ -59,7 +60,7 @@ class PlainLM(nn.Module):
         self.ln_f, self.head = nn.LayerNorm(D), nn.Linear(D, VOCAB, bias=False)
 
     def forward(self, input_ids):
-        x = self.tok(input_ids) + self.pos.weight[:input_ids.shape[1]]
+        x = self.tok(input_ids) + self.pos.weight[: input_ids.shape[1]]
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
@@ -82,8 +83,9 @@ def batches(n, rank, batch_size=2):
 
 
 def digests(named_tensors) -> dict[str, str]:
-    return {n: hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for n, t in named_tensors}
+    return {
+        n: hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest() for n, t in named_tensors
+    }
 
 
 def alpha_buffers(model) -> dict[str, float]:
@@ -93,6 +95,7 @@ def alpha_buffers(model) -> dict[str, float]:
 def branch_hooks(model) -> int:
     """ProRes hooks still on the model (DeepSpeed ZeRO-3 adds hooks of its own to every module)."""
     from prores_algo.surgery import has_prores_hook
+
     return sum(has_prores_hook(m) for m in model.modules())
 
 
@@ -109,7 +112,7 @@ def run_composer(out: str, fsdp2: bool) -> None:
     from torch.utils.data import DataLoader
 
     from prores_algo import ProRes
-    from tests.helpers import RandomTokens
+    from tests.support.helpers import RandomTokens
 
     class Wrapped(ComposerModel):
         def __init__(self):
@@ -138,21 +141,42 @@ def run_composer(out: str, fsdp2: bool) -> None:
         kwargs = {}
         if fsdp2:
             from composer.utils.parallelism import FSDP2Config
+
             kwargs['parallelism_config'] = {'fsdp': FSDP2Config(state_dict_type='full')}
-        trainer = Trainer(model=model, train_dataloader=loader, max_duration=f'{STEPS}ba', algorithms=[algo],
-                          callbacks=[rec], optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                          save_folder=save_folder, save_interval='6ba', save_overwrite=True, load_path=load_path,
-                          device='cpu', seed=0, progress_bar=False, log_to_console=False, **kwargs)
+        trainer = Trainer(
+            model=model,
+            train_dataloader=loader,
+            max_duration=f'{STEPS}ba',
+            algorithms=[algo],
+            callbacks=[rec],
+            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-2),
+            save_folder=save_folder,
+            save_interval='6ba',
+            save_overwrite=True,
+            load_path=load_path,
+            device='cpu',
+            seed=0,
+            progress_bar=False,
+            log_to_console=False,
+            **kwargs,
+        )
         wrapper = 'FSDP2' if trainer.state.fsdp_enabled else type(trainer.state.model).__name__
         trainer.fit()
         if fsdp2:
             from torch.distributed.tensor import DTensor
+
             params = [(n, p.full_tensor() if isinstance(p, DTensor) else p) for n, p in model.named_parameters()]
         else:
             params = list(model.named_parameters())
-        res = {'wrapper': wrapper, 'seen': rec.seen, 'removed': algo.controller.removed,
-               'alphas_end': alpha_buffers(model), 'hooks_end': branch_hooks(model), 'params': digests(params),
-               'state_dict_keys': sorted(model.state_dict())}
+        res = {
+            'wrapper': wrapper,
+            'seen': rec.seen,
+            'removed': algo.controller.removed,
+            'alphas_end': alpha_buffers(model),
+            'hooks_end': branch_hooks(model),
+            'params': digests(params),
+            'state_dict_keys': sorted(model.state_dict()),
+        }
         trainer.close()
         return res
 
@@ -190,8 +214,12 @@ def run_ddp(out: str) -> None:
     model = fresh_model()
     controller = apply_prores(model, t_warmup=T_WARMUP)
     ddp = DDP(model)
-    result['removal'] = {'losses': train(ddp, controller, STEPS), 'removed': controller.removed,
-                         'alphas_end': alpha_buffers(model), 'hooks_end': branch_hooks(model)}
+    result['removal'] = {
+        'losses': train(ddp, controller, STEPS),
+        'removed': controller.removed,
+        'alphas_end': alpha_buffers(model),
+        'hooks_end': branch_hooks(model),
+    }
     # 2. fold_prores mid-warmup, then training goes on under the same DDP wrapper.
     model = fresh_model()
     controller = apply_prores(model, t_warmup=T_WARMUP)
@@ -219,7 +247,7 @@ def run_hf(out: str) -> None:
     from transformers import Trainer, TrainingArguments
 
     from prores_algo.integrations.hf import ProResCallback
-    from tests.helpers import RandomTokens
+    from tests.support.helpers import RandomTokens
 
     class HFWrap(nn.Module):
         def __init__(self):
@@ -231,12 +259,23 @@ def run_hf(out: str) -> None:
             return {'loss': lm_loss(logits, input_ids), 'logits': logits}
 
     def fit(max_steps, model, callback):
-        args = TrainingArguments(output_dir=f'{out}/hf', max_steps=max_steps, per_device_train_batch_size=2,
-                                 learning_rate=1e-2, report_to=[], save_strategy='no', logging_steps=1,
-                                 use_cpu=True, ddp_backend='gloo', disable_tqdm=True, seed=0,
-                                 dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64, SEQ, VOCAB, seed=0),
-                          callbacks=[callback])
+        args = TrainingArguments(
+            output_dir=f'{out}/hf',
+            max_steps=max_steps,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy='no',
+            logging_steps=1,
+            use_cpu=True,
+            ddp_backend='gloo',
+            disable_tqdm=True,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=RandomTokens(64, SEQ, VOCAB, seed=0), callbacks=[callback]
+        )
         trainer.train()
         return trainer
 
@@ -250,11 +289,22 @@ def run_hf(out: str) -> None:
     kept = not cb.controller.removed
     second = fit(STEPS, model, cb)  # same model, same callback: α from step 0 again, removed at step 4
     rank = int(os.environ.get('RANK', 0))
-    write(out, 'hf', rank, {'wrapper': wrapper, 'second_wrapper': type(second.model_wrapped).__name__,
-                            'new_wrapper': second.model_wrapped is not first.model_wrapped, 'kept_after_first': kept,
-                            'removed': cb.controller.removed, 'alphas_end': alpha_buffers(model),
-                            'hooks_end': branch_hooks(model), 'step': second.state.global_step,
-                            'params': digests(model.named_parameters())})
+    write(
+        out,
+        'hf',
+        rank,
+        {
+            'wrapper': wrapper,
+            'second_wrapper': type(second.model_wrapped).__name__,
+            'new_wrapper': second.model_wrapped is not first.model_wrapped,
+            'kept_after_first': kept,
+            'removed': cb.controller.removed,
+            'alphas_end': alpha_buffers(model),
+            'hooks_end': branch_hooks(model),
+            'step': second.state.global_step,
+            'params': digests(model.named_parameters()),
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
@@ -266,8 +316,12 @@ def run_deepspeed(out: str) -> None:
     deepspeed.init_distributed(dist_backend='gloo')
     model = fresh_model()
     prores = attach_prores(model, t_warmup=T_WARMUP)  # before deepspeed.initialize, as documented
-    config = {'train_micro_batch_size_per_gpu': 2, 'gradient_accumulation_steps': 1,
-              'zero_optimization': {'stage': 3}, 'steps_per_print': 10 ** 6}
+    config = {
+        'train_micro_batch_size_per_gpu': 2,
+        'gradient_accumulation_steps': 1,
+        'zero_optimization': {'stage': 3},
+        'steps_per_print': 10**6,
+    }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     rank = engine.global_rank
@@ -278,8 +332,17 @@ def run_deepspeed(out: str) -> None:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    write(out, 'deepspeed', rank, {'losses': losses, 'removed': prores.removed, 'alphas_end': alpha_buffers(model),
-                                   'hooks_end': branch_hooks(model)})
+    write(
+        out,
+        'deepspeed',
+        rank,
+        {
+            'losses': losses,
+            'removed': prores.removed,
+            'alphas_end': alpha_buffers(model),
+            'hooks_end': branch_hooks(model),
+        },
+    )
 
 
 def main():

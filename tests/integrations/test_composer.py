@@ -8,7 +8,7 @@ from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 
 from prores_algo import ProRes, schedules
-from tests.helpers import alpha_buffers, assert_prores_removed, tiny_composer_model, token_loader
+from tests.support.helpers import alpha_buffers, assert_prores_removed, tiny_composer_model, token_loader
 
 
 class RecordAlphas(Callback):
@@ -23,9 +23,19 @@ class RecordAlphas(Callback):
 
 def make_trainer(algo, max_duration='12ba', callbacks=(), seed=0, **kw):
     model = tiny_composer_model(seed=seed)
-    return Trainer(model=model, train_dataloader=token_loader(), max_duration=max_duration, algorithms=[algo],
-                   callbacks=list(callbacks), seed=seed, device='cpu', progress_bar=False, log_to_console=False,
-                   optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), **kw)
+    return Trainer(
+        model=model,
+        train_dataloader=token_loader(),
+        max_duration=max_duration,
+        algorithms=[algo],
+        callbacks=list(callbacks),
+        seed=seed,
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        **kw,
+    )
 
 
 def test_alpha_follows_schedule_each_batch_is_logged_and_removed_after_warmup():
@@ -104,8 +114,14 @@ def _final_params(model):
 def test_resume_is_bitwise_exact(tmp_path):
     def run(max_duration, save_folder=None, load_path=None):
         rec = RecordAlphas()
-        trainer = make_trainer(ProRes(t_warmup='12ba'), max_duration=max_duration, callbacks=[rec],
-                               save_folder=save_folder, save_interval='4ba', load_path=load_path)
+        trainer = make_trainer(
+            ProRes(t_warmup='12ba'),
+            max_duration=max_duration,
+            callbacks=[rec],
+            save_folder=save_folder,
+            save_interval='4ba',
+            load_path=load_path,
+        )
         trainer.fit()
         return trainer, rec
 
@@ -122,7 +138,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 def test_resume_under_different_configuration_is_refused(tmp_path):
     make_trainer(ProRes(t_warmup='12ba'), max_duration='2ba', save_folder=str(tmp_path), save_interval='2ba').fit()
-    with pytest.raises(ValueError, match=r"trained with a different ProRes configuration.*t_warmup"):
+    with pytest.raises(ValueError, match=r'trained with a different ProRes configuration.*t_warmup'):
         make_trainer(ProRes(t_warmup='24ba'), max_duration='4ba', load_path=str(tmp_path / 'ep0-ba2-rank0.pt'))
 
 
@@ -132,18 +148,21 @@ def test_state_dict_keys_unchanged_by_algorithm():
     assert trainer.state.model.state_dict().keys() == plain.state_dict().keys()
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(schedule='cosine'), 'unknown schedule'),
-    (dict(t_warmup=0), 't_warmup must be positive'),
-    (dict(t_warmup=-3), 't_warmup must be positive'),
-    (dict(t_warmup='1000'), 'not a Time string'),
-    (dict(t_warmup='2ep'), 'batches'),
-    (dict(t_warmup='1.5dur'), 'more than the whole run'),
-    (dict(lr_warmup_delay='-5ba'), 'lr_warmup_delay must be >= 0'),
-    (dict(lr_warmup_delay='soon'), 'lr_warmup_delay'),
-    (dict(log_interval=0), 'log_interval'),
-    (dict(branches='attn.o_proj'), 'branches must be a non-empty list'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(schedule='cosine'), 'unknown schedule'),
+        (dict(t_warmup=0), 't_warmup must be positive'),
+        (dict(t_warmup=-3), 't_warmup must be positive'),
+        (dict(t_warmup='1000'), 'not a Time string'),
+        (dict(t_warmup='2ep'), 'batches'),
+        (dict(t_warmup='1.5dur'), 'more than the whole run'),
+        (dict(lr_warmup_delay='-5ba'), 'lr_warmup_delay must be >= 0'),
+        (dict(lr_warmup_delay='soon'), 'lr_warmup_delay'),
+        (dict(log_interval=0), 'log_interval'),
+        (dict(branches='attn.o_proj'), 'branches must be a non-empty list'),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProRes(**kwargs)
@@ -151,6 +170,7 @@ def test_bad_arguments_name_the_field(kwargs, match):
 
 def test_model_without_residual_branches_is_an_error():
     from composer.models import ComposerClassifier
+
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     model = ComposerClassifier(net, num_classes=2)
     with pytest.raises(ValueError, match='found no residual branch'):
@@ -166,9 +186,11 @@ def test_same_instance_twice_is_an_error():
 
 def test_alpha_updates_do_not_recompile_under_torch_compile():
     from torch._dynamo.testing import CompileCounter
+
     from prores_algo import apply_prores
     from prores_algo.models.decoder import Decoder
-    from tests.helpers import tiny_config
+    from tests.support.helpers import tiny_config
+
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Decoder(tiny_config())

@@ -7,7 +7,7 @@ ProRes' α buffers were the only buffers and removal deleted them, DDP broadcast
 `RuntimeError: !tensors.empty() INTERNAL ASSERT FAILED at .../c10d/reducer.cpp:2138`. Removal now
 leaves each α buffer in place as an inert 1.0 (no hook reads it), so the buffer set never changes.
 
-The model here (tests/removal_driver.py's PlainLM) is a tiny decoder with learned positions and no
+The model here (tests/support/removal_driver.py's PlainLM) is a tiny decoder with learned positions and no
 buffers, like llm-foundry's MPT. Real 2-process runs (gloo, CPU): Composer DDP and FSDP2 under
 `composer -n 2` (straight run == run resumed from a checkpoint saved after the removal, bitwise),
 `apply_prores` + raw torch DDP (removal, `fold_prores` mid-run, re-apply, attach after wrapping),
@@ -31,31 +31,56 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prores_algo import apply_prores, schedules
 from prores_algo.export import fold_prores
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
-from tests.helpers import env_without_dist, free_port
-from tests.removal_driver import LAYERS, STEPS, T_WARMUP, batches, fresh_model, lm_loss
+from tests.support.helpers import env_without_dist, free_port
+from tests.support.removal_driver import LAYERS, STEPS, T_WARMUP, batches, fresh_model, lm_loss
 
 pytestmark = pytest.mark.filterwarnings('ignore:ProRes t_warmup')  # W = 4 steps is short on purpose
 
-ROOT = Path(__file__).resolve().parents[1]
-DRIVER = ROOT / 'tests' / 'removal_driver.py'
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / 'tests' / 'support' / 'removal_driver.py'
 BIN = Path(sys.executable).parent
 
 
 def _env() -> dict:
     env = env_without_dist()
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join(p for p in (env.get('PYTHONPATH'), str(ROOT)) if p))
+    env.update(
+        OMP_NUM_THREADS='1',
+        MKL_NUM_THREADS='1',
+        PYTHONPATH=os.pathsep.join(p for p in (env.get('PYTHONPATH'), str(ROOT)) if p),
+    )
     return env
 
 
 def _launch(mode: str, out: Path, *extra: str, launcher: str = 'torchrun') -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     if launcher == 'composer':
-        cmd = [str(BIN / 'composer'), '-n', '2', '--master_port', str(free_port()), '--stdout', f'{out}/stdout{{rank}}.txt',
-               '--stderr', f'{out}/stderr{{rank}}.txt', str(DRIVER), mode, str(out), *extra]
+        cmd = [
+            str(BIN / 'composer'),
+            '-n',
+            '2',
+            '--master_port',
+            str(free_port()),
+            '--stdout',
+            f'{out}/stdout{{rank}}.txt',
+            '--stderr',
+            f'{out}/stderr{{rank}}.txt',
+            str(DRIVER),
+            mode,
+            str(out),
+            *extra,
+        ]
     else:
-        cmd = [str(BIN / 'torchrun'), '--nproc_per_node=2', '--nnodes=1', '--master_addr=127.0.0.1',
-               f'--master_port={free_port()}', str(DRIVER), mode, str(out), *extra]
+        cmd = [
+            str(BIN / 'torchrun'),
+            '--nproc_per_node=2',
+            '--nnodes=1',
+            '--master_addr=127.0.0.1',
+            f'--master_port={free_port()}',
+            str(DRIVER),
+            mode,
+            str(out),
+            *extra,
+        ]
     proc = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         logs = ''.join(f'\n--- {f.name}:\n{f.read_text()[-3000:]}' for f in sorted(out.glob('std*.txt')))
@@ -214,11 +239,15 @@ def test_fsdp1_full_precision_eval_after_removal(one_rank_group, monkeypatch):
     a model with buffers of its own failed the same way)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import MixedPrecision
+
     monkeypatch.setenv('FSDP_USE_FULL_PREC_IN_EVAL', '1')  # read when FSDP builds its flat-param handle
     model = fresh_model()
     controller = apply_prores(model, t_warmup=2)
-    fsdp = FSDP(model, device_id=torch.device('cpu'),
-                mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16))
+    fsdp = FSDP(
+        model,
+        device_id=torch.device('cpu'),
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16),
+    )
     for t, ids in enumerate(batches(4, 0)):
         controller.set_step(t)
         fsdp.train()

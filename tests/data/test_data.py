@@ -20,11 +20,19 @@ import pytest
 import torch
 
 from prores_algo import data
-from prores_algo.data import loader, writer
-from prores_algo.data import build_dataloader, ensure_dataset, iter_documents, main, read_metadata, write_mds
+from prores_algo.data import (
+    build_dataloader,
+    ensure_dataset,
+    iter_documents,
+    loader,
+    main,
+    read_metadata,
+    write_mds,
+    writer,
+)
 from prores_algo.tokenizers import ByteTokenizer, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EOS = 256
 
 
@@ -78,7 +86,7 @@ def reference(docs, seq_len, val_fraction=0.0, seed=0, max_tokens=None):
         streams[split] += toks
         if budget == 0:
             break
-    rows = {s: [t[k * seq_len:(k + 1) * seq_len] for k in range(len(t) // seq_len)] for s, t in streams.items()}
+    rows = {s: [t[k * seq_len : (k + 1) * seq_len] for k in range(len(t) // seq_len)] for s, t in streams.items()}
     return rows, owner
 
 
@@ -122,6 +130,7 @@ def test_byte_tokenizer_roundtrip():
 def _save_hf_tokenizer(path: Path, eos: bool = True) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {'<unk>': 0, '</s>': 1, 'hello': 2, 'world': 3, 'DOC': 4}
     t = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -140,13 +149,14 @@ def test_hf_tokenizer_local_folder(tmp_path):
     src.mkdir()
     for i in range(8):
         (src / f'{i}.txt').write_text('hello world ' * (i + 3))
-    meta = write_mds(str(src), tmp_path / 'ds', tokenizer=str(tmp_path / 'tok'), seq_len=4, val_fraction=0,
-                     progress=False)
+    meta = write_mds(
+        str(src), tmp_path / 'ds', tokenizer=str(tmp_path / 'tok'), seq_len=4, val_fraction=0, progress=False
+    )
     assert meta['vocab_size'] == 5 and meta['eos_token_id'] == 1
     assert meta['tokenizer'] == str((tmp_path / 'tok').resolve())
     rows, _ = read_split(tmp_path / 'ds', 'train')
     stream = [t for i in range(8) for t in [2, 3] * (i + 3) + [1]]
-    assert rows == [stream[k:k + 4] for k in range(0, len(stream) // 4 * 4, 4)]
+    assert rows == [stream[k : k + 4] for k in range(0, len(stream) // 4 * 4, 4)]
 
 
 def test_tokenizer_errors_name_the_field(tmp_path, monkeypatch):
@@ -178,15 +188,16 @@ def test_folder_source_order_and_filters(corpus):
     # a single file, and the byte cap (cut at a UTF-8 boundary)
     assert list(iter_documents(str(root / 'f01.md'))) == [docs[[d[:6] for d in docs].index('DOC-01')]]
     capped = list(iter_documents(str(root), max_bytes=100))
-    assert sum(len(d.encode()) for d in capped) <= 100 and ''.join(capped) == ''.join(docs)[:len(''.join(capped))]
+    assert sum(len(d.encode()) for d in capped) <= 100 and ''.join(capped) == ''.join(docs)[: len(''.join(capped))]
 
 
 def test_stdlib_source_is_sorted_stdlib_py():
     root = Path(sysconfig.get_paths()['stdlib'])
     docs = list(iter_documents('stdlib', max_bytes=20_000))
     assert docs and sum(len(d.encode()) for d in docs) <= 20_000
-    first = sorted((p for p in root.rglob('*.py') if 'site-packages' not in p.parts),
-                   key=lambda p: p.relative_to(root).as_posix())[0]
+    first = sorted(
+        (p for p in root.rglob('*.py') if 'site-packages' not in p.parts), key=lambda p: p.relative_to(root).as_posix()
+    )[0]
     assert docs[0].startswith(first.read_text(encoding='utf-8')[:1000])
 
 
@@ -293,8 +304,15 @@ def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_p
     root, _ = corpus
     write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
     start = time.time() + 6.0  # all interpreters are up by then
-    procs = [subprocess.Popen([sys.executable, '-c', RACE_SCRIPT, str(tmp_path / 'ds'), '8', str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(5)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, '-c', RACE_SCRIPT, str(tmp_path / 'ds'), '8', str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(5)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and 'constructed 8' in out, err[-2000:]
@@ -328,11 +346,31 @@ def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, 
     script = tmp_path / 'dist_race.py'
     script.write_text(DIST_RACE_SCRIPT)
     reports = [str(tmp_path / f'job{job}_rank{{rank}}.txt') for job in range(2)]
-    procs = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                               str(script), *args, report], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for report in reports]
-    procs += [subprocess.Popen([sys.executable, '-c', RACE_SCRIPT, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-m',
+                'torch.distributed.run',
+                '--standalone',
+                '--nproc_per_node',
+                '2',
+                str(script),
+                *args,
+                report,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for report in reports
+    ]
+    procs += [
+        subprocess.Popen(
+            [sys.executable, '-c', RACE_SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -430,8 +468,9 @@ def test_ensure_dataset_concurrent_callers_build_once(corpus, tmp_path, monkeypa
 
     monkeypatch.setattr(writer, '_build', counting_build)
     with ThreadPoolExecutor(3) as pool:
-        metas = list(pool.map(lambda _: ensure_dataset(str(root), tmp_path / 'ds', seq_len=8, progress=False),
-                              range(3)))
+        metas = list(
+            pool.map(lambda _: ensure_dataset(str(root), tmp_path / 'ds', seq_len=8, progress=False), range(3))
+        )
     assert len(builds) == 1 and metas[0] == metas[1] == metas[2] == read_metadata(tmp_path / 'ds')
 
 
@@ -479,7 +518,6 @@ def test_remote_url_goes_to_streaming_remote(tmp_path, monkeypatch):
     seen = {}
 
     class FakeDataset:
-
         def __init__(self, **kw):
             seen.update(kw)
             self.seq_len = 8
@@ -506,8 +544,23 @@ def test_remote_url_goes_to_streaming_remote(tmp_path, monkeypatch):
 def test_cli_main(corpus, tmp_path, capsys):
     root, docs = corpus
     out = tmp_path / 'cli'
-    rc = main(['--source', str(root), '--out', str(out), '--seq-len', '8', '--val-fraction', '0.25', '--seed', '3',
-               '--compression', 'zstd', '--no-progress'])
+    rc = main(
+        [
+            '--source',
+            str(root),
+            '--out',
+            str(out),
+            '--seq-len',
+            '8',
+            '--val-fraction',
+            '0.25',
+            '--seed',
+            '3',
+            '--compression',
+            'zstd',
+            '--no-progress',
+        ]
+    )
     assert rc == 0 and 'prores-data: wrote' in capsys.readouterr().out
     meta = read_metadata(out)
     assert meta['compression'] == 'zstd' and meta['seq_len'] == 8
@@ -520,8 +573,9 @@ def test_cli_main(corpus, tmp_path, capsys):
 
 def test_cli_module_help():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    r = subprocess.run([sys.executable, '-m', 'prores_algo.data', '--help'], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, '-m', 'prores_algo.data', '--help'], capture_output=True, text=True, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert 'usage: prores-data' in r.stdout and '--source' in r.stdout and '--overwrite' in r.stdout
 
@@ -531,6 +585,7 @@ def test_cli_counts_accept_scientific_notation():
     import argparse
 
     from prores_algo.data import _whole_number
+
     assert _whole_number('2e9') == 2_000_000_000 and _whole_number('150000') == 150_000
     with pytest.raises(argparse.ArgumentTypeError, match='whole number'):
         _whole_number('2.5')

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
@@ -29,7 +29,10 @@ def outputs(tmp_path_factory):
     """Run both benchmarks' --smoke configurations once; the tests below check what they wrote."""
     d = tmp_path_factory.mktemp('bench')
     _run(['-m', 'benchmarks.overhead', '--smoke', '--out', str(d / 'overhead.json')])
-    _run(['-m', 'benchmarks.quality', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')], timeout=300)
+    _run(
+        ['-m', 'benchmarks.quality', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')],
+        timeout=300,
+    )
     return d
 
 
@@ -78,8 +81,9 @@ def test_quality_smoke(outputs):
     for norm in ('pre', 'post'):
         for spl in r['config']['spl']:
             assert r['summary']['spl'][norm][str(spl)]['n_pairs'] == len(r['config']['seeds'])
-    assert set(r['figures']) == {'quality_steps_per_layer.png', 'quality_depth.png', 'quality_ablation.png'} or \
-        set(r['figures']) >= {'quality_steps_per_layer.png', 'quality_ablation.png'}
+    assert set(r['figures']) == {'quality_steps_per_layer.png', 'quality_depth.png', 'quality_ablation.png'} or set(
+        r['figures']
+    ) >= {'quality_steps_per_layer.png', 'quality_ablation.png'}
     for fig in r['figures']:
         assert (outputs / fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -88,24 +92,41 @@ def test_paired_summary_counts_stalls_apart():
     from benchmarks import quality
 
     def run(seed, variant, loss, stalled=False):
-        return {'spec': {'seed': seed, 'variant': variant}, 'val_loss': loss, 'stalled': stalled, 'diverged': False,
-                'spikes': 0}
-    pairs = [(run(0, 'baseline', 2.0), run(0, 'linear', 1.9)), (run(1, 'baseline', 2.1), run(1, 'linear', 2.15)),
-             (run(2, 'baseline', 2.0), run(2, 'linear', 3.1, stalled=True))]
+        return {
+            'spec': {'seed': seed, 'variant': variant},
+            'val_loss': loss,
+            'stalled': stalled,
+            'diverged': False,
+            'spikes': 0,
+        }
+
+    pairs = [
+        (run(0, 'baseline', 2.0), run(0, 'linear', 1.9)),
+        (run(1, 'baseline', 2.1), run(1, 'linear', 2.15)),
+        (run(2, 'baseline', 2.0), run(2, 'linear', 3.1, stalled=True)),
+    ]
     p = quality.paired(pairs)
     assert p['n_pairs'] == 3 and p['n'] == 2 and p['stalled_prores'] == 1 and p['wins'] == 1
     assert math.isclose(p['delta_mean'], (-0.1 + 0.05) / 2)
     assert math.isclose(p['delta_se'], abs(-0.1 - 0.05) / math.sqrt(2) / math.sqrt(2))
-    assert quality.ahead_from({'pre': {'3': {**p, 'delta_mean': 0.1, 'n_pairs': 3},
-                                       '12': {**p, 'delta_mean': -0.1, 'stalled_prores': 0, 'n_pairs': 3},
-                                       '25': {**p, 'delta_mean': -0.2, 'stalled_prores': 0, 'n_pairs': 3}}}) == {'pre': 12.0}
+    assert quality.ahead_from(
+        {
+            'pre': {
+                '3': {**p, 'delta_mean': 0.1, 'n_pairs': 3},
+                '12': {**p, 'delta_mean': -0.1, 'stalled_prores': 0, 'n_pairs': 3},
+                '25': {**p, 'delta_mean': -0.2, 'stalled_prores': 0, 'n_pairs': 3},
+            }
+        }
+    ) == {'pre': 12.0}
 
 
 def test_report_fills_only_the_generated_blocks(outputs):
     from benchmarks import report
+
     names = sorted(report.GENERATORS)
     template = 'Hand-written prose.\n\n' + '\n\n'.join(
-        f'<!-- BEGIN generated:{n} -->\nold\n<!-- END generated:{n} -->\nprose after {n}' for n in names)
+        f'<!-- BEGIN generated:{n} -->\nold\n<!-- END generated:{n} -->\nprose after {n}' for n in names
+    )
     md = outputs / 'RESULTS.md'
     md.write_text(template)
     args = ['--overhead', str(outputs / 'overhead.json'), '--quality', str(outputs / 'quality.json'), '--out', str(md)]
@@ -124,6 +145,7 @@ def test_report_fills_only_the_generated_blocks(outputs):
 def test_committed_results_md_is_up_to_date():
     """The tables in benchmarks/RESULTS.md are the ones the committed JSON gives."""
     from benchmarks import report
+
     report.main(['--check'])
 
 

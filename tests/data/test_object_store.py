@@ -1,4 +1,4 @@
-"""Object-store data end to end, against a real S3-compatible server (moto's, tests/s3_server.py; started
+"""Object-store data end to end, against a real S3-compatible server (moto's, tests/support/s3_server.py; started
 here on a free 127.0.0.1 port, authentication on, stopped at teardown).
 
 `prores-data --out s3://...` writes the shards through streaming's uploader; `build_dataloader` (so
@@ -22,13 +22,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from s3_server import AWS_ENV, MotoS3, moto_available, process_env
+from tests.support.s3_server import AWS_ENV, MotoS3, moto_available, process_env
 
 pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 server: pip install 'moto[server]'")
 
-ROOT = Path(__file__).resolve().parents[1]
-WRITE = ['--source', 'stdlib', '--tokenizer', 'byte', '--seq-len', '32', '--max-tokens', '20000', '--val-fraction',
-         '0.1', '--no-progress']
+ROOT = Path(__file__).resolve().parents[2]
+WRITE = [
+    '--source',
+    'stdlib',
+    '--tokenizer',
+    'byte',
+    '--seq-len',
+    '32',
+    '--max-tokens',
+    '20000',
+    '--val-fraction',
+    '0.1',
+    '--no-progress',
+]
 
 
 @pytest.fixture(scope='module')
@@ -51,6 +62,7 @@ def s3(server, monkeypatch):
 def dataset(server, tmp_path_factory):
     """`prores-data --out s3://prores-test/ds --keep-local copy ...`, once for the module."""
     from prores_algo.data import main
+
     d = tmp_path_factory.mktemp('written')
     saved = dict(os.environ)
     os.environ.update(server.env)
@@ -65,6 +77,7 @@ def dataset(server, tmp_path_factory):
 def _nothing_loadable(folder: Path) -> None:
     """Nothing under `folder` reads as a complete dataset, or as any split."""
     from prores_algo.data import read_metadata
+
     assert read_metadata(folder) is None
     if folder.exists():
         assert not list(folder.rglob('index.json')) and not list(folder.rglob('prores_data.json'))
@@ -72,6 +85,7 @@ def _nothing_loadable(folder: Path) -> None:
 
 def _iterate(url, cache, split='train', batch_size=4):
     from prores_algo.data import build_dataloader
+
     spec = build_dataloader(url, split, batch_size, seq_len=32, local_cache=str(cache))
     return [b['input_ids'] for b in spec.dataloader]
 
@@ -81,10 +95,16 @@ def _iterate(url, cache, split='train', batch_size=4):
 # ---------------------------------------------------------------------------------------------------
 def test_cli_writes_through_streaming_uploader(s3, dataset):
     from prores_algo.data import HASH_ALGO, META_FILENAME, read_metadata
+
     url, copy = dataset
     keys = s3.keys('ds/')
-    assert keys == ['ds/prores_data.json', 'ds/train/index.json', 'ds/train/shard.00000.mds', 'ds/val/index.json',
-                    'ds/val/shard.00000.mds']
+    assert keys == [
+        'ds/prores_data.json',
+        'ds/train/index.json',
+        'ds/train/shard.00000.mds',
+        'ds/val/index.json',
+        'ds/val/shard.00000.mds',
+    ]
     meta = read_metadata(copy)  # the local copy is complete, and is the same bytes as the remote
     assert meta is not None and meta['hashes'] == [HASH_ALGO]
     client = s3.client()
@@ -94,6 +114,7 @@ def test_cli_writes_through_streaming_uploader(s3, dataset):
     assert json.loads((copy / META_FILENAME).read_text()) == meta
     index = json.loads((copy / 'train' / 'index.json').read_text())
     import hashlib
+
     for shard in index['shards']:  # every shard's hash is recorded, for the reader to check
         raw = shard['raw_data']
         assert raw['hashes'][HASH_ALGO] == hashlib.sha1((copy / 'train' / raw['basename']).read_bytes()).hexdigest()
@@ -102,9 +123,9 @@ def test_cli_writes_through_streaming_uploader(s3, dataset):
 
 def test_write_without_local_copy_keeps_nothing_local(s3, tmp_path, monkeypatch):
     from prores_algo.data import write_mds
+
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where the shards are staged before upload
-    meta = write_mds('stdlib', f's3://{s3.bucket}/nolocal', seq_len=32, max_tokens=5000, val_fraction=0,
-                     progress=False)
+    meta = write_mds('stdlib', f's3://{s3.bucket}/nolocal', seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
     assert meta['splits']['train']['samples'] > 0
     assert list(tmp_path.iterdir()) == []
     assert f'nolocal/{"prores_data.json"}' in s3.keys('nolocal/')
@@ -112,6 +133,7 @@ def test_write_without_local_copy_keeps_nothing_local(s3, tmp_path, monkeypatch)
 
 def test_write_refuses_then_overwrites_and_cleans_up(s3):
     from prores_algo.data import RemoteDataError, write_mds
+
     url = f's3://{s3.bucket}/over'
     write_mds('stdlib', url, seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
     with pytest.raises(RemoteDataError, match=rf'`out_dir` {url} already holds a dataset.*--overwrite'):
@@ -132,9 +154,17 @@ def test_failed_write_removes_what_it_uploaded(s3, tmp_path):
     """A write that fails after its shards and indexes went up (here: the val split ends up empty) deletes
     them again; the metadata, uploaded last, never went up; the local copy is not left either."""
     from prores_algo.data import write_mds
+
     with pytest.raises(ValueError, match="split 'val' got 0 samples"):
-        write_mds('stdlib', f's3://{s3.bucket}/failed', seq_len=32, max_tokens=5000, val_fraction=0.05,
-                  progress=False, keep_local=tmp_path / 'copy')
+        write_mds(
+            'stdlib',
+            f's3://{s3.bucket}/failed',
+            seq_len=32,
+            max_tokens=5000,
+            val_fraction=0.05,
+            progress=False,
+            keep_local=tmp_path / 'copy',
+        )
     assert s3.keys('failed/') == []
     assert [p.name for p in tmp_path.iterdir()] == ['.copy.prores-lock']
 
@@ -142,6 +172,7 @@ def test_failed_write_removes_what_it_uploaded(s3, tmp_path):
 @pytest.mark.parametrize('case', ['missing-bucket', 'wrong-credentials'])
 def test_write_errors_name_the_url_and_leave_nothing(case, s3, tmp_path, monkeypatch, capsys):
     from prores_algo.data import main
+
     if case == 'missing-bucket':
         url, expect = 's3://no-such-bucket/ds', r"bucket 'no-such-bucket' does not exist"
     else:
@@ -167,29 +198,39 @@ def test_write_errors_name_the_url_and_leave_nothing(case, s3, tmp_path, monkeyp
 # ---------------------------------------------------------------------------------------------------
 def test_stream_from_s3_with_local_cache(s3, dataset, tmp_path):
     from prores_algo.data import CACHE_RECORD, build_dataloader, read_metadata
+
     url, copy = dataset
     batches = _iterate(url, tmp_path / 'cache', batch_size=4)
     local = build_dataloader(str(copy), 'train', 4, seq_len=32, shuffle=True)
-    assert sorted(map(tuple, torch.cat(batches).tolist())) == \
-        sorted(map(tuple, torch.cat([b['input_ids'] for b in local.dataloader]).tolist()))
+    assert sorted(map(tuple, torch.cat(batches).tolist())) == sorted(
+        map(tuple, torch.cat([b['input_ids'] for b in local.dataloader]).tolist())
+    )
     record = json.loads((tmp_path / 'cache' / CACHE_RECORD).read_text())
     assert record['remote'] == url and record['meta'] == read_metadata(copy)
     assert read_metadata(tmp_path / 'cache') is None  # a cache never passes for a complete local dataset
 
 
-@pytest.mark.parametrize('case', ['missing-bucket', 'missing-prefix', 'wrong-credentials', 'unfinished-upload',
-                                  'missing-index'])
+@pytest.mark.parametrize(
+    'case', ['missing-bucket', 'missing-prefix', 'wrong-credentials', 'unfinished-upload', 'missing-index']
+)
 def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path, monkeypatch):
     from prores_algo.data import RemoteDataError
-    url = {'missing-bucket': 's3://no-such-bucket/ds', 'missing-prefix': f's3://{s3.bucket}/no-such-prefix',
-           'wrong-credentials': dataset[0], 'unfinished-upload': f's3://{s3.bucket}/unfinished',
-           'missing-index': f's3://{s3.bucket}/noindex'}[case]
-    expect = {'missing-bucket': r"bucket 'no-such-bucket' does not exist at the S3 endpoint http://127\.0\.0\.1",
-              'missing-prefix': rf'nothing is stored under {url}/ .*check the prefix',
-              'wrong-credentials': r'access to bucket .* was denied \(403\).*check the credentials',
-              'unfinished-upload': rf'{url}/prores_data\.json does not exist: the upload of this dataset did not '
-                                   r'complete',
-              'missing-index': rf'{url}/train/index\.json does not exist'}[case]
+
+    url = {
+        'missing-bucket': 's3://no-such-bucket/ds',
+        'missing-prefix': f's3://{s3.bucket}/no-such-prefix',
+        'wrong-credentials': dataset[0],
+        'unfinished-upload': f's3://{s3.bucket}/unfinished',
+        'missing-index': f's3://{s3.bucket}/noindex',
+    }[case]
+    expect = {
+        'missing-bucket': r"bucket 'no-such-bucket' does not exist at the S3 endpoint http://127\.0\.0\.1",
+        'missing-prefix': rf'nothing is stored under {url}/ .*check the prefix',
+        'wrong-credentials': r'access to bucket .* was denied \(403\).*check the credentials',
+        'unfinished-upload': rf'{url}/prores_data\.json does not exist: the upload of this dataset did not '
+        r'complete',
+        'missing-index': rf'{url}/train/index\.json does not exist',
+    }[case]
     if case == 'wrong-credentials':
         monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'AKIAWRONGWRONGWRONG0')
         monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', 'wrong')
@@ -197,8 +238,11 @@ def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path,
         client, missing = s3.client(), {'unfinished-upload': 'prores_data.json', 'missing-index': 'train/index.json'}
         for key in s3.keys('ds/'):
             if not key.endswith(missing[case]):
-                client.copy_object(Bucket=s3.bucket, Key=url.split('/')[-1] + '/' + key.split('/', 1)[1],
-                                   CopySource={'Bucket': s3.bucket, 'Key': key})
+                client.copy_object(
+                    Bucket=s3.bucket,
+                    Key=url.split('/')[-1] + '/' + key.split('/', 1)[1],
+                    CopySource={'Bucket': s3.bucket, 'Key': key},
+                )
     cache = tmp_path / 'cache'
     with pytest.raises(RemoteDataError, match=f'cannot read the dataset at {url}: {expect}'):
         _iterate(url, cache)
@@ -209,10 +253,12 @@ def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path,
 
 def test_corrupt_shard_fails_its_hash_and_is_not_kept(s3, dataset, tmp_path):
     from prores_algo.data import RemoteDataError
+
     client = s3.client()
     for key in s3.keys('ds/'):
-        client.copy_object(Bucket=s3.bucket, Key='corrupt/' + key.split('/', 1)[1],
-                           CopySource={'Bucket': s3.bucket, 'Key': key})
+        client.copy_object(
+            Bucket=s3.bucket, Key='corrupt/' + key.split('/', 1)[1], CopySource={'Bucket': s3.bucket, 'Key': key}
+        )
     body = bytearray(client.get_object(Bucket=s3.bucket, Key='corrupt/train/shard.00000.mds')['Body'].read())
     body[-5] ^= 0xFF  # same size: only the hash can tell
     client.put_object(Bucket=s3.bucket, Key='corrupt/train/shard.00000.mds', Body=bytes(body))
@@ -224,15 +270,20 @@ def test_corrupt_shard_fails_its_hash_and_is_not_kept(s3, dataset, tmp_path):
     with pytest.raises(RemoteDataError, match=match):  # so a second run fails the same way
         _iterate(url, cache)
     from prores_algo.data import build_dataloader
+
     with pytest.raises(ValueError, match=r'shard .*shard\.00000\.mds.* is missing'):  # the cache is no dataset
         build_dataloader(str(cache), 'train', 4)
 
 
 def test_a_cache_serves_one_remote(s3, dataset, tmp_path):
     from prores_algo.data import RemoteDataError
+
     _iterate(dataset[0], tmp_path / 'cache', split='val', batch_size=1)
-    with pytest.raises(RemoteDataError, match=r"`local_cache` .* holds a cache of 's3://prores-test/ds', not of "
-                       r"'s3://prores-test/over'"):
+    with pytest.raises(
+        RemoteDataError,
+        match=r"`local_cache` .* holds a cache of 's3://prores-test/ds', not of "
+        r"'s3://prores-test/over'",
+    ):
         _iterate(f's3://{s3.bucket}/over', tmp_path / 'cache', split='val', batch_size=1)
 
 
@@ -241,17 +292,35 @@ def test_a_cache_serves_one_remote(s3, dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 def test_prores_train_from_s3_resume_with_warm_cache_and_server_stopped(tmp_path):
     from prores_algo.data import write_mds
+
     exe = Path(sys.executable).parent / 'prores-train'
     cache, ck_a, ck_b = tmp_path / 'cache', tmp_path / 'ck_a', tmp_path / 'ck_b'
-    common = ['data.seq_len=32', 'model.max_seq_len=32', 'model.d_model=32', 'model.n_heads=4', 'model.n_layers=3',
-              'global_train_batch_size=8', 'eval_batch_size=8', 'eval_interval=2ba', 'eval_subset_num_batches=1',
-              'algorithms.prores.t_warmup=4ba', 'console_log_interval=100ba', 'max_duration=4ba', 'save_interval=2ba',
-              f'data.local_cache={cache}']
+    common = [
+        'data.seq_len=32',
+        'model.max_seq_len=32',
+        'model.d_model=32',
+        'model.n_heads=4',
+        'model.n_layers=3',
+        'global_train_batch_size=8',
+        'eval_batch_size=8',
+        'eval_interval=2ba',
+        'eval_subset_num_batches=1',
+        'algorithms.prores.t_warmup=4ba',
+        'console_log_interval=100ba',
+        'max_duration=4ba',
+        'save_interval=2ba',
+        f'data.local_cache={cache}',
+    ]
 
     def train(env, *extra):
-        proc = subprocess.run([str(exe), str(ROOT / 'yamls' / 'quickstart.yaml'), *common, *extra],
-                              env={**process_env(env), 'OMP_NUM_THREADS': '1'}, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [str(exe), str(ROOT / 'yamls' / 'quickstart.yaml'), *common, *extra],
+            env={**process_env(env), 'OMP_NUM_THREADS': '1'},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return proc.stdout
 

@@ -23,20 +23,41 @@ from prores_algo import apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.layers import find_residual_layers
 from prores_algo.surgery import ALPHA_BUFFER
-from tests.helpers import assert_prores_removed, set_random_alphas
+from tests.support.helpers import assert_prores_removed, set_random_alphas
 
 FOUNDRY = 'llm-foundry==0.22.0'
 # foundry packages whose __init__ imports the world; their submodules are imported directly
-_NAMESPACES = ('llmfoundry', 'llmfoundry.models', 'llmfoundry.models.layers', 'llmfoundry.models.utils',
-               'llmfoundry.utils')
+_NAMESPACES = (
+    'llmfoundry',
+    'llmfoundry.models',
+    'llmfoundry.models.layers',
+    'llmfoundry.models.utils',
+    'llmfoundry.utils',
+)
 D_MODEL, N_LAYERS, SEQ, BATCH = 32, 3, 6, 2
 
 
 @pytest.fixture(scope='module')
 def foundry(tmp_path_factory):
     target = tmp_path_factory.mktemp('llmfoundry')
-    proc = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-compile', '--disable-pip-version-check',
-                           '--target', str(target), FOUNDRY], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'pip',
+            'install',
+            '-q',
+            '--no-deps',
+            '--no-compile',
+            '--disable-pip-version-check',
+            '--target',
+            str(target),
+            FOUNDRY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f'pip could not fetch {FOUNDRY}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}'
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == 'llmfoundry' or k.startswith('llmfoundry.')}
     for name in _NAMESPACES:
@@ -72,10 +93,20 @@ def build(foundry, fuse: bool) -> Blocks:
     torch.manual_seed(0)
     attn = copy.deepcopy(foundry.attn_config_defaults)
     attn['attn_impl'] = 'torch'
-    blocks = [foundry.MPTBlock(d_model=D_MODEL, n_heads=4, expansion_ratio=2, attn_config=attn,
-                               ffn_config={'ffn_type': 'mptmlp'}, fc_type={'name': 'torch'},
-                               norm_type='low_precision_layernorm', resid_pdrop=0.0, fuse_norm_attn_norm=fuse)
-              for _ in range(N_LAYERS)]
+    blocks = [
+        foundry.MPTBlock(
+            d_model=D_MODEL,
+            n_heads=4,
+            expansion_ratio=2,
+            attn_config=attn,
+            ffn_config={'ffn_type': 'mptmlp'},
+            fc_type={'name': 'torch'},
+            norm_type='low_precision_layernorm',
+            resid_pdrop=0.0,
+            fuse_norm_attn_norm=fuse,
+        )
+        for _ in range(N_LAYERS)
+    ]
     model = Blocks(blocks).eval()
     with torch.no_grad():  # non-trivial norm weights, so a mix-up of norm_1 / norm_2 would show
         for p in model.parameters():
@@ -103,8 +134,10 @@ def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
     alphas = set_random_alphas(controller)
 
     seen = []
-    handles = [l.module.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out[0].clone())))
-               for l in controller.layers]
+    handles = [
+        l.module.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out[0].clone())))
+        for l in controller.layers
+    ]
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         hooked, plain = model(x), reference(x)
@@ -114,8 +147,9 @@ def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
     ref_layers = find_residual_layers(reference)
     with torch.no_grad():
         for i, ((inp, out), a) in enumerate(zip(seen, alphas)):
-            torch.testing.assert_close(out, mpt_block(ref_layers[i].module, inp, a), rtol=0, atol=1e-6,
-                                       msg=lambda m: f'layer {i}: {m}')
+            torch.testing.assert_close(
+                out, mpt_block(ref_layers[i].module, inp, a), rtol=0, atol=1e-6, msg=lambda m: f'layer {i}: {m}'
+            )
     assert not torch.allclose(hooked, plain, atol=1e-3), 'α < 1 must change the output'
     controller.remove()
     with torch.no_grad():
@@ -141,11 +175,13 @@ def test_mpt_fold_matches_hooked(foundry, fuse, via):
 
 def test_registered_policy_replaces_the_builtin_variants(foundry):
     from prores_algo.policies import LAYER_POLICIES, LAYER_VARIANTS, register_policy
+
     saved = dict(LAYER_POLICIES), {k: list(v) for k, v in LAYER_VARIANTS.items()}
     try:
         register_policy('MPTBlock', ('resid_attn_dropout', 'resid_ffn_dropout'))  # the same: variants stay
-        assert [l.branches[0] for l in apply_prores(build(foundry, True), t_warmup=10).layers] == \
-            ['norm_attn_norm.resid_attn_dropout'] * N_LAYERS
+        assert [l.branches[0] for l in apply_prores(build(foundry, True), t_warmup=10).layers] == [
+            'norm_attn_norm.resid_attn_dropout'
+        ] * N_LAYERS
         register_policy('MPTBlock', ('norm_attn_norm.attn.out_proj', 'ffn.down_proj'), overwrite=True)
         for fuse in (False, True):  # the user's branches now hold for every configuration
             model = build(foundry, fuse)
@@ -153,8 +189,10 @@ def test_registered_policy_replaces_the_builtin_variants(foundry):
                 with pytest.raises(ValueError, match="branch 'norm_attn_norm.attn.out_proj' not found"):
                     apply_prores(model, t_warmup=10)
             else:
-                assert apply_prores(model, t_warmup=10).layers[0].branches == ('norm_attn_norm.attn.out_proj',
-                                                                                 'ffn.down_proj')
+                assert apply_prores(model, t_warmup=10).layers[0].branches == (
+                    'norm_attn_norm.attn.out_proj',
+                    'ffn.down_proj',
+                )
     finally:
         LAYER_POLICIES.clear(), LAYER_POLICIES.update(saved[0])
         LAYER_VARIANTS.clear(), LAYER_VARIANTS.update(saved[1])

@@ -25,6 +25,7 @@ class RandomTokens(Dataset):
 
 def token_loader(n=64, seq_len=16, vocab=64, batch_size=4, seed=0):
     from composer.core import DataSpec
+
     loader = DataLoader(RandomTokens(n, seq_len, vocab, seed), batch_size=batch_size, shuffle=False)
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: int(b['input_ids'].numel()))
 
@@ -32,8 +33,19 @@ def token_loader(n=64, seq_len=16, vocab=64, batch_size=4, seed=0):
 # What a launcher (torchrun, `composer -n`, deepspeed) sets in its workers' environment (BASE_RANK and
 # LOCAL_SIZE are Composer's). A test that starts its own job, or must look like a single process nobody
 # launched, takes these out.
-DIST_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK',
-            'NODE_RANK', 'BASE_RANK', 'TORCHELASTIC_RUN_ID', 'LOCAL_SIZE')
+DIST_ENV = (
+    'RANK',
+    'WORLD_SIZE',
+    'LOCAL_RANK',
+    'LOCAL_WORLD_SIZE',
+    'MASTER_ADDR',
+    'MASTER_PORT',
+    'GROUP_RANK',
+    'NODE_RANK',
+    'BASE_RANK',
+    'TORCHELASTIC_RUN_ID',
+    'LOCAL_SIZE',
+)
 
 
 def env_without_dist(env=None) -> dict:
@@ -56,6 +68,7 @@ def tiny_config(**kw):
 
 def tiny_composer_model(seed=0, **kw):
     from prores_algo.models.composer_decoder import ComposerDecoder
+
     torch.manual_seed(seed)
     return ComposerDecoder(tiny_config(**kw))
 
@@ -64,8 +77,12 @@ def alpha_buffers(model):
     """Current α of every hooked branch module, grouped by module path (the inert 1.0 buffers that a
     removal leaves behind, which no hook reads, are not α any more and are left out)."""
     from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
-    return {path: float(m._buffers[ALPHA_BUFFER]) for path, m in model.named_modules()
-            if ALPHA_BUFFER in m._buffers and has_prores_hook(m)}
+
+    return {
+        path: float(m._buffers[ALPHA_BUFFER])
+        for path, m in model.named_modules()
+        if ALPHA_BUFFER in m._buffers and has_prores_hook(m)
+    }
 
 
 def assert_prores_removed(model):
@@ -73,6 +90,7 @@ def assert_prores_removed(model):
     an inert 0-dim 1.0 that nothing reads (kept so that a DDP / FSDP wrapper keeps finding the buffers it
     recorded, issue 12); no α in `state_dict`. Returns how many α buffers are left."""
     from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+
     assert not any(has_prores_hook(m) for m in model.modules()), 'ProRes hooks left behind'
     left = [b for n, b in model.named_buffers() if n.endswith(ALPHA_BUFFER)]
     assert all(b.dim() == 0 and float(b) == 1.0 for b in left), 'an α buffer left behind is not the inert 1.0'

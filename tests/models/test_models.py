@@ -25,25 +25,29 @@ def tokens(b=2, s=12, vocab=TINY['vocab_size'], seed=1):
 
 # ------------------------------------------------------------------------------------------ config
 
+
 def test_default_d_ffn():
     assert DecoderConfig(**TINY).d_ffn == 128  # 8/3*32 = 85.3 -> 128
     assert DecoderConfig(**{**TINY, 'd_model': 768, 'n_heads': 12}).d_ffn == 2048
     assert DecoderConfig(**TINY, d_ffn=40).d_ffn == 40
 
 
-@pytest.mark.parametrize('field, value', [
-    ('norm', 'layernorm'),
-    ('vocab_size', 0),
-    ('d_model', -4),
-    ('n_layers', 2.0),
-    ('n_heads', True),
-    ('max_seq_len', 0),
-    ('d_ffn', 0),
-    ('rope_theta', 0.0),
-    ('norm_eps', -1.0),
-    ('init_std', float('nan')),
-    ('tie_embeddings', 'yes'),
-])
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('norm', 'layernorm'),
+        ('vocab_size', 0),
+        ('d_model', -4),
+        ('n_layers', 2.0),
+        ('n_heads', True),
+        ('max_seq_len', 0),
+        ('d_ffn', 0),
+        ('rope_theta', 0.0),
+        ('norm_eps', -1.0),
+        ('init_std', float('nan')),
+        ('tie_embeddings', 'yes'),
+    ],
+)
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         DecoderConfig(**{**TINY, field: value})
@@ -64,6 +68,7 @@ def test_config_validation_heads():
 
 
 # ------------------------------------------------------------------------------------------ forward
+
 
 @pytest.mark.parametrize('norm', NORM_PLACEMENTS)
 def test_shape_and_causality(norm):
@@ -115,6 +120,7 @@ def test_training_step_updates_every_param(norm, tie):
 
 # ------------------------------------------------------------------------------------------ init
 
+
 def test_lns_norm_weights():
     model = tiny('lns', n_layers=4)
     for i, block in enumerate(model.blocks):
@@ -145,14 +151,14 @@ def test_deepnorm_init_and_beta():
     L, d = 4, 256
     torch.manual_seed(0)
     model = build_decoder(vocab_size=64, d_model=d, n_layers=L, n_heads=4, d_ffn=512, max_seq_len=8, norm='deepnorm')
-    gain = (8 * L)**-0.25
+    gain = (8 * L) ** -0.25
 
     def xavier_std(w, g):
         fan_out, fan_in = w.shape
         return g * math.sqrt(2.0 / (fan_in + fan_out))
 
     block = model.blocks[2]
-    assert block.beta == pytest.approx((2 * L)**0.25)
+    assert block.beta == pytest.approx((2 * L) ** 0.25)
     for name in ('attn.v_proj', 'attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'):
         w = block.get_submodule(name).weight
         assert w.std().item() == pytest.approx(xavier_std(w, gain), rel=0.03), name
@@ -203,6 +209,7 @@ def test_rope_not_in_state_dict():
 
 # ------------------------------------------------------------------------------------------ accounting
 
+
 @pytest.mark.parametrize('tie', [False, True])
 def test_param_groups(tie):
     model = tiny('sandwich', tie_embeddings=tie)
@@ -236,6 +243,7 @@ def test_num_params_and_flops():
 
 
 # ------------------------------------------------------------------------------------------ ProRes contract
+
 
 def _hook_scale(block, alpha):
     def hook(module, args, out):
@@ -298,9 +306,11 @@ def test_prores_branches_intermediate_alpha(norm):
 
 # ------------------------------------------------------------------------------------------ Composer
 
+
 def test_package_import_does_not_import_composer():
     import subprocess
     import sys
+
     code = 'import sys, prores_algo.models; assert "composer" not in sys.modules'
     subprocess.run([sys.executable, '-c', code], check=True)
 
@@ -308,6 +318,7 @@ def test_package_import_does_not_import_composer():
 def test_composer_wrapper_loss_and_metrics():
     pytest.importorskip('composer')
     import prores_algo.models
+
     ComposerDecoder = prores_algo.models.ComposerDecoder  # lazy module attribute
 
     torch.manual_seed(0)

@@ -21,34 +21,73 @@ import pytest
 import torch
 
 from prores_algo import schedules
-from prores_algo.integrations.deepspeed import (CLIENT_STATE_KEY, SIDECAR_FILE, DeepSpeedProRes, attach_prores,
-                                                build_lr_scheduler, check_deepspeed_config, load_checkpoint,
-                                                lr_lambda_from, lr_scheduler_factory, save_checkpoint)
+from prores_algo.integrations.deepspeed import (
+    CLIENT_STATE_KEY,
+    SIDECAR_FILE,
+    DeepSpeedProRes,
+    attach_prores,
+    build_lr_scheduler,
+    check_deepspeed_config,
+    load_checkpoint,
+    lr_lambda_from,
+    lr_scheduler_factory,
+    save_checkpoint,
+)
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
 from prores_algo.models.decoder import Decoder, DecoderConfig
-from tests.helpers import DIST_ENV, env_without_dist, free_port
+from tests.support.helpers import DIST_ENV, env_without_dist, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
 TORCHRUN = Path(sys.executable).parent / 'torchrun'
 STEPS, T_WARMUP, N_LAYERS = 8, 8, 4
-TINY = ['--n_layers', str(N_LAYERS), '--d_model', '32', '--n_heads', '4', '--seq_len', '16', '--vocab', '64',
-        '--steps', str(STEPS), '--t_warmup', str(T_WARMUP), '--lr', '1e-2', '--lr_warmup', '1', '--eval_samples', '16',
-        '--seed', '0']
+TINY = [
+    '--n_layers',
+    str(N_LAYERS),
+    '--d_model',
+    '32',
+    '--n_heads',
+    '4',
+    '--seq_len',
+    '16',
+    '--vocab',
+    '64',
+    '--steps',
+    str(STEPS),
+    '--t_warmup',
+    str(T_WARMUP),
+    '--lr',
+    '1e-2',
+    '--lr_warmup',
+    '1',
+    '--eval_samples',
+    '16',
+    '--seed',
+    '0',
+]
 
 
 def _launch(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node nproc -m prores_algo.ds_train args` from the repo root."""
     env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
-    cmd = [str(TORCHRUN), f'--nproc_per_node={nproc}', '--nnodes=1', '--master_addr=127.0.0.1',
-           f'--master_port={free_port()}', '-m', 'prores_algo.ds_train', *args]
+    cmd = [
+        str(TORCHRUN),
+        f'--nproc_per_node={nproc}',
+        '--nnodes=1',
+        '--master_addr=127.0.0.1',
+        f'--master_port={free_port()}',
+        '-m',
+        'prores_algo.ds_train',
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, \
+    assert proc.returncode == 0, (
         f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-8000:]}'
+    )
 
 
 def _summaries(pattern: Path, nproc: int) -> list[dict]:
@@ -63,8 +102,21 @@ def run_a(tmp_path_factory):
     """Uninterrupted 2-process ZeRO-3 run with the shipped JSON (micro 2 x accum 2 x 2 ranks = 8),
     model built under zero.Init, checkpoints at steps 4 and 8."""
     d = tmp_path_factory.mktemp('ds_a')
-    proc = _launch(2, ['--deepspeed_config', str(ZERO3_JSON), *TINY, '--save_dir', str(d / 'ckpt'), '--save_interval',
-                       '4', '--require_stage3', '--summary', str(d / 'summary_{rank}.json')])
+    proc = _launch(
+        2,
+        [
+            '--deepspeed_config',
+            str(ZERO3_JSON),
+            *TINY,
+            '--save_dir',
+            str(d / 'ckpt'),
+            '--save_interval',
+            '4',
+            '--require_stage3',
+            '--summary',
+            str(d / 'summary_{rank}.json'),
+        ],
+    )
     _ok(proc)
     return SimpleNamespace(dir=d, ckpt=d / 'ckpt', ranks=_summaries(d / 'summary_{rank}.json', 2), stdout=proc.stdout)
 
@@ -97,9 +149,16 @@ def test_zero3_alpha_identical_on_ranks_and_equal_to_schedule(run_a):
         for name, value in bufs.items():
             layer = int(name.split('.')[1])
             assert value == pytest.approx(r0['alphas'][-1][layer], abs=1e-7)  # stored as fp32
-    assert r0['prores'] == {'enabled': True, 'schedule': 'linear', 't_warmup': float(T_WARMUP),
-                            'num_layers': N_LAYERS, 'time_unit': 'steps', 'layer_class': None, 'branches': None,
-                            'layer_pattern': None}
+    assert r0['prores'] == {
+        'enabled': True,
+        'schedule': 'linear',
+        't_warmup': float(T_WARMUP),
+        'num_layers': N_LAYERS,
+        'time_unit': 'steps',
+        'layer_class': None,
+        'branches': None,
+        'layer_pattern': None,
+    }
 
 
 def test_zero3_loss_falls_and_is_logged(run_a):
@@ -124,8 +183,20 @@ def test_zero3_resume_matches_uninterrupted(run_a, tmp_path):
     reduction order, restored fp32 master partitions + Adam moments + LR scheduler step, α recomputed
     from the restored engine.global_steps, and the data position restored by skipping consumed batches.
     """
-    proc = _launch(2, ['--deepspeed_config', str(ZERO3_JSON), *TINY, '--load_dir', str(run_a.ckpt), '--load_tag',
-                       'global_step4', '--summary', str(tmp_path / 'summary_{rank}.json')])
+    proc = _launch(
+        2,
+        [
+            '--deepspeed_config',
+            str(ZERO3_JSON),
+            *TINY,
+            '--load_dir',
+            str(run_a.ckpt),
+            '--load_tag',
+            'global_step4',
+            '--summary',
+            str(tmp_path / 'summary_{rank}.json'),
+        ],
+    )
     _ok(proc)
     b = _summaries(tmp_path / 'summary_{rank}.json', 2)
     a = run_a.ranks[0]
@@ -142,8 +213,16 @@ def test_zero3_resume_with_different_prores_config_fails(run_a, no_dist_env):
     """ds_train refuses the 2-process run's checkpoint under another ProRes configuration, before it
     builds a model or a process group (so in-process here); the engine-level guard is tested below."""
     from prores_algo.ds_train import train
-    base = {'deepspeed_config': str(ZERO3_JSON), 'n_layers': N_LAYERS, 'd_model': 32, 'seq_len': 16, 'vocab': 64,
-            'steps': STEPS, 'load_dir': str(run_a.ckpt)}
+
+    base = {
+        'deepspeed_config': str(ZERO3_JSON),
+        'n_layers': N_LAYERS,
+        'd_model': 32,
+        'seq_len': 16,
+        'vocab': 64,
+        'steps': STEPS,
+        'load_dir': str(run_a.ckpt),
+    }
     with pytest.raises(ValueError, match='different ProRes configuration') as info:
         train({**base, 't_warmup': 16})
     assert "'t_warmup'" in str(info.value) and 't_warmup=8.0' in str(info.value) and 't_warmup=16.0' in str(info.value)
@@ -172,8 +251,10 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
     cfg['train_micro_batch_size_per_gpu'] = 4
     path = tmp_path / 'zero3_single.json'
     path.write_text(json.dumps(cfg))
-    proc = _launch(1, ['--deepspeed_config', str(path), *TINY, '--no_zero_init', '--summary',
-                       str(tmp_path / 'summary_{rank}.json')])
+    proc = _launch(
+        1,
+        ['--deepspeed_config', str(path), *TINY, '--no_zero_init', '--summary', str(tmp_path / 'summary_{rank}.json')],
+    )
     _ok(proc)
     (one,) = _summaries(tmp_path / 'summary_{rank}.json', 1)
     two = run_a.ranks[0]
@@ -196,6 +277,7 @@ def no_dist_env(monkeypatch):
 
 def test_ds_train_batch_conflict_raises(no_dist_env):
     from prores_algo.ds_train import train
+
     with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu'):
         train({'deepspeed_config': str(ZERO3_JSON), 'micro_batch_size': 3})
     with pytest.raises(ValueError, match='gradient_accumulation_steps'):
@@ -207,6 +289,7 @@ def test_ds_train_batch_conflict_raises(no_dist_env):
 
 def test_ds_train_stage3_required(no_dist_env):
     from prores_algo.ds_train import train
+
     cfg = json.loads(ZERO3_JSON.read_text())
     cfg['zero_optimization'] = {'stage': 2}
     with pytest.raises(ValueError, match=r'zero_optimization\.stage'):
@@ -215,6 +298,7 @@ def test_ds_train_stage3_required(no_dist_env):
 
 def test_ds_train_other_config_errors(no_dist_env):
     from prores_algo.ds_train import train
+
     cfg = {**json.loads(ZERO3_JSON.read_text()), 'scheduler': {'type': 'WarmupLR'}}
     with pytest.raises(ValueError, match='`scheduler`'):
         train({'deepspeed_config': cfg})
@@ -245,8 +329,11 @@ def test_shipped_zero3_json():
 def test_check_config_fills_and_accepts():
     base = {'zero_optimization': {'stage': 3}}
     out = check_deepspeed_config(base, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, world_size=2)
-    assert (out['train_micro_batch_size_per_gpu'], out['gradient_accumulation_steps'], out['train_batch_size']) == \
-        (4, 2, 16)
+    assert (out['train_micro_batch_size_per_gpu'], out['gradient_accumulation_steps'], out['train_batch_size']) == (
+        4,
+        2,
+        16,
+    )
     assert 'train_batch_size' not in base  # a copy
     auto = {'train_micro_batch_size_per_gpu': 'auto', 'gradient_accumulation_steps': 'auto', 'train_batch_size': 'auto'}
     out = check_deepspeed_config(auto, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=3, world_size=4)
@@ -257,22 +344,32 @@ def test_check_config_fills_and_accepts():
     assert (out['train_micro_batch_size_per_gpu'], out['gradient_accumulation_steps']) == (8, 1)
     out = check_deepspeed_config({'train_micro_batch_size_per_gpu': 'auto'})
     assert 'train_micro_batch_size_per_gpu' not in out
-    check_deepspeed_config({'train_batch_size': 16, 'train_micro_batch_size_per_gpu': 4,
-                            'gradient_accumulation_steps': 2, 'zero_optimization': {'stage': 3}},
-                           world_size=2, require_stage3=True)
+    check_deepspeed_config(
+        {
+            'train_batch_size': 16,
+            'train_micro_batch_size_per_gpu': 4,
+            'gradient_accumulation_steps': 2,
+            'zero_optimization': {'stage': 3},
+        },
+        world_size=2,
+        require_stage3=True,
+    )
 
 
 def test_check_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r'`train_batch_size` = 12 .* = 16: set "train_batch_size": 16'):
-        check_deepspeed_config({'train_batch_size': 12, 'train_micro_batch_size_per_gpu': 4,
-                                'gradient_accumulation_steps': 2}, world_size=2)
+        check_deepspeed_config(
+            {'train_batch_size': 12, 'train_micro_batch_size_per_gpu': 4, 'gradient_accumulation_steps': 2},
+            world_size=2,
+        )
     with pytest.raises(ValueError, match=r'`gradient_accumulation_steps` = 2 but the training config asks for 4'):
         check_deepspeed_config({'gradient_accumulation_steps': 2}, gradient_accumulation_steps=4)
     with pytest.raises(ValueError, match=r'`train_micro_batch_size_per_gpu` = 8 .* asks for 2'):
         check_deepspeed_config({'train_micro_batch_size_per_gpu': 8}, train_micro_batch_size_per_gpu=2)
     with pytest.raises(ValueError, match='train_batch_size'):  # via the YAML values
-        check_deepspeed_config({'train_batch_size': 10}, train_micro_batch_size_per_gpu=2,
-                               gradient_accumulation_steps=2, world_size=2)
+        check_deepspeed_config(
+            {'train_batch_size': 10}, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=2, world_size=2
+        )
     with pytest.raises(ValueError, match='not divisible'):
         check_deepspeed_config({'train_batch_size': 10, 'train_micro_batch_size_per_gpu': 4}, world_size=2)
     for stage_cfg in ({}, {'zero_optimization': {'stage': 2}}, {'zero_optimization': {'stage': 0}}):
@@ -425,8 +522,16 @@ def test_checkpoint_guard(tmp_path):
     tag = save_checkpoint(engine, prores, str(tmp_path), tag='step3')
     assert tag == 'step3'
     sidecar = json.loads((tmp_path / 'step3' / SIDECAR_FILE).read_text())
-    assert sidecar == {'enabled': True, 'schedule': 'linear', 't_warmup': 8.0, 'num_layers': 4, 'time_unit': 'steps',
-                       'layer_class': None, 'branches': None, 'layer_pattern': None}
+    assert sidecar == {
+        'enabled': True,
+        'schedule': 'linear',
+        't_warmup': 8.0,
+        'num_layers': 4,
+        'time_unit': 'steps',
+        'layer_class': None,
+        'branches': None,
+        'layer_pattern': None,
+    }
 
     # same configuration (alias spelling accepted): loads and sets α from the restored step
     model2 = _tiny_decoder()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_entry_point_resolves_to_the_algorithm_class():
@@ -19,6 +19,7 @@ def test_entry_point_resolves_to_the_algorithm_class():
     from composer.core import Algorithm
 
     from prores_algo import ProRes
+
     assert cls is ProRes and issubclass(cls, Algorithm)
 
 
@@ -46,4 +47,5 @@ def test_foundry_yamls_run_without_llm_foundry_gpu_extra():
 
 def test_mpt_block_policy_is_known():
     from prores_algo.policies import LAYER_POLICIES
+
     assert LAYER_POLICIES['MPTBlock'] == ('resid_attn_dropout', 'resid_ffn_dropout')

@@ -22,19 +22,29 @@ from prores_algo import schedules
 from prores_algo.export import fold_prores
 from prores_algo.integrations.hf import ProResCallback, unwrap_model
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
-from tests.helpers import free_port
+from tests.support.helpers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAVE_ACCELERATE = importlib.util.find_spec('accelerate') is not None
 needs_accelerate = pytest.mark.skipif(
-    not HAVE_ACCELERATE, reason='transformers.Trainer requires the `accelerate` package (not installed here)')
+    not HAVE_ACCELERATE, reason='transformers.Trainer requires the `accelerate` package (not installed here)'
+)
 L = 3
 
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=L, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64))
+    return T.LlamaForCausalLM(
+        T.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+        )
+    )
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -72,8 +82,9 @@ class StepRecorder(T.TrainerCallback):
 
 def record_forwards(model, recorder):
     seen = []
-    model.register_forward_pre_hook(lambda m, a: seen.append((recorder.step, alpha_by_layer(m))) if m.training
-                                    else None)
+    model.register_forward_pre_hook(
+        lambda m, a: seen.append((recorder.step, alpha_by_layer(m))) if m.training else None
+    )
     return seen
 
 
@@ -83,22 +94,34 @@ def check_alphas(seen, warmup, grad_accum):
     assert steps == sorted(steps) and all(steps.count(s) == grad_accum for s in set(steps)), steps
     for step, alphas in seen:
         if step < warmup:
-            assert alphas == {i: pytest.approx(a, abs=1e-7)
-                              for i, a in enumerate(schedules.alphas('linear', L, step, warmup))}, step
+            assert alphas == {
+                i: pytest.approx(a, abs=1e-7) for i, a in enumerate(schedules.alphas('linear', L, step, warmup))
+            }, step
         else:
             assert alphas == {}, f'hooks must be removed once t >= W (step {step})'
 
 
 # --- a real transformers.Trainer -------------------------------------------------------------------
 
+
 @needs_accelerate
 def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
     model = tiny_llama()
     cb, rec = ProResCallback(t_warmup=6), StepRecorder()
     seen = record_forwards(model, rec)
-    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=9,
-                               per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=1,
-                               save_strategy='no', learning_rate=1e-3, disable_tqdm=True, seed=0)
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=9,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_strategy='no',
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec])
     trainer.train()
     assert [s for s, _ in seen][::2] == list(range(9))
@@ -118,9 +141,19 @@ def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
 @needs_accelerate
 def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_alpha(tmp_path):
     model = tiny_llama()
-    args = T.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4,
-                               per_device_train_batch_size=2, logging_steps=1, save_strategy='steps', save_steps=2,
-                               learning_rate=1e-3, disable_tqdm=True, seed=0)
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        max_steps=4,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_strategy='steps',
+        save_steps=2,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        seed=0,
+    )
     cb = ProResCallback(t_warmup='1.0dur')
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens())
     cb.install(trainer)
@@ -136,11 +169,11 @@ def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_al
     check_alphas(seen, warmup=4, grad_accum=1)
 
 
-DS_SCRIPT = textwrap.dedent('''
+DS_SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
     import torch, transformers as T
     sys.path.insert(0, sys.argv[1])
-    from tests.test_hf_trainer import ProResCallback, StepRecorder, Tokens, record_forwards, tiny_llama
+    from tests.integrations.test_hf import ProResCallback, StepRecorder, Tokens, record_forwards, tiny_llama
     ds_config = {'train_micro_batch_size_per_gpu': 'auto', 'gradient_accumulation_steps': 'auto',
                  'train_batch_size': 'auto', 'gradient_clipping': 'auto',
                  'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0},
@@ -163,7 +196,7 @@ DS_SCRIPT = textwrap.dedent('''
                                   'grad_norm_logged': any('monitor/grad_norm/layer_0' in h for h in logs),
                                   'loss_spikes': logs[-1].get('monitor/loss_spikes'),
                                   'losses': [h['loss'] for h in trainer.state.log_history if 'loss' in h]}))
-''')
+""")
 
 
 @needs_accelerate
@@ -173,14 +206,23 @@ def test_real_trainer_deepspeed_zero3_cpu_single_process(tmp_path):
     pytest.importorskip('deepspeed')
     script = tmp_path / 'ds_hf.py'
     script.write_text(DS_SCRIPT)
-    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'RANK': '0',
-           'WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '1', 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': os.pathsep.join(p for p in [str(REPO), os.environ.get('PYTHONPATH', '')] if p)}
-    proc = subprocess.run([sys.executable, str(script), str(REPO)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=540)
+    env = {
+        **os.environ,
+        'MASTER_ADDR': '127.0.0.1',
+        'MASTER_PORT': str(free_port()),
+        'RANK': '0',
+        'WORLD_SIZE': '1',
+        'LOCAL_RANK': '0',
+        'LOCAL_WORLD_SIZE': '1',
+        'OMP_NUM_THREADS': '1',
+        'PYTHONPATH': os.pathsep.join(p for p in [str(REPO), os.environ.get('PYTHONPATH', '')] if p),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540
+    )
     line = next((l for l in proc.stdout.splitlines() if l.startswith('RESULT ')), None)
     assert proc.returncode == 0 and line, f'stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}'
-    result = json.loads(line[len('RESULT '):])
+    result = json.loads(line[len('RESULT ') :])
     assert result['engine'] == 'DeepSpeedEngine' and result['stage'] == 3
     seen = [(s, {int(k): v for k, v in a.items()}) for s, a in result['seen']]
     assert [s for s, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
@@ -193,6 +235,7 @@ def test_real_trainer_deepspeed_zero3_cpu_single_process(tmp_path):
 
 
 # --- Trainer-free: transformers' CallbackHandler driven in Trainer.train's event order ------------------
+
 
 def simulated_train(model, callbacks, steps, grad_accum, start_step=0, lr=1e-2):
     """A faithful copy of the event order of Trainer._inner_training_loop (no accelerate needed)."""

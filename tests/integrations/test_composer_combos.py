@@ -18,9 +18,16 @@ def hooked_paths(model):
 
 
 def tiny_bert():
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     return HuggingFaceModel(transformers.BertForMaskedLM(cfg), use_logits=True)
 
@@ -38,8 +45,15 @@ def test_gated_linear_units_either_order(order):
     glu = GatedLinearUnits()
     algos = [prores, glu] if order == 'prores_first' else [glu, prores]
     model = tiny_bert()
-    trainer = Trainer(model=model, train_dataloader=mlm_loader(), max_duration='2ba', algorithms=algos,
-                      device='cpu', progress_bar=False, optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    trainer = Trainer(
+        model=model,
+        train_dataloader=mlm_loader(),
+        max_duration='2ba',
+        algorithms=algos,
+        device='cpu',
+        progress_bar=False,
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+    )
     trainer.fit()
     # GLU swapped BertOutput for BERTGatedFFOutput, whose branch ends in `wo` (its dropout comes before wo)
     paths = hooked_paths(trainer.state.model)
@@ -94,21 +108,29 @@ class LowPrecisionLayerNormAsOnGPU(LowPrecisionLayerNorm):
     def apply(self, event, state, logger):
         from composer.algorithms.low_precision_layernorm import apply_low_precision_layernorm
         from composer.core import Precision
+
         apply_low_precision_layernorm(state.model, Precision.AMP_BF16, state.optimizers)
 
 
 @pytest.mark.parametrize('order', ['prores_first', 'lpln_first'])
 def test_low_precision_layernorm_either_order(order):
     from composer.models import ComposerClassifier
+
     prores = ProRes(t_warmup='100ba', layer_class='SandwichBlock', branches=['attn_post', 'mlp_post'])
     lpln = LowPrecisionLayerNormAsOnGPU()
     algos = [prores, lpln] if order == 'prores_first' else [lpln, prores]
     torch.manual_seed(0)
     model = ComposerClassifier(TinyNet(), num_classes=2)
     data = [(torch.randn(16), torch.tensor(i % 2)) for i in range(16)]
-    trainer = Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration='3ba',
-                      algorithms=algos, device='cpu', progress_bar=False,
-                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(data, batch_size=4),
+        max_duration='3ba',
+        algorithms=algos,
+        device='cpu',
+        progress_bar=False,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+    )
     trainer.fit()
     net = trainer.state.model.module
     assert type(net.blocks[0].attn_post).__name__ == 'LPLayerNorm'

@@ -7,14 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp_path, *extra):
     env = {**os.environ, 'OUT': str(tmp_path), 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    proc = subprocess.run([sys.executable, '-m', 'benchmarks.gpu_check', '--smoke', *extra], cwd=ROOT, env=env,
-                          capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.gpu_check', '--smoke', *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((tmp_path / 'gpu_check.json').read_text()), proc.stdout
 
