@@ -6,23 +6,43 @@
   later (docs/paper.md, "Learning-rate warmup"): for t < D the multiplier holds its t = 0 value, the warmup then runs its full
   length from D, and the post-warmup part is compressed so the schedule still ends at `max_duration`.
   With Composer's warmup schedulers the t = 0 multiplier is 0: during the delay no parameter moves.
+* `lr_lambda_from(schedule, max_steps=..., ...)` — the YAML's LR schedules (wsd, linear, cosine,
+  constant; with the delay) as a plain function of the optimizer step, for a torch `LambdaLR` in loops
+  without Composer (DeepSpeed, plain PyTorch); `build_lr_scheduler` / `lr_scheduler_factory` wrap it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Mapping
+from typing import Any, Callable, Union
 
-__all__ = ['wsd_multiplier', 'WSDScheduler', 'delay_lr_warmup', 'delayed_time', 'parse_time']
+import torch
+
+from prores_algo.timing import parse_time, whole_steps
+
+__all__ = [
+    'wsd_multiplier',
+    'WSDScheduler',
+    'delay_lr_warmup',
+    'delayed_time',
+    'LR_SCHEDULES',
+    'lr_lambda_from',
+    'build_lr_scheduler',
+    'lr_scheduler_factory',
+]
 
 
-def wsd_multiplier(step: float, max_steps: float, warmup_steps: float, decay_steps: float,
-                   alpha_f: float = 0.0) -> float:
+def wsd_multiplier(
+    step: float, max_steps: float, warmup_steps: float, decay_steps: float, alpha_f: float = 0.0
+) -> float:
     """Warmup-stable-decay: linear 0 → 1 over `warmup_steps`, 1, then linear 1 → `alpha_f` over the last
     `decay_steps` of `max_steps` (the paper: 2000 warmup steps, decay over the last 10%)."""
     if max_steps <= 0 or warmup_steps < 0 or decay_steps < 0 or warmup_steps + decay_steps > max_steps:
-        raise ValueError(f'WSD needs 0 <= warmup ({warmup_steps}) and 0 <= decay ({decay_steps}) with '
-                         f'warmup + decay <= max_steps ({max_steps})')
+        raise ValueError(
+            f'WSD needs 0 <= warmup ({warmup_steps}) and 0 <= decay ({decay_steps}) with '
+            f'warmup + decay <= max_steps ({max_steps})'
+        )
     if step < warmup_steps:
         return step / warmup_steps
     decay_start = max_steps - decay_steps
@@ -45,26 +65,6 @@ def delayed_time(t: float, delay: float, warmup: float, max_time: float) -> floa
     return warmup + (t - delay - warmup) * (max_time - warmup) / rest_real
 
 
-def parse_time(value, field: str):
-    """Composer `Time` from a Time, a Time string ('24000ba', '0.1dur', '5e8tok') or an int (batches)."""
-    from composer.core import Time
-    if isinstance(value, Time):
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f'{field} must be a Composer Time string such as "1000ba", got {value!r}')
-    if isinstance(value, int):
-        return Time(value, 'ba')
-    if isinstance(value, str):
-        try:
-            return Time.from_timestring(value)
-        except (ValueError, TypeError):
-            raise ValueError(f'{field}={value!r} is not a Time string: give a number with a unit, '
-                             f'e.g. "24000ba" (batches), "0.1dur" (fraction of max_duration), "5e8tok" or "1e6sp"; '
-                             f'a plain int means batches') from None
-    raise ValueError(f'{field} must be an int (batches) or a Time string like "24000ba", got '
-                     f'{type(value).__name__} {value!r}')
-
-
 class WSDScheduler:
     """Composer scheduler for warmup-stable-decay (Composer's `ComposerScheduler` is a Protocol: any
     callable `(state, ssr) -> float` is one, so this module need not import Composer).
@@ -75,23 +75,28 @@ class WSDScheduler:
         alpha_f: final multiplier, default 0.
     """
 
-    def __init__(self, t_warmup: Union[str, int] = '0.02dur', t_decay: Union[str, int] = '0.1dur',
-                 alpha_f: float = 0.0):
+    def __init__(
+        self, t_warmup: Union[str, int] = '0.02dur', t_decay: Union[str, int] = '0.1dur', alpha_f: float = 0.0
+    ):
         self.t_warmup = parse_time(t_warmup, 't_warmup')
         self.t_decay = parse_time(t_decay, 't_decay')
         if isinstance(alpha_f, bool) or not isinstance(alpha_f, (int, float)) or not math.isfinite(alpha_f):
-            raise ValueError(f'alpha_f (the final LR multiplier) must be a finite number, e.g. 0.0 or 0.1, '
-                             f'got {alpha_f!r}')
+            raise ValueError(
+                f'alpha_f (the final LR multiplier) must be a finite number, e.g. 0.0 or 0.1, got {alpha_f!r}'
+            )
         self.alpha_f = float(alpha_f)
 
     def __call__(self, state, ssr: float = 1.0) -> float:
         from composer.optim.scheduler import _convert_time
+
         max_time = _convert_time('1dur', state, ssr)
         warmup = _convert_time(self.t_warmup, state)
         decay = _convert_time(self.t_decay, state, ssr)
         if not (warmup.unit == decay.unit == max_time.unit):
-            raise ValueError(f'WSDScheduler: t_warmup ({self.t_warmup}), t_decay ({self.t_decay}) and max_duration '
-                             f'({state.max_duration}) must resolve to one unit; use "dur" fractions or one unit')
+            raise ValueError(
+                f'WSDScheduler: t_warmup ({self.t_warmup}), t_decay ({self.t_decay}) and max_duration '
+                f'({state.max_duration}) must resolve to one unit; use "dur" fractions or one unit'
+            )
         step = state.timestamp.get(max_time.unit).value
         return wsd_multiplier(step, max_time.value, warmup.value, decay.value, self.alpha_f)
 
@@ -131,28 +136,35 @@ def delay_lr_warmup(state, delay) -> int:
     if delay.value == 0:
         return 0
     if not state.schedulers:
-        raise ValueError('lr_warmup_delay is set but the Trainer has no LR scheduler: pass a Composer scheduler with '
-                         'a warmup (e.g. LinearWithWarmupScheduler, CosineAnnealingWithWarmupScheduler or '
-                         'prores_algo.WSDScheduler), or set lr_warmup_delay to "0ba"')
+        raise ValueError(
+            'lr_warmup_delay is set but the Trainer has no LR scheduler: pass a Composer scheduler with '
+            'a warmup (e.g. LinearWithWarmupScheduler, CosineAnnealingWithWarmupScheduler or '
+            'prores_algo.WSDScheduler), or set lr_warmup_delay to "0ba"'
+        )
     count = 0
     for lr_scheduler in state.schedulers:
         if not isinstance(lr_scheduler, LambdaLR):
-            raise ValueError(f'lr_warmup_delay cannot shift {type(lr_scheduler).__name__}: only Composer schedulers '
-                             'with a `t_warmup` can be delayed; set lr_warmup_delay to "0ba" or use a Composer scheduler')
+            raise ValueError(
+                f'lr_warmup_delay cannot shift {type(lr_scheduler).__name__}: only Composer schedulers '
+                'with a `t_warmup` can be delayed; set lr_warmup_delay to "0ba" or use a Composer scheduler'
+            )
         for i, fn in enumerate(lr_scheduler.lr_lambdas):
             if getattr(fn, _DELAYED_MARK, False):
                 continue  # a second fit() call: already delayed
             scheduler = _composer_scheduler_of(fn)
             if scheduler is None or not hasattr(scheduler, 't_warmup'):
                 name = type(scheduler).__name__ if scheduler is not None else 'this scheduler'
-                raise ValueError(f'lr_warmup_delay cannot shift {name}: it has no warmup (`t_warmup`). Use a Composer '
-                                 'scheduler with a warmup or set lr_warmup_delay to "0ba"')
+                raise ValueError(
+                    f'lr_warmup_delay cannot shift {name}: it has no warmup (`t_warmup`). Use a Composer '
+                    'scheduler with a warmup or set lr_warmup_delay to "0ba"'
+                )
             lr_scheduler.lr_lambdas[i] = _make_delayed(fn, scheduler, state, delay, _convert_time, TimeUnit)
             count += 1
     # The optimizer's LR was set from the undelayed lambda when the scheduler was built: recompute it.
     for lr_scheduler in state.schedulers:
-        for group, base_lr, fn in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs,
-                                      lr_scheduler.lr_lambdas):
+        for group, base_lr, fn in zip(
+            lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas
+        ):
             group['lr'] = base_lr * fn(lr_scheduler.last_epoch)
     return count
 
@@ -166,11 +178,14 @@ def _make_delayed(fn, scheduler, state, delay, _convert_time, TimeUnit):
         warmup = _convert_time(scheduler.t_warmup, state)
         unit = max_time.unit
         if unit not in field_of or d.unit != unit or warmup.unit != unit:
-            raise ValueError(f'lr_warmup_delay ({delay}), the scheduler warmup ({scheduler.t_warmup}) and max_duration '
-                             f'({state.max_duration}) must resolve to one unit of batches, tokens or samples')
+            raise ValueError(
+                f'lr_warmup_delay ({delay}), the scheduler warmup ({scheduler.t_warmup}) and max_duration '
+                f'({state.max_duration}) must resolve to one unit of batches, tokens or samples'
+            )
         if d.value + warmup.value >= max_time.value:
-            raise ValueError(f'lr_warmup_delay ({d}) + LR warmup ({warmup}) must be shorter than max_duration '
-                             f'({max_time})')
+            raise ValueError(
+                f'lr_warmup_delay ({d}) + LR warmup ({warmup}) must be shorter than max_duration ({max_time})'
+            )
         real = state.timestamp
         t = real.get(unit).value
         tau = delayed_time(t, d.value, warmup.value, max_time.value)
@@ -184,3 +199,123 @@ def _make_delayed(fn, scheduler, state, delay, _convert_time, TimeUnit):
 
     setattr(delayed_lr_lambda, _DELAYED_MARK, True)
     return delayed_lr_lambda
+
+
+# ---------------------------------------------------------------------------------------------------
+# LR schedules as plain functions of the step
+# ---------------------------------------------------------------------------------------------------
+# YAML names (Composer's registry names are accepted too) -> canonical
+LR_SCHEDULES = {
+    'wsd': 'wsd',
+    'warmup_stable_decay': 'wsd',
+    'linear': 'linear',
+    'linear_decay_with_warmup': 'linear',
+    'cosine': 'cosine',
+    'cosine_decay_with_warmup': 'cosine',
+    'constant': 'constant',
+    'constant_with_warmup': 'constant',
+}
+
+
+def lr_lambda_from(
+    schedule: Union[str, Mapping] = 'wsd',
+    *,
+    max_steps: int,
+    t_warmup: Any = '0.02dur',
+    t_decay: Any = '0.1dur',
+    alpha_f: float = 0.0,
+    lr_warmup_delay: Any = 0,
+) -> Callable[[int], float]:
+    """The LR multiplier of a YAML-style schedule as a plain function `f(step) -> float`.
+
+    `schedule` is a name or a YAML mapping `{name: ..., t_warmup: ..., t_decay: ..., alpha_f: ...}`
+    (keys of the mapping win over the keyword arguments). Names:
+      wsd        linear warmup 0 → 1 over t_warmup, 1, linear decay to alpha_f over the last t_decay
+      linear     warmup, then linear 1 → alpha_f until max_steps   (Composer linear_decay_with_warmup)
+      cosine     warmup, then cosine 1 → alpha_f until max_steps   (Composer cosine_decay_with_warmup)
+      constant   warmup, then 1                                     (Composer constant_with_warmup)
+    Times are ints (steps), "Nba" or "Xdur". `lr_warmup_delay` D > 0 holds the t = 0 multiplier (0)
+    for t < D, runs the full warmup from D, and compresses the rest so the schedule still ends at
+    `max_steps` (`prores_algo.lr_schedules.delayed_time`).
+
+    Returned as a plain function (not a callable object) so `LambdaLR.state_dict()` does not store it:
+    a resumed run recomputes the multiplier from the restored step with this run's schedule.
+    With DeepSpeed the scheduler is stepped once per optimizer step, after the update, so optimizer
+    step t (0-based, = engine.global_steps during its forward) uses `f(t)`.
+    """
+    if isinstance(schedule, Mapping):
+        spec = dict(schedule)
+        name = spec.pop('name', None)
+        known = {'t_warmup', 't_decay', 'alpha_f', 'lr_warmup_delay', 't_max', 'alpha_i'}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f'unknown LR schedule key(s) {sorted(unknown)}; known: {sorted(known | {"name"})}')
+        if spec.get('t_max', '1dur') not in ('1dur', 1.0):
+            raise ValueError(f"LR schedule t_max={spec['t_max']!r}: only '1dur' (the whole run) is supported")
+        if spec.get('alpha_i', 1.0) != 1.0:
+            raise ValueError(f'LR schedule alpha_i={spec["alpha_i"]!r}: only 1.0 is supported')
+        t_warmup = spec.get('t_warmup', t_warmup)
+        t_decay = spec.get('t_decay', t_decay)
+        alpha_f = spec.get('alpha_f', alpha_f)
+        lr_warmup_delay = spec.get('lr_warmup_delay', lr_warmup_delay)
+    else:
+        name = schedule
+    if not isinstance(name, str) or name.lower() not in LR_SCHEDULES:
+        raise ValueError(f'unknown LR schedule {name!r}; use one of {sorted(LR_SCHEDULES)}')
+    kind = LR_SCHEDULES[name.lower()]
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f'max_steps must be a positive int, got {max_steps!r}')
+    if isinstance(alpha_f, bool) or not isinstance(alpha_f, (int, float)) or not math.isfinite(alpha_f):
+        raise ValueError(f'alpha_f must be a finite number, got {alpha_f!r}')
+    alpha_f = float(alpha_f)
+    M = max_steps
+    W = whole_steps(t_warmup, 't_warmup', M)
+    D = whole_steps(lr_warmup_delay, 'lr_warmup_delay', M)
+    decay = whole_steps(t_decay, 't_decay', M) if kind == 'wsd' else 0
+    if kind == 'wsd':
+        wsd_multiplier(0, M, W, decay, alpha_f)  # validates warmup + decay <= max_steps
+    elif W > M:
+        raise ValueError(f't_warmup ({W} steps) must not exceed max_steps ({M})')
+    if D > 0 and D + W >= M:
+        raise ValueError(f'lr_warmup_delay ({D} steps) + LR warmup ({W} steps) must be shorter than max_steps ({M})')
+
+    def base(t: float) -> float:
+        if kind == 'wsd':
+            return wsd_multiplier(t, M, W, decay, alpha_f)
+        if t < W:
+            return t / W
+        if kind == 'constant':
+            return 1.0
+        frac = min(1.0, (t - W) / (M - W)) if M > W else 1.0
+        if kind == 'linear':
+            return 1.0 + (alpha_f - 1.0) * frac
+        return alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    def lr_lambda(step: int) -> float:
+        t = float(step)
+        if D > 0:
+            t = delayed_time(t, D, W, M)
+        return base(t)
+
+    lr_lambda.__qualname__ = lr_lambda.__name__ = f'prores_lr_{kind}'
+    return lr_lambda
+
+
+def build_lr_scheduler(optimizer, schedule: Union[str, Mapping] = 'wsd', **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
+    """`LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))
+
+
+def lr_scheduler_factory(schedule: Union[str, Mapping] = 'wsd', **kwargs) -> Callable:
+    """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`: DeepSpeed calls it
+    with the optimizer it built (or the one you passed). The schedule is validated now, not then."""
+    lr_lambda_from(schedule, **kwargs)  # fail early
+
+    def make(optimizer):
+        return build_lr_scheduler(optimizer, schedule, **kwargs)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed JSON checks

@@ -20,7 +20,7 @@ gradient-accumulation boundary), so the batch of optimizer step t trains with α
 algorithm. Under gradient accumulation every micro-batch of a step sees the same α.
 
 Also here: `lr_lambda_from` (the YAML-style LR schedules as a plain function of the step, for a torch
-`LambdaLR`), `check_deepspeed_config` (batch-size / accumulation / ZeRO-stage conflicts raised as
+`LambdaLR`; it lives in `prores_algo.lr_schedules`), `check_deepspeed_config` (batch-size / accumulation / ZeRO-stage conflicts raised as
 ValueError naming the key), and `save_checkpoint` / `load_checkpoint`, which store the ProRes
 configuration with the checkpoint and refuse to resume under a different one.
 
@@ -31,22 +31,31 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
-from prores_algo.lr_schedules import delayed_time, wsd_multiplier
+# the LR helpers are plain functions of the step (prores_algo.lr_schedules); re-exported for DeepSpeed loops
+from prores_algo.lr_schedules import LR_SCHEDULES, build_lr_scheduler, lr_lambda_from, lr_scheduler_factory
 from prores_algo.spec import DISABLED_RECORD, ProResSpec, check_resume
 from prores_algo.surgery import ProResController, apply_prores
-from prores_algo.timing import whole_steps
 
 __all__ = [
-    'DeepSpeedProRes', 'attach_prores', 'lr_lambda_from', 'build_lr_scheduler', 'lr_scheduler_factory',
-    'check_deepspeed_config', 'save_checkpoint', 'load_checkpoint', 'check_checkpoint', 'prores_state',
-    'CLIENT_STATE_KEY', 'SIDECAR_FILE', 'LR_SCHEDULES'
+    'DeepSpeedProRes',
+    'attach_prores',
+    'lr_lambda_from',
+    'build_lr_scheduler',
+    'lr_scheduler_factory',
+    'check_deepspeed_config',
+    'save_checkpoint',
+    'load_checkpoint',
+    'check_checkpoint',
+    'prores_state',
+    'CLIENT_STATE_KEY',
+    'SIDECAR_FILE',
+    'LR_SCHEDULES',
 ]
 
 CLIENT_STATE_KEY = 'prores'  # key of the ProRes configuration in DeepSpeed's client_state
@@ -68,8 +77,11 @@ class DeepSpeedProRes:
         if time_unit not in _TIME_UNITS:
             raise ValueError(f'time_unit must be one of {_TIME_UNITS}, got {time_unit!r}')
         self.controller = controller
-        self.spec = spec if spec is not None else ProResSpec(controller.schedule, controller.warmup_steps,
-                                                             remove_when_done=controller.remove_when_done)
+        self.spec = (
+            spec
+            if spec is not None
+            else ProResSpec(controller.schedule, controller.warmup_steps, remove_when_done=controller.remove_when_done)
+        )
         self.time_unit = time_unit
         self._checked_dtype = False
 
@@ -80,8 +92,10 @@ class DeepSpeedProRes:
         try:
             return int(getattr(engine, attr))
         except AttributeError:
-            raise TypeError(f'prores.step(engine) needs a DeepSpeed engine (an object with `.{attr}`), got '
-                            f'{type(engine).__name__}; use prores.set_step(t) to drive α yourself') from None
+            raise TypeError(
+                f'prores.step(engine) needs a DeepSpeed engine (an object with `.{attr}`), got '
+                f'{type(engine).__name__}; use prores.set_step(t) to drive α yourself'
+            ) from None
 
     def step(self, engine) -> list[float]:
         """Set every α to its value at the engine's current step; returns them. Call before the forward."""
@@ -132,12 +146,14 @@ class DeepSpeedProRes:
         return f'DeepSpeedProRes({self.controller!r}, time_unit={self.time_unit!r})'
 
 
-def attach_prores(model: torch.nn.Module,
-                  schedule: str = 'linear',
-                  t_warmup: Optional[float] = None,
-                  *,
-                  time_unit: str = 'steps',
-                  **apply_prores_kwargs) -> DeepSpeedProRes:
+def attach_prores(
+    model: torch.nn.Module,
+    schedule: str = 'linear',
+    t_warmup: Optional[float] = None,
+    *,
+    time_unit: str = 'steps',
+    **apply_prores_kwargs,
+) -> DeepSpeedProRes:
     """Attach ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
 
@@ -147,8 +163,11 @@ def attach_prores(model: torch.nn.Module,
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
         model = model.module  # a DeepSpeed engine was passed: attach to the model inside it
-    selection = {k: apply_prores_kwargs[k] for k in ('layer_class', 'branches', 'layer_pattern', 'remove_when_done')
-                 if k in apply_prores_kwargs}
+    selection = {
+        k: apply_prores_kwargs[k]
+        for k in ('layer_class', 'branches', 'layer_pattern', 'remove_when_done')
+        if k in apply_prores_kwargs
+    }
     spec = ProResSpec(schedule, t_warmup, **selection)  # validates before any hook is attached
     controller = apply_prores(model, schedule, t_warmup, **apply_prores_kwargs)
     return DeepSpeedProRes(controller, time_unit, spec)
@@ -164,122 +183,6 @@ def prores_state(prores: Optional[DeepSpeedProRes]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# LR schedules as plain functions of the step
-# ---------------------------------------------------------------------------------------------------
-# YAML names (Composer's registry names are accepted too) -> canonical
-LR_SCHEDULES = {
-    'wsd': 'wsd',
-    'warmup_stable_decay': 'wsd',
-    'linear': 'linear',
-    'linear_decay_with_warmup': 'linear',
-    'cosine': 'cosine',
-    'cosine_decay_with_warmup': 'cosine',
-    'constant': 'constant',
-    'constant_with_warmup': 'constant',
-}
-
-
-def lr_lambda_from(schedule: Union[str, Mapping] = 'wsd',
-                   *,
-                   max_steps: int,
-                   t_warmup: Any = '0.02dur',
-                   t_decay: Any = '0.1dur',
-                   alpha_f: float = 0.0,
-                   lr_warmup_delay: Any = 0) -> Callable[[int], float]:
-    """The LR multiplier of a YAML-style schedule as a plain function `f(step) -> float`.
-
-    `schedule` is a name or a YAML mapping `{name: ..., t_warmup: ..., t_decay: ..., alpha_f: ...}`
-    (keys of the mapping win over the keyword arguments). Names:
-      wsd        linear warmup 0 → 1 over t_warmup, 1, linear decay to alpha_f over the last t_decay
-      linear     warmup, then linear 1 → alpha_f until max_steps   (Composer linear_decay_with_warmup)
-      cosine     warmup, then cosine 1 → alpha_f until max_steps   (Composer cosine_decay_with_warmup)
-      constant   warmup, then 1                                     (Composer constant_with_warmup)
-    Times are ints (steps), "Nba" or "Xdur". `lr_warmup_delay` D > 0 holds the t = 0 multiplier (0)
-    for t < D, runs the full warmup from D, and compresses the rest so the schedule still ends at
-    `max_steps` (`prores_algo.lr_schedules.delayed_time`).
-
-    Returned as a plain function (not a callable object) so `LambdaLR.state_dict()` does not store it:
-    a resumed run recomputes the multiplier from the restored step with this run's schedule.
-    With DeepSpeed the scheduler is stepped once per optimizer step, after the update, so optimizer
-    step t (0-based, = engine.global_steps during its forward) uses `f(t)`.
-    """
-    if isinstance(schedule, Mapping):
-        spec = dict(schedule)
-        name = spec.pop('name', None)
-        known = {'t_warmup', 't_decay', 'alpha_f', 'lr_warmup_delay', 't_max', 'alpha_i'}
-        unknown = set(spec) - known
-        if unknown:
-            raise ValueError(f'unknown LR schedule key(s) {sorted(unknown)}; known: {sorted(known | {"name"})}')
-        if spec.get('t_max', '1dur') not in ('1dur', 1.0):
-            raise ValueError(f"LR schedule t_max={spec['t_max']!r}: only '1dur' (the whole run) is supported")
-        if spec.get('alpha_i', 1.0) != 1.0:
-            raise ValueError(f"LR schedule alpha_i={spec['alpha_i']!r}: only 1.0 is supported")
-        t_warmup = spec.get('t_warmup', t_warmup)
-        t_decay = spec.get('t_decay', t_decay)
-        alpha_f = spec.get('alpha_f', alpha_f)
-        lr_warmup_delay = spec.get('lr_warmup_delay', lr_warmup_delay)
-    else:
-        name = schedule
-    if not isinstance(name, str) or name.lower() not in LR_SCHEDULES:
-        raise ValueError(f'unknown LR schedule {name!r}; use one of {sorted(LR_SCHEDULES)}')
-    kind = LR_SCHEDULES[name.lower()]
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f'max_steps must be a positive int, got {max_steps!r}')
-    if isinstance(alpha_f, bool) or not isinstance(alpha_f, (int, float)) or not math.isfinite(alpha_f):
-        raise ValueError(f'alpha_f must be a finite number, got {alpha_f!r}')
-    alpha_f = float(alpha_f)
-    M = max_steps
-    W = whole_steps(t_warmup, 't_warmup', M)
-    D = whole_steps(lr_warmup_delay, 'lr_warmup_delay', M)
-    decay = whole_steps(t_decay, 't_decay', M) if kind == 'wsd' else 0
-    if kind == 'wsd':
-        wsd_multiplier(0, M, W, decay, alpha_f)  # validates warmup + decay <= max_steps
-    elif W > M:
-        raise ValueError(f't_warmup ({W} steps) must not exceed max_steps ({M})')
-    if D > 0 and D + W >= M:
-        raise ValueError(f'lr_warmup_delay ({D} steps) + LR warmup ({W} steps) must be shorter than max_steps ({M})')
-
-    def base(t: float) -> float:
-        if kind == 'wsd':
-            return wsd_multiplier(t, M, W, decay, alpha_f)
-        if t < W:
-            return t / W
-        if kind == 'constant':
-            return 1.0
-        frac = min(1.0, (t - W) / (M - W)) if M > W else 1.0
-        if kind == 'linear':
-            return 1.0 + (alpha_f - 1.0) * frac
-        return alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    def lr_lambda(step: int) -> float:
-        t = float(step)
-        if D > 0:
-            t = delayed_time(t, D, W, M)
-        return base(t)
-
-    lr_lambda.__qualname__ = lr_lambda.__name__ = f'prores_lr_{kind}'
-    return lr_lambda
-
-
-def build_lr_scheduler(optimizer, schedule: Union[str, Mapping] = 'wsd', **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
-    """`LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))
-
-
-def lr_scheduler_factory(schedule: Union[str, Mapping] = 'wsd', **kwargs) -> Callable:
-    """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`: DeepSpeed calls it
-    with the optimizer it built (or the one you passed). The schedule is validated now, not then."""
-    lr_lambda_from(schedule, **kwargs)  # fail early
-
-    def make(optimizer):
-        return build_lr_scheduler(optimizer, schedule, **kwargs)
-
-    return make
-
-
-# ---------------------------------------------------------------------------------------------------
-# DeepSpeed JSON checks
-# ---------------------------------------------------------------------------------------------------
 _BATCH_KEYS = ('train_micro_batch_size_per_gpu', 'gradient_accumulation_steps', 'train_batch_size')
 
 
@@ -291,12 +194,14 @@ def _pos_int_or_none(value, where: str):
     return value
 
 
-def check_deepspeed_config(ds_config: Mapping,
-                           *,
-                           train_micro_batch_size_per_gpu: Optional[int] = None,
-                           gradient_accumulation_steps: Optional[int] = None,
-                           world_size: Optional[int] = None,
-                           require_stage3: bool = False) -> dict:
+def check_deepspeed_config(
+    ds_config: Mapping,
+    *,
+    train_micro_batch_size_per_gpu: Optional[int] = None,
+    gradient_accumulation_steps: Optional[int] = None,
+    world_size: Optional[int] = None,
+    require_stage3: bool = False,
+) -> dict:
     """Check a DeepSpeed config against the training config; return a copy with the batch keys filled.
 
     Raises ValueError naming the key and the fix when
@@ -309,18 +214,24 @@ def check_deepspeed_config(ds_config: Mapping,
     if not isinstance(ds_config, Mapping):
         raise ValueError(f'the DeepSpeed config must be a dict (the parsed JSON), got {type(ds_config).__name__}')
     cfg = copy.deepcopy(dict(ds_config))
-    expected = {'train_micro_batch_size_per_gpu': _pos_int_or_none(train_micro_batch_size_per_gpu,
-                                                                   'train_micro_batch_size_per_gpu (training config)'),
-                'gradient_accumulation_steps': _pos_int_or_none(gradient_accumulation_steps,
-                                                                'gradient_accumulation_steps (training config)')}
+    expected = {
+        'train_micro_batch_size_per_gpu': _pos_int_or_none(
+            train_micro_batch_size_per_gpu, 'train_micro_batch_size_per_gpu (training config)'
+        ),
+        'gradient_accumulation_steps': _pos_int_or_none(
+            gradient_accumulation_steps, 'gradient_accumulation_steps (training config)'
+        ),
+    }
     world = _pos_int_or_none(world_size, 'world_size')
     values = {k: _pos_int_or_none(cfg.get(k), f'DeepSpeed config `{k}`') for k in _BATCH_KEYS}
     for key, want in expected.items():
         have = values[key]
         if want is not None and have is not None and have != want:
-            raise ValueError(f'DeepSpeed config `{key}` = {have} but the training config asks for {want}: set '
-                             f'"{key}": {want} in the DeepSpeed JSON (or "auto", or remove the key), or change the '
-                             f'training config to {have}.')
+            raise ValueError(
+                f'DeepSpeed config `{key}` = {have} but the training config asks for {want}: set '
+                f'"{key}": {want} in the DeepSpeed JSON (or "auto", or remove the key), or change the '
+                f'training config to {have}.'
+            )
         if want is not None:
             values[key] = want
     micro, accum, total = (values[k] for k in _BATCH_KEYS)
@@ -332,18 +243,22 @@ def check_deepspeed_config(ds_config: Mapping,
                     f'DeepSpeed config `train_batch_size` = {total} but train_micro_batch_size_per_gpu ({micro}) x '
                     f'gradient_accumulation_steps ({accum}) x world_size ({world}) = {product}: set '
                     f'"train_batch_size": {product} (or "auto", or remove it), or change the micro batch size / '
-                    f'accumulation so that their product with the world size is {total}.')
+                    f'accumulation so that their product with the world size is {total}.'
+                )
             total = product
         elif total is not None:
             if micro is None and accum is None:
                 accum = 1  # DeepSpeed's default
-            known_key, known = (('gradient_accumulation_steps', accum) if micro is None else
-                                ('train_micro_batch_size_per_gpu', micro))
+            known_key, known = (
+                ('gradient_accumulation_steps', accum) if micro is None else ('train_micro_batch_size_per_gpu', micro)
+            )
             if total % (known * world):
-                raise ValueError(f'DeepSpeed config `train_batch_size` = {total} is not divisible by {known_key} '
-                                 f'({known}) x world_size ({world}): set "train_batch_size" to a multiple of '
-                                 f'{known * world}, or give both train_micro_batch_size_per_gpu and '
-                                 'gradient_accumulation_steps.')
+                raise ValueError(
+                    f'DeepSpeed config `train_batch_size` = {total} is not divisible by {known_key} '
+                    f'({known}) x world_size ({world}): set "train_batch_size" to a multiple of '
+                    f'{known * world}, or give both train_micro_batch_size_per_gpu and '
+                    'gradient_accumulation_steps.'
+                )
             if micro is None:
                 micro = total // (known * world)
             else:
@@ -360,9 +275,11 @@ def check_deepspeed_config(ds_config: Mapping,
         raise ValueError(f'DeepSpeed config `zero_optimization` must be a mapping, got {zero!r}')
     stage = zero.get('stage', 0)
     if require_stage3 and stage != 3:
-        raise ValueError(f'DeepSpeed config `zero_optimization.stage` = {stage!r} but ZeRO stage 3 is required here: '
-                         'set "zero_optimization": {"stage": 3, ...} in the DeepSpeed JSON (e.g. '
-                         'yamls/deepspeed/zero3.json), or drop the stage-3 requirement.')
+        raise ValueError(
+            f'DeepSpeed config `zero_optimization.stage` = {stage!r} but ZeRO stage 3 is required here: '
+            'set "zero_optimization": {"stage": 3, ...} in the DeepSpeed JSON (e.g. '
+            'yamls/deepspeed/zero3.json), or drop the stage-3 requirement.'
+        )
     return cfg
 
 
@@ -380,8 +297,10 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-_RESUME_HINT = ("Resume with the checkpoint's ProRes settings (schedule, t_warmup, model depth), or start a fresh run "
-                'without load_dir.')
+_RESUME_HINT = (
+    "Resume with the checkpoint's ProRes settings (schedule, t_warmup, model depth), or start a fresh run "
+    'without load_dir.'
+)
 
 
 def _compare(saved: Mapping, current: Mapping, where: str) -> None:
@@ -396,8 +315,14 @@ def _read_latest(load_dir: str) -> Optional[str]:
     return None
 
 
-def save_checkpoint(engine, prores: Optional[DeepSpeedProRes], save_dir: str, tag: Optional[str] = None,
-                    client_state: Optional[dict] = None, **kwargs) -> str:
+def save_checkpoint(
+    engine,
+    prores: Optional[DeepSpeedProRes],
+    save_dir: str,
+    tag: Optional[str] = None,
+    client_state: Optional[dict] = None,
+    **kwargs,
+) -> str:
     """`engine.save_checkpoint` with the ProRes configuration in `client_state['prores']` (and in
     `<save_dir>/<tag>/prores.json`). Call on every rank. Returns the tag."""
     state = dict(client_state or {})
@@ -418,8 +343,9 @@ def save_checkpoint(engine, prores: Optional[DeepSpeedProRes], save_dir: str, ta
     return tag
 
 
-def check_checkpoint(load_dir: str, prores: Union[DeepSpeedProRes, Mapping, None], tag: Optional[str] = None,
-                     *, strict: bool = True) -> str:
+def check_checkpoint(
+    load_dir: str, prores: Union[DeepSpeedProRes, Mapping, None], tag: Optional[str] = None, *, strict: bool = True
+) -> str:
     """Check, without loading anything, that checkpoint `<load_dir>/<tag>` (tag default: `latest`) was
     saved under the same ProRes configuration as `prores` (a `DeepSpeedProRes`, None for ProRes off,
     or a `prores_state()` dict). Raises ValueError naming the differing fields; returns the tag.
@@ -440,14 +366,23 @@ def check_checkpoint(load_dir: str, prores: Union[DeepSpeedProRes, Mapping, None
         with open(sidecar) as f:
             _compare(json.load(f), current, f'{folder!r}')
     elif strict:
-        raise ValueError(f'checkpoint {folder!r} records no ProRes configuration ({SIDECAR_FILE} missing: it was '
-                         'not saved with prores_algo.integrations.deepspeed.save_checkpoint). Pass strict=False to '
-                         'load it anyway.')
+        raise ValueError(
+            f'checkpoint {folder!r} records no ProRes configuration ({SIDECAR_FILE} missing: it was '
+            'not saved with prores_algo.integrations.deepspeed.save_checkpoint). Pass strict=False to '
+            'load it anyway.'
+        )
     return resolved
 
 
-def load_checkpoint(engine, prores: Optional[DeepSpeedProRes], load_dir: str, tag: Optional[str] = None,
-                    *, strict: bool = True, **kwargs) -> tuple[str, dict]:
+def load_checkpoint(
+    engine,
+    prores: Optional[DeepSpeedProRes],
+    load_dir: str,
+    tag: Optional[str] = None,
+    *,
+    strict: bool = True,
+    **kwargs,
+) -> tuple[str, dict]:
     """`engine.load_checkpoint` that refuses (ValueError) a checkpoint saved under a different ProRes
     configuration, then sets α to the restored `engine.global_steps`. Returns (load_path, client_state).
 
@@ -466,8 +401,10 @@ def load_checkpoint(engine, prores: Optional[DeepSpeedProRes], load_dir: str, ta
     if saved is not None:
         _compare(saved, prores_state(prores), f'{folder!r} (client_state)')
     elif strict:
-        raise ValueError(f'checkpoint {folder!r} has no `{CLIENT_STATE_KEY}` entry in client_state; pass '
-                         'strict=False to load it anyway')
+        raise ValueError(
+            f'checkpoint {folder!r} has no `{CLIENT_STATE_KEY}` entry in client_state; pass '
+            'strict=False to load it anyway'
+        )
     if prores is not None:
         prores.step(engine)
     return load_path, client_state
