@@ -54,36 +54,50 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import ROOT, machine_info, write_json
+from benchmarks._common import ROOT, machine_info, peak_bytes_above_start, write_json
 from prores_algo.models.decoder import Decoder, DecoderConfig, default_d_ffn
 from prores_algo.surgery import apply_prores
 
 VARIANTS = ('baseline', 'prores_warmup', 'prores_done')
-TARGETS = {'step_time_ratio_warmup': 1.02, 'step_time_ratio_after': 1.01, 'peak_memory_ratio': 1.01,
-           'recompiles_from_alpha_updates': 0, 'recompiles_at_removal': 1}
+TARGETS = {
+    'step_time_ratio_warmup': 1.02,
+    'step_time_ratio_after': 1.01,
+    'peak_memory_ratio': 1.01,
+    'recompiles_from_alpha_updates': 0,
+    'recompiles_at_removal': 1,
+}
 VOCAB = 257  # the byte tokenizer's vocabulary
 
 
 # --------------------------------------------------------------------------------------------- models
 def build_reference(layers: int, d_model: int, heads: int, seq: int, seed: int):
     torch.manual_seed(seed)
-    return Decoder(DecoderConfig(vocab_size=VOCAB, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=seq,
-                                 norm='pre'))
+    return Decoder(
+        DecoderConfig(vocab_size=VOCAB, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=seq, norm='pre')
+    )
 
 
 def build_llama(layers: int, d_model: int, heads: int, seq: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d_model, intermediate_size=default_d_ffn(d_model),
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=seq, use_cache=False, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=d_model,
+        intermediate_size=default_d_ffn(d_model),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=seq,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = 'sdpa'
     return LlamaForCausalLM(cfg)
 
@@ -206,7 +220,8 @@ def time_variants(variants: dict, x, rounds: int, per_round: int, warmup_steps: 
             'median_step_s': statistics.median(per_round_med['wall'][k]),
             'median_step_cpu_s': statistics.median(per_round_med['cpu'][k]),
             **cpu,
-            'wall_ratio_median': wall['ratio_median'], 'wall_ratio_q25': wall['ratio_q25'],
+            'wall_ratio_median': wall['ratio_median'],
+            'wall_ratio_q25': wall['ratio_q25'],
             'wall_ratio_q75': wall['ratio_q75'],
             # interference only ever adds time: the lower quartiles of each variant's CPU times are the
             # least disturbed estimate of its cost
@@ -223,6 +238,7 @@ def hook_microbench(d_model: int, batch: int, seq: int, reps: int, seed: int) ->
     CPU time predicts the step-time ratio with far less noise than timing whole steps.
     """
     from prores_algo.surgery import ALPHA_BUFFER, _scale_branch_output
+
     torch.manual_seed(seed)
     plain = torch.nn.Linear(d_model, d_model, bias=False)
     hooked = copy.deepcopy(plain)
@@ -246,9 +262,13 @@ def hook_microbench(d_model: int, batch: int, seq: int, reps: int, seed: int) ->
         else:
             th.append(once(hooked))
             tp.append(once(plain))
-    return {'reps': reps, 'plain_median_s': statistics.median(tp), 'hooked_median_s': statistics.median(th),
-            'extra_per_branch_s': statistics.median(th) - statistics.median(tp),
-            'extra_per_branch_q25_s': _q(th, 0.25) - _q(tp, 0.25)}
+    return {
+        'reps': reps,
+        'plain_median_s': statistics.median(tp),
+        'hooked_median_s': statistics.median(th),
+        'extra_per_branch_s': statistics.median(th) - statistics.median(tp),
+        'extra_per_branch_q25_s': _q(th, 0.25) - _q(tp, 0.25),
+    }
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -274,23 +294,18 @@ def _live_state_bytes(variant: Variant) -> int:
 
 def step_peak_memory(variant: Variant, x) -> dict:
     """Peak of live CPU tensor bytes over one training step, from the allocator's profiler events."""
-    from torch.profiler import ProfilerActivity, profile
     # Free last step's gradients *before* profiling: the profiler cannot see the release of blocks
     # allocated before it started, which would count those gradients twice.
     variant.opt.zero_grad(set_to_none=True)
     gc.collect()
     start = _live_state_bytes(variant)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        variant.step(x)
-    events = [(e.start_ns(), i, e.nbytes()) for i, e in enumerate(prof.profiler.kineto_results.events())
-              if e.name() == '[memory]']
-    events.sort()
-    live = peak = 0
-    for _, _, n in events:
-        live += n
-        peak = max(peak, live)
-    return {'state_bytes': start, 'step_peak_above_start_bytes': peak, 'peak_bytes': start + peak,
-            'memory_events': len(events)}
+    peak, n_events = peak_bytes_above_start(variant.step, x)
+    return {
+        'state_bytes': start,
+        'step_peak_above_start_bytes': peak,
+        'peak_bytes': start + peak,
+        'memory_events': n_events,
+    }
 
 
 def saved_activation_bytes(variant: Variant, x) -> int:
@@ -319,6 +334,7 @@ def count_recompiles(build, x, compile_steps: int, warmup_at: int) -> dict:
     """Train a compiled ProRes model across α changes and the end of warmup; count dynamo compilations."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
+
     torch._dynamo.reset()
     model = build()
     controller = apply_prores(model, 'linear', t_warmup=warmup_at)
@@ -337,15 +353,23 @@ def count_recompiles(build, x, compile_steps: int, warmup_at: int) -> dict:
     reasons = []
     try:
         from torch._dynamo.utils import guard_failures
+
         for code, fails in guard_failures.items():
             reasons.extend(f'{getattr(code, "co_name", code)}: {str(r)[:200]}' for r in fails)
     except Exception:  # pragma: no cover - private API
         pass
     torch._dynamo.reset()
-    return {'compile_steps': compile_steps, 'warmup_ends_at_step': warmup_at, 'initial_frames': first,
-            'recompiles_from_alpha_updates': before, 'recompiles_at_removal': at_removal,
-            'recompiles_after_removal': after, 'frames_per_step': frames, 'mean_alpha_per_step': alphas,
-            'guard_failure_reasons': reasons[:10]}
+    return {
+        'compile_steps': compile_steps,
+        'warmup_ends_at_step': warmup_at,
+        'initial_frames': first,
+        'recompiles_from_alpha_updates': before,
+        'recompiles_at_removal': at_removal,
+        'recompiles_after_removal': after,
+        'frames_per_step': frames,
+        'mean_alpha_per_step': alphas,
+        'guard_failure_reasons': reasons[:10],
+    }
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -356,8 +380,11 @@ def identical_after_removal(base_model, x) -> bool:
     c.set_step(0.5)
     c.set_step(4)
     with torch.no_grad():
-        return bool(torch.equal(logits_of(a, x), logits_of(b, x))) and c.removed and not any(
-            m._forward_hooks for m in b.modules())
+        return (
+            bool(torch.equal(logits_of(a, x), logits_of(b, x)))
+            and c.removed
+            and not any(m._forward_hooks for m in b.modules())
+        )
 
 
 def bench_model(name: str, args, dims: dict) -> dict:
@@ -367,20 +394,28 @@ def bench_model(name: str, args, dims: dict) -> dict:
     x = torch.randint(0, VOCAB, (dims['batch'], dims['seq']), generator=g)
     warmup_len = 1e6
     model = copy.deepcopy(base)
-    shared = {'model': model, 'opt': torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                                       weight_decay=0.1)}
+    shared = {
+        'model': model,
+        'opt': torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1),
+    }
     variants = {k: Variant(k, shared, warmup_len) for k in VARIANTS}
-    res = {'params': sum(p.numel() for p in base.parameters()),
-           'identical_after_removal': identical_after_removal(base, x)}
-    print(f'[{name}] {res["params"] / 1e6:.2f}M params; timing {args.rounds} rounds x {args.steps_per_round} steps '
-          f'per variant (+{args.warmup_steps} warm-up)', flush=True)
+    res = {
+        'params': sum(p.numel() for p in base.parameters()),
+        'identical_after_removal': identical_after_removal(base, x),
+    }
+    print(
+        f'[{name}] {res["params"] / 1e6:.2f}M params; timing {args.rounds} rounds x {args.steps_per_round} steps '
+        f'per variant (+{args.warmup_steps} warm-up)',
+        flush=True,
+    )
     res['timing'] = time_variants(variants, x, args.rounds, args.steps_per_round, args.warmup_steps, args.seed)
     res['alpha_moving_during_timing'] = variants['prores_warmup'].check_alpha_moving()
     n_branches = 2 * dims['layers']
     micro = hook_microbench(dims['d_model'], dims['batch'], dims['seq'], args.micro_reps, args.seed)
     micro['branches'] = n_branches
-    micro['predicted_step_ratio'] = 1 + n_branches * micro['extra_per_branch_s'] / \
-        res['timing']['baseline']['median_step_cpu_s']
+    micro['predicted_step_ratio'] = (
+        1 + n_branches * micro['extra_per_branch_s'] / res['timing']['baseline']['median_step_cpu_s']
+    )
     res['hook_microbench'] = micro
     mem = {}
     for k, v in variants.items():
@@ -390,8 +425,9 @@ def bench_model(name: str, args, dims: dict) -> dict:
         v.exit()
     for k in VARIANTS:
         mem[k]['peak_ratio'] = mem[k]['peak_bytes'] / mem['baseline']['peak_bytes']
-        mem[k]['step_peak_above_start_ratio'] = (mem[k]['step_peak_above_start_bytes'] /
-                                                 mem['baseline']['step_peak_above_start_bytes'])
+        mem[k]['step_peak_above_start_ratio'] = (
+            mem[k]['step_peak_above_start_bytes'] / mem['baseline']['step_peak_above_start_bytes']
+        )
         mem[k]['saved_activation_ratio'] = mem[k]['saved_activation_bytes'] / mem['baseline']['saved_activation_bytes']
     res['memory'] = mem
     if not args.no_compile:
@@ -421,8 +457,13 @@ def bench_model(name: str, args, dims: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- mechanisms
 # ops that move no tensor data: views the schema does not mark as such, and allocations
-NO_DATA_OPS = {torch.ops.aten.detach.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.new_empty.default,
-               torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default}
+NO_DATA_OPS = {
+    torch.ops.aten.detach.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_like.default,
+}
 
 
 class _ByteCounter:
@@ -431,6 +472,7 @@ class _ByteCounter:
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
+
         counter = self
         self.bytes = 0
         self.by_op: dict[str, int] = {}
@@ -445,15 +487,24 @@ class _ByteCounter:
                     counter.bytes += n
                     counter.by_op[str(func)] = counter.by_op.get(str(func), 0) + n
                 return out
+
         self.mode = Mode()
 
 
 def step_bytes(dims: dict, mechanism: str | None, dtype=torch.float32) -> dict:
     """Bytes read + written by the aten ops of one forward + backward (no optimizer), on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
-        model = Decoder(DecoderConfig(vocab_size=dims['vocab'], d_model=dims['d_model'], n_layers=dims['layers'],
-                                      n_heads=dims['heads'], max_seq_len=dims['seq'])).to(dtype)
+        model = Decoder(
+            DecoderConfig(
+                vocab_size=dims['vocab'],
+                d_model=dims['d_model'],
+                n_layers=dims['layers'],
+                n_heads=dims['heads'],
+                max_seq_len=dims['seq'],
+            )
+        ).to(dtype)
         if mechanism is not None:
             c = apply_prores(model, 'linear', t_warmup=1000 * dims['layers'], mechanism=mechanism)
             c.set_step(123)  # every α strictly between 0 and 1
@@ -478,11 +529,15 @@ def mechanism_comparison(args) -> dict:
             row[f'{k}_extra_bytes'] = counts[k]['bytes'] - base
             ops = {op: n - counts['baseline']['by_op'].get(op, 0) for op, n in counts[k]['by_op'].items()}
             row[f'{k}_extra_by_op'] = {op: n for op, n in ops.items() if n}
-        row['hook_over_gemm_extra'] = (row['hook_extra_bytes'] / row['gemm_extra_bytes']
-                                       if row['gemm_extra_bytes'] > 0 else None)
+        row['hook_over_gemm_extra'] = (
+            row['hook_extra_bytes'] / row['gemm_extra_bytes'] if row['gemm_extra_bytes'] > 0 else None
+        )
         res['bytes'][dtype_name] = row
-        print(f"[mechanisms] {dtype_name}: extra bytes per step, hook {row['hook_extra_bytes'] / 1e9:.3f} GB, "
-              f"gemm {row['gemm_extra_bytes'] / 1e9:.6f} GB (baseline step moves {base / 1e9:.1f} GB)", flush=True)
+        print(
+            f'[mechanisms] {dtype_name}: extra bytes per step, hook {row["hook_extra_bytes"] / 1e9:.3f} GB, '
+            f'gemm {row["gemm_extra_bytes"] / 1e9:.6f} GB (baseline step moves {base / 1e9:.1f} GB)',
+            flush=True,
+        )
     dims = {'layers': 2, 'd_model': 1024, 'heads': 8, 'seq': 512, 'batch': 2}
     rounds = args.rounds
     if args.smoke:
@@ -490,40 +545,69 @@ def mechanism_comparison(args) -> dict:
     base = build_reference(dims['layers'], dims['d_model'], dims['heads'], dims['seq'], args.seed)
     x = torch.randint(0, VOCAB, (dims['batch'], dims['seq']), generator=torch.Generator().manual_seed(args.seed))
     shared = {'model': base, 'opt': torch.optim.AdamW(base.parameters(), lr=1e-4)}
-    variants = {'baseline': Variant('baseline', shared, 1e6), 'prores_hook': Variant('prores_hook', shared, 1e6, 'hook'),
-                'prores_gemm': Variant('prores_gemm', shared, 1e6, 'auto')}
-    print(f"[mechanisms] timing eager {dims} over {rounds} rounds", flush=True)
+    variants = {
+        'baseline': Variant('baseline', shared, 1e6),
+        'prores_hook': Variant('prores_hook', shared, 1e6, 'hook'),
+        'prores_gemm': Variant('prores_gemm', shared, 1e6, 'auto'),
+    }
+    print(f'[mechanisms] timing eager {dims} over {rounds} rounds', flush=True)
     res['timing_dims'] = dims
     res['timing'] = time_variants(variants, x, rounds, args.steps_per_round, args.warmup_steps, args.seed)
     res['alpha_moving_during_timing'] = all(v.check_alpha_moving() for v in variants.values())
     for k in ('prores_hook', 'prores_gemm'):
         t = res['timing'][k]
-        print(f"[mechanisms] {k}: CPU step-time ratio {t['ratio_median']:.4f} [{t['ratio_q25']:.4f}, "
-              f"{t['ratio_q75']:.4f}]", flush=True)
+        print(
+            f'[mechanisms] {k}: CPU step-time ratio {t["ratio_median"]:.4f} [{t["ratio_q25"]:.4f}, '
+            f'{t["ratio_q75"]:.4f}]',
+            flush=True,
+        )
     return res
 
 
 def print_table(results: dict) -> None:
-    rows = [('model', 'warmup CPU-t ratio [IQR]', 'after CPU-t ratio [IQR]', 'wall ratio warm/after', 'micro-bench predicted', 'peak mem ratio',
-             'saved-act ratio', 'recompiles α / removal', 'base step (wall)')]
+    rows = [
+        (
+            'model',
+            'warmup CPU-t ratio [IQR]',
+            'after CPU-t ratio [IQR]',
+            'wall ratio warm/after',
+            'micro-bench predicted',
+            'peak mem ratio',
+            'saved-act ratio',
+            'recompiles α / removal',
+            'base step (wall)',
+        )
+    ]
     for name, r in results['models'].items():
         t, s = r['timing'], r['summary']
         w, a = t['prores_warmup'], t['prores_done']
-        rc = (f"{s['recompiles_from_alpha_updates']} / {s['recompiles_at_removal']}"
-              if 'recompiles_at_removal' in s else 'n/a')
-        rows.append((name, f"{w['ratio_median']:.3f} [{w['ratio_q25']:.3f}, {w['ratio_q75']:.3f}]",
-                     f"{a['ratio_median']:.3f} [{a['ratio_q25']:.3f}, {a['ratio_q75']:.3f}]",
-                     f"{w['wall_ratio_median']:.3f} / {a['wall_ratio_median']:.3f}",
-                     f"{s['predicted_step_ratio_warmup']:.4f}",
-                     f"{s['peak_memory_ratio']:.4f}", f"{s['saved_activation_ratio']:.4f}", rc,
-                     f"{t['baseline']['median_step_s'] * 1e3:.0f} ms"))
+        rc = (
+            f'{s["recompiles_from_alpha_updates"]} / {s["recompiles_at_removal"]}'
+            if 'recompiles_at_removal' in s
+            else 'n/a'
+        )
+        rows.append(
+            (
+                name,
+                f'{w["ratio_median"]:.3f} [{w["ratio_q25"]:.3f}, {w["ratio_q75"]:.3f}]',
+                f'{a["ratio_median"]:.3f} [{a["ratio_q25"]:.3f}, {a["ratio_q75"]:.3f}]',
+                f'{w["wall_ratio_median"]:.3f} / {a["wall_ratio_median"]:.3f}',
+                f'{s["predicted_step_ratio_warmup"]:.4f}',
+                f'{s["peak_memory_ratio"]:.4f}',
+                f'{s["saved_activation_ratio"]:.4f}',
+                rc,
+                f'{t["baseline"]["median_step_s"] * 1e3:.0f} ms',
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print('  '.join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print('  '.join('-' * w for w in widths))
-    print(f"targets: warmup <= {TARGETS['step_time_ratio_warmup']}, after <= {TARGETS['step_time_ratio_after']}, "
-          f"memory <= {TARGETS['peak_memory_ratio']}, recompiles 0 from α updates and 1 at removal")
+    print(
+        f'targets: warmup <= {TARGETS["step_time_ratio_warmup"]}, after <= {TARGETS["step_time_ratio_after"]}, '
+        f'memory <= {TARGETS["peak_memory_ratio"]}, recompiles 0 from α updates and 1 at removal'
+    )
 
 
 def parse_args(argv=None):
@@ -543,9 +627,13 @@ def parse_args(argv=None):
     p.add_argument('--micro-reps', type=int, default=None, help='hook micro-benchmark repetitions (default 400)')
     p.add_argument('--no-compile', action='store_true')
     p.add_argument('--models', default='reference,llama')
-    p.add_argument('--threads', type=int, default=1,
-                   help='torch intra-op threads (default 1: on a shared 2-core machine, OpenMP threads that '
-                        'wait on each other under contention make step times erratic)')
+    p.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch intra-op threads (default 1: on a shared 2-core machine, OpenMP threads that '
+        'wait on each other under contention make step times erratic)',
+    )
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'overhead.json'))
     args = p.parse_args(argv)
@@ -570,12 +658,25 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     dims = {'layers': args.layers, 'd_model': args.d_model, 'heads': args.heads, 'seq': args.seq, 'batch': args.batch}
-    results = {'benchmark': 'overhead', 'mode': args.mode, 'config': {**dims, 'rounds': args.rounds,
-               'steps_per_round': args.steps_per_round, 'warmup_steps': args.warmup_steps,
-               'compile_steps': args.compile_steps, 'dtype': 'float32', 'device': 'cpu', 'optimizer': 'AdamW',
-               'schedule': 'linear'},
-               'command': 'python -m benchmarks.overhead' + ('' if args.mode == 'full' else f' --{args.mode}'),
-               'machine': machine_info(), 'targets': TARGETS, 'models': {}}
+    results = {
+        'benchmark': 'overhead',
+        'mode': args.mode,
+        'config': {
+            **dims,
+            'rounds': args.rounds,
+            'steps_per_round': args.steps_per_round,
+            'warmup_steps': args.warmup_steps,
+            'compile_steps': args.compile_steps,
+            'dtype': 'float32',
+            'device': 'cpu',
+            'optimizer': 'AdamW',
+            'schedule': 'linear',
+        },
+        'command': 'python -m benchmarks.overhead' + ('' if args.mode == 'full' else f' --{args.mode}'),
+        'machine': machine_info(),
+        'targets': TARGETS,
+        'models': {},
+    }
     for name in [m.strip() for m in args.models.split(',') if m.strip()]:
         results['models'][name] = bench_model(name, args, dims)
     results['mechanisms'] = mechanism_comparison(args)

@@ -32,7 +32,7 @@ import tempfile
 import types
 from pathlib import Path
 
-from benchmarks._common import ROOT, machine_info, write_json
+from benchmarks._common import ROOT, machine_info, peak_bytes_above_start, write_json
 
 OUT = ROOT / 'benchmarks' / 'results' / 'sharded_memory.json'
 STACKS = ('fsdp2', 'zero3')
@@ -40,8 +40,10 @@ STACKS = ('fsdp2', 'zero3')
 # mechanism: α applied to a scaled *copy* of each branch weight, which autograd keeps until the backward.
 # The control must raise the peak, or the measurement could not see the problem it is looking for.
 VARIANTS = ('off', 'hook', 'gemm', 'weight_copy')
-SIZES = {'full': dict(layers=4, d_model=256, heads=4, seq=256, batch=4, vocab=256),
-         'smoke': dict(layers=2, d_model=32, heads=2, seq=16, batch=2, vocab=64)}
+SIZES = {
+    'full': dict(layers=4, d_model=256, heads=4, seq=256, batch=4, vocab=256),
+    'smoke': dict(layers=2, d_model=32, heads=2, seq=16, batch=2, vocab=64),
+}
 TARGET_RATIO = 1.01
 REPS = 3  # measured steps per variant (after 2 warm-up steps)
 
@@ -51,9 +53,18 @@ def _model(size: dict):
     import torch
 
     from prores_algo.models.decoder import Decoder, DecoderConfig
+
     torch.manual_seed(0)
-    return Decoder(DecoderConfig(vocab_size=size['vocab'], d_model=size['d_model'], n_layers=size['layers'],
-                                 n_heads=size['heads'], max_seq_len=size['seq'], norm='pre'))
+    return Decoder(
+        DecoderConfig(
+            vocab_size=size['vocab'],
+            d_model=size['d_model'],
+            n_layers=size['layers'],
+            n_heads=size['heads'],
+            max_seq_len=size['seq'],
+            norm='pre',
+        )
+    )
 
 
 def _prores(model, variant: str, layers: int):
@@ -61,6 +72,7 @@ def _prores(model, variant: str, layers: int):
     if variant == 'off':
         return None
     from prores_algo import apply_prores
+
     c = apply_prores(model, 'linear', t_warmup=100.0 * layers, mechanism='hook' if variant == 'hook' else 'auto')
     c.set_step(50.0)
     if variant == 'weight_copy':
@@ -79,12 +91,14 @@ def _scale_a_weight_copy(linear, alpha: float) -> None:
 
     def forward(x):
         return F.linear(x, linear.weight * alpha, None if linear.bias is None else linear.bias * alpha)
+
     linear.forward = forward
 
 
 def _fsdp2(size: dict, variant: str):
     import torch
     from torch.distributed.fsdp import fully_shard
+
     model = _model(size)
     controller = _prores(model, variant, size['layers'])
     for block in model.blocks:
@@ -97,39 +111,40 @@ def _fsdp2(size: dict, variant: str):
         loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, size['vocab']), ids[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
+
     return step, model, opt, controller
 
 
 def _zero3(size: dict, variant: str):
     import deepspeed
     import torch
+
     model = _model(size)
     controller = _prores(model, variant, size['layers'])
-    cfg = {'train_micro_batch_size_per_gpu': size['batch'], 'gradient_accumulation_steps': 1,
-           'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0},
-           'optimizer': {'type': 'AdamW', 'params': {'lr': 1e-3}}, 'zero_allow_untested_optimizer': True}
-    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg,
-                                             dist_init_required=False)
+    cfg = {
+        'train_micro_batch_size_per_gpu': size['batch'],
+        'gradient_accumulation_steps': 1,
+        'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0},
+        'optimizer': {'type': 'AdamW', 'params': {'lr': 1e-3}},
+        'zero_allow_untested_optimizer': True,
+    }
+    engine, opt, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=cfg, dist_init_required=False
+    )
 
     def step(ids):
         loss = torch.nn.functional.cross_entropy(engine(ids)[:, :-1].reshape(-1, size['vocab']), ids[:, 1:].reshape(-1))
         engine.backward(loss)
         engine.step()
+
     return step, engine, opt, controller
 
 
 def _one_peak(step, ids) -> int:
     import torch
-    from torch.profiler import ProfilerActivity, profile
+
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(ids)
-    events = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(prof.profiler.kineto_results.events())
-                    if e.name() == '[memory]')
-    live = peak = 0
-    for _, _, n in events:
-        live += n
-        peak = max(peak, live)
+    peak, _ = peak_bytes_above_start(step, ids)
     torch.distributed.barrier()
     return peak
 
@@ -145,12 +160,14 @@ def _peak_above_start(step, ids, reps: int = REPS) -> dict:
 def worker(stack: str, size: dict, out: str) -> None:
     import torch
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     if stack == 'zero3':
         import logging
 
         import deepspeed
         from deepspeed.utils import logger as ds_logger
+
         ds_logger.setLevel(logging.WARNING)
         deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False, verbose=False)
     else:
@@ -175,6 +192,7 @@ def worker(stack: str, size: dict, out: str) -> None:
 # ------------------------------------------------------------------------------------------------ driver
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -182,11 +200,29 @@ def _free_port() -> int:
 
 def _launch(stack: str, mode: str, folder: Path) -> list[dict]:
     out = str(folder / f'{stack}-{{rank}}.json')
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
-                                                            'MASTER_PORT')}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+    }
     env.update(OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')])))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
-           '-m', 'benchmarks.sharded_memory', '--worker', stack, '--mode', mode, '--rank-out', out]
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        '2',
+        '--master_port',
+        str(_free_port()),
+        '-m',
+        'benchmarks.sharded_memory',
+        '--worker',
+        stack,
+        '--mode',
+        mode,
+        '--rank-out',
+        out,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f'{stack} workers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
@@ -194,11 +230,15 @@ def _launch(stack: str, mode: str, folder: Path) -> list[dict]:
 
 
 def summarize(ranks: list[dict]) -> dict:
-    ratio = {v: max(r[v]['peak_above_start_bytes'] / r['off']['peak_above_start_bytes'] for r in ranks)
-             for v in VARIANTS[1:]}
-    return {'per_rank': ranks, 'max_ratio_vs_off': ratio,
-            'within_target': all(ratio[v] <= TARGET_RATIO for v in ('hook', 'gemm')),
-            'control_detected': ratio['weight_copy'] > 1.0}
+    ratio = {
+        v: max(r[v]['peak_above_start_bytes'] / r['off']['peak_above_start_bytes'] for r in ranks) for v in VARIANTS[1:]
+    }
+    return {
+        'per_rank': ranks,
+        'max_ratio_vs_off': ratio,
+        'within_target': all(ratio[v] <= TARGET_RATIO for v in ('hook', 'gemm')),
+        'control_detected': ratio['weight_copy'] > 1.0,
+    }
 
 
 def main(argv=None) -> dict:
@@ -213,10 +253,14 @@ def main(argv=None) -> dict:
         worker(args.worker, SIZES[args.mode], args.rank_out)
         return {}
     mode = 'smoke' if args.smoke else 'full'
-    results = {'benchmark': 'sharded_memory', 'mode': mode,
-               'command': 'python -m benchmarks.sharded_memory' + (' --smoke' if args.smoke else ''),
-               'config': {**SIZES[mode], 'processes': 2, 'target_ratio': TARGET_RATIO},
-               'machine': machine_info(), 'stacks': {}}
+    results = {
+        'benchmark': 'sharded_memory',
+        'mode': mode,
+        'command': 'python -m benchmarks.sharded_memory' + (' --smoke' if args.smoke else ''),
+        'config': {**SIZES[mode], 'processes': 2, 'target_ratio': TARGET_RATIO},
+        'machine': machine_info(),
+        'stacks': {},
+    }
     with tempfile.TemporaryDirectory() as d:
         for stack in STACKS:
             results['stacks'][stack] = summarize(_launch(stack, mode, Path(d)))
