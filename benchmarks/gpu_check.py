@@ -65,6 +65,7 @@ def import_core():
     try:
         from prores_algo import schedules, surgery
         from prores_algo.models import decoder
+
         return schedules, surgery, decoder, 'package'
     except ImportError as e:
         for name in [m for m in sys.modules if m == 'prores_algo' or m.startswith('prores_algo.')]:
@@ -90,17 +91,22 @@ class CountingBackend:
         self.graphs += 1
         if self.inner == 'inductor':
             from torch._inductor.compile_fx import compile_fx
+
             return compile_fx(gm, example_inputs)
         from torch._dynamo.backends.registry import lookup_backend
+
         return lookup_backend(self.inner)(gm, example_inputs)
 
 
 def dynamo_counts() -> dict:
     try:
         from torch._dynamo.utils import counters
-        return {'unique_graphs': int(counters['stats'].get('unique_graphs', 0)),
-                'frames_ok': int(counters['frames'].get('ok', 0)),
-                'recompiles': int(sum(counters['recompiles'].values())) if 'recompiles' in counters else None}
+
+        return {
+            'unique_graphs': int(counters['stats'].get('unique_graphs', 0)),
+            'frames_ok': int(counters['frames'].get('ok', 0)),
+            'recompiles': int(sum(counters['recompiles'].values())) if 'recompiles' in counters else None,
+        }
     except Exception as e:  # private API: never let it sink the run
         return {'error': repr(e)}
 
@@ -122,14 +128,20 @@ class Runner:
         self.schedules, self.surgery, self.dec, _ = core
         self.device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
         self.cuda = self.device.type == 'cuda'
-        self.cfg = self.dec.DecoderConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                                          n_heads=args.n_heads, max_seq_len=args.seq_len)
+        self.cfg = self.dec.DecoderConfig(
+            vocab_size=args.vocab,
+            d_model=args.d_model,
+            n_layers=args.n_layers,
+            n_heads=args.n_heads,
+            max_seq_len=args.seq_len,
+        )
         self.W = 1000.0 * args.n_layers  # paper default: T = 1000 steps per layer
         self.t0 = 500.0  # T / 2: every layer mid-ramp, every α changes at every step
         self.t = self.t0
         g = torch.Generator().manual_seed(0)
-        self.batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(self.device)
-                        for _ in range(4)]
+        self.batches = [
+            torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(self.device) for _ in range(4)
+        ]
         self.tokens_per_step = args.batch * args.seq_len
         self.models = {}
         self.counter = CountingBackend(args.backend)
@@ -149,8 +161,9 @@ class Runner:
                 ctrl = self.surgery.apply_prores(model, 'linear', t_warmup=self.W)
         if ctrl is not None:
             ctrl.set_step(self.t0)
-        opt = torch.optim.AdamW(model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95),
-                                **({'fused': True} if self.cuda else {}))
+        opt = torch.optim.AdamW(
+            model.param_groups(0.1), lr=3e-4, betas=(0.9, 0.95), **({'fused': True} if self.cuda else {})
+        )
         self.models[name] = {'model': model, 'ctrl': ctrl, 'opt': opt, 'i': 0}
         return model
 
@@ -204,7 +217,7 @@ class Runner:
         names = list(self.models)
         segs = {n: [] for n in names}
         for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate: every variant runs first once
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: every variant runs first once
             for name in order:
                 segs[name].append(self.segment(name, warmup if r < 2 else max(1, warmup // 2), steps))
         res = {}
@@ -232,18 +245,24 @@ class Runner:
         # per repeat: the variant's segment median over the baseline's in the same repeat (the spread)
         res['step_time_ratio_per_repeat'] = {
             n: [a / b for a, b in zip(res[n]['segment_medians_s'], res['off']['segment_medians_s'])]
-            for n in names if n != 'off'}
+            for n in names
+            if n != 'off'
+        }
         if self.cuda:
-            res['peak_mem_ratio'] = {n: res[n]['peak_above_base_gib'] / res['off']['peak_above_base_gib']
-                                     for n in names if n != 'off'}
+            res['peak_mem_ratio'] = {
+                n: res[n]['peak_above_base_gib'] / res['off']['peak_above_base_gib'] for n in names if n != 'off'
+            }
         res['flops_per_token'] = fpt
         for name in names:
             r = res[name]
-            print(f"[{label}] {name:4s}: {r['median_step_s'] * 1e3:8.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s"
-                  f"  MFU {_pct(r['mfu'])}", flush=True)
+            print(
+                f'[{label}] {name:4s}: {r["median_step_s"] * 1e3:8.2f} ms/step  {r["tokens_per_s"]:10.0f} tok/s'
+                f'  MFU {_pct(r["mfu"])}',
+                flush=True,
+            )
         for n, ratio in res['step_time_ratio'].items():
-            extra = f"  peak-mem ratio {res['peak_mem_ratio'][n]:.4f}" if self.cuda else ''
-            print(f"[{label}] {n}/off step-time ratio {ratio:.4f}{extra}", flush=True)
+            extra = f'  peak-mem ratio {res["peak_mem_ratio"][n]:.4f}' if self.cuda else ''
+            print(f'[{label}] {n}/off step-time ratio {ratio:.4f}{extra}', flush=True)
         return res
 
 
@@ -273,11 +292,36 @@ def run_deepspeed(args) -> dict:
         path = os.path.join(d, 'zero3_bf16.json')
         Path(path).write_text(json.dumps(cfg))
         summary = os.path.join(d, 'summary.json')
-        cmd = [sys.executable, '-m', 'prores_algo.ds_train', '--deepspeed_config', path, '--n_layers',
-               str(args.n_layers), '--d_model', str(args.d_model), '--n_heads', str(args.n_heads), '--seq_len',
-               str(args.seq_len), '--vocab', str(args.vocab), '--steps', str(args.ds_steps), '--t_warmup',
-               str(1000 * args.n_layers), '--lr', '3e-4', '--lr_warmup', '2', '--require_stage3', '--eval_samples',
-               str(args.ds_micro_batch), '--summary', summary]
+        cmd = [
+            sys.executable,
+            '-m',
+            'prores_algo.ds_train',
+            '--deepspeed_config',
+            path,
+            '--n_layers',
+            str(args.n_layers),
+            '--d_model',
+            str(args.d_model),
+            '--n_heads',
+            str(args.n_heads),
+            '--seq_len',
+            str(args.seq_len),
+            '--vocab',
+            str(args.vocab),
+            '--steps',
+            str(args.ds_steps),
+            '--t_warmup',
+            str(1000 * args.n_layers),
+            '--lr',
+            '3e-4',
+            '--lr_warmup',
+            '2',
+            '--require_stage3',
+            '--eval_samples',
+            str(args.ds_micro_batch),
+            '--summary',
+            summary,
+        ]
         env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_PORT')}
         t = time.perf_counter()
         try:
@@ -289,18 +333,28 @@ def run_deepspeed(args) -> dict:
             print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
             return {'status': 'failed', 'returncode': proc.returncode, 'stderr_tail': proc.stderr[-3000:]}
         s = json.loads(Path(summary).read_text())
-    out = {'status': 'ok', 'wall_s': wall, 'losses': s['losses'], 'alphas_last': s['alphas'][-1],
-           'partition_init': s['partition_init'], 'zero_stage': s['zero_stage'],
-           'train_batch_size': s['train_batch_size']}
+    out = {
+        'status': 'ok',
+        'wall_s': wall,
+        'losses': s['losses'],
+        'alphas_last': s['alphas'][-1],
+        'partition_init': s['partition_init'],
+        'zero_stage': s['zero_stage'],
+        'train_batch_size': s['train_batch_size'],
+    }
     ok = all(a == b for a, b in zip(s['alphas'][-1], _core_alphas(args, s['steps'][-1])))
     out['alphas_match_schedule'] = ok
-    print(f"[deepspeed] ZeRO-3 bf16 single GPU: {len(s['losses'])} steps in {wall:.1f}s, losses "
-          f"{s['losses'][0]:.3f} -> {s['losses'][-1]:.3f}, alphas match schedule: {ok}", flush=True)
+    print(
+        f'[deepspeed] ZeRO-3 bf16 single GPU: {len(s["losses"])} steps in {wall:.1f}s, losses '
+        f'{s["losses"][0]:.3f} -> {s["losses"][-1]:.3f}, alphas match schedule: {ok}',
+        flush=True,
+    )
     return out
 
 
 def _core_alphas(args, t):
     from prores_algo import schedules
+
     return schedules.alphas('linear', args.n_layers, t, 1000 * args.n_layers)
 
 
@@ -319,8 +373,12 @@ def parse_args(argv=None):
     p.add_argument('--eager_steps', type=int, default=8, help='timed steps per eager segment')
     p.add_argument('--steps', type=int, default=20, help='timed steps per compiled segment')
     p.add_argument('--repeats', type=int, default=3, help='interleaved on/off repeats')
-    p.add_argument('--compile', choices=('blocks', 'model', 'none'), default='blocks',
-                   help='blocks: regional compile of every Block (one shared graph); model: whole model')
+    p.add_argument(
+        '--compile',
+        choices=('blocks', 'model', 'none'),
+        default='blocks',
+        help='blocks: regional compile of every Block (one shared graph); model: whole model',
+    )
     p.add_argument('--backend', default='inductor', help='inner torch.compile backend (eager/aot_eager for tests)')
     p.add_argument('--no_bf16', dest='bf16', action='store_false')
     p.add_argument('--skip_deepspeed', action='store_true')
@@ -338,6 +396,65 @@ def parse_args(argv=None):
     return args
 
 
+def compiled_phase(runner, args) -> dict:
+    """Compile every variant (whole model or block by block), time the first steps (compile time), then
+    time the compiled steps while α changes every step, counting graph compilations; last, removal."""
+    for name in runner.models:
+        model = runner.models[name]['model']
+        if args.compile == 'blocks':
+            for block in model.blocks:
+                block.compile(backend=runner.counter)
+        else:
+            model.compile(backend=runner.counter)
+    comp = {}
+    for name in runner.models:  # compile time: first steps of each variant, measured separately
+        g0 = runner.counter.graphs
+        t = time.perf_counter()
+        runner.step(name)
+        runner.sync()
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        runner.step(name)
+        runner.sync()
+        second = time.perf_counter() - t
+        comp[name] = {
+            'first_step_s': first,
+            'second_step_s': second,
+            'compile_s': first - second,
+            'graphs': runner.counter.graphs - g0,
+        }
+        print(
+            f'[compile] {name}: first step {first:.1f}s (compile ~{first - second:.1f}s), '
+            f'{comp[name]["graphs"]} graph(s)',
+            flush=True,
+        )
+    g_before, d_before = runner.counter.graphs, dynamo_counts()
+    res = runner.phase(f'compiled/{args.compile}', args.warmup, args.steps, args.repeats)
+    res['compile'] = comp
+    res['graphs_compiled_during_timed_steps'] = runner.counter.graphs - g_before
+    res['dynamo_counts_before'], res['dynamo_counts_after'] = d_before, dynamo_counts()
+    print(
+        f'[compiled] graph compilations while α changed every step: '
+        f'{res["graphs_compiled_during_timed_steps"]} (expected 0)',
+        flush=True,
+    )
+    # after warmup: set_step(W) removes every hook -> the block graphs change once
+    ctrl = runner.models['gemm']['ctrl']
+    g = runner.counter.graphs
+    ctrl.set_step(runner.W)
+    assert ctrl.removed
+    runner.step('gemm')
+    runner.step('gemm')
+    runner.sync()
+    res['graphs_compiled_after_remove'] = runner.counter.graphs - g
+    print(
+        f'[compiled] graph compilations after remove(): {res["graphs_compiled_after_remove"]} '
+        '(0 if the hook-free graph of the "off" model is reused, else 1)',
+        flush=True,
+    )
+    return res
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -346,9 +463,15 @@ def main(argv=None) -> int:
     runner = Runner(args, core)
     peak, device_name = peak_flops(runner.device)
     result = {
-        'env': {'python': platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda,
-                'device': device_name, 'peak_bf16_flops': peak, 'core_import': core[3],
-                'composer_imported': 'composer' in sys.modules},
+        'env': {
+            'python': platform.python_version(),
+            'torch': torch.__version__,
+            'cuda': torch.version.cuda,
+            'device': device_name,
+            'peak_bf16_flops': peak,
+            'core_import': core[3],
+            'composer_imported': 'composer' in sys.modules,
+        },
         'config': vars(args),
         'model': {'num_params': None, 'flops_per_token': None},
     }
@@ -365,54 +488,21 @@ def main(argv=None) -> int:
         runner.build('off', None)
         on = runner.build('gemm', 'auto')
         runner.build('hook', 'hook')
-        result['model'] = {'num_params': on.num_params(), 'flops_per_token': on.flops_per_token(args.seq_len),
-                           'alphas_at_start': runner.models['gemm']['ctrl'].alphas}
-        print(f"model: {on.num_params() / 1e6:.1f}M params, {args.batch}x{args.seq_len} tokens/step, "
-              f"flops/token {on.flops_per_token(args.seq_len) / 1e9:.3f} GFLOP", flush=True)
+        result['model'] = {
+            'num_params': on.num_params(),
+            'flops_per_token': on.flops_per_token(args.seq_len),
+            'alphas_at_start': runner.models['gemm']['ctrl'].alphas,
+        }
+        print(
+            f'model: {on.num_params() / 1e6:.1f}M params, {args.batch}x{args.seq_len} tokens/step, '
+            f'flops/token {on.flops_per_token(args.seq_len) / 1e9:.3f} GFLOP',
+            flush=True,
+        )
         result['eager'] = runner.phase('eager', args.warmup, args.eager_steps, args.repeats)
         dump()
 
         if args.compile != 'none' and time.perf_counter() - t_start < args.time_budget:
-            for name in runner.models:
-                model = runner.models[name]['model']
-                if args.compile == 'blocks':
-                    for block in model.blocks:
-                        block.compile(backend=runner.counter)
-                else:
-                    model.compile(backend=runner.counter)
-            comp = {}
-            for name in runner.models:  # compile time: first steps of each variant, measured separately
-                g0 = runner.counter.graphs
-                t = time.perf_counter()
-                runner.step(name)
-                runner.sync()
-                first = time.perf_counter() - t
-                t = time.perf_counter()
-                runner.step(name)
-                runner.sync()
-                second = time.perf_counter() - t
-                comp[name] = {'first_step_s': first, 'second_step_s': second, 'compile_s': first - second,
-                              'graphs': runner.counter.graphs - g0}
-                print(f"[compile] {name}: first step {first:.1f}s (compile ~{first - second:.1f}s), "
-                      f"{comp[name]['graphs']} graph(s)", flush=True)
-            g_before, d_before = runner.counter.graphs, dynamo_counts()
-            res = runner.phase(f'compiled/{args.compile}', args.warmup, args.steps, args.repeats)
-            res['compile'] = comp
-            res['graphs_compiled_during_timed_steps'] = runner.counter.graphs - g_before
-            res['dynamo_counts_before'], res['dynamo_counts_after'] = d_before, dynamo_counts()
-            print(f"[compiled] graph compilations while α changed every step: "
-                  f"{res['graphs_compiled_during_timed_steps']} (expected 0)", flush=True)
-            # after warmup: set_step(W) removes every hook -> the block graphs change once
-            ctrl = runner.models['gemm']['ctrl']
-            g = runner.counter.graphs
-            ctrl.set_step(runner.W)
-            assert ctrl.removed
-            runner.step('gemm')
-            runner.step('gemm')
-            runner.sync()
-            res['graphs_compiled_after_remove'] = runner.counter.graphs - g
-            print(f"[compiled] graph compilations after remove(): {res['graphs_compiled_after_remove']} "
-                  '(0 if the hook-free graph of the "off" model is reused, else 1)', flush=True)
+            res = compiled_phase(runner, args)
             result['compiled'] = res
             dump()
         elif args.compile != 'none':
@@ -435,7 +525,7 @@ def main(argv=None) -> int:
         result['error'] = ''.join(traceback.format_exception(e))[-4000:]
         print(result['error'], file=sys.stderr, flush=True)
     dump()
-    print(f"done in {result['wall_s']:.1f}s; status {result['status']}", flush=True)
+    print(f'done in {result["wall_s"]:.1f}s; status {result["status"]}', flush=True)
     return 0 if result['status'] == 'ok' else 1
 
 
