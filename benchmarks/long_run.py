@@ -46,10 +46,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch.utils.data import DataLoader, Dataset
-
 from composer import Callback, Trainer
 from composer.loggers import LoggerDestination
+from torch.utils.data import DataLoader, Dataset
 
 from benchmarks._common import ROOT, write_json
 from prores_algo import ProRes, WSDScheduler
@@ -133,8 +132,9 @@ class Sampler(Callback):
             self._window_start, self._window_steps = now, 0
         if b >= self.warmup_end + self.settle and (b - self.warmup_end - self.settle) % self.every == 0:
             gc.collect()
-            self.samples.append({'step': b, 'rss_mb': self.proc.memory_info().rss / 2**20,
-                                 'objects': len(gc.get_objects())})
+            self.samples.append(
+                {'step': b, 'rss_mb': self.proc.memory_info().rss / 2**20, 'objects': len(gc.get_objects())}
+            )
             self._window_start = None  # gc pauses stay out of the step-time windows
 
 
@@ -142,7 +142,7 @@ def slope_per_1k(xs, ys) -> float:
     """Least-squares slope, per 1000 steps."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx)**2 for x in xs)
+    sxx = sum((x - mx) ** 2 for x in xs)
     return 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
@@ -153,8 +153,14 @@ def theil_sen_per_1k(xs, ys) -> float:
     return 1000.0 * statistics.median(slopes)
 
 
-def run(steps: int = 20_000, warmup_frac: float = 0.25, settle: int | None = None, sample_every: int | None = None,
-        monitor: bool = True, seed: int = 0) -> dict:
+def run(
+    steps: int = 20_000,
+    warmup_frac: float = 0.25,
+    settle: int | None = None,
+    sample_every: int | None = None,
+    monitor: bool = True,
+    seed: int = 0,
+) -> dict:
     torch.manual_seed(seed)
     torch.set_num_threads(1)
     warmup_end = int(steps * warmup_frac)
@@ -162,9 +168,15 @@ def run(steps: int = 20_000, warmup_frac: float = 0.25, settle: int | None = Non
     sample_every = sample_every if sample_every is not None else max(50, steps // 200)
     cfg = DecoderConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, max_seq_len=16)
     model = ComposerDecoder(cfg)
-    loader = DataLoader(Tokens(2048, 16, 64, seed), batch_size=4, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        Tokens(2048, 16, 64, seed),
+        batch_size=4,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     from composer.core import DataSpec
+
     prores = ProRes(schedule='linear', t_warmup=f'{warmup_end}ba', log_interval=1)
     sampler = Sampler(warmup_end, settle, sample_every, prores)
     callbacks = [sampler]
@@ -172,16 +184,27 @@ def run(steps: int = 20_000, warmup_frac: float = 0.25, settle: int | None = Non
     if monitor:
         try:
             from prores_algo.integrations.composer import ResidualMonitor
+
             callbacks.append(ResidualMonitor(interval='50ba'))
             monitor_on = True
         except ImportError:
             pass
     discard = Discard()
-    trainer = Trainer(model=model, train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_num_tokens),
-                      max_duration=f'{steps}ba', optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                      schedulers=WSDScheduler(t_warmup='0.02dur', t_decay='0.1dur'), algorithms=[prores],
-                      callbacks=callbacks, loggers=[discard], progress_bar=False, log_to_console=True,
-                      console_log_interval=f'{max(steps // 4, 1)}ba', seed=seed, device='cpu')
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_num_tokens),
+        max_duration=f'{steps}ba',
+        optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        schedulers=WSDScheduler(t_warmup='0.02dur', t_decay='0.1dur'),
+        algorithms=[prores],
+        callbacks=callbacks,
+        loggers=[discard],
+        progress_bar=False,
+        log_to_console=True,
+        console_log_interval=f'{max(steps // 4, 1)}ba',
+        seed=seed,
+        device='cpu',
+    )
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
@@ -192,18 +215,32 @@ def run(steps: int = 20_000, warmup_frac: float = 0.25, settle: int | None = Non
     objs = [s['objects'] for s in sampler.samples]
     med = {k: (statistics.median(v) if v else None) for k, v in sampler.step_times.items()}
     return {
-        'steps': steps, 'warmup_end': warmup_end, 'settle': settle, 'sample_every': sample_every,
-        'num_samples': len(xs), 'wall_s': wall, 'monitor': monitor_on,
-        'rss_mb_first': sampler.samples[0]['rss_mb'], 'rss_mb_last': sampler.samples[-1]['rss_mb'],
-        'rss_mb_min': min(s['rss_mb'] for s in sampler.samples), 'rss_mb_max': max(s['rss_mb'] for s in sampler.samples),
-        'objects_first': sampler.samples[0]['objects'], 'objects_last': sampler.samples[-1]['objects'],
-        'rss_slope_mb_per_1k_steps': theil_sen_per_1k(xs, rss), 'objects_slope_per_1k_steps': theil_sen_per_1k(xs, objs),
-        'rss_lsq_slope_mb_per_1k_steps': slope_per_1k(xs, rss), 'objects_lsq_slope_per_1k_steps': slope_per_1k(xs, objs),
+        'steps': steps,
+        'warmup_end': warmup_end,
+        'settle': settle,
+        'sample_every': sample_every,
+        'num_samples': len(xs),
+        'wall_s': wall,
+        'monitor': monitor_on,
+        'rss_mb_first': sampler.samples[0]['rss_mb'],
+        'rss_mb_last': sampler.samples[-1]['rss_mb'],
+        'rss_mb_min': min(s['rss_mb'] for s in sampler.samples),
+        'rss_mb_max': max(s['rss_mb'] for s in sampler.samples),
+        'objects_first': sampler.samples[0]['objects'],
+        'objects_last': sampler.samples[-1]['objects'],
+        'rss_slope_mb_per_1k_steps': theil_sen_per_1k(xs, rss),
+        'objects_slope_per_1k_steps': theil_sen_per_1k(xs, objs),
+        'rss_lsq_slope_mb_per_1k_steps': slope_per_1k(xs, rss),
+        'objects_lsq_slope_per_1k_steps': slope_per_1k(xs, objs),
         'step_ms_during_warmup': None if med['warmup'] is None else 1000 * med['warmup'],
         'step_ms_after_warmup': None if med['after'] is None else 1000 * med['after'],
-        'after_warmup': sampler.after_warmup, 'end': end, 'logger_calls': discard.calls,
+        'after_warmup': sampler.after_warmup,
+        'end': end,
+        'logger_calls': discard.calls,
         'samples': sampler.samples,
-        'torch': torch.__version__, 'python': sys.version.split()[0], 'cpu_count': os.cpu_count(),
+        'torch': torch.__version__,
+        'python': sys.version.split()[0],
+        'cpu_count': os.cpu_count(),
     }
 
 
@@ -215,13 +252,13 @@ def check(result: dict, rss_tol: float = RSS_TOL_MB_PER_1K, obj_tol: float = OBJ
         if r is None or not r['removed'] or r['alpha_buffers'] or r['branch_forward_hooks']:
             bad.append(f'{where}: ProRes not fully removed: {r}')
     if result['end']['all_forward_hooks']:
-        bad.append(f"end: {result['end']['all_forward_hooks']} forward hooks left on the model")
+        bad.append(f'end: {result["end"]["all_forward_hooks"]} forward hooks left on the model')
     if abs(result['objects_slope_per_1k_steps']) >= obj_tol:
-        bad.append(f"objects grow by {result['objects_slope_per_1k_steps']:.1f} per 1k steps (tolerance {obj_tol})")
+        bad.append(f'objects grow by {result["objects_slope_per_1k_steps"]:.1f} per 1k steps (tolerance {obj_tol})')
     if result['rss_slope_mb_per_1k_steps'] >= rss_tol:
-        bad.append(f"RSS grows by {result['rss_slope_mb_per_1k_steps']:.3f} MB per 1k steps (tolerance {rss_tol})")
+        bad.append(f'RSS grows by {result["rss_slope_mb_per_1k_steps"]:.3f} MB per 1k steps (tolerance {rss_tol})')
     if result['logger_calls'] < result['steps']:
-        bad.append(f"α was not logged every batch ({result['logger_calls']} logger calls)")
+        bad.append(f'α was not logged every batch ({result["logger_calls"]} logger calls)')
     return bad
 
 
@@ -229,25 +266,36 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--steps', type=int, default=20_000)
     p.add_argument('--no-monitor', action='store_true')
-    p.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'long_run.json'),
-                   help="JSON result path ('-': don't write)")
+    p.add_argument(
+        '--out',
+        default=str(ROOT / 'benchmarks' / 'results' / 'long_run.json'),
+        help="JSON result path ('-': don't write)",
+    )
     args = p.parse_args(argv)
     result = run(args.steps, monitor=not args.no_monitor)
     rss_tol = RSS_TOL_MB_PER_1K if args.steps >= 10_000 else RSS_TOL_MB_PER_1K_SHORT
     failures = check(result, rss_tol=rss_tol)
     result['tolerances'] = {'rss_mb_per_1k_steps': rss_tol, 'objects_per_1k_steps': OBJ_TOL_PER_1K}
     result['failures'] = failures
-    print(f"steps {result['steps']} (warmup ends at {result['warmup_end']}), wall {result['wall_s']:.0f} s, "
-          f"monitor {'on' if result['monitor'] else 'off'}")
-    print(f"step time: {result['step_ms_during_warmup']:.2f} ms during warmup, "
-          f"{result['step_ms_after_warmup']:.2f} ms after (hooks removed)")
-    print(f"RSS {result['rss_mb_first']:.1f} -> {result['rss_mb_last']:.1f} MB, slope "
-          f"{result['rss_slope_mb_per_1k_steps']:+.4f} MB per 1k steps (Theil-Sen; least squares "
-          f"{result['rss_lsq_slope_mb_per_1k_steps']:+.4f}; tolerance {rss_tol})")
-    print(f"gc objects {result['objects_first']} -> {result['objects_last']}, slope "
-          f"{result['objects_slope_per_1k_steps']:+.2f} per 1k steps (Theil-Sen; least squares "
-          f"{result['objects_lsq_slope_per_1k_steps']:+.2f}; tolerance {OBJ_TOL_PER_1K})")
-    print(f"after warmup: {result['after_warmup']}; end: {result['end']}")
+    print(
+        f'steps {result["steps"]} (warmup ends at {result["warmup_end"]}), wall {result["wall_s"]:.0f} s, '
+        f'monitor {"on" if result["monitor"] else "off"}'
+    )
+    print(
+        f'step time: {result["step_ms_during_warmup"]:.2f} ms during warmup, '
+        f'{result["step_ms_after_warmup"]:.2f} ms after (hooks removed)'
+    )
+    print(
+        f'RSS {result["rss_mb_first"]:.1f} -> {result["rss_mb_last"]:.1f} MB, slope '
+        f'{result["rss_slope_mb_per_1k_steps"]:+.4f} MB per 1k steps (Theil-Sen; least squares '
+        f'{result["rss_lsq_slope_mb_per_1k_steps"]:+.4f}; tolerance {rss_tol})'
+    )
+    print(
+        f'gc objects {result["objects_first"]} -> {result["objects_last"]}, slope '
+        f'{result["objects_slope_per_1k_steps"]:+.2f} per 1k steps (Theil-Sen; least squares '
+        f'{result["objects_lsq_slope_per_1k_steps"]:+.2f}; tolerance {OBJ_TOL_PER_1K})'
+    )
+    print(f'after warmup: {result["after_warmup"]}; end: {result["end"]}')
     if args.out != '-':
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out), result)

@@ -66,32 +66,89 @@ STALL_MARGIN = 0.1  # nats/byte above (unigram level - margin) = stalled
 ABLATION = ('linear', 'linear_square', 'equal', 'reverse', 'stagewise_0', 'staggered')
 
 MODES = {
-    'full': dict(layers=8, d_model=64, heads=4, spl=(3, 12, 25, 50, 100), seeds=(0, 1, 2), long_seeds=(3, 4),
-                 depth_norm='post', depths=(4, 8, 16), depth_spl=25, depth_steps=800, depth_seeds=(0, 1, 2),
-                 ablation_spl=50, ablation=ABLATION, ablation_seeds=(0, 1), eval_batches=20),
-    'quick': dict(layers=4, d_model=64, heads=4, spl=(3, 12), seeds=(0,), long_seeds=(),
-                  depth_norm='post', depths=(2, 4), depth_spl=12, depth_steps=96, depth_seeds=(0,),
-                  ablation_spl=12, ablation=('linear', 'linear_square'), ablation_seeds=(0,), eval_batches=4),
-    'smoke': dict(layers=2, d_model=32, heads=4, spl=(1, 2), seeds=(0,), long_seeds=(),
-                  depth_norm='post', depths=(2,), depth_spl=2, depth_steps=8, depth_seeds=(0,),
-                  ablation_spl=2, ablation=('linear', 'equal'), ablation_seeds=(0,), eval_batches=1),
+    'full': dict(
+        layers=8,
+        d_model=64,
+        heads=4,
+        spl=(3, 12, 25, 50, 100),
+        seeds=(0, 1, 2),
+        long_seeds=(3, 4),
+        depth_norm='post',
+        depths=(4, 8, 16),
+        depth_spl=25,
+        depth_steps=800,
+        depth_seeds=(0, 1, 2),
+        ablation_spl=50,
+        ablation=ABLATION,
+        ablation_seeds=(0, 1),
+        eval_batches=20,
+    ),
+    'quick': dict(
+        layers=4,
+        d_model=64,
+        heads=4,
+        spl=(3, 12),
+        seeds=(0,),
+        long_seeds=(),
+        depth_norm='post',
+        depths=(2, 4),
+        depth_spl=12,
+        depth_steps=96,
+        depth_seeds=(0,),
+        ablation_spl=12,
+        ablation=('linear', 'linear_square'),
+        ablation_seeds=(0,),
+        eval_batches=4,
+    ),
+    'smoke': dict(
+        layers=2,
+        d_model=32,
+        heads=4,
+        spl=(1, 2),
+        seeds=(0,),
+        long_seeds=(),
+        depth_norm='post',
+        depths=(2,),
+        depth_spl=2,
+        depth_steps=8,
+        depth_seeds=(0,),
+        ablation_spl=2,
+        ablation=('linear', 'equal'),
+        ablation_seeds=(0,),
+        eval_batches=1,
+    ),
 }
 
 
 # ------------------------------------------------------------------------------------------- runs
 def make_spec(study: str, norm: str, layers: int, steps: int, variant: str, seed: int, spl: float, m: dict) -> dict:
     """One run. `variant` is 'baseline' or a schedule name; `spl` = W / L, so W = spl · layers steps."""
-    return {'study': study, 'norm': norm, 'layers': layers, 'd_model': m['d_model'], 'heads': m['heads'],
-            'steps': steps, 'variant': variant, 'seed': seed, 'spl': spl,
-            't_warmup': None if variant == 'baseline' else int(round(spl * layers)),
-            'lr': LR[norm], 'lr_warmup': LR_WARMUP[norm], 'eval_batches': m['eval_batches'], 'batch': 16,
-            'seq_len': 128}
+    return {
+        'study': study,
+        'norm': norm,
+        'layers': layers,
+        'd_model': m['d_model'],
+        'heads': m['heads'],
+        'steps': steps,
+        'variant': variant,
+        'seed': seed,
+        'spl': spl,
+        't_warmup': None if variant == 'baseline' else int(round(spl * layers)),
+        'lr': LR[norm],
+        'lr_warmup': LR_WARMUP[norm],
+        'eval_batches': m['eval_batches'],
+        'batch': 16,
+        'seq_len': 128,
+    }
 
 
 def run_key(spec: dict) -> str:
     """Runs shared between studies (same settings) get the same key and are trained once."""
-    return f"{spec['norm']}-L{spec['layers']}-{spec['steps']}st-{spec['variant']}" + \
-        (f"@{spec['t_warmup']}" if spec['t_warmup'] else '') + f"-s{spec['seed']}"
+    return (
+        f'{spec["norm"]}-L{spec["layers"]}-{spec["steps"]}st-{spec["variant"]}'
+        + (f'@{spec["t_warmup"]}' if spec['t_warmup'] else '')
+        + f'-s{spec["seed"]}'
+    )
 
 
 def plan(m: dict) -> tuple[list[dict], dict[str, list[str]]]:
@@ -128,14 +185,28 @@ def plan(m: dict) -> tuple[list[dict], dict[str, list[str]]]:
 
 
 def overrides(spec: dict, data_path: Path) -> list[str]:
-    o = {'run_name': run_key(spec), 'seed': spec['seed'], 'data.path': str(data_path),
-         'model.n_layers': spec['layers'], 'model.d_model': spec['d_model'], 'model.n_heads': spec['heads'],
-         'model.norm': spec['norm'], 'optimizer.lr': spec['lr'], 'scheduler.t_warmup': spec['lr_warmup'],
-         'max_duration': f"{spec['steps']}ba", 'eval_subset_num_batches': spec['eval_batches'],
-         'console_log_interval': f"{max(1, spec['steps'] // 4)}ba"}
+    o = {
+        'run_name': run_key(spec),
+        'seed': spec['seed'],
+        'data.path': str(data_path),
+        'model.n_layers': spec['layers'],
+        'model.d_model': spec['d_model'],
+        'model.n_heads': spec['heads'],
+        'model.norm': spec['norm'],
+        'optimizer.lr': spec['lr'],
+        'scheduler.t_warmup': spec['lr_warmup'],
+        'max_duration': f'{spec["steps"]}ba',
+        'eval_subset_num_batches': spec['eval_batches'],
+        'console_log_interval': f'{max(1, spec["steps"] // 4)}ba',
+    }
     if spec['variant'] != 'baseline':
-        o.update({'algorithms.prores.schedule': spec['variant'], 'algorithms.prores.t_warmup': f"{spec['t_warmup']}ba",
-                  'algorithms.prores.log_interval': max(1, spec['steps'] // 50)})
+        o.update(
+            {
+                'algorithms.prores.schedule': spec['variant'],
+                'algorithms.prores.t_warmup': f'{spec["t_warmup"]}ba',
+                'algorithms.prores.log_interval': max(1, spec['steps'] // 50),
+            }
+        )
     return [f'{k}={v}' for k, v in o.items()]
 
 
@@ -158,8 +229,10 @@ def _final_position_cosine(data_path: Path, n_seqs: int = 32):
             ids = torch.stack([ds[i]['input_ids'] for i in range(min(n_seqs, len(ds)))])
             model = state.model.model
             out = []
-            hooks = [layer.register_forward_hook(lambda m, a, o: out.append(float(position_cosine(o))))
-                     for layer in (rl.module for rl in find_residual_layers(model))]
+            hooks = [
+                layer.register_forward_hook(lambda m, a, o: out.append(float(position_cosine(o))))
+                for layer in (rl.module for rl in find_residual_layers(model))
+            ]
             try:
                 with torch.no_grad():
                     model(ids)
@@ -178,6 +251,7 @@ def execute(spec: dict, data_path: Path, unigram: float) -> dict:
     from prores_algo.config import load_config
     from prores_algo.monitor import SpikeCounter
     from prores_algo.train import run
+
     torch.set_num_threads(1)  # two 1-thread jobs on 2 cores; 2 threads that wait on each other are far slower
     cfg = load_config(YAML, overrides(spec, data_path))
     mem, cos = InMemoryLogger(), _final_position_cosine(data_path)
@@ -185,13 +259,23 @@ def execute(spec: dict, data_path: Path, unigram: float) -> dict:
     curve = [float(v) for _, v in mem.data.get('loss/train/total', [])]
     spikes = SpikeCounter(window=max(20, spec['steps'] // 20))
     spike_steps = [i for i, v in enumerate(curve) if spikes.push(v)]
-    out = {'spec': spec, 'val_loss': res['val_loss'], 'wall_s': res['wall_s'], 'spikes': len(spike_steps),
-           'spike_steps': spike_steps, 'position_cosine': cos.values,
-           'diverged': not all(math.isfinite(v) for v in curve) or not math.isfinite(res['val_loss']),
-           'stalled': res['val_loss'] >= unigram - STALL_MARGIN, 'curve': curve[::max(1, len(curve) // 400)]}
-    alpha_keys = sorted((k for k in mem.data if k.startswith('prores/alpha/layer_')), key=lambda k: int(k.rsplit('_')[-1]))
+    out = {
+        'spec': spec,
+        'val_loss': res['val_loss'],
+        'wall_s': res['wall_s'],
+        'spikes': len(spike_steps),
+        'spike_steps': spike_steps,
+        'position_cosine': cos.values,
+        'diverged': not all(math.isfinite(v) for v in curve) or not math.isfinite(res['val_loss']),
+        'stalled': res['val_loss'] >= unigram - STALL_MARGIN,
+        'curve': curve[:: max(1, len(curve) // 400)],
+    }
+    alpha_keys = sorted(
+        (k for k in mem.data if k.startswith('prores/alpha/layer_')), key=lambda k: int(k.rsplit('_')[-1])
+    )
     if alpha_keys:  # the logged α against the formula, so a wrong schedule cannot hide in the numbers
         from prores_algo import schedules
+
         worst = 0.0
         for layer, key in enumerate(alpha_keys):
             for t, a in mem.data[key]:
@@ -221,8 +305,17 @@ def _safe_execute(spec: dict, data_path: str, unigram: float) -> dict:
     try:
         return execute(spec, Path(data_path), unigram)
     except Exception as e:  # a diverging configuration must not end the benchmark
-        return {'spec': spec, 'error': f'{type(e).__name__}: {e}', 'val_loss': float('nan'), 'wall_s': float('nan'),
-                'spikes': 0, 'diverged': True, 'stalled': False, 'curve': [], 'position_cosine': []}
+        return {
+            'spec': spec,
+            'error': f'{type(e).__name__}: {e}',
+            'val_loss': float('nan'),
+            'wall_s': float('nan'),
+            'spikes': 0,
+            'diverged': True,
+            'stalled': False,
+            'curve': [],
+            'position_cosine': [],
+        }
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -239,20 +332,29 @@ def paired(pairs: list[tuple[dict, dict]]) -> dict:
     ok = [(b, r) for b, r in pairs if not (b['stalled'] or r['stalled'] or b['diverged'] or r['diverged'])]
     d = [r['val_loss'] - b['val_loss'] for b, r in ok]
     n = len(d)
-    return {'n_pairs': len(pairs), 'n': n, 'seeds': [r['spec']['seed'] for _, r in ok],
-            'delta_mean': statistics.fmean(d) if d else None,
-            'delta_se': statistics.stdev(d) / math.sqrt(n) if n > 1 else None, 'per_seed': d,
-            'wins': sum(x < 0 for x in d),
-            'baseline_mean': statistics.fmean(b['val_loss'] for b, _ in ok) if ok else None,
-            'prores_mean': statistics.fmean(r['val_loss'] for _, r in ok) if ok else None,
-            'stalled_prores': sum(r['stalled'] for _, r in pairs), 'stalled_baseline': sum(b['stalled'] for b, _ in pairs),
-            'diverged': sum(b['diverged'] or r['diverged'] for b, r in pairs),
-            'spikes_baseline': sum(b['spikes'] for b, _ in pairs), 'spikes_prores': sum(r['spikes'] for _, r in pairs)}
+    return {
+        'n_pairs': len(pairs),
+        'n': n,
+        'seeds': [r['spec']['seed'] for _, r in ok],
+        'delta_mean': statistics.fmean(d) if d else None,
+        'delta_se': statistics.stdev(d) / math.sqrt(n) if n > 1 else None,
+        'per_seed': d,
+        'wins': sum(x < 0 for x in d),
+        'baseline_mean': statistics.fmean(b['val_loss'] for b, _ in ok) if ok else None,
+        'prores_mean': statistics.fmean(r['val_loss'] for _, r in ok) if ok else None,
+        'stalled_prores': sum(r['stalled'] for _, r in pairs),
+        'stalled_baseline': sum(b['stalled'] for b, _ in pairs),
+        'diverged': sum(b['diverged'] or r['diverged'] for b, r in pairs),
+        'spikes_baseline': sum(b['spikes'] for b, _ in pairs),
+        'spikes_prores': sum(r['spikes'] for _, r in pairs),
+    }
 
 
 def summarize(runs: dict, studies: dict, m: dict) -> dict:
-    spl = {norm: {str(x): paired(_pairs(runs, studies['spl'], norm=norm, spl=x)) for x in m['spl']}
-           for norm in ('pre', 'post')}
+    spl = {
+        norm: {str(x): paired(_pairs(runs, studies['spl'], norm=norm, spl=x)) for x in m['spl']}
+        for norm in ('pre', 'post')
+    }
     depth = {str(d): paired(_pairs(runs, studies['depth'], layers=d)) for d in m['depths']}
     ablation = {v: paired(_pairs(runs, studies['ablation'], variant=v)) for v in m['ablation']}
     return {'spl': spl, 'depth': depth, 'ablation': ablation, 'threshold': ahead_from(spl)}
@@ -277,8 +379,10 @@ def ahead_from(spl: dict) -> dict:
 # -------------------------------------------------------------------------------------------- plots
 def make_plots(results: dict, out_dir: Path) -> list[str]:
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     s, made = results['summary'], []
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -287,8 +391,15 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         for x, p in pts:
             ax.scatter([x] * len(p['per_seed']), p['per_seed'], color='tab:red', alpha=0.35, s=14)
             if p['stalled_prores']:
-                ax.annotate(f"{p['stalled_prores']} stalled", (x, 0), textcoords='offset points', xytext=(0, 8),
-                            ha='center', fontsize=8, color='tab:purple')
+                ax.annotate(
+                    f'{p["stalled_prores"]} stalled',
+                    (x, 0),
+                    textcoords='offset points',
+                    xytext=(0, 8),
+                    ha='center',
+                    fontsize=8,
+                    color='tab:purple',
+                )
         xs = [x for x, p in pts if p['delta_mean'] is not None]
         ys = [p['delta_mean'] for x, p in pts if p['delta_mean'] is not None]
         es = [p['delta_se'] or 0 for x, p in pts if p['delta_mean'] is not None]
@@ -301,7 +412,7 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         ax.set_xticklabels(list(s['spl'][norm]))
         ax.set_xlabel('α warmup steps per layer (W / L); the paper uses 1000')
         ax.set_ylabel('Δ val loss, ProRes − baseline (nats/byte)')
-        ax.set_title(f"{title}, {results['config']['layers']} layers")
+        ax.set_title(f'{title}, {results["config"]["layers"]} layers')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -312,14 +423,16 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ds = sorted(depth)
         norm_name = {'pre': 'Pre-LN', 'post': 'Post-LN'}[results['config']['depth_norm']]
-        ax.plot(ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f"{norm_name} baseline")
-        ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f"{norm_name} + ProRes")
+        ax.plot(
+            ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f'{norm_name} baseline'
+        )
+        ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f'{norm_name} + ProRes')
         ax.set_xscale('log', base=2)
         ax.set_xticks(ds)
         ax.set_xticklabels([str(d) for d in ds])
-        ax.set_xlabel(f"layers (width {results['config']['d_model']}, {results['config']['depth_steps']} steps)")
+        ax.set_xlabel(f'layers (width {results["config"]["d_model"]}, {results["config"]["depth_steps"]} steps)')
         ax.set_ylabel('final validation loss (mean over seeds)')
-        ax.set_title(f"Depth at W / L = {results['config']['depth_spl']}")
+        ax.set_title(f'Depth at W / L = {results["config"]["depth_spl"]}')
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -332,13 +445,20 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         for i, v in enumerate(names):
             ax.scatter([i] * len(ab[v]['per_seed']), ab[v]['per_seed'], color='tab:red', alpha=0.5)
             if ab[v]['stalled_prores']:
-                ax.annotate(f"{ab[v]['stalled_prores']} stalled", (i, 0), textcoords='offset points', xytext=(0, 8),
-                            ha='center', fontsize=8, color='tab:purple')
+                ax.annotate(
+                    f'{ab[v]["stalled_prores"]} stalled',
+                    (i, 0),
+                    textcoords='offset points',
+                    xytext=(0, 8),
+                    ha='center',
+                    fontsize=8,
+                    color='tab:purple',
+                )
         ax.axhline(0, color='gray', lw=1)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=30, ha='right')
         ax.set_ylabel('Δ val loss vs baseline, per seed')
-        ax.set_title(f"Post-LN schedule ablation, W / L = {results['config']['ablation_spl']}")
+        ax.set_title(f'Post-LN schedule ablation, W / L = {results["config"]["ablation_spl"]}')
         ax.grid(alpha=0.3, axis='y')
         fig.tight_layout()
         made.append(_save(fig, out_dir / 'quality_ablation.png'))
@@ -347,6 +467,7 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
 
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
@@ -385,22 +506,44 @@ def main(argv=None) -> dict:
         specs = [s for s in specs if any(run_key(s) in v for v in studies.values())]
 
     from prores_algo.data import ensure_dataset
+
     settings = dict(DATA_SETTINGS, max_tokens=SMOKE_MAX_TOKENS) if args.mode == 'smoke' else dict(DATA_SETTINGS)
     data_path = Path(args.data or (str(DATA) + ('-smoke' if args.mode == 'smoke' else '')))
     meta = ensure_dataset('stdlib', data_path, progress=False, **settings)
     unigram = unigram_level(data_path, m['eval_batches'])
 
     cmd = 'python -m benchmarks.quality' + ('' if args.mode == 'full' else f' --{args.mode}')
-    results = {'benchmark': 'quality', 'mode': args.mode, 'command': cmd, 'status': 'running',
-               'config': {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in m.items()}, 'lr': LR,
-                          'lr_warmup': LR_WARMUP, 'w_fraction': W_FRACTION, 'stall_margin': STALL_MARGIN,
-                          'unigram_level': unigram, 'batch': 16, 'seq_len': 128, 'yaml': 'benchmarks/quality.yaml',
-                          'data': {**settings, 'source': 'stdlib', 'python': meta.get('python'),
-                                   'train_tokens': meta['splits']['train']['tokens'],
-                                   'val_tokens': meta['splits']['val']['tokens']}},
-               'machine': machine_info(), 'jobs': args.jobs, 'studies': studies,
-               'planned': [run_key(s) for s in specs], 'runs': {}, 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-               'elapsed_s_previous': 0.0}
+    results = {
+        'benchmark': 'quality',
+        'mode': args.mode,
+        'command': cmd,
+        'status': 'running',
+        'config': {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in m.items()},
+            'lr': LR,
+            'lr_warmup': LR_WARMUP,
+            'w_fraction': W_FRACTION,
+            'stall_margin': STALL_MARGIN,
+            'unigram_level': unigram,
+            'batch': 16,
+            'seq_len': 128,
+            'yaml': 'benchmarks/quality.yaml',
+            'data': {
+                **settings,
+                'source': 'stdlib',
+                'python': meta.get('python'),
+                'train_tokens': meta['splits']['train']['tokens'],
+                'val_tokens': meta['splits']['val']['tokens'],
+            },
+        },
+        'machine': machine_info(),
+        'jobs': args.jobs,
+        'studies': studies,
+        'planned': [run_key(s) for s in specs],
+        'runs': {},
+        'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+        'elapsed_s_previous': 0.0,
+    }
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
         for k, r in old.get('runs', {}).items():
@@ -410,8 +553,10 @@ def main(argv=None) -> dict:
             results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
             results['resumed'] = int(old.get('resumed', 0)) + 1
     todo = [s for s in specs if run_key(s) not in results['runs']]
-    print(f'{len(specs)} runs, {len(specs) - len(todo)} kept from {out.name}, {len(todo)} to run with {args.jobs} jobs',
-          flush=True)
+    print(
+        f'{len(specs)} runs, {len(specs) - len(todo)} kept from {out.name}, {len(todo)} to run with {args.jobs} jobs',
+        flush=True,
+    )
     t0 = time.time()
 
     def record(r):
@@ -422,20 +567,24 @@ def main(argv=None) -> dict:
 
     # one fresh process per run: streaming keeps shared memory and file handles per process, and a worker that
     # ran dozens of runs hit the open-file limit (EMFILE) in an earlier version of this benchmark
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn'),
-                             max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn'), max_tasks_per_child=1
+    ) as pool:
         futures = [pool.submit(_safe_execute, s, str(data_path), unigram) for s in todo]  # priority order
         for f in as_completed(futures):
             r = f.result()
             record(r)
-            print(f"{run_key(r['spec'])}: val_loss {r['val_loss']:.4f} stalled {r['stalled']} spikes {r['spikes']} "
-                  f"wall {r['wall_s']:.0f} s" + (f" ERROR {r['error']}" if 'error' in r else ''), flush=True)
+            print(
+                f'{run_key(r["spec"])}: val_loss {r["val_loss"]:.4f} stalled {r["stalled"]} spikes {r["spikes"]} '
+                f'wall {r["wall_s"]:.0f} s' + (f' ERROR {r["error"]}' if 'error' in r else ''),
+                flush=True,
+            )
     results['summary'] = summarize(results['runs'], studies, m)
     results['status'] = 'complete' if all(run_key(s) in results['runs'] for s in specs) else 'partial'
     results['elapsed_s'] = time.time() - t0
     results['figures'] = make_plots(results, out.parent)
     write_json(out, results)
-    print(f"wrote {out}: {len(results['runs'])} runs, ahead from W/L = {results['summary']['threshold']}", flush=True)
+    print(f'wrote {out}: {len(results["runs"])} runs, ahead from W/L = {results["summary"]["threshold"]}', flush=True)
     return results
 
 

@@ -38,16 +38,16 @@ def delta(p: dict) -> str:
     """'Δ ± SE (n)' over the pairs that trained; stalls are reported in their own column."""
     if p['delta_mean'] is None:
         return '—'
-    se = f" ± {p['delta_se']:.3f}" if p['delta_se'] is not None else ''
-    return f"{p['delta_mean']:+.3f}{se}"
+    se = f' ± {p["delta_se"]:.3f}' if p['delta_se'] is not None else ''
+    return f'{p["delta_mean"]:+.3f}{se}'
 
 
 def won(p: dict) -> str:
-    return f"{p['wins']}/{p['n']}" if p['n'] else '—'
+    return f'{p["wins"]}/{p["n"]}' if p['n'] else '—'
 
 
 def stalls(p: dict) -> str:
-    return f"{p['stalled_prores']} / {p['stalled_baseline']}"
+    return f'{p["stalled_prores"]} / {p["stalled_baseline"]}'
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -57,8 +57,16 @@ def quality_answer(q: dict) -> str:
         for spl, p in q['summary']['spl'][norm].items():
             if p['n_pairs']:
                 rows.append([label, spl, delta(p), won(p), stalls(p)])
-    return table(['norm', 'α warmup steps per layer (W / L)', 'Δ val loss, ProRes − baseline (mean ± SE)',
-                  'seeds ProRes ahead', 'stalled runs ProRes / baseline'], rows)
+    return table(
+        [
+            'norm',
+            'α warmup steps per layer (W / L)',
+            'Δ val loss, ProRes − baseline (mean ± SE)',
+            'seeds ProRes ahead',
+            'stalled runs ProRes / baseline',
+        ],
+        rows,
+    )
 
 
 def quality_spl_detail(q: dict) -> str:
@@ -68,11 +76,31 @@ def quality_spl_detail(q: dict) -> str:
             if not p['n_pairs']:
                 continue
             steps = int(round(float(spl) * c['layers'] / c['w_fraction']))
-            rows.append([label, spl, str(steps), fmt(p['baseline_mean']), fmt(p['prores_mean']),
-                         ', '.join(f'{d:+.3f}' for d in p['per_seed']) or '—',
-                         f"{p['spikes_prores']} / {p['spikes_baseline']}", str(p['diverged'])])
-    return table(['norm', 'W / L', 'steps', 'baseline val loss', 'ProRes val loss', 'Δ per seed (seeds that trained)',
-                  'loss spikes ProRes / baseline', 'diverged pairs'], rows)
+            rows.append(
+                [
+                    label,
+                    spl,
+                    str(steps),
+                    fmt(p['baseline_mean']),
+                    fmt(p['prores_mean']),
+                    ', '.join(f'{d:+.3f}' for d in p['per_seed']) or '—',
+                    f'{p["spikes_prores"]} / {p["spikes_baseline"]}',
+                    str(p['diverged']),
+                ]
+            )
+    return table(
+        [
+            'norm',
+            'W / L',
+            'steps',
+            'baseline val loss',
+            'ProRes val loss',
+            'Δ per seed (seeds that trained)',
+            'loss spikes ProRes / baseline',
+            'diverged pairs',
+        ],
+        rows,
+    )
 
 
 def quality_depth(q: dict) -> str:
@@ -80,8 +108,17 @@ def quality_depth(q: dict) -> str:
     for d, p in q['summary']['depth'].items():
         if p['n_pairs']:
             rows.append([d, fmt(p['baseline_mean']), fmt(p['prores_mean']), delta(p), won(p), stalls(p)])
-    return table(['layers', 'baseline val loss', 'ProRes val loss', 'Δ (mean ± SE)', 'seeds ProRes ahead',
-                  'stalled ProRes / baseline'], rows)
+    return table(
+        [
+            'layers',
+            'baseline val loss',
+            'ProRes val loss',
+            'Δ (mean ± SE)',
+            'seeds ProRes ahead',
+            'stalled ProRes / baseline',
+        ],
+        rows,
+    )
 
 
 def quality_ablation(q: dict) -> str:
@@ -89,18 +126,21 @@ def quality_ablation(q: dict) -> str:
     for v, p in q['summary']['ablation'].items():
         if p['n_pairs']:
             rows.append([f'`{v}`', delta(p), ', '.join(f'{d:+.3f}' for d in p['per_seed']) or '—', won(p), stalls(p)])
-    return table(['schedule', 'Δ vs baseline (mean ± SE)', 'Δ per seed', 'seeds ahead', 'stalled ProRes / baseline'],
-                 rows)
+    return table(
+        ['schedule', 'Δ vs baseline (mean ± SE)', 'Δ per seed', 'seeds ahead', 'stalled ProRes / baseline'], rows
+    )
 
 
 def quality_status(q: dict) -> str:
     planned, done = len(q['planned']), len(q['runs'])
     hours = (float(q.get('elapsed_s') or 0) + float(q.get('elapsed_s_previous') or 0)) / 3600
     c = q['config']
-    return (f"Status: **{q['status']}**, {done} of {planned} runs measured ({hours:.1f} h of wall time with "
-            f"{q['jobs']} jobs on {q['machine']['cpu_count']} cores, torch {q['machine']['torch']}). Unigram "
-            f"level of the evaluated validation bytes: {c['unigram_level']:.3f} nats; a run within "
-            f"{c['stall_margin']} of it counts as stalled.")
+    return (
+        f'Status: **{q["status"]}**, {done} of {planned} runs measured ({hours:.1f} h of wall time with '
+        f'{q["jobs"]} jobs on {q["machine"]["cpu_count"]} cores, torch {q["machine"]["torch"]}). Unigram '
+        f'level of the evaluated validation bytes: {c["unigram_level"]:.3f} nats; a run within '
+        f'{c["stall_margin"]} of it counts as stalled.'
+    )
 
 
 def overhead_table(r: dict) -> str:
@@ -109,15 +149,27 @@ def overhead_table(r: dict) -> str:
         tm, s = m['timing'], m['summary']
         w, a = tm['prores_warmup'], tm['prores_done']
         comp = m.get('compile') or {}
-        rows.append([f"{name} ({m['params'] / 1e6:.2f}M)",
-                     f"{tm['baseline']['median_step_cpu_s'] * 1e3:.0f}",
-                     f"**{w['ratio_median']:.3f}** [{w['ratio_q25']:.3f}, {w['ratio_q75']:.3f}]",
-                     f"**{a['ratio_median']:.3f}** [{a['ratio_q25']:.3f}, {a['ratio_q75']:.3f}]",
-                     f"{s['peak_memory_ratio']:.4f} / {s['peak_memory_ratio_after']:.4f}",
-                     f"{comp.get('recompiles_from_alpha_updates', '—')} / {comp.get('recompiles_at_removal', '—')}"])
-    return table(['model', 'baseline step, CPU ms', 'step-time ratio during warmup, median [IQR]',
-                  'after warmup, median [IQR]', 'peak memory ratio during / after',
-                  'recompiles from α updates / at removal'], rows)
+        rows.append(
+            [
+                f'{name} ({m["params"] / 1e6:.2f}M)',
+                f'{tm["baseline"]["median_step_cpu_s"] * 1e3:.0f}',
+                f'**{w["ratio_median"]:.3f}** [{w["ratio_q25"]:.3f}, {w["ratio_q75"]:.3f}]',
+                f'**{a["ratio_median"]:.3f}** [{a["ratio_q25"]:.3f}, {a["ratio_q75"]:.3f}]',
+                f'{s["peak_memory_ratio"]:.4f} / {s["peak_memory_ratio_after"]:.4f}',
+                f'{comp.get("recompiles_from_alpha_updates", "—")} / {comp.get("recompiles_at_removal", "—")}',
+            ]
+        )
+    return table(
+        [
+            'model',
+            'baseline step, CPU ms',
+            'step-time ratio during warmup, median [IQR]',
+            'after warmup, median [IQR]',
+            'peak memory ratio during / after',
+            'recompiles from α updates / at removal',
+        ],
+        rows,
+    )
 
 
 def overhead_mechanisms(r: dict) -> str:
@@ -126,17 +178,29 @@ def overhead_mechanisms(r: dict) -> str:
         return '(not measured in this overhead.json: rerun `python -m benchmarks.overhead`)'
     b, t, sh = m['bytes'], m['timing'], m['bytes_shape']
     rows = []
-    for mech, key, label in (('hook', 'prores_hook', 'output hook (before 2026-11-30; `mechanism=\'hook\'`)'),
-                             ('gemm', 'prores_gemm', 'α in the GEMMs (default)')):
-        rows.append([label, f"{b['float32'][f'{mech}_extra_bytes'] / 1e9:.6g} GB",
-                     f"{b['bfloat16'][f'{mech}_extra_bytes'] / 1e9:.6g} GB",
-                     f"{t[key]['ratio_median']:.3f} [{t[key]['ratio_q25']:.3f}, {t[key]['ratio_q75']:.3f}]"])
-    head = (f"extra bytes per training step, {sh['layers']} layers × {sh['d_model']}, {sh['batch']}×{sh['seq']} "
-            'tokens')
+    for mech, key, label in (
+        ('hook', 'prores_hook', "output hook (before 2026-11-30; `mechanism='hook'`)"),
+        ('gemm', 'prores_gemm', 'α in the GEMMs (default)'),
+    ):
+        rows.append(
+            [
+                label,
+                f'{b["float32"][f"{mech}_extra_bytes"] / 1e9:.6g} GB',
+                f'{b["bfloat16"][f"{mech}_extra_bytes"] / 1e9:.6g} GB',
+                f'{t[key]["ratio_median"]:.3f} [{t[key]["ratio_q25"]:.3f}, {t[key]["ratio_q75"]:.3f}]',
+            ]
+        )
+    head = f'extra bytes per training step, {sh["layers"]} layers × {sh["d_model"]}, {sh["batch"]}×{sh["seq"]} tokens'
     td = m['timing_dims']
-    return table(['mechanism', f'{head}, fp32', 'same, bf16',
-                  f"CPU step-time ratio, eager, {td['layers']} layers × {td['d_model']}, {td['batch']}×{td['seq']} tokens"],
-                 rows)
+    return table(
+        [
+            'mechanism',
+            f'{head}, fp32',
+            'same, bf16',
+            f'CPU step-time ratio, eager, {td["layers"]} layers × {td["d_model"]}, {td["batch"]}×{td["seq"]} tokens',
+        ],
+        rows,
+    )
 
 
 def sharded_memory(r: dict) -> str:
@@ -146,11 +210,25 @@ def sharded_memory(r: dict) -> str:
         s = r['stacks'][stack]
         off = max(rank['off']['peak_above_start_bytes'] for rank in s['per_rank'])
         ratio = s['max_ratio_vs_off']
-        rows.append([label, f'{off / 1e6:.2f} MB', f"**{ratio['hook']:.4f}**", f"**{ratio['gemm']:.4f}**",
-                     f"{ratio['weight_copy']:.4f}"])
-    return table([f"2 CPU processes, {c['layers']} layers × {c['d_model']}, {c['batch']}×{c['seq']} tokens per rank",
-                  'step peak above start, ProRes off', 'ratio: output hook', 'ratio: α in the GEMMs (default)',
-                  'ratio: control, scaled weight copy'], rows)
+        rows.append(
+            [
+                label,
+                f'{off / 1e6:.2f} MB',
+                f'**{ratio["hook"]:.4f}**',
+                f'**{ratio["gemm"]:.4f}**',
+                f'{ratio["weight_copy"]:.4f}',
+            ]
+        )
+    return table(
+        [
+            f'2 CPU processes, {c["layers"]} layers × {c["d_model"]}, {c["batch"]}×{c["seq"]} tokens per rank',
+            'step peak above start, ProRes off',
+            'ratio: output hook',
+            'ratio: α in the GEMMs (default)',
+            'ratio: control, scaled weight copy',
+        ],
+        rows,
+    )
 
 
 GENERATORS = {
@@ -167,15 +245,18 @@ GENERATORS = {
 
 def render(text: str, sources: dict[str, dict]) -> str:
     """Replace every generated block of `text` whose source is available."""
+
     def fill(m):
         name = m.group(1)
         if name not in GENERATORS:
-            raise ValueError(f'RESULTS.md has a generated block {name!r} that report.py does not know: '
-                             f'one of {sorted(GENERATORS)}')
+            raise ValueError(
+                f'RESULTS.md has a generated block {name!r} that report.py does not know: one of {sorted(GENERATORS)}'
+            )
         source, fn = GENERATORS[name]
         if sources.get(source) is None:
             return m.group(0)
         return f'<!-- BEGIN generated:{name} -->\n{fn(sources[source])}\n<!-- END generated:{name} -->'
+
     return re.sub(r'<!-- BEGIN generated:([\w-]+) -->.*?<!-- END generated:\1 -->', fill, text, flags=re.S)
 
 
@@ -187,9 +268,10 @@ def main(argv=None) -> str:
     p.add_argument('--out', default=str(HERE / 'RESULTS.md'), help='the Markdown file whose tables are filled in')
     p.add_argument('--check', action='store_true', help='exit 1 if the tables are not up to date')
     args = p.parse_args(argv)
-    sources = {k: json.loads(Path(v).read_text()) if Path(v).is_file() else None
-               for k, v in (('overhead', args.overhead), ('quality', args.quality),
-                            ('sharded_memory', args.sharded_memory))}
+    sources = {
+        k: json.loads(Path(v).read_text()) if Path(v).is_file() else None
+        for k, v in (('overhead', args.overhead), ('quality', args.quality), ('sharded_memory', args.sharded_memory))
+    }
     out = Path(args.out)
     old = out.read_text()
     new = render(old, sources)

@@ -5,16 +5,28 @@ The core (`schedules`, `surgery`, `policies`) needs only torch; `ProRes` (the Co
 """
 
 from prores_algo import schedules
-from prores_algo.policies import register_policy
 from prores_algo.export import fold_prores
 from prores_algo.layers import find_residual_layers
+from prores_algo.policies import register_policy
 from prores_algo.surgery import ProResController, apply_prores
 
 __version__ = '0.1.0'
 
-__all__ = ['ProRes', 'apply_prores', 'find_residual_layers', 'ProResController', 'register_policy', 'schedules',
-           'WSDScheduler', 'wsd_multiplier', 'fold_prores', 'ResidualMonitor', 'ProResCallback', 'plot_alpha_heatmap',
-           '__version__']
+__all__ = [
+    'ProRes',
+    'apply_prores',
+    'find_residual_layers',
+    'ProResController',
+    'register_policy',
+    'schedules',
+    'WSDScheduler',
+    'wsd_multiplier',
+    'fold_prores',
+    'ResidualMonitor',
+    'ProResCallback',
+    'plot_alpha_heatmap',
+    '__version__',
+]
 
 _LAZY = {
     'ProRes': 'prores_algo.integrations.composer',
@@ -29,5 +41,6 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:  # Composer / transformers / matplotlib are imported only when asked for
         import importlib
+
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -28,6 +28,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(BaseModel):
     """`name` picks the family; every other key is that family's argument (checked by the builder)."""
+
     model_config = ConfigDict(extra='allow', protected_namespaces=())
     name: Literal['reference', 'hf_causal_lm']
 
@@ -134,11 +135,14 @@ class TrainConfig(_Strict):
         """Checked here so a typo is reported with its key, not as Composer's bare 'Invalid time string'."""
         if isinstance(v, str):
             from composer.core import Time
+
             try:
                 Time.from_timestring(v)
             except (ValueError, TypeError):
-                raise ValueError("must be a number with a time unit, e.g. '600ba' (batches), '1ep' (epochs), "
-                                 "'5e8tok' (tokens) or '1e6sp' (samples)") from None
+                raise ValueError(
+                    "must be a number with a time unit, e.g. '600ba' (batches), '1ep' (epochs), "
+                    "'5e8tok' (tokens) or '1e6sp' (samples)"
+                ) from None
         return v
 
 
@@ -181,8 +185,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f'{source}: ' + '; '.join(lines)
 
 
-def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None,
-                data: Optional[dict[str, Any]] = None) -> TrainConfig:
+def load_config(
+    path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None, data: Optional[dict[str, Any]] = None
+) -> TrainConfig:
     """Load a YAML file (or a dict) and apply `key=value` overrides (OmegaConf dot-list syntax)."""
     import yaml  # a dependency of omegaconf
     from omegaconf import DictConfig, OmegaConf
@@ -197,13 +202,14 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
         except Exception as e:  # yaml.YAMLError and OmegaConf errors: point at the file
             raise ConfigError(f'{path}: not valid YAML: {e}') from None
         if not isinstance(cfg, DictConfig):
-            raise ConfigError(f'{path}: the top level of the YAML must be a mapping of keys '
-                              '(e.g. `max_duration: 600ba`)')
+            raise ConfigError(
+                f'{path}: the top level of the YAML must be a mapping of keys (e.g. `max_duration: 600ba`)'
+            )
     else:
         cfg = OmegaConf.create(data or {})
     for item in overrides or []:
         if '=' not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. max_duration=100ba")
+            raise ConfigError(f'override {item!r} must look like key=value, e.g. max_duration=100ba')
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         raw = OmegaConf.to_container(cfg, resolve=True)
@@ -220,19 +226,23 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
 def _culprit(cfg, overrides) -> str:
     """Which override cannot be merged (e.g. a list over a mapping), to name it in the error."""
     from omegaconf import OmegaConf
+
     for item in overrides or []:
         try:
             OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except Exception:
             key = item.split('=', 1)[0]
-            return (f"override {item!r} cannot be applied to '{key}': give a plain value of the same kind as in the "
-                    f"config (a mapping is overridden key by key, e.g. {key}.<name>=<value>). ")
+            return (
+                f"override {item!r} cannot be applied to '{key}': give a plain value of the same kind as in the "
+                f'config (a mapping is overridden key by key, e.g. {key}.<name>=<value>). '
+            )
     return ''
 
 
 def check_kwargs(where: str, target, kwargs: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fail with the key and the accepted names if `kwargs` has a key `target`'s signature lacks."""
     import inspect
+
     params = inspect.signature(target).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return kwargs

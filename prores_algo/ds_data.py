@@ -1,11 +1,11 @@
 """The DeepSpeed loop's data: a synthetic deterministic token set split over ranks, or MDS shards.
 
-  * `SyntheticTokens` — learnable arithmetic sequences, the same sample k in every run and on every
-    rank; `synthetic_loader` splits it over ranks with a `DistributedSampler` (no `data.path`);
-  * `mds_loader` — MDS shards through `prores_algo.data.build_dataloader`, which partitions over ranks
-    itself;
-  * `micro_batches` — endless micro-batches from a given position (resume skips what was consumed);
-  * `loaders` — the train / eval loaders of a run.
+* `SyntheticTokens` — learnable arithmetic sequences, the same sample k in every run and on every
+  rank; `synthetic_loader` splits it over ranks with a `DistributedSampler` (no `data.path`);
+* `mds_loader` — MDS shards through `prores_algo.data.build_dataloader`, which partitions over ranks
+  itself;
+* `micro_batches` — endless micro-batches from a given position (resume skips what was consumed);
+* `loaders` — the train / eval loaders of a run.
 """
 
 from __future__ import annotations
@@ -50,14 +50,16 @@ def synthetic_loader(n: int, seq_len: int, vocab: int, micro: int, rank: int, wo
     return loader, sampler
 
 
-def mds_loader(path: str, split: str, micro: int, *, seq_len: int, vocab: int, seed: int,
-               local_cache: Optional[str], shuffle: bool):
+def mds_loader(
+    path: str, split: str, micro: int, *, seq_len: int, vocab: int, seed: int, local_cache: Optional[str], shuffle: bool
+):
     try:
         from prores_algo.data import build_dataloader
     except ImportError as e:
         raise ValueError(f'--data needs prores_algo.data.build_dataloader (and mosaicml-streaming): {e}') from e
-    spec = build_dataloader(path, split, micro, seq_len=seq_len, shuffle=shuffle, seed=seed, vocab_size=vocab,
-                            local_cache=local_cache)
+    spec = build_dataloader(
+        path, split, micro, seq_len=seq_len, shuffle=shuffle, seed=seed, vocab_size=vocab, local_cache=local_cache
+    )
     return getattr(spec, 'dataloader', spec)
 
 
@@ -92,6 +94,18 @@ def loaders(plan: StepPlan, opts: DSOptions, micro: int, accum: int, rank: int, 
         return train_loader, None, eval_loader
     n = opts.num_samples or max(plan.steps * micro * accum * world, micro * world)
     train_loader, sampler = synthetic_loader(n, seq_len, vocab, micro, rank, world, plan.seed, shuffle=True)
-    eval_loader = synthetic_loader(max(opts.eval_samples, micro * world), seq_len, vocab, micro, rank, world,
-                                   plan.seed + 1_000_003, shuffle=False)[0] if opts.eval_samples else None
+    eval_loader = (
+        synthetic_loader(
+            max(opts.eval_samples, micro * world),
+            seq_len,
+            vocab,
+            micro,
+            rank,
+            world,
+            plan.seed + 1_000_003,
+            shuffle=False,
+        )[0]
+        if opts.eval_samples
+        else None
+    )
     return train_loader, sampler, eval_loader

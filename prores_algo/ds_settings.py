@@ -33,6 +33,7 @@ DEFAULT_LR = 1e-3  # the peak LR when neither the config nor the DeepSpeed JSON 
 @dataclasses.dataclass
 class DSOptions:
     """The DeepSpeed loop's own options (none of them is in a `TrainConfig`)."""
+
     deepspeed_config: Any = 'yamls/deepspeed/zero3.json'  # path or dict
     # None: take it from the DeepSpeed JSON; a value must agree with it (fills it if absent / "auto")
     micro_batch_size: Optional[int] = None
@@ -54,16 +55,36 @@ _OPTION_KEYS = tuple(f.name for f in dataclasses.fields(DSOptions))
 # The flat options (CLI flags, `ds_train.train(dict)`): DSOptions' plus these, mapped by `from_flat`.
 DEFAULTS: dict[str, Any] = {
     # model
-    'n_layers': 4, 'd_model': 64, 'n_heads': 4, 'seq_len': 64, 'vocab': 256, 'norm': 'pre',
+    'n_layers': 4,
+    'd_model': 64,
+    'n_heads': 4,
+    'seq_len': 64,
+    'vocab': 256,
+    'norm': 'pre',
     'd_ffn': None,  # None: DecoderConfig's default (SwiGLU 8/3 x d_model, rounded); the paper's 1.3B sets 5632
-    'final_norm': True, 'deepnet_init': None,  # None: the official rule, default_deepnet_init(prores on)
+    'final_norm': True,
+    'deepnet_init': None,  # None: the official rule, default_deepnet_init(prores on)
     # optimisation (lr None: the JSON optimizer's lr, else DEFAULT_LR)
-    'steps': 20, 'lr': None, 'weight_decay': 0.1, 'betas': (0.9, 0.95),
-    'lr_schedule': 'wsd', 'lr_warmup': '0.02dur', 'lr_decay': '0.1dur', 'alpha_f': 0.0, 'lr_warmup_delay': 0,
+    'steps': 20,
+    'lr': None,
+    'weight_decay': 0.1,
+    'betas': (0.9, 0.95),
+    'lr_schedule': 'wsd',
+    'lr_warmup': '0.02dur',
+    'lr_decay': '0.1dur',
+    'alpha_f': 0.0,
+    'lr_warmup_delay': 0,
     # ProRes
-    'prores': True, 'schedule': 'linear', 't_warmup': None,
+    'prores': True,
+    'schedule': 'linear',
+    't_warmup': None,
     # data (None: the synthetic token set) and loop
-    'data': None, 'local_cache': None, 'seed': 0, 'eval_every': 0, 'save_dir': None, 'save_interval': 0,
+    'data': None,
+    'local_cache': None,
+    'seed': 0,
+    'eval_every': 0,
+    'save_dir': None,
+    'save_interval': 0,
     'load_dir': None,
     # checked against the JSON's train_batch_size when given (None: the JSON's)
     'global_train_batch_size': None,
@@ -85,35 +106,56 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
     steps = int(f['steps'])
     if steps < 1:
         raise ValueError(f'steps must be >= 1, got {steps}')
-    model = {'name': 'reference', 'vocab_size': f['vocab'], 'd_model': f['d_model'], 'n_layers': f['n_layers'],
-             'n_heads': f['n_heads'], 'max_seq_len': f['seq_len'], 'norm': f['norm'], 'final_norm': f['final_norm']}
+    model = {
+        'name': 'reference',
+        'vocab_size': f['vocab'],
+        'd_model': f['d_model'],
+        'n_layers': f['n_layers'],
+        'n_heads': f['n_heads'],
+        'max_seq_len': f['seq_len'],
+        'norm': f['norm'],
+        'final_norm': f['final_norm'],
+    }
     for key in ('d_ffn', 'deepnet_init'):
         if f[key] is not None:
             model[key] = f[key]
-    delay = f"{whole_steps(f['lr_warmup_delay'], 'lr_warmup_delay', steps)}ba"  # a 'dur' fraction: floored
+    delay = f'{whole_steps(f["lr_warmup_delay"], "lr_warmup_delay", steps)}ba'  # a 'dur' fraction: floored
     algorithms = {}
     if f['prores'] and f['schedule'] not in (None, 'none', 'off'):
         algorithms['prores'] = {'schedule': f['schedule'], 'lr_warmup_delay': delay}
         if f['t_warmup'] is not None:
             algorithms['prores']['t_warmup'] = f['t_warmup']
     elif delay != '0ba':
-        raise ValueError(f"lr_warmup_delay={f['lr_warmup_delay']!r} delays the LR warmup for ProRes "
-                         '(algorithms.prores.lr_warmup_delay): it needs ProRes on')
+        raise ValueError(
+            f'lr_warmup_delay={f["lr_warmup_delay"]!r} delays the LR warmup for ProRes '
+            '(algorithms.prores.lr_warmup_delay): it needs ProRes on'
+        )
     raw = {
-        'seed': f['seed'], 'model': model, 'global_train_batch_size': f['global_train_batch_size'],
+        'seed': f['seed'],
+        'model': model,
+        'global_train_batch_size': f['global_train_batch_size'],
         'data': {'path': f['data'], 'source': None, 'seq_len': f['seq_len'], 'local_cache': f['local_cache']},
         'optimizer': {'name': 'adamw', 'lr': f['lr'], 'betas': list(f['betas']), 'weight_decay': f['weight_decay']},
-        'scheduler': {'name': f['lr_schedule'], 't_warmup': f['lr_warmup'], 't_decay': f['lr_decay'],
-                      'alpha_f': f['alpha_f']},
-        'algorithms': algorithms, 'max_duration': f'{steps}ba', 'eval_interval': f['eval_every'],
-        'save_folder': f['save_dir'], 'save_interval': f['save_interval'], 'load_path': f['load_dir'],
+        'scheduler': {
+            'name': f['lr_schedule'],
+            't_warmup': f['lr_warmup'],
+            't_decay': f['lr_decay'],
+            'alpha_f': f['alpha_f'],
+        },
+        'algorithms': algorithms,
+        'max_duration': f'{steps}ba',
+        'eval_interval': f['eval_every'],
+        'save_folder': f['save_dir'],
+        'save_interval': f['save_interval'],
+        'load_path': f['load_dir'],
         'autoresume': f['autoresume'],
     }
     return load_config(data=raw), DSOptions(**{k: f[k] for k in _OPTION_KEYS})
 
 
-def from_yaml(path: str, overrides: Optional[list[str]] = None,
-              flags: Optional[Mapping[str, Any]] = None) -> tuple[TrainConfig, DSOptions]:
+def from_yaml(
+    path: str, overrides: Optional[list[str]] = None, flags: Optional[Mapping[str, Any]] = None
+) -> tuple[TrainConfig, DSOptions]:
     """`--config YAML key=value ...`: the YAML through `load_config` (as prores-train reads it), DSOptions
     from the flags. `--autoresume` and `--local_cache`, when given, win over the YAML."""
     config = load_config(path, overrides)
@@ -160,43 +202,62 @@ _MAPPED = ('n_layers', 'd_model', 'n_heads', 'vocab_size', 'norm', 'final_norm',
 def resolve(config: TrainConfig) -> StepPlan:
     """What this loop trains for `config`; ConfigError / ValueError for what it cannot honour."""
     from prores_algo.models.decoder import DecoderConfig
+
     if config.model.name != 'reference':
-        raise ConfigError(f'model.name={config.model.name!r}: the DeepSpeed loop trains the reference decoder; '
-                          'use model.name=reference (HF models: the Hugging Face Trainer with deepspeed=)')
+        raise ConfigError(
+            f'model.name={config.model.name!r}: the DeepSpeed loop trains the reference decoder; '
+            'use model.name=reference (HF models: the Hugging Face Trainer with deepspeed=)'
+        )
     m = config.model.kwargs
     defaults = {f.name: f.default for f in dataclasses.fields(DecoderConfig)}
     dropped = sorted(k for k, v in m.items() if k not in _MAPPED and (k not in defaults or v != defaults[k]))
     if dropped:  # keys not checked under ZeRO-3 here: refused rather than trained differently
-        raise ConfigError(f'model: the DeepSpeed loop does not take {dropped} (it maps {sorted(_MAPPED)}); remove '
-                          'them or leave them at their defaults')
+        raise ConfigError(
+            f'model: the DeepSpeed loop does not take {dropped} (it maps {sorted(_MAPPED)}); remove '
+            'them or leave them at their defaults'
+        )
     for key, value in (('save_folder', config.save_folder), ('load_path', config.load_path)):
         if value and recipe.is_url(value):
-            raise ConfigError(f'{key}={value!r}: DeepSpeed reads and writes checkpoints as files; on several nodes '
-                              'use a folder every node can reach (a shared filesystem), not an object-store URL')
+            raise ConfigError(
+                f'{key}={value!r}: DeepSpeed reads and writes checkpoints as files; on several nodes '
+                'use a folder every node can reach (a shared filesystem), not an object-store URL'
+            )
     unknown_algos = set(config.algorithms) - {'prores', 'gradient_clipping'}
     if unknown_algos:
-        raise ConfigError(f'algorithms: {sorted(unknown_algos)} are Composer algorithms; the DeepSpeed loop runs '
-                          'only prores (clipping comes from the DeepSpeed JSON `gradient_clipping`)')
+        raise ConfigError(
+            f'algorithms: {sorted(unknown_algos)} are Composer algorithms; the DeepSpeed loop runs '
+            'only prores (clipping comes from the DeepSpeed JSON `gradient_clipping`)'
+        )
     steps = whole_steps(config.max_duration, 'max_duration')
     if steps < 1:
         raise ValueError(f'steps must be >= 1, got {steps}')
     prores = recipe.prores(config)
     sched = recipe.lr_schedule(config)
     return StepPlan(
-        model=recipe.decoder_config(config), prores=prores,
-        t_warmup=None if prores.t_warmup is None else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup',
-                                                                    steps),
+        model=recipe.decoder_config(config),
+        prores=prores,
+        t_warmup=None
+        if prores.t_warmup is None
+        else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup', steps),
         lr_warmup_delay=whole_steps(prores.lr_warmup_delay, 'algorithms.prores.lr_warmup_delay', steps),
         optimizer=recipe.optimizer(config),
         lr_schedule='constant' if sched is None else sched.name,
         lr_warmup=0 if sched is None else sched.kwargs.get('t_warmup', DEFAULTS['lr_warmup']),
         lr_decay=DEFAULTS['lr_decay'] if sched is None else sched.kwargs.get('t_decay', DEFAULTS['lr_decay']),
         alpha_f=0.0 if sched is None else sched.kwargs.get('alpha_f', 0.0),
-        steps=steps, seed=config.seed, data=config.data.path, seq_len=config.data.seq_len, local_cache=config.data.local_cache,
-        data_build=recipe.dataset_build_args(config), global_train_batch_size=config.global_train_batch_size,
-        eval_every=whole_steps(config.eval_interval, 'eval_interval', steps), save_dir=config.save_folder,
-        save_interval=whole_steps(config.save_interval, 'save_interval', steps), load_dir=config.load_path,
-        autoresume=config.autoresume)
+        steps=steps,
+        seed=config.seed,
+        data=config.data.path,
+        seq_len=config.data.seq_len,
+        local_cache=config.data.local_cache,
+        data_build=recipe.dataset_build_args(config),
+        global_train_batch_size=config.global_train_batch_size,
+        eval_every=whole_steps(config.eval_interval, 'eval_interval', steps),
+        save_dir=config.save_folder,
+        save_interval=whole_steps(config.save_interval, 'save_interval', steps),
+        load_dir=config.load_path,
+        autoresume=config.autoresume,
+    )
 
 
 def _warmup_steps(value: Any, field: str, max_steps: int) -> float:
@@ -212,13 +273,19 @@ def _time_arg(value: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m prores_algo.ds_train',
-                                description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.')
+    p = argparse.ArgumentParser(
+        prog='python -m prores_algo.ds_train',
+        description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.',
+    )
     d = DEFAULTS
     p.add_argument('--deepspeed_config', default=d['deepspeed_config'], help='DeepSpeed JSON (default: %(default)s)')
     p.add_argument('--local_rank', type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument('--config', default=None, help='a training YAML (as for prores-train); key=value overrides may '
-                   'follow; model/data/optimizer/scheduler/ProRes then come from it')
+    p.add_argument(
+        '--config',
+        default=None,
+        help='a training YAML (as for prores-train); key=value overrides may '
+        'follow; model/data/optimizer/scheduler/ProRes then come from it',
+    )
     p.add_argument('overrides', nargs='*', help='key=value overrides of --config')  # passed by the deepspeed launcher
     g = p.add_argument_group('model')
     for k in ('n_layers', 'd_model', 'n_heads', 'seq_len', 'vocab'):
@@ -227,29 +294,48 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument('--norm', default=d['norm'], choices=('pre', 'post', 'sandwich', 'deepnorm', 'lns'))
     g = p.add_argument_group('optimisation')
     g.add_argument('--steps', type=int, default=d['steps'], help='total optimizer steps (max duration)')
-    g.add_argument('--lr', type=float, default=d['lr'], help=f'peak LR (default {DEFAULT_LR}, or the JSON optimizer lr)')
+    g.add_argument(
+        '--lr', type=float, default=d['lr'], help=f'peak LR (default {DEFAULT_LR}, or the JSON optimizer lr)'
+    )
     g.add_argument('--weight_decay', type=float, default=d['weight_decay'])
     g.add_argument('--lr_schedule', default=d['lr_schedule'], help='wsd | linear | cosine | constant')
     g.add_argument('--lr_warmup', type=_time_arg, default=d['lr_warmup'], help='steps, "Nba" or "Xdur"')
     g.add_argument('--lr_decay', type=_time_arg, default=d['lr_decay'], help='WSD decay length')
     g.add_argument('--alpha_f', type=float, default=d['alpha_f'])
     g.add_argument('--lr_warmup_delay', type=_time_arg, default=d['lr_warmup_delay'])
-    g.add_argument('--micro_batch_size', type=int, default=d['micro_batch_size'],
-                   help='must agree with the JSON train_micro_batch_size_per_gpu (fills it if absent/"auto")')
-    g.add_argument('--grad_accum', type=int, default=d['grad_accum'],
-                   help='must agree with the JSON gradient_accumulation_steps (fills it if absent/"auto")')
+    g.add_argument(
+        '--micro_batch_size',
+        type=int,
+        default=d['micro_batch_size'],
+        help='must agree with the JSON train_micro_batch_size_per_gpu (fills it if absent/"auto")',
+    )
+    g.add_argument(
+        '--grad_accum',
+        type=int,
+        default=d['grad_accum'],
+        help='must agree with the JSON gradient_accumulation_steps (fills it if absent/"auto")',
+    )
     g = p.add_argument_group('ProRes')
     g.add_argument('--schedule', default=d['schedule'], help="ProRes schedule, or 'none' for a baseline")
-    g.add_argument('--t_warmup', type=float, default=d['t_warmup'], help='W in optimizer steps (default 1000 x n_layers)')
+    g.add_argument(
+        '--t_warmup', type=float, default=d['t_warmup'], help='W in optimizer steps (default 1000 x n_layers)'
+    )
     g.add_argument('--no_prores', dest='prores', action='store_false')
     g = p.add_argument_group('ZeRO')
     g.add_argument('--require_stage3', action='store_true')
-    g.add_argument('--no_zero_init', dest='zero_init', action='store_false',
-                   help='do not build the model under deepspeed.zero.Init')
+    g.add_argument(
+        '--no_zero_init',
+        dest='zero_init',
+        action='store_false',
+        help='do not build the model under deepspeed.zero.Init',
+    )
     g = p.add_argument_group('data and loop')
     g.add_argument('--data', default=None, help='folder/URL of MDS shards (prores_algo.data); default: synthetic')
-    g.add_argument('--local_cache', default=None,
-                   help='with a URL --data: where this node caches the shards (default: a folder under the temp dir)')
+    g.add_argument(
+        '--local_cache',
+        default=None,
+        help='with a URL --data: where this node caches the shards (default: a folder under the temp dir)',
+    )
     g.add_argument('--num_samples', type=int, default=None, help='synthetic train samples (default: one epoch)')
     g.add_argument('--eval_samples', type=int, default=d['eval_samples'])
     g.add_argument('--seed', type=int, default=d['seed'])
@@ -258,11 +344,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument('--save_interval', type=int, default=d['save_interval'], help='0: only at the end')
     g.add_argument('--load_dir', default=None)
     g.add_argument('--load_tag', default=None)
-    g.add_argument('--autoresume', action='store_true',
-                   help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)")
+    g.add_argument(
+        '--autoresume',
+        action='store_true',
+        help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)",
+    )
     g.add_argument('--summary', default=None, help="JSON summary path (rank 0; '{rank}' in it: every rank)")
     g.add_argument('--log_every', type=int, default=d['log_every'])
-    g.add_argument('--record_samples', action='store_true',
-                   help='the summary lists a CRC-32 of every sample each rank trained on, per step')
+    g.add_argument(
+        '--record_samples',
+        action='store_true',
+        help='the summary lists a CRC-32 of every sample each rank trained on, per step',
+    )
     g.add_argument('--verbose', action='store_true', help='keep DeepSpeed INFO logs')
     return p

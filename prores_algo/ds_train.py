@@ -47,8 +47,14 @@ from prores_algo import recipe, schedules
 from prores_algo.config import ConfigError, TrainConfig
 from prores_algo.ds_data import SyntheticTokens, loaders, micro_batches
 from prores_algo.ds_settings import DEFAULT_LR, DEFAULTS, DSOptions, StepPlan, from_flat, from_yaml, parser, resolve
-from prores_algo.integrations.deepspeed import (attach_prores, check_checkpoint, check_deepspeed_config,
-                                                load_checkpoint, lr_scheduler_factory, save_checkpoint)
+from prores_algo.integrations.deepspeed import (
+    attach_prores,
+    check_checkpoint,
+    check_deepspeed_config,
+    load_checkpoint,
+    lr_scheduler_factory,
+    save_checkpoint,
+)
 from prores_algo.models.decoder import Decoder, RotaryEmbedding
 from prores_algo.surgery import ALPHA_BUFFER
 
@@ -58,8 +64,9 @@ __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_m
 # ---------------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------------
-def build_model(cfg: Union[StepPlan, TrainConfig, Mapping[str, Any]], ds_config: Optional[dict] = None,
-                zero_init: bool = False) -> Decoder:
+def build_model(
+    cfg: Union[StepPlan, TrainConfig, Mapping[str, Any]], ds_config: Optional[dict] = None, zero_init: bool = False
+) -> Decoder:
     """The reference decoder of `cfg` (a StepPlan, a TrainConfig or the flat options), seeded with its
     seed; under `deepspeed.zero.Init` if `zero_init`.
 
@@ -73,6 +80,7 @@ def build_model(cfg: Union[StepPlan, TrainConfig, Mapping[str, Any]], ds_config:
     if not zero_init:
         return Decoder(plan.model)
     import deepspeed
+
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Decoder(plan.model)
     for module in model.modules():
@@ -121,20 +129,27 @@ def _load_ds_config(value) -> dict:
 
 def _checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dict, float]:
     """The JSON checked against the config, batch keys filled; and the peak LR."""
-    ds_config = check_deepspeed_config(_load_ds_config(opts.deepspeed_config),
-                                       train_micro_batch_size_per_gpu=opts.micro_batch_size,
-                                       gradient_accumulation_steps=opts.grad_accum, world_size=world,
-                                       require_stage3=opts.require_stage3)
+    ds_config = check_deepspeed_config(
+        _load_ds_config(opts.deepspeed_config),
+        train_micro_batch_size_per_gpu=opts.micro_batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        world_size=world,
+        require_stage3=opts.require_stage3,
+    )
     if 'scheduler' in ds_config:
-        raise ValueError('DeepSpeed config `scheduler` is set, but this loop builds the LR schedule itself '
-                         '(lr_schedule / lr_warmup / lr_decay / lr_warmup_delay): remove "scheduler" from the JSON.')
+        raise ValueError(
+            'DeepSpeed config `scheduler` is set, but this loop builds the LR schedule itself '
+            '(lr_schedule / lr_warmup / lr_decay / lr_warmup_delay): remove "scheduler" from the JSON.'
+        )
     lr_cfg = plan.optimizer.lr
     json_opt = ds_config.get('optimizer')
     if json_opt is not None:
         json_lr = (json_opt.get('params') or {}).get('lr')
         if lr_cfg is not None and json_lr is not None and float(json_lr) != float(lr_cfg):
-            raise ValueError(f'DeepSpeed config `optimizer.params.lr` = {json_lr} but lr = {lr_cfg}: set one of '
-                             'them (or make them equal).')
+            raise ValueError(
+                f'DeepSpeed config `optimizer.params.lr` = {json_lr} but lr = {lr_cfg}: set one of '
+                'them (or make them equal).'
+            )
         lr = float(json_lr if json_lr is not None else lr_cfg or DEFAULT_LR)
     else:
         lr = float(lr_cfg if lr_cfg is not None else DEFAULT_LR)
@@ -144,8 +159,9 @@ def _checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dic
     if plan.global_train_batch_size is not None and plan.global_train_batch_size != ds_config['train_batch_size']:
         raise ValueError(
             f"the YAML's global_train_batch_size={plan.global_train_batch_size} conflicts with the DeepSpeed config "
-            f"(train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={accum} x {world} processes = "
-            f"{ds_config['train_batch_size']}): make them agree in the JSON or the YAML")
+            f'(train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={accum} x {world} processes = '
+            f'{ds_config["train_batch_size"]}): make them agree in the JSON or the YAML'
+        )
     return ds_config, lr
 
 
@@ -154,9 +170,13 @@ def _prores_expected(plan: StepPlan) -> dict:
     if not plan.prores.enabled:
         return {'enabled': False}
     n_layers = plan.model.n_layers
-    return {'enabled': True, 'schedule': schedules.canonical_name(plan.prores.schedule),
-            't_warmup': float(plan.t_warmup if plan.t_warmup is not None else 1000 * n_layers),
-            'num_layers': n_layers, 'time_unit': 'steps'}
+    return {
+        'enabled': True,
+        'schedule': schedules.canonical_name(plan.prores.schedule),
+        't_warmup': float(plan.t_warmup if plan.t_warmup is not None else 1000 * n_layers),
+        'num_layers': n_layers,
+        'time_unit': 'steps',
+    }
 
 
 def _free_port() -> int:
@@ -167,19 +187,22 @@ def _free_port() -> int:
 
 def _init_distributed() -> tuple[int, int]:
     import deepspeed
+
     if 'WORLD_SIZE' not in os.environ:  # plain `python -m prores_algo.ds_train`: one process
         os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')
         os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(_free_port()))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend='nccl' if torch.cuda.is_available() else 'gloo',
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend='nccl' if torch.cuda.is_available() else 'gloo', auto_mpi_discovery=False, verbose=False
+        )
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, lr_factory):
     """(engine, prores or None, zero_init): the model (under zero.Init for stage 3), ProRes, optimizer."""
     import deepspeed
+
     stage = (ds_config.get('zero_optimization') or {}).get('stage', 0)
     zero_init = bool(opts.zero_init) and stage == 3
     model = build_model(plan, ds_config, zero_init=zero_init)
@@ -192,8 +215,9 @@ def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, l
         for g in groups:
             g['lr'] = lr
         init_kwargs = {'model_parameters': groups}
-    engine, _, _, _ = deepspeed.initialize(model=model, lr_scheduler=lr_factory, config=ds_config,
-                                           dist_init_required=False, **init_kwargs)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, lr_scheduler=lr_factory, config=ds_config, dist_init_required=False, **init_kwargs
+    )
     return engine, prores, zero_init
 
 
@@ -216,20 +240,30 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
         config, opts = from_flat(cfg)
     if not opts.verbose:
         from deepspeed.utils import logger as ds_logger
+
         ds_logger.setLevel(logging.WARNING)
     t_start = time.time()
     # Every configuration check runs before the process group exists: a bad config fails fast on every
     # rank with the same message instead of hanging in a collective.
     plan = resolve(config)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else \
-        int(os.environ.get('WORLD_SIZE', '1'))
+    world = (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else int(os.environ.get('WORLD_SIZE', '1'))
+    )
     ds_config, lr = _checked_ds_config(plan, opts, world)
     if plan.data_build is not None:  # shards from the YAML's data.source; file-locked, safe on every rank
         from prores_algo.data import ensure_dataset
+
         ensure_dataset(**plan.data_build, progress=int(os.environ.get('RANK', '0')) == 0)
-    lr_factory = lr_scheduler_factory(plan.lr_schedule, max_steps=plan.steps, t_warmup=plan.lr_warmup,
-                                      t_decay=plan.lr_decay, alpha_f=plan.alpha_f,
-                                      lr_warmup_delay=plan.lr_warmup_delay)
+    lr_factory = lr_scheduler_factory(
+        plan.lr_schedule,
+        max_steps=plan.steps,
+        t_warmup=plan.lr_warmup,
+        t_decay=plan.lr_decay,
+        alpha_f=plan.alpha_f,
+        lr_warmup_delay=plan.lr_warmup_delay,
+    )
     expected = _prores_expected(plan)
     load_dir = plan.load_dir
     if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
@@ -248,19 +282,31 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
     loop.run(micro_batches(train_loader, sampler, start * accum))
     out = loop.out
     last = out['eval'][-1] if out['eval'] else {}
-    out.update({
-        'final_eval_loss': last.get('loss'), 'final_perplexity': last.get('perplexity'), 'rank': rank,
-        'world_size': world, 'zero_stage': (ds_config.get('zero_optimization') or {}).get('stage', 0),
-        'zero_init': zero_init, 'micro_batch_size': micro, 'grad_accum': accum,
-        'train_batch_size': ds_config['train_batch_size'], 'lr': lr,
-        'prores': None if prores is None else prores.state(),
-        'prores_removed': None if prores is None else prores.removed,
-        'start_step': start, 'resumed_from': resumed_from,
-        'partition_init': partition_init, 'partition_end': _partition_stats(engine),
-        'alpha_buffers_end': {name: float(buf) for name, buf in engine.module.named_buffers()
-                              if name.endswith(ALPHA_BUFFER)},
-        'wall_s': time.time() - t_start, 'config': _summary_config(plan, opts),
-    })
+    out.update(
+        {
+            'final_eval_loss': last.get('loss'),
+            'final_perplexity': last.get('perplexity'),
+            'rank': rank,
+            'world_size': world,
+            'zero_stage': (ds_config.get('zero_optimization') or {}).get('stage', 0),
+            'zero_init': zero_init,
+            'micro_batch_size': micro,
+            'grad_accum': accum,
+            'train_batch_size': ds_config['train_batch_size'],
+            'lr': lr,
+            'prores': None if prores is None else prores.state(),
+            'prores_removed': None if prores is None else prores.removed,
+            'start_step': start,
+            'resumed_from': resumed_from,
+            'partition_init': partition_init,
+            'partition_end': _partition_stats(engine),
+            'alpha_buffers_end': {
+                name: float(buf) for name, buf in engine.module.named_buffers() if name.endswith(ALPHA_BUFFER)
+            },
+            'wall_s': time.time() - t_start,
+            'config': _summary_config(plan, opts),
+        }
+    )
     _write_summary(out, opts.summary, rank)
     return out
 
@@ -271,8 +317,11 @@ class _Loop:
     def __init__(self, plan: StepPlan, opts: DSOptions, engine, prores, eval_loader, rank: int, accum: int):
         self.plan, self.opts, self.engine, self.prores = plan, opts, engine, prores
         self.eval_loader, self.rank, self.accum = eval_loader, rank, accum
-        self.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else \
-            torch.device('cpu')
+        self.device = (
+            torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            if torch.cuda.is_available()
+            else torch.device('cpu')
+        )
         self.out: dict[str, Any] = {'steps': [], 'losses': [], 'lrs': [], 'alphas': [], 'eval': [], 'saved': []}
         if opts.record_samples:
             self.out['samples'] = []
@@ -311,8 +360,10 @@ class _Loop:
             engine.step()
             micro_losses.append(loss.item())
         if engine.global_steps != t + 1:
-            raise RuntimeError(f'engine.global_steps went {t} -> {engine.global_steps} in one step: '
-                               'gradient_accumulation_steps disagrees with the loop')
+            raise RuntimeError(
+                f'engine.global_steps went {t} -> {engine.global_steps} in one step: '
+                'gradient_accumulation_steps disagrees with the loop'
+            )
         loss = _all_mean([sum(micro_losses) / len(micro_losses)], self.device)[0]
         alphas = step_alphas if step_alphas is not None else [1.0] * self.plan.model.n_layers
         out['steps'].append(t)
@@ -325,8 +376,9 @@ class _Loop:
         if self.rank == 0 and log_every and ((t + 1) % log_every == 0 or t + 1 == steps):
             # one write per line: other ranks share this stdout, and under PYTHONUNBUFFERED print() would
             # issue the text and its newline as two writes that another rank's output can split
-            sys.stdout.write(f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} '
-                             f'alpha_mean {sum(alphas) / len(alphas):.4f}\n')
+            sys.stdout.write(
+                f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} alpha_mean {sum(alphas) / len(alphas):.4f}\n'
+            )
             sys.stdout.flush()
 
     def evaluate(self, step: int) -> None:
@@ -399,8 +451,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             with contextlib.suppress(Exception):
                 torch.distributed.destroy_process_group()
     if summary['rank'] == 0 and summary['final_eval_loss'] is not None:
-        print(f"final eval loss {summary['final_eval_loss']:.4f} perplexity {summary['final_perplexity']:.3f}",
-              flush=True)
+        print(
+            f'final eval loss {summary["final_eval_loss"]:.4f} perplexity {summary["final_perplexity"]:.3f}', flush=True
+        )
     return 0
 
 

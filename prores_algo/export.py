@@ -48,7 +48,8 @@ def _check_materialised(module: nn.Module, what: str) -> None:
             raise RuntimeError(
                 f'fold_prores: the parameters of {what} ({type(module).__name__}) are sharded, offloaded or on the '
                 f'meta device (shape {tuple(p.shape)}). Fold on the full model: unwrap FSDP / gather ZeRO-3 '
-                f'parameters (deepspeed.zero.GatheredParameters, modifier_rank=0) or consolidate the checkpoint first.')
+                f'parameters (deepspeed.zero.GatheredParameters, modifier_rank=0) or consolidate the checkpoint first.'
+            )
 
 
 @torch.no_grad()
@@ -76,8 +77,10 @@ def _norm_offset(module: nn.Module, weight: torch.Tensor) -> float:
         return 0.0
     if torch.allclose(out1, 2 * out0, rtol=1e-2, atol=1e-3 * scale):
         return 1.0
-    raise ValueError(f'fold_prores cannot tell how {type(module).__name__} uses its weight (neither x·w nor '
-                     'x·(1+w)); name a Linear producing the branch in policies.FOLD_TARGETS instead.')
+    raise ValueError(
+        f'fold_prores cannot tell how {type(module).__name__} uses its weight (neither x·w nor '
+        'x·(1+w)); name a Linear producing the branch in policies.FOLD_TARGETS instead.'
+    )
 
 
 @torch.no_grad()
@@ -129,12 +132,17 @@ def _targets(layer: nn.Module, layer_path: str, branch: str, hooked: nn.Module) 
         raise ValueError(
             f'fold_prores: {where} ends in a {type(hooked).__name__} without weights and no fold target is known. '
             f"Add prores_algo.policies.FOLD_TARGETS[{type(layer).__name__!r}] = {{{branch!r}: ('<projection producing "
-            f"the branch>',)}} (or a `{FOLD_TARGETS_ATTRIBUTE}` dict on the layer class).")
-    found = [(f'{layer_path}.{n}'.lstrip('.'), m) for n, m in layer.named_modules()
-             if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            f"the branch>',)}} (or a `{FOLD_TARGETS_ATTRIBUTE}` dict on the layer class)."
+        )
+    found = [
+        (f'{layer_path}.{n}'.lstrip('.'), m)
+        for n, m in layer.named_modules()
+        if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)
+    ]
     if not found:
-        raise ValueError(f'fold_prores: none of the fold targets {patterns} exists in {where}; '
-                         f'fix policies.FOLD_TARGETS.')
+        raise ValueError(
+            f'fold_prores: none of the fold targets {patterns} exists in {where}; fix policies.FOLD_TARGETS.'
+        )
     return found
 
 
@@ -189,8 +197,10 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
             continue
         found = _layer_and_branch(root, path)
         if found is None:
-            raise ValueError(f'fold_prores: {path!r} ({type(hooked).__name__}) carries a ProRes α but has no weight, '
-                             'and no enclosing layer names it as a branch; pass the ProResController instead.')
+            raise ValueError(
+                f'fold_prores: {path!r} ({type(hooked).__name__}) carries a ProRes α but has no weight, '
+                'and no enclosing layer names it as a branch; pass the ProResController instead.'
+            )
         layer, layer_path, branch = found
         plan.append((alpha, _targets(layer, layer_path, branch, hooked)))
     _apply_plan(plan)
@@ -208,15 +218,19 @@ def _apply_plan(plan) -> None:
             for p in module.parameters(recurse=False):
                 prev = owner.get(id(p))
                 if prev is not None and prev[0] != id(module):
-                    raise ValueError(f'fold_prores: a parameter of {name!r} is shared with {prev[1]!r}; α cannot be '
-                                     'folded into a weight that two modules use.')
+                    raise ValueError(
+                        f'fold_prores: a parameter of {name!r} is shared with {prev[1]!r}; α cannot be '
+                        'folded into a weight that two modules use.'
+                    )
                 owner[id(p)] = (id(module), name)
     done: dict[int, float] = {}
     for alpha, targets in plan:
         for name, module in targets:
             if id(module) in done:
                 if done[id(module)] != alpha:
-                    raise ValueError(f'fold_prores: {name!r} would absorb two different α ({done[id(module)]}, {alpha})')
+                    raise ValueError(
+                        f'fold_prores: {name!r} would absorb two different α ({done[id(module)]}, {alpha})'
+                    )
                 continue
             done[id(module)] = alpha
     for alpha, targets in plan:

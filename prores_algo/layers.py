@@ -24,6 +24,7 @@ __all__ = ['ResidualLayer', 'find_residual_layers', 'resolve_branch']
 @dataclass(frozen=True)
 class ResidualLayer:
     """One transformer layer: where it sits in the model and the names of its branch-final modules."""
+
     index: int  # 0-based depth
     path: str  # dotted name in the model
     module: nn.Module
@@ -66,10 +67,12 @@ def _repeated_module_classes(model: nn.Module) -> list[str]:
     return [name for name, n in counts.most_common(5) if n > 1]
 
 
-def find_residual_layers(model: nn.Module,
-                         layer_class: type | str | None = None,
-                         branches: Sequence[str] | None = None,
-                         layer_pattern: str | None = None) -> list[ResidualLayer]:
+def find_residual_layers(
+    model: nn.Module,
+    layer_class: type | str | None = None,
+    branches: Sequence[str] | None = None,
+    layer_pattern: str | None = None,
+) -> list[ResidualLayer]:
     """Find every transformer layer of `model` (outermost match, in module order = depth order)."""
     if layer_class is not None and layer_pattern is not None:
         raise ValueError('pass either layer_class or layer_pattern, not both')
@@ -87,7 +90,8 @@ def find_residual_layers(model: nn.Module,
             raise ValueError(
                 f'layer {path!r} ({type(module).__name__}) matched layer_class/layer_pattern but ProRes does not know '
                 f"its residual branches: pass branches=['<attention output module>', '<mlp output module>'] "
-                f'(dotted names inside the layer), or prores_algo.register_policy({type(module).__name__!r}, ...).')
+                f'(dotted names inside the layer), or prores_algo.register_policy({type(module).__name__!r}, ...).'
+            )
         for name in names:
             try:
                 resolve_branch(module, name)
@@ -95,20 +99,26 @@ def find_residual_layers(model: nn.Module,
                 children = [n for n, _ in module.named_modules() if n][:40]
                 raise ValueError(
                     f'branch {name!r} not found in layer {path!r} ({type(module).__name__}); fix `branches`. '
-                    f'Submodules of that layer: {children}') from None
+                    f'Submodules of that layer: {children}'
+                ) from None
         layers.append(ResidualLayer(len(layers), path, module, names))
         inside = path
     if not layers:
         hint = ''
         if layer_class is None and layer_pattern is None:
             candidates = _repeated_module_classes(model)
-            hint = (f' Repeated module classes in this model: {candidates}.' if candidates else '')
-        how = (f'layer_class={layer_class!r}' if layer_class is not None else
-               f'layer_pattern={layer_pattern!r}' if layer_pattern is not None else
-               f'none of its modules is a known transformer layer ({sorted(LAYER_POLICIES)}) or defines '
-               f'`{BRANCHES_ATTRIBUTE}`')
+            hint = f' Repeated module classes in this model: {candidates}.' if candidates else ''
+        how = (
+            f'layer_class={layer_class!r}'
+            if layer_class is not None
+            else f'layer_pattern={layer_pattern!r}'
+            if layer_pattern is not None
+            else f'none of its modules is a known transformer layer ({sorted(LAYER_POLICIES)}) or defines '
+            f'`{BRANCHES_ATTRIBUTE}`'
+        )
         raise ValueError(
             f'ProRes found no residual branch in {type(model).__name__}: {how}.{hint} Pass '
             f"layer_class='YourBlock' and branches=['attn.out_proj', 'mlp.down_proj'] (the modules whose output is "
-            f'added to the residual stream), or register_policy() them.')
+            f'added to the residual stream), or register_policy() them.'
+        )
     return layers

@@ -52,6 +52,7 @@ __all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'MonitorBase']
 
 # --- spike counting ---------------------------------------------------------------------------------
 
+
 class SpikeCounter:
     """Counts values >= mean + k·std of the previous `window` values (OLMo's loss / grad-norm spikes)."""
 
@@ -69,7 +70,7 @@ class SpikeCounter:
             return False
         n = len(self.values)
         mean = math.fsum(self.values) / n
-        std = math.sqrt(math.fsum((v - mean)**2 for v in self.values) / n)
+        std = math.sqrt(math.fsum((v - mean) ** 2 for v in self.values) / n)
         return value >= mean + self.num_std * std and value > mean
 
     def push(self, value: float) -> bool:
@@ -93,6 +94,7 @@ class SpikeCounter:
 
 # --- collapse ----------------------------------------------------------------------------------------
 
+
 def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity between the hidden states of different positions of each sequence,
     averaged over the batch: 1.0 when every position carries the same vector (the collapse that a
@@ -111,9 +113,13 @@ def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
 
 # --- per-layer measurements --------------------------------------------------------------------------
 
+
 def _dist_world() -> int:
-    return torch.distributed.get_world_size() if (torch.distributed.is_available() and
-                                                  torch.distributed.is_initialized()) else 1
+    return (
+        torch.distributed.get_world_size()
+        if (torch.distributed.is_available() and torch.distributed.is_initialized())
+        else 1
+    )
 
 
 def local_tensor(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -137,8 +143,9 @@ def _mean_over_ranks(sums: list[torch.Tensor], counts: list[int]) -> Optional[li
     if not counts or not any(counts):
         return None
     device = next((s.device for s in sums if s.device.type != 'cpu'), torch.device('cpu'))
-    packed = torch.stack([s.to(device) for s in sums] +
-                         [torch.tensor(float(c), dtype=torch.float64, device=device) for c in counts])
+    packed = torch.stack(
+        [s.to(device) for s in sums] + [torch.tensor(float(c), dtype=torch.float64, device=device) for c in counts]
+    )
     if _dist_world() > 1:
         torch.distributed.all_reduce(packed)
     n = len(sums)
@@ -153,7 +160,7 @@ class LayerStats:
         self.model = model
         self.layers = list(layers)
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
-        self.sharded = (any(local_tensor(p)[1] for ps in self.params for p in ps) if sharded is None else sharded)
+        self.sharded = any(local_tensor(p)[1] for ps in self.params for p in ps) if sharded is None else sharded
         self.recording = False  # True during a real forward pass of a measured step
         self._rms_handles: list = []
         self._sumsq: list[torch.Tensor] = []
@@ -192,6 +199,7 @@ class LayerStats:
                         self._cos_sum[i] = self._cos_sum[i].to(c.device)
                     self._cos_sum[i] += c
                     self._cos_n[i] += out.shape[0]
+
         return hook
 
     def stop_rms(self) -> None:
@@ -271,13 +279,29 @@ def per_layer_metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[st
 class MonitorBase:
     """What both monitor callbacks share: settings, layer statistics, collapse detection, spike counters."""
 
-    def __init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class, branches,
-                 layer_pattern, position_cosine=True, collapse_threshold=0.95, collapse_patience=10,
-                 stop_on_collapse=False):
+    def __init__(
+        self,
+        interval,
+        rms,
+        grad_norm,
+        update_ratio,
+        spike_window,
+        spike_std,
+        layer_class,
+        branches,
+        layer_pattern,
+        position_cosine=True,
+        collapse_threshold=0.95,
+        collapse_patience=10,
+        stop_on_collapse=False,
+    ):
         self.interval = _parse_interval(interval)
         self.track_cosine = bool(position_cosine)
-        if isinstance(collapse_threshold, bool) or not isinstance(collapse_threshold, (int, float)) or \
-                not 0 < collapse_threshold <= 1:
+        if (
+            isinstance(collapse_threshold, bool)
+            or not isinstance(collapse_threshold, (int, float))
+            or not 0 < collapse_threshold <= 1
+        ):
             raise ValueError(f'collapse_threshold must be a number in (0, 1], e.g. 0.95, got {collapse_threshold!r}')
         if not isinstance(stop_on_collapse, bool):
             raise ValueError(f'stop_on_collapse must be true or false, got {stop_on_collapse!r}')
@@ -334,8 +358,13 @@ class MonitorBase:
                 'can only predict token frequencies. With ProRes this '
                 'happens when the alpha warmup is too short per layer (Post-LN with the linear schedule above all): '
                 'restart with a longer t_warmup (the paper: 1000 steps per layer) or another schedule'
-                + ('; stopping the run (stop_on_collapse=True).' if self.stop_on_collapse else
-                   '; set stop_on_collapse=True to stop such runs automatically.'), stacklevel=2)
+                + (
+                    '; stopping the run (stop_on_collapse=True).'
+                    if self.stop_on_collapse
+                    else '; set stop_on_collapse=True to stop such runs automatically.'
+                ),
+                stacklevel=2,
+            )
         return metrics, collapsed and self.collapsed_at == step
 
     def spike_metrics(self) -> dict[str, float]:

@@ -8,15 +8,22 @@ without touching the layer's forward code.
 Layers are recognised by class name (so this table imports nothing and survives library versions in
 which the class moved). A model class of your own can instead carry an attribute `prores_branches`
 (a tuple of dotted submodule names), or you pass `layer_class=` and `branches=` to `apply_prores`.
-Checked on transformers 4.57: tests/test_surgery.py verifies every entry numerically.
+Checked on transformers 4.57: tests/test_architectures.py verifies every entry numerically.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ['LAYER_POLICIES', 'LAYER_VARIANTS', 'BRANCH_REWRITES', 'FOLD_TARGETS', 'register_policy', 'policy_for',
-           'BRANCHES_ATTRIBUTE']
+__all__ = [
+    'LAYER_POLICIES',
+    'LAYER_VARIANTS',
+    'BRANCH_REWRITES',
+    'FOLD_TARGETS',
+    'register_policy',
+    'policy_for',
+    'BRANCHES_ATTRIBUTE',
+]
 
 # Attribute a layer module may define to declare its own branch-final modules.
 BRANCHES_ATTRIBUTE = 'prores_branches'
@@ -109,8 +116,11 @@ FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
     'GPT2Block': {'attn.resid_dropout': ('attn.c_proj',), 'mlp.dropout': ('mlp.c_proj',)},
     'GPTNeoXLayer': {'post_attention_dropout': ('attention.dense',), 'post_mlp_dropout': ('mlp.dense_4h_to_h',)},
     'BertLayer': {'attention.output.dropout': ('attention.output.dense',), 'output.dropout': ('output.dense',)},
-    'MPTBlock': {'resid_attn_dropout': ('attn.out_proj',), 'resid_ffn_dropout': ('ffn.down_proj',),
-                 'norm_attn_norm.resid_attn_dropout': ('norm_attn_norm.attn.out_proj',)},
+    'MPTBlock': {
+        'resid_attn_dropout': ('attn.out_proj',),
+        'resid_ffn_dropout': ('ffn.down_proj',),
+        'norm_attn_norm.resid_attn_dropout': ('norm_attn_norm.attn.out_proj',),
+    },
     # sum_e r_e(x)·w2_e(...): scaling every expert's output projection scales the block output
     'MixtralDecoderLayer': {'block_sparse_moe': ('block_sparse_moe.experts.*.w2',)},
     # sparse block: experts + sigmoid-gated shared expert; dense layers: the MLP's down_proj
@@ -121,15 +131,19 @@ FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
 def check_branches(branches: Sequence[str]) -> tuple[str, ...]:
     """The one validation of a user's branch list: a non-empty list of dotted module names."""
     if isinstance(branches, str):  # tuple('attn.o_proj') would be single characters
-        raise ValueError(f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
-                         f"'mlp.down_proj'], got the string {branches!r}")
+        raise ValueError(
+            f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
+            f"'mlp.down_proj'], got the string {branches!r}"
+        )
     try:
         names = tuple(branches)
     except TypeError:
         names = ()
     if not names or not all(isinstance(b, str) and b for b in names):
-        raise ValueError(f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
-                         f"'mlp.down_proj'], got {branches!r}")
+        raise ValueError(
+            f"branches must be a non-empty list of dotted module names, e.g. ['attn.o_proj', "
+            f"'mlp.down_proj'], got {branches!r}"
+        )
     return names
 
 
@@ -139,8 +153,10 @@ def register_policy(layer_class_name: str, branches: tuple[str, ...] | list[str]
         raise ValueError(f'layer_class_name must be a non-empty class name, got {layer_class_name!r}')
     branches = check_branches(branches)
     if layer_class_name in LAYER_POLICIES and not overwrite and LAYER_POLICIES[layer_class_name] != branches:
-        raise ValueError(f'a policy for {layer_class_name!r} exists ({LAYER_POLICIES[layer_class_name]}); '
-                         'pass overwrite=True to replace it')
+        raise ValueError(
+            f'a policy for {layer_class_name!r} exists ({LAYER_POLICIES[layer_class_name]}); '
+            'pass overwrite=True to replace it'
+        )
     if LAYER_POLICIES.get(layer_class_name) != branches:
         LAYER_VARIANTS.pop(layer_class_name, None)  # the registered branches hold for every configuration
     LAYER_POLICIES[layer_class_name] = branches

@@ -42,7 +42,7 @@ def sample_layers(num_layers: int, max_columns: int) -> list[int]:
     if max_columns >= num_layers:
         return list(range(num_layers))
     if max_columns < 2:
-        return [0, num_layers - 1][:max(1, max_columns)]
+        return [0, num_layers - 1][: max(1, max_columns)]
     picks = {round(k * (num_layers - 1) / (max_columns - 1)) for k in range(max_columns)}
     return sorted(picks)
 
@@ -52,18 +52,28 @@ def alpha_table(schedule: str, num_layers: int, t_warmup: float, steps: Sequence
     return [schedules.alphas(schedule, num_layers, t, t_warmup) for t in steps]
 
 
-def format_table(schedule: str, num_layers: int, t_warmup: float, steps: Sequence[float],
-                 layers: Sequence[int] | None = None, digits: int = 4) -> str:
+def format_table(
+    schedule: str,
+    num_layers: int,
+    t_warmup: float,
+    steps: Sequence[float],
+    layers: Sequence[int] | None = None,
+    digits: int = 4,
+) -> str:
     """The table as text: a header of 1-based layer numbers (the paper's l), then one row per step."""
     layers = list(range(num_layers)) if layers is None else list(layers)
     rows = alpha_table(schedule, num_layers, t_warmup, steps)
     width = max(digits + 2, 6)
     step_w = max(len('step'), *(len(f'{s:g}') for s in steps))
     name = schedules.canonical_name(schedule)
-    lines = [f'ProRes schedule {name!r}: L={num_layers}, t_warmup W={t_warmup:g} (T=W/L={t_warmup / num_layers:g}); '
-             f'alpha(l, t), l = 1..{num_layers}' + ('' if len(layers) == num_layers else
-                                                    f' (showing {len(layers)} of {num_layers} layers)')]
-    header = 'step'.rjust(step_w) + ' ' + ' '.join(f'l={i + 1}'.rjust(width) for i in layers) + ' ' + 'mean'.rjust(width)
+    lines = [
+        f'ProRes schedule {name!r}: L={num_layers}, t_warmup W={t_warmup:g} (T=W/L={t_warmup / num_layers:g}); '
+        f'alpha(l, t), l = 1..{num_layers}'
+        + ('' if len(layers) == num_layers else f' (showing {len(layers)} of {num_layers} layers)')
+    ]
+    header = (
+        'step'.rjust(step_w) + ' ' + ' '.join(f'l={i + 1}'.rjust(width) for i in layers) + ' ' + 'mean'.rjust(width)
+    )
     lines.append(header)
     for t, row in zip(steps, rows):
         cells = ' '.join(f'{row[i]:.{digits}f}'.rjust(width) for i in layers)
@@ -71,13 +81,22 @@ def format_table(schedule: str, num_layers: int, t_warmup: float, steps: Sequenc
     return '\n'.join(lines)
 
 
-def plot_alpha_heatmap(schedule: str, num_layers: int, t_warmup: float, duration: float, path,
-                       *, resolution: int = 400, title: str | None = None):
+def plot_alpha_heatmap(
+    schedule: str,
+    num_layers: int,
+    t_warmup: float,
+    duration: float,
+    path,
+    *,
+    resolution: int = 400,
+    title: str | None = None,
+):
     """Write an α(l, t) heat map (x: step 0..duration, y: layer 1..L) to `path` (PNG, PDF, ... by suffix).
 
     Returns the path. Uses matplotlib's Agg backend (no display); `resolution` time samples.
     """
     import matplotlib
+
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
 
@@ -88,8 +107,16 @@ def plot_alpha_heatmap(schedule: str, num_layers: int, t_warmup: float, duration
     grid = [[schedules.alpha(schedule, l, num_layers, t, t_warmup) for t in ts] for l in range(num_layers)]
     fig, ax = plt.subplots(figsize=(8, max(3.0, min(10.0, 0.25 * num_layers + 2))))
     try:
-        im = ax.imshow(grid, aspect='auto', origin='lower', interpolation='nearest', vmin=0.0, vmax=1.0,
-                       cmap='viridis', extent=(0, duration, 0.5, num_layers + 0.5))
+        im = ax.imshow(
+            grid,
+            aspect='auto',
+            origin='lower',
+            interpolation='nearest',
+            vmin=0.0,
+            vmax=1.0,
+            cmap='viridis',
+            extent=(0, duration, 0.5, num_layers + 0.5),
+        )
         if t_warmup <= duration:
             ax.axvline(t_warmup, color='white', linestyle='--', linewidth=1, label=f'W = {t_warmup:g}')
             ax.legend(loc='lower right', fontsize=8)
@@ -107,8 +134,12 @@ def plot_alpha_heatmap(schedule: str, num_layers: int, t_warmup: float, duration
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='prores-preview', description='Print / plot a ProRes α(l, t) schedule.')
     p.add_argument('--layers', type=int, required=True, help='number of transformer layers L')
-    p.add_argument('--t-warmup', type=float, default=None,
-                   help='W, steps at which every layer reaches α = 1 (default: 1000·L, the paper\'s)')
+    p.add_argument(
+        '--t-warmup',
+        type=float,
+        default=None,
+        help="W, steps at which every layer reaches α = 1 (default: 1000·L, the paper's)",
+    )
     p.add_argument('--schedule', default='linear', help=f'one of {schedules.names()} or an alias')
     p.add_argument('--duration', type=float, default=None, help='last step shown (default: 1.25·W)')
     p.add_argument('--steps', type=int, default=10, help='number of intervals between sampled steps (default 10)')
@@ -140,8 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     layers = list(range(args.layers)) if args.all_layers else sample_layers(args.layers, args.max_columns)
     print(format_table(args.schedule, args.layers, t_warmup, steps, layers, digits=args.digits))
     if t_warmup > duration:
-        print(f'note: t_warmup ({t_warmup:g}) > duration ({duration:g}): the deepest layers never reach α = 1 '
-              'in this window', file=sys.stderr)
+        print(
+            f'note: t_warmup ({t_warmup:g}) > duration ({duration:g}): the deepest layers never reach α = 1 '
+            'in this window',
+            file=sys.stderr,
+        )
     if args.png:
         plot_alpha_heatmap(args.schedule, args.layers, t_warmup, duration, args.png)
         print(f'wrote {args.png}')

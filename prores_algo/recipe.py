@@ -32,8 +32,19 @@ if TYPE_CHECKING:
     from prores_algo.config import TrainConfig
     from prores_algo.models.decoder import DecoderConfig
 
-__all__ = ['is_url', 'decoder_config', 'prores_enabled', 'ProResSettings', 'prores', 'OptimizerSettings', 'optimizer',
-           'param_groups', 'LRSchedule', 'lr_schedule', 'dataset_build_args']
+__all__ = [
+    'is_url',
+    'decoder_config',
+    'prores_enabled',
+    'ProResSettings',
+    'prores',
+    'OptimizerSettings',
+    'optimizer',
+    'param_groups',
+    'LRSchedule',
+    'lr_schedule',
+    'dataset_build_args',
+]
 
 _URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
@@ -45,6 +56,7 @@ def is_url(path: Optional[str]) -> bool:
 
 # --- model ------------------------------------------------------------------------------------------
 
+
 def prores_enabled(cfg: TrainConfig) -> bool:
     """ProRes is on when the YAML lists it under `algorithms` (with or without arguments)."""
     return 'prores' in cfg.algorithms
@@ -54,6 +66,7 @@ def decoder_config(cfg: TrainConfig) -> DecoderConfig:
     """The reference decoder the YAML describes (`model.name: reference`); ConfigError names a bad key."""
     from prores_algo.config import ConfigError, check_kwargs
     from prores_algo.models.decoder import DecoderConfig, default_deepnet_init
+
     kwargs = cfg.model.kwargs
     check_kwargs('model (reference)', DecoderConfig, kwargs)
     kwargs.setdefault('max_seq_len', cfg.data.seq_len)
@@ -63,16 +76,20 @@ def decoder_config(cfg: TrainConfig) -> DecoderConfig:
     except (TypeError, ValueError) as e:
         raise ConfigError(f'model: {e}') from None
     if cfg.data.seq_len > dcfg.max_seq_len:
-        raise ConfigError(f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={dcfg.max_seq_len}: raise '
-                          'model.max_seq_len or lower data.seq_len')
+        raise ConfigError(
+            f'data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={dcfg.max_seq_len}: raise '
+            'model.max_seq_len or lower data.seq_len'
+        )
     return dcfg
 
 
 # --- ProRes -----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class ProResSettings:
     """`algorithms.prores` as written: times are YAML times (None: W defaults to 1000 steps per layer)."""
+
     enabled: bool
     schedule: str = 'linear'
     t_warmup: Any = None
@@ -83,11 +100,16 @@ def prores(cfg: TrainConfig) -> ProResSettings:
     if not prores_enabled(cfg):
         return ProResSettings(enabled=False)
     kw = dict(cfg.algorithms['prores'] or {})
-    return ProResSettings(enabled=True, schedule=kw.get('schedule', 'linear'), t_warmup=kw.get('t_warmup'),
-                          lr_warmup_delay=kw.get('lr_warmup_delay', 0))
+    return ProResSettings(
+        enabled=True,
+        schedule=kw.get('schedule', 'linear'),
+        t_warmup=kw.get('t_warmup'),
+        lr_warmup_delay=kw.get('lr_warmup_delay', 0),
+    )
 
 
 # --- optimizer and LR schedule ----------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
@@ -106,6 +128,7 @@ def optimizer(cfg: TrainConfig) -> OptimizerSettings:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The paper: weight decay on matrices only — none on biases, norm weights, embeddings."""
     import torch
+
     if hasattr(model, 'param_groups'):
         return model.param_groups(weight_decay)
     embed_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
@@ -120,6 +143,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
     """`scheduler:` as written: its name and every argument (`t_warmup`, `t_decay`, `alpha_f`, ...)."""
+
     name: str
     kwargs: dict
 
@@ -145,11 +169,20 @@ def lr_schedule(cfg: TrainConfig) -> Optional[LRSchedule]:
 
 # --- data -------------------------------------------------------------------------------------------
 
+
 def dataset_build_args(cfg: TrainConfig) -> Optional[dict[str, Any]]:
     """Keyword arguments of `prores_algo.data.ensure_dataset` for the YAML's shards, or None when nothing
     is built here: no `data.source` (prebuilt shards), no `data.path`, or a remote `data.path`."""
     d = cfg.data
     if d.source is None or d.path is None or is_url(d.path):
         return None
-    return dict(source=d.source, out_dir=d.path, tokenizer=cfg.tokenizer, seq_len=d.seq_len,
-                val_fraction=d.val_fraction, max_tokens=d.max_tokens, seed=cfg.seed, max_bytes=d.max_bytes)
+    return dict(
+        source=d.source,
+        out_dir=d.path,
+        tokenizer=cfg.tokenizer,
+        seq_len=d.seq_len,
+        val_fraction=d.val_fraction,
+        max_tokens=d.max_tokens,
+        seed=cfg.seed,
+        max_bytes=d.max_bytes,
+    )

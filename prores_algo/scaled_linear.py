@@ -33,8 +33,14 @@ from torch import nn
 # The name of the 0-dim fp32 α buffer ProRes registers on every branch-final module (non-persistent).
 ALPHA_BUFFER = 'prores_alpha'
 
-__all__ = ['ScaledLinearFunction', 'scaled_linear', 'install_scaled_forward', 'uninstall_scaled_forward',
-           'has_scaled_forward', 'ALPHA_VALUE_ATTR']
+__all__ = [
+    'ScaledLinearFunction',
+    'scaled_linear',
+    'install_scaled_forward',
+    'uninstall_scaled_forward',
+    'has_scaled_forward',
+    'ALPHA_VALUE_ATTR',
+]
 
 ALPHA_VALUE_ATTR = '_prores_alpha_value'  # the Python float α of a module whose forward was replaced
 

@@ -15,8 +15,18 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ['alpha', 'alphas', 'names', 'aliases', 'register', 'canonical_name', 'ScheduleFn',
-           'PAPER_STEPS_PER_LAYER', 'MIN_STEPS_PER_LAYER', 'short_warmup_message']
+__all__ = [
+    'alpha',
+    'alphas',
+    'names',
+    'aliases',
+    'register',
+    'canonical_name',
+    'ScheduleFn',
+    'PAPER_STEPS_PER_LAYER',
+    'MIN_STEPS_PER_LAYER',
+    'short_warmup_message',
+]
 
 # The paper's T = W / L: 1000 optimizer steps of α warmup per layer (500 from 96 layers on).
 PAPER_STEPS_PER_LAYER = 1000
@@ -30,6 +40,7 @@ def default_warmup(num_layers: int) -> float:
     """The paper's W for a model of `num_layers` layers: 1000 optimizer steps per layer (the one place the
     default is written; every front end calls this)."""
     return float(PAPER_STEPS_PER_LAYER * num_layers)
+
 
 # fn(l, L, t, W) -> α with l in 1..L, t >= 0, W > 0.
 ScheduleFn = Callable[[int, int, float, float], float]
@@ -81,7 +92,8 @@ def canonical_name(name: str) -> str:
     if name not in _REGISTRY:
         raise ValueError(
             f'unknown schedule {name!r}: set `schedule` to one of {names()} '
-            f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.schedules.register().')
+            f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.schedules.register().'
+        )
     return name
 
 
@@ -91,13 +103,15 @@ def short_warmup_message(warmup_steps: float, num_layers: int) -> str | None:
     per_layer = warmup_steps / num_layers
     if per_layer >= MIN_STEPS_PER_LAYER:
         return None
-    return (f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
-            f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '
-            f'benchmark did not measure a gain for every norm placement, and Post-LN models with the linear schedule '
-            f'can collapse '
-            f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
-            f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
-            f'ProRes off for runs this short.')
+    return (
+        f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
+        f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '
+        f'benchmark did not measure a gain for every norm placement, and Post-LN models with the linear schedule '
+        f'can collapse '
+        f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
+        f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
+        f'ProRes off for runs this short.'
+    )
 
 
 def _check_args(layer_index: int, num_layers: int, warmup_steps: float) -> None:
@@ -105,8 +119,12 @@ def _check_args(layer_index: int, num_layers: int, warmup_steps: float) -> None:
         raise ValueError(f'num_layers must be a positive int, got {num_layers!r}')
     if isinstance(layer_index, bool) or not isinstance(layer_index, int) or not 0 <= layer_index < num_layers:
         raise ValueError(f'layer_index must be an int in [0, {num_layers}), got {layer_index!r}')
-    if not isinstance(warmup_steps, (int, float)) or isinstance(warmup_steps, bool) or not warmup_steps > 0 \
-            or math.isinf(warmup_steps):
+    if (
+        not isinstance(warmup_steps, (int, float))
+        or isinstance(warmup_steps, bool)
+        or not warmup_steps > 0
+        or math.isinf(warmup_steps)
+    ):
         raise ValueError(f'warmup_steps (t_warmup) must be a positive finite number, got {warmup_steps!r}')
 
 
@@ -126,6 +144,7 @@ def alphas(name: str, num_layers: int, step: float, warmup_steps: float) -> list
 
 
 # --- the paper's schedules (docs/paper.md §1); l is 1-based, T = W / L --------------------------------------
+
 
 @register('linear')
 def _linear(l, L, t, W):  # min(1, t / (T·l)): all layers start together, deeper ones rise slower

@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from prores_algo import schedules
-from prores_algo.schedules import default_warmup
-from prores_algo.policies import check_branches
 from prores_algo.layers import ResidualLayer, find_residual_layers
+from prores_algo.policies import check_branches
+from prores_algo.schedules import default_warmup
 from prores_algo.surgery import ProResController, warn_if_short_warmup
 from prores_algo.timing import to_steps
 
@@ -51,6 +51,7 @@ class ProResSpec:
         layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
         remove_when_done: remove the hooks once every α is 1 for good.
     """
+
     schedule: str = 'linear'
     t_warmup: Any = None
     layer_class: Any = None
@@ -71,11 +72,21 @@ class ProResSpec:
     def find_layers(self, model: nn.Module) -> list[ResidualLayer]:
         return find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
 
-    def attach(self, model: nn.Module, warmup_steps: Optional[float], mechanism: str = 'auto',
-               layers: Optional[list[ResidualLayer]] = None) -> ProResController:
+    def attach(
+        self,
+        model: nn.Module,
+        warmup_steps: Optional[float],
+        mechanism: str = 'auto',
+        layers: Optional[list[ResidualLayer]] = None,
+    ) -> ProResController:
         """Hook `model`'s branches; `warmup_steps` None leaves W unresolved (every α 0) until it is set."""
-        controller = ProResController(self.find_layers(model) if layers is None else layers, self.schedule,
-                                      warmup_steps, self.remove_when_done, mechanism)
+        controller = ProResController(
+            self.find_layers(model) if layers is None else layers,
+            self.schedule,
+            warmup_steps,
+            self.remove_when_done,
+            mechanism,
+        )
         controller.model = model  # lets prores_algo.export.fold_prores(controller) find the model
         return controller
 
@@ -94,8 +105,10 @@ class ProResSpec:
             if not 0 < fraction <= 1:
                 raise ValueError(f't_warmup={self.t_warmup!r}: a fraction of the run must be in (0, 1]')
             if not max_steps or max_steps <= 0:
-                raise ValueError(f't_warmup={self.t_warmup!r} needs the total number of steps, which is not known '
-                                 '(e.g. an IterableDataset without max_steps): give W in steps')
+                raise ValueError(
+                    f't_warmup={self.t_warmup!r} needs the total number of steps, which is not known '
+                    '(e.g. an IterableDataset without max_steps): give W in steps'
+                )
             return fraction * float(max_steps)
         steps = to_steps(self.t_warmup, 't_warmup')
         if not steps > 0:
@@ -107,15 +120,17 @@ class ProResSpec:
 
     # --- warnings ----------------------------------------------------------------------------------------
     @staticmethod
-    def warn_if_longer_than_run(controller: ProResController, total: Optional[float], unit: str,
-                                limit: str) -> bool:
+    def warn_if_longer_than_run(controller: ProResController, total: Optional[float], unit: str, limit: str) -> bool:
         """Warn when W exceeds the run (`total` in `unit`; `limit` names the setting, e.g. 'max_steps')."""
         w = controller.warmup_steps
         if total is None or w is None or not total > 0 or w <= total:
             return False
-        warnings.warn(f'ProRes t_warmup ({w:g} {unit}) exceeds {limit} ({total:g} {unit}): the deepest layers never '
-                      'reach α = 1 in this run. Use a shorter t_warmup, e.g. "0.1dur" (the paper used 12-32% of '
-                      'training).', stacklevel=3)
+        warnings.warn(
+            f'ProRes t_warmup ({w:g} {unit}) exceeds {limit} ({total:g} {unit}): the deepest layers never '
+            'reach α = 1 in this run. Use a shorter t_warmup, e.g. "0.1dur" (the paper used 12-32% of '
+            'training).',
+            stacklevel=3,
+        )
         return True
 
     @staticmethod
@@ -129,9 +144,15 @@ class ProResSpec:
         layer_class = self.layer_class
         if layer_class is not None and not isinstance(layer_class, str):
             layer_class = getattr(layer_class, '__name__', str(layer_class))
-        return {'enabled': True, 'schedule': self.schedule, 'num_layers': num_layers, 'layer_class': layer_class,
-                'branches': None if self.branches is None else list(self.branches),
-                'layer_pattern': self.layer_pattern, **clock}
+        return {
+            'enabled': True,
+            'schedule': self.schedule,
+            'num_layers': num_layers,
+            'layer_class': layer_class,
+            'branches': None if self.branches is None else list(self.branches),
+            'layer_pattern': self.layer_pattern,
+            **clock,
+        }
 
 
 def _normalised(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,11 +184,13 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
 
         def show(r):
             return ', '.join(f'{k}={r[k]!r}' for k in shared)
+
         detail = f'differs in {diff}; {lines}). Checkpoint: {show(a)}; this run: {show(b)}'
     elif a['enabled'] == b['enabled']:
         return
     else:
         show_on = {True: 'ProRes on', False: 'ProRes off'}
-        detail = f"checkpoint: {show_on[a['enabled']]}; this run: {show_on[b['enabled']]})"
-    raise ValueError(f'cannot resume from {where}: it was trained with a different ProRes configuration ({detail}. '
-                     f'{hint}')
+        detail = f'checkpoint: {show_on[a["enabled"]]}; this run: {show_on[b["enabled"]]})'
+    raise ValueError(
+        f'cannot resume from {where}: it was trained with a different ProRes configuration ({detail}. {hint}'
+    )

@@ -28,12 +28,24 @@ from torch import nn
 
 from prores_algo import schedules
 from prores_algo.layers import ResidualLayer, find_residual_layers, resolve_branch
-from prores_algo.scaled_linear import (ALPHA_BUFFER, can_scale_in_gemm, has_scaled_forward, install_scaled_forward,
-                                       set_scaled_alpha, uninstall_scaled_forward)
+from prores_algo.scaled_linear import (
+    ALPHA_BUFFER,
+    can_scale_in_gemm,
+    has_scaled_forward,
+    install_scaled_forward,
+    set_scaled_alpha,
+    uninstall_scaled_forward,
+)
 
 # find_residual_layers and ResidualLayer live in prores_algo.layers; re-exported for code that imports them from here
-__all__ = ['apply_prores', 'find_residual_layers', 'ProResController', 'ResidualLayer', 'ALPHA_BUFFER',
-           'warn_if_short_warmup']
+__all__ = [
+    'apply_prores',
+    'find_residual_layers',
+    'ProResController',
+    'ResidualLayer',
+    'ALPHA_BUFFER',
+    'warn_if_short_warmup',
+]
 
 
 def _scale_branch_output(module: nn.Module, args, output):
@@ -47,8 +59,10 @@ def _scale_branch_output(module: nn.Module, args, output):
         return output * alpha
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (output[0] * alpha, *output[1:])
-    raise TypeError(f'ProRes cannot scale the output of {type(module).__name__}: expected a tensor or a tuple '
-                    f'starting with one, got {type(output).__name__}. Name a different branch module.')
+    raise TypeError(
+        f'ProRes cannot scale the output of {type(module).__name__}: expected a tensor or a tuple '
+        f'starting with one, got {type(output).__name__}. Name a different branch module.'
+    )
 
 
 def has_prores_hook(module: nn.Module) -> bool:
@@ -98,10 +112,16 @@ def _set_module_alpha(module: nn.Module, handle, value: float) -> None:
 
 def _check_warmup(warmup_steps) -> float:
     if isinstance(warmup_steps, str):
-        raise ValueError(f't_warmup={warmup_steps!r}: apply_prores takes a number of steps; Time strings such as '
-                         "'24000ba' or '0.1dur' are resolved by the Composer algorithm prores_algo.ProRes")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or not warmup_steps > 0 \
-            or math.isinf(warmup_steps):
+        raise ValueError(
+            f't_warmup={warmup_steps!r}: apply_prores takes a number of steps; Time strings such as '
+            "'24000ba' or '0.1dur' are resolved by the Composer algorithm prores_algo.ProRes"
+        )
+    if (
+        isinstance(warmup_steps, bool)
+        or not isinstance(warmup_steps, (int, float))
+        or not warmup_steps > 0
+        or math.isinf(warmup_steps)
+    ):
         raise ValueError(f't_warmup must be a positive, finite number of steps, got {warmup_steps!r}')
     return float(warmup_steps)
 
@@ -109,12 +129,20 @@ def _check_warmup(warmup_steps) -> float:
 class ProResController:
     """Owns the hooks of one model; `set_step(t)` moves every α to the schedule's value at t."""
 
-    def __init__(self, layers: list[ResidualLayer], schedule: str, warmup_steps: float | None,
-                 remove_when_done: bool = True, mechanism: str = 'auto'):
+    def __init__(
+        self,
+        layers: list[ResidualLayer],
+        schedule: str,
+        warmup_steps: float | None,
+        remove_when_done: bool = True,
+        mechanism: str = 'auto',
+    ):
         if mechanism not in MECHANISMS:
-            raise ValueError(f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
-                             'matrix multiplies of branches that end in an nn.Linear and by an output hook elsewhere; '
-                             '"hook" uses the output hook everywhere')
+            raise ValueError(
+                f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
+                'matrix multiplies of branches that end in an nn.Linear and by an output hook elsewhere; '
+                '"hook" uses the output hook everywhere'
+            )
         self.mechanism = mechanism
         self._warned_short = False  # warn_if_short_warmup warns once per controller
         self.layers = layers
@@ -129,8 +157,10 @@ class ProResController:
         for layer in layers:  # check everything before touching anything: no half-applied state
             for name in layer.branches:
                 if has_prores_hook(resolve_branch(layer.module, name)):
-                    raise ValueError(f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
-                                     'call remove() on the first controller before applying ProRes again.')
+                    raise ValueError(
+                        f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
+                        'call remove() on the first controller before applying ProRes again.'
+                    )
         for layer in layers:
             for name in layer.branches:
                 self._attach(layer, name)
@@ -170,8 +200,10 @@ class ProResController:
             if step >= self._require_warmup():
                 self.step = float(step)
                 return self.alphas
-            raise RuntimeError(f'ProRes scaling was removed (warmup ended at {self._warmup_steps}); '
-                               f'cannot go back to step {step}. Apply ProRes again to a fresh model.')
+            raise RuntimeError(
+                f'ProRes scaling was removed (warmup ended at {self._warmup_steps}); '
+                f'cannot go back to step {step}. Apply ProRes again to a fresh model.'
+            )
         self.step = float(step)
         new = self.alphas_at(step)
         for i, (old, a) in enumerate(zip(self._alphas, new)):
@@ -210,7 +242,8 @@ class ProResController:
             except AttributeError:
                 raise ValueError(
                     f'branch {name!r} of layer {layer.path!r} disappeared after another algorithm modified the '
-                    f'model; name the new branch module in `branches`.') from None
+                    f'model; name the new branch module in `branches`.'
+                ) from None
             if current is not module:
                 handle.remove()
                 make_alpha_inert(module)  # never delete an α buffer (see `remove`)
@@ -263,9 +296,11 @@ class ProResController:
 
     def _make_hook(self, layer_idx: int, name: str, module: nn.Module):
         if has_prores_hook(module):
-            raise ValueError(f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
-                             f'{self.layers[layer_idx].path!r}: call remove() on the first controller before '
-                             'applying ProRes again.')
+            raise ValueError(
+                f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
+                f'{self.layers[layer_idx].path!r}: call remove() on the first controller before '
+                'applying ProRes again.'
+            )
         leftover = module._buffers.get(ALPHA_BUFFER)
         if leftover is not None and leftover.dim() == 0 and leftover.dtype == torch.float32:
             # the inert α a previous remove() left: reuse it, so a wrapper's view of the buffers stays the same
@@ -273,8 +308,7 @@ class ProResController:
             return layer_idx, name, module, self._scale(module)
         # A dropout branch end (GPT-2, NeoX, BERT, MPT) owns no tensor: fall back to the layer's device.
         layer = self.layers[layer_idx].module
-        device = next((t.device for m in (module, layer) for t in (*m.parameters(), *m.buffers())),
-                      torch.device('cpu'))
+        device = next((t.device for m in (module, layer) for t in (*m.parameters(), *m.buffers())), torch.device('cpu'))
         # float32 so that α = 0 and α = 1 are exact and intermediate α keep full precision;
         # persistent=False keeps it out of state_dict.
         module.register_buffer(ALPHA_BUFFER, torch.zeros((), dtype=torch.float32, device=device), persistent=False)
@@ -298,19 +332,23 @@ class ProResController:
                 _set_module_alpha(module, handle, value)
 
     def __repr__(self) -> str:
-        return (f'ProResController(schedule={self.schedule!r}, num_layers={self.num_layers}, '
-                f'warmup_steps={self._warmup_steps}, step={self.step}, removed={self.removed})')
+        return (
+            f'ProResController(schedule={self.schedule!r}, num_layers={self.num_layers}, '
+            f'warmup_steps={self._warmup_steps}, step={self.step}, removed={self.removed})'
+        )
 
 
-def apply_prores(model: nn.Module,
-                 schedule: str = 'linear',
-                 t_warmup: float | None = None,
-                 *,
-                 layer_class: type | str | None = None,
-                 branches: Sequence[str] | None = None,
-                 layer_pattern: str | None = None,
-                 remove_when_done: bool = True,
-                 mechanism: str = 'auto') -> ProResController:
+def apply_prores(
+    model: nn.Module,
+    schedule: str = 'linear',
+    t_warmup: float | None = None,
+    *,
+    layer_class: type | str | None = None,
+    branches: Sequence[str] | None = None,
+    layer_pattern: str | None = None,
+    remove_when_done: bool = True,
+    mechanism: str = 'auto',
+) -> ProResController:
     """Scale every residual branch of `model` by its layer's α and return the controller.
 
     Args:

@@ -25,6 +25,7 @@ _NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
 def parse_time(value: Any, field: str):
     """Composer `Time` from a Time, a Time string ('24000ba', '0.1dur', '5e8tok') or an int (batches)."""
     from composer.core import Time
+
     if isinstance(value, Time):
         return value
     if isinstance(value, bool):
@@ -35,10 +36,13 @@ def parse_time(value: Any, field: str):
         try:
             return Time.from_timestring(value)
         except (ValueError, TypeError):
-            raise ValueError(f'{field}={value!r} is not a Time string: give a number with a unit, e.g. {TIME_EXAMPLES}; '
-                             f'a plain int means batches') from None
-    raise ValueError(f'{field} must be an int (batches) or a Time string like "24000ba", got '
-                     f'{type(value).__name__} {value!r}')
+            raise ValueError(
+                f'{field}={value!r} is not a Time string: give a number with a unit, e.g. {TIME_EXAMPLES}; '
+                f'a plain int means batches'
+            ) from None
+    raise ValueError(
+        f'{field} must be an int (batches) or a Time string like "24000ba", got {type(value).__name__} {value!r}'
+    )
 
 
 def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float:
@@ -66,11 +70,15 @@ def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float
         return float(t.value)
     if unit == 'dur':
         if max_steps is None or not max_steps > 0:
-            raise ValueError(f'{field}={value!r} is a fraction of the run, whose length in optimizer steps is not '
-                             'known here: give optimizer steps (e.g. 24000 or "24000ba")')
+            raise ValueError(
+                f'{field}={value!r} is a fraction of the run, whose length in optimizer steps is not '
+                'known here: give optimizer steps (e.g. 24000 or "24000ba")'
+            )
         return float(t.value) * float(max_steps)
-    raise ValueError(f'{field}={value!r}: this loop counts optimizer steps; give an int, "Nba" (steps) or "Xdur" '
-                     f'(a fraction of the run), not "{unit}" (tokens, samples and epochs are not converted here)')
+    raise ValueError(
+        f'{field}={value!r}: this loop counts optimizer steps; give an int, "Nba" (steps) or "Xdur" '
+        f'(a fraction of the run), not "{unit}" (tokens, samples and epochs are not converted here)'
+    )
 
 
 def whole_steps(value: Any, field: str, max_steps: Optional[float] = None) -> int:

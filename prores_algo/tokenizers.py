@@ -28,11 +28,9 @@ class Tokenizer(Protocol):
     vocab_size: int
     eos_token_id: int
 
-    def encode(self, text: str) -> list[int]:
-        ...
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: Iterable[int]) -> str:
-        ...
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -63,8 +61,10 @@ class HFTokenizer:
 
     def __init__(self, tokenizer: Any, name: str):
         if tokenizer.eos_token_id is None:
-            raise ValueError(f'tokenizer {name!r} (the `tokenizer` field) has no eos token; documents are '
-                             'separated by eos when packing, so choose a tokenizer that defines one.')
+            raise ValueError(
+                f'tokenizer {name!r} (the `tokenizer` field) has no eos token; documents are '
+                'separated by eos when packing, so choose a tokenizer that defines one.'
+            )
         self.tokenizer = tokenizer
         self.name = name
         self.eos_token_id = int(tokenizer.eos_token_id)
@@ -94,20 +94,24 @@ def load_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     Raises ValueError naming the `tokenizer` field if it cannot be loaded or has no eos token.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f'`tokenizer` must be a non-empty string (\'byte\', a local tokenizer folder or a '
-                         f'Hugging Face hub id), got {name!r}')
+        raise ValueError(
+            f"`tokenizer` must be a non-empty string ('byte', a local tokenizer folder or a "
+            f'Hugging Face hub id), got {name!r}'
+        )
     if name == 'byte':
         return ByteTokenizer()
     path = os.path.expanduser(name)
     # Fail fast on a path that does not exist, instead of letting transformers treat it as a hub id
     # (which retries over the network for a minute when offline).
     if not _is_hub_id(name) and not os.path.exists(path):
-        raise ValueError(f'could not load tokenizer {name!r} (the `tokenizer` field): no such local path. '
-                         "Use 'byte', an existing tokenizer folder, or a Hugging Face hub id.")
+        raise ValueError(
+            f'could not load tokenizer {name!r} (the `tokenizer` field): no such local path. '
+            "Use 'byte', an existing tokenizer folder, or a Hugging Face hub id."
+        )
     try:
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(path if os.path.exists(path) else name)
     except Exception as e:  # transformers raises OSError, ValueError, HFValidationError, ...
-        raise ValueError(f'could not load tokenizer {name!r} (the `tokenizer` field): '
-                         f'{type(e).__name__}: {e}') from e
+        raise ValueError(f'could not load tokenizer {name!r} (the `tokenizer` field): {type(e).__name__}: {e}') from e
     return HFTokenizer(tok, name)

@@ -42,6 +42,7 @@ def _algorithms() -> dict[str, Any]:
     from composer.core import Algorithm
 
     from prores_algo.integrations.composer import ProRes
+
     table = _registry(algos, Algorithm)
     table['low_precision_layernorm'] = algos.LowPrecisionLayerNorm  # Composer's own spelling
     table['prores'] = ProRes
@@ -52,6 +53,7 @@ def _schedulers() -> dict[str, Any]:
     from composer import optim
 
     from prores_algo.lr_schedules import WSDScheduler
+
     return {
         'wsd': WSDScheduler,
         'constant': optim.ConstantScheduler,
@@ -67,9 +69,11 @@ def _schedulers() -> dict[str, Any]:
 def _callbacks() -> dict[str, Any]:
     import composer.callbacks as cbs
     from composer.core import Callback
+
     table = _registry(cbs, Callback)
     try:
         from prores_algo.integrations.composer import ResidualMonitor
+
         table['residual_monitor'] = ResidualMonitor
     except ImportError:  # pragma: no cover
         pass
@@ -79,6 +83,7 @@ def _callbacks() -> dict[str, Any]:
 def _loggers() -> dict[str, Any]:
     import composer.loggers as lg
     from composer.loggers import LoggerDestination
+
     table = _registry(lg, LoggerDestination)
     return {k.removesuffix('_logger') if k.endswith('_logger') else k: v for k, v in table.items()}
 
@@ -91,6 +96,7 @@ def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict
     for name, kwargs in spec.items():
         if name not in table:
             from prores_algo.config import _suggest
+
             raise ConfigError(f"{kind}: unknown name '{name}'{_suggest(name, table)}; available: {sorted(table)}")
         kwargs = dict(kwargs or {})
         check_kwargs(f'{kind}.{name}', table[name], kwargs)
@@ -103,16 +109,20 @@ def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict
 
 # --- models -------------------------------------------------------------------------------------------
 
+
 def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
     """The ComposerModel named by `model.name`; checks vocab against the tokenizer and seq_len."""
     if cfg.model.name != 'reference':
         return _build_hf_causal_lm(cfg.model.kwargs, tokenizer_vocab, cfg.data.seq_len)
     from prores_algo.models.composer_decoder import ComposerDecoder
+
     dcfg = recipe.decoder_config(cfg)  # the model the DeepSpeed loop builds from the same YAML
     vocab = dcfg.vocab_size
     if tokenizer_vocab is not None and vocab < tokenizer_vocab:
-        raise ConfigError(f'model.vocab_size={vocab} is smaller than the tokenizer\'s vocabulary ({tokenizer_vocab} '
-                          f'ids, tokenizer {cfg.tokenizer!r}): set model.vocab_size >= {tokenizer_vocab}')
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab} "
+            f'ids, tokenizer {cfg.tokenizer!r}): set model.vocab_size >= {tokenizer_vocab}'
+        )
     return ComposerDecoder(dcfg)
 
 
@@ -121,6 +131,7 @@ def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], 
     import transformers
     from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
     from composer.models import HuggingFaceModel
+
     kwargs = dict(kwargs)
     model_type = kwargs.pop('model_type', None)
     if not model_type:
@@ -134,11 +145,13 @@ def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], 
         raise ConfigError(f'model (hf_causal_lm, {model_type}): unknown config key(s) {unknown}')
     vocab = getattr(hf_cfg, 'vocab_size', None)
     if tokenizer_vocab is not None and vocab is not None and vocab < tokenizer_vocab:
-        raise ConfigError(f'model.vocab_size={vocab} is smaller than the tokenizer\'s vocabulary ({tokenizer_vocab}): '
-                          f'set model.vocab_size >= {tokenizer_vocab}')
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}): "
+            f'set model.vocab_size >= {tokenizer_vocab}'
+        )
     max_pos = getattr(hf_cfg, 'max_position_embeddings', None) or getattr(hf_cfg, 'n_positions', None)
     if max_pos is not None and seq_len > max_pos:
-        raise ConfigError(f'data.seq_len={seq_len} exceeds the model\'s max_position_embeddings={max_pos}')
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}")
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
 
@@ -170,6 +183,7 @@ def _build_optimizer(cfg: TrainConfig, model):
     if o.name == 'adamw':
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     from composer.optim import DecoupledAdamW
+
     return DecoupledAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
@@ -181,7 +195,10 @@ def _build_scheduler(cfg: TrainConfig):
     name = schedule.name
     if name not in table:
         from prores_algo.config import _suggest
-        raise ConfigError(f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}")
+
+        raise ConfigError(
+            f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}"
+        )
     kwargs = schedule.kwargs
     check_kwargs(f'scheduler ({name})', table[name], kwargs)
     return table[name](**kwargs)
@@ -189,11 +206,19 @@ def _build_scheduler(cfg: TrainConfig):
 
 # --- data ---------------------------------------------------------------------------------------------
 
+
 def _require(cfg: TrainConfig) -> None:
     """What the schema leaves optional for the DeepSpeed loop (its JSON's lr and batch, synthetic data)
     prores-train needs."""
-    missing = [key for key, value in (('data.path', cfg.data.path), ('optimizer.lr', cfg.optimizer.lr),
-                                      ('global_train_batch_size', cfg.global_train_batch_size)) if value is None]
+    missing = [
+        key
+        for key, value in (
+            ('data.path', cfg.data.path),
+            ('optimizer.lr', cfg.optimizer.lr),
+            ('global_train_batch_size', cfg.global_train_batch_size),
+        )
+        if value is None
+    ]
     if missing:
         raise ConfigError('; '.join(f"missing required key '{key}'" for key in missing))
 
@@ -203,6 +228,7 @@ def _prepare_data(cfg: TrainConfig):
     from composer.utils import dist
 
     from prores_algo.data import ensure_dataset
+
     d = cfg.data
     if recipe.is_url(d.path):
         return
@@ -210,8 +236,10 @@ def _prepare_data(cfg: TrainConfig):
         build = recipe.dataset_build_args(cfg)
         if build is None:
             if not os.path.isdir(d.path):
-                raise ConfigError(f'data.path={d.path!r} does not exist and data.source is null: build shards with '
-                                  '`prores-data` or set data.source (e.g. stdlib, a folder of text, hf:allenai/c4:en)')
+                raise ConfigError(
+                    f'data.path={d.path!r} does not exist and data.source is null: build shards with '
+                    '`prores-data` or set data.source (e.g. stdlib, a folder of text, hf:allenai/c4:en)'
+                )
         else:
             ensure_dataset(**build, progress=dist.get_global_rank() == 0)
     dist.barrier()
@@ -221,20 +249,30 @@ def _loaders(cfg: TrainConfig, vocab_size: Optional[int]):
     from composer.utils import dist
 
     from prores_algo.data import build_dataloader
+
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
-        raise ConfigError(f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by the number of '
-                          f'processes ({world})')
+        raise ConfigError(
+            f'global_train_batch_size={cfg.global_train_batch_size} is not divisible by the number of '
+            f'processes ({world})'
+        )
     per_device = cfg.global_train_batch_size // world
-    common = dict(seq_len=cfg.data.seq_len, num_workers=cfg.data.num_workers, vocab_size=vocab_size,
-                  local_cache=cfg.data.local_cache, seed=cfg.seed)
+    common = dict(
+        seq_len=cfg.data.seq_len,
+        num_workers=cfg.data.num_workers,
+        vocab_size=vocab_size,
+        local_cache=cfg.data.local_cache,
+        seed=cfg.seed,
+    )
     train = build_dataloader(cfg.data.path, 'train', per_device, shuffle=cfg.data.shuffle, **common)
-    val = build_dataloader(cfg.data.path, 'val', cfg.eval_batch_size or per_device, shuffle=False, drop_last=False,
-                           **common)
+    val = build_dataloader(
+        cfg.data.path, 'val', cfg.eval_batch_size or per_device, shuffle=False, drop_last=False, **common
+    )
     return train, val
 
 
 # --- the trainer ----------------------------------------------------------------------------------------
+
 
 def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()):
     """Every object the YAML names, assembled into a Composer Trainer (data shards built if needed)."""
@@ -243,6 +281,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from composer.utils import dist, get_device, reproducibility
 
     from prores_algo.tokenizers import load_tokenizer
+
     _require(cfg)
     device = get_device(cfg.device)
     if not dist.is_initialized() and dist.get_world_size() > 1:
@@ -310,6 +349,7 @@ def _save_overwrite(cfg: TrainConfig) -> bool:
     if not (cfg.autoresume and cfg.save_folder) or recipe.is_url(cfg.save_folder):
         return False
     from composer.utils import format_name_with_dist
+
     folder = format_name_with_dist(cfg.save_folder, cfg.run_name)
     return os.path.islink(os.path.join(folder, 'latest-rank0.pt'))
 
@@ -324,6 +364,7 @@ def _parallelism(spec: Optional[dict[str, Any]]):
         raise ConfigError(f'parallelism: use one of fsdp (FSDP1 / FSDP_VERSION=2) or fsdp2, got keys {sorted(spec)}')
     if 'fsdp2' in spec:
         from composer.utils.parallelism import FSDP2Config
+
         kwargs = dict(spec['fsdp2'] or {})
         check_kwargs('parallelism.fsdp2', FSDP2Config, kwargs)
         return {'fsdp': FSDP2Config(**kwargs)}
@@ -343,23 +384,26 @@ def run(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()
     if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()
         result['val_loss_start'] = _val_loss(trainer)
-        _say(f"[prores] validation loss before training: {result['val_loss_start']:.4f}")
+        _say(f'[prores] validation loss before training: {result["val_loss_start"]:.4f}')
     trainer.fit()
     trainer.eval()
     result['val_loss'] = _val_loss(trainer)
     result['val_ppl'] = math.exp(result['val_loss'])
     result['wall_s'] = time.time() - t0
-    msg = f"[prores] validation loss after {trainer.state.timestamp.batch.value} batches: {result['val_loss']:.4f} " \
-          f"(perplexity {result['val_ppl']:.2f}"
+    msg = (
+        f'[prores] validation loss after {trainer.state.timestamp.batch.value} batches: {result["val_loss"]:.4f} '
+        f'(perplexity {result["val_ppl"]:.2f}'
+    )
     if 'val_loss_start' in result:
-        msg += f", from {result['val_loss_start']:.4f}"
-    _say(msg + f") in {result['wall_s']:.0f} s")
+        msg += f', from {result["val_loss_start"]:.4f}'
+    _say(msg + f') in {result["wall_s"]:.0f} s')
     trainer.close()
     return result
 
 
 def _say(msg: str) -> None:
     from composer.utils import dist
+
     if dist.get_global_rank() == 0:
         print(msg, flush=True)
 
@@ -368,7 +412,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(__doc__.strip())
-        print('\nusage: prores-train CONFIG.yaml [key=value ...]   e.g. prores-train yamls/quickstart.yaml max_duration=50ba')
+        print(
+            '\nusage: prores-train CONFIG.yaml [key=value ...]   e.g. prores-train yamls/quickstart.yaml max_duration=50ba'
+        )
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])

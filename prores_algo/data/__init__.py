@@ -28,8 +28,17 @@ CLI: ``prores-data --out data/stdlib`` or ``python -m prores_algo.data --help``.
 # Everything that code, tests and benchmarks import from `prores_algo.data`. A test that patches a name must
 # patch the module that uses it (e.g. prores_algo.data.writer._build), not this re-export.
 from prores_algo.data.cli import _whole_number, main
-from prores_algo.data.layout import (CACHE_RECORD, COLUMN, DTYPE, FORMAT, FORMAT_VERSION, HASH_ALGO, META_FILENAME,
-                                     SPLITS, read_metadata)
+from prores_algo.data.layout import (
+    CACHE_RECORD,
+    COLUMN,
+    DTYPE,
+    FORMAT,
+    FORMAT_VERSION,
+    HASH_ALGO,
+    META_FILENAME,
+    SPLITS,
+    read_metadata,
+)
 from prores_algo.data.loader import _default_cache_dir, build_dataloader, verify_local_split
 from prores_algo.data.local_folder import _TMP_MARK
 from prores_algo.data.packing import _is_val
@@ -40,6 +49,15 @@ from prores_algo.data.token_dataset import SHM_LOCK_TIMEOUT_S, TokenDataset
 from prores_algo.data.writer import ensure_dataset, write_mds
 
 __all__ = [
-    'TEXT_SUFFIXES', 'META_FILENAME', 'iter_documents', 'write_mds', 'ensure_dataset', 'read_metadata',
-    'TokenDataset', 'build_dataloader', 'verify_local_split', 'main', 'RemoteDataError'
+    'TEXT_SUFFIXES',
+    'META_FILENAME',
+    'iter_documents',
+    'write_mds',
+    'ensure_dataset',
+    'read_metadata',
+    'TokenDataset',
+    'build_dataloader',
+    'verify_local_split',
+    'main',
+    'RemoteDataError',
 ]

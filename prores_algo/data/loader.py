@@ -15,9 +15,9 @@ from typing import Any, Optional
 import torch
 
 from prores_algo.data.layout import CACHE_RECORD, HASH_ALGO, META_FILENAME, SPLITS, read_metadata
-from prores_algo.recipe import is_url
 from prores_algo.data.remote import RemoteDataError, _remote_metadata, _remote_read_error
 from prores_algo.data.token_dataset import TokenDataset
+from prores_algo.recipe import is_url
 
 
 def _num_tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -40,13 +40,17 @@ def _cache_record(local: str, remote: str) -> Optional[dict[str, Any]]:
         record = None
     if isinstance(record, dict) and isinstance(record.get('meta'), dict):
         if record.get('remote') != remote:
-            raise RemoteDataError(f'`local_cache` {local!r} holds a cache of {record.get("remote")!r}, not of '
-                                  f'{remote!r}; use a separate local_cache for each remote dataset')
+            raise RemoteDataError(
+                f'`local_cache` {local!r} holds a cache of {record.get("remote")!r}, not of '
+                f'{remote!r}; use a separate local_cache for each remote dataset'
+            )
         return record['meta']
     stray = [s for s in SPLITS if os.path.exists(os.path.join(local, s, 'index.json'))]
     if stray:
-        warnings.warn(f'`local_cache` {local!r} holds {stray} index files but no {CACHE_RECORD}: assuming they are '
-                      f'a cache of {remote!r} (an earlier run stopped before recording it)')
+        warnings.warn(
+            f'`local_cache` {local!r} holds {stray} index files but no {CACHE_RECORD}: assuming they are '
+            f'a cache of {remote!r} (an earlier run stopped before recording it)'
+        )
     return None
 
 
@@ -62,12 +66,16 @@ def _write_cache_record(local: str, remote: str, meta: dict[str, Any]) -> None:
 
 def _check_meta(meta: dict[str, Any], where: str, seq_len: Optional[int], vocab_size: Optional[int]) -> None:
     if seq_len is not None and meta.get('seq_len') is not None and seq_len != meta['seq_len']:
-        raise ValueError(f'`seq_len` {seq_len} does not match the dataset at {where!r}, built with '
-                         f'seq_len={meta["seq_len"]}; set seq_len to {meta["seq_len"]} or rebuild the data')
+        raise ValueError(
+            f'`seq_len` {seq_len} does not match the dataset at {where!r}, built with '
+            f'seq_len={meta["seq_len"]}; set seq_len to {meta["seq_len"]} or rebuild the data'
+        )
     if vocab_size is not None and meta.get('vocab_size') is not None and vocab_size < meta['vocab_size']:
-        raise ValueError(f"the model's `vocab_size` {vocab_size} is smaller than the dataset's tokenizer vocab "
-                         f'({meta.get("tokenizer")!r}: {meta["vocab_size"]} ids) at {where!r}; token ids would '
-                         f'overflow the embedding. Set vocab_size >= {meta["vocab_size"]}.')
+        raise ValueError(
+            f"the model's `vocab_size` {vocab_size} is smaller than the dataset's tokenizer vocab "
+            f'({meta.get("tokenizer")!r}: {meta["vocab_size"]} ids) at {where!r}; token ids would '
+            f'overflow the embedding. Set vocab_size >= {meta["vocab_size"]}.'
+        )
 
 
 def verify_local_split(path: str | os.PathLike, split: str) -> int:
@@ -79,22 +87,28 @@ def verify_local_split(path: str | os.PathLike, split: str) -> int:
     does not hash the contents, so a same-size corruption is not detected here.
     """
     folder = Path(path) / split
-    fix = (f'rebuild it (`prores-data --out {str(path)} --overwrite ...`, same settings) or copy it again from '
-           'where it was built')
+    fix = (
+        f'rebuild it (`prores-data --out {str(path)} --overwrite ...`, same settings) or copy it again from '
+        'where it was built'
+    )
     try:
         index = json.loads((folder / 'index.json').read_text())
         shards = index['shards']
         if not isinstance(shards, list):
             raise TypeError('`shards` is not a list')
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f'{str(folder / "index.json")!r} is not a valid MDS index ({type(e).__name__}: {e}): '
-                         f'the dataset is damaged; {fix}') from None
+        raise ValueError(
+            f'{str(folder / "index.json")!r} is not a valid MDS index ({type(e).__name__}: {e}): '
+            f'the dataset is damaged; {fix}'
+        ) from None
     for shard in shards:
         try:
             files = [(shard[k]['basename'], int(shard[k]['bytes'])) for k in ('raw_data', 'zip_data') if shard.get(k)]
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f'{str(folder / "index.json")!r} has a malformed shard entry ({type(e).__name__}: {e}): '
-                             f'the dataset is damaged; {fix}') from None
+            raise ValueError(
+                f'{str(folder / "index.json")!r} has a malformed shard entry ({type(e).__name__}: {e}): '
+                f'the dataset is damaged; {fix}'
+            ) from None
         present = 0
         for basename, expected in files:
             f = folder / basename
@@ -103,11 +117,15 @@ def verify_local_split(path: str | os.PathLike, split: str) -> int:
             present += 1
             size = f.stat().st_size
             if size != expected:
-                raise ValueError(f'shard {str(f)!r} has {size} bytes but its index.json lists {expected}: the file '
-                                 f'is truncated or damaged; {fix}')
+                raise ValueError(
+                    f'shard {str(f)!r} has {size} bytes but its index.json lists {expected}: the file '
+                    f'is truncated or damaged; {fix}'
+                )
         if not present:
-            raise ValueError(f'shard {files[0][0] if files else "?"!r} listed in {str(folder / "index.json")!r} is '
-                             f'missing from {str(folder)!r}; {fix}')
+            raise ValueError(
+                f'shard {files[0][0] if files else "?"!r} listed in {str(folder / "index.json")!r} is '
+                f'missing from {str(folder)!r}; {fix}'
+            )
     return len(shards)
 
 
@@ -126,12 +144,15 @@ def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[s
     """A local folder, checked to hold `split` with all its shards, and its metadata (None: incomplete)."""
     local_path = Path(path_or_remote).expanduser().resolve()
     if not local_path.is_dir():
-        raise FileNotFoundError(f'data path {path_or_remote!r} is not a folder; build it with '
-                                f'`prores-data --out {path_or_remote}` (or prores_algo.data.ensure_dataset)')
+        raise FileNotFoundError(
+            f'data path {path_or_remote!r} is not a folder; build it with '
+            f'`prores-data --out {path_or_remote}` (or prores_algo.data.ensure_dataset)'
+        )
     if not (local_path / split / 'index.json').is_file():
         have = sorted(p.name for p in local_path.iterdir() if (p / 'index.json').is_file())
-        raise FileNotFoundError(f'split {split!r} not found under {str(local_path)!r} '
-                                f'(no {split}/index.json; splits present: {have})')
+        raise FileNotFoundError(
+            f'split {split!r} not found under {str(local_path)!r} (no {split}/index.json; splits present: {have})'
+        )
     verify_local_split(local_path, split)
     meta = read_metadata(local_path)
     if meta is None:
@@ -139,8 +160,18 @@ def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[s
     return str(local_path), meta
 
 
-def _open_dataset(local: str, remote: Optional[str], where: str, split: str, meta: Optional[dict[str, Any]], *,
-                  batch_size: int, shuffle: bool, seed: int, seq_len: Optional[int]) -> TokenDataset:
+def _open_dataset(
+    local: str,
+    remote: Optional[str],
+    where: str,
+    split: str,
+    meta: Optional[dict[str, Any]],
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    seq_len: Optional[int],
+) -> TokenDataset:
     """The TokenDataset, with construction errors that say what to do (a reused cache, a shared-memory
     race, a remote that cannot be read)."""
     extra = {}
@@ -149,22 +180,41 @@ def _open_dataset(local: str, remote: Optional[str], where: str, split: str, met
         # before hashes were recorded are read unchecked).
         extra['validate_hash'] = HASH_ALGO if HASH_ALGO in (meta or {}).get('hashes', ()) else None
     try:
-        dataset = TokenDataset(local=local, remote=remote, split=split, batch_size=batch_size, shuffle=shuffle,
-                               shuffle_seed=seed, seq_len=seq_len, **extra)
+        dataset = TokenDataset(
+            local=local,
+            remote=remote,
+            split=split,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            seq_len=seq_len,
+            **extra,
+        )
     except ValueError as e:
         if 'Reused local directory' in str(e):
-            raise ValueError(f'{e}\nAnother live loader uses the cache {local!r} for {where!r}/{split}; pass a '
-                             'distinct `local_cache`.') from e
+            raise ValueError(
+                f'{e}\nAnother live loader uses the cache {local!r} for {where!r}/{split}; pass a '
+                'distinct `local_cache`.'
+            ) from e
         raise
     except FileExistsError as e:
         if '_locals' not in str(e):
             raise
-        raise RuntimeError(f'{e}: another process on this machine registered streaming shared memory under the same '
-                           'name at the same moment. Several simulated nodes on one machine need a /dev/shm each '
-                           "(README: 'Two nodes on one machine').") from e
+        raise RuntimeError(
+            f'{e}: another process on this machine registered streaming shared memory under the same '
+            'name at the same moment. Several simulated nodes on one machine need a /dev/shm each '
+            "(README: 'Two nodes on one machine')."
+        ) from e
     except Exception as e:
-        remote_side = type(e).__module__.split('.')[0] in ('botocore', 'boto3', 's3transfer', 'urllib3', 'google',
-                                                          'azure', 'oci') or (remote is not None and remote in str(e))
+        remote_side = type(e).__module__.split('.')[0] in (
+            'botocore',
+            'boto3',
+            's3transfer',
+            'urllib3',
+            'google',
+            'azure',
+            'oci',
+        ) or (remote is not None and remote in str(e))
         if remote is None or not remote_side:
             raise
         # e.g. the split's index.json is missing remotely, or the store went away since the metadata
@@ -172,17 +222,19 @@ def _open_dataset(local: str, remote: Optional[str], where: str, split: str, met
     return dataset
 
 
-def build_dataloader(path_or_remote: str,
-                     split: str,
-                     batch_size: int,
-                     *,
-                     seq_len: Optional[int] = None,
-                     shuffle: bool = True,
-                     seed: int = 0,
-                     num_workers: int = 0,
-                     local_cache: Optional[str] = None,
-                     drop_last: bool = True,
-                     vocab_size: Optional[int] = None):
+def build_dataloader(
+    path_or_remote: str,
+    split: str,
+    batch_size: int,
+    *,
+    seq_len: Optional[int] = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    local_cache: Optional[str] = None,
+    drop_last: bool = True,
+    vocab_size: Optional[int] = None,
+):
     """A composer `DataSpec` over `path_or_remote/split`; batches are {'input_ids': LongTensor (B, seq_len)}.
 
     `batch_size` is per device: StreamingDataset partitions samples across ranks (read from the
@@ -222,23 +274,30 @@ def build_dataloader(path_or_remote: str,
         _check_meta(meta, where, seq_len, vocab_size)
     if remote is not None and isinstance(meta.get('splits'), dict) and split not in meta['splits']:
         raise FileNotFoundError(f'split {split!r} not found at {remote} (splits present: {sorted(meta["splits"])})')
-    dataset = _open_dataset(local, remote, where, split, meta, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                            seq_len=seq_len)
+    dataset = _open_dataset(
+        local, remote, where, split, meta, batch_size=batch_size, shuffle=shuffle, seed=seed, seq_len=seq_len
+    )
     if not cached:
         _write_cache_record(local, remote, meta)
     n = len(dataset)  # samples this rank will see per epoch
     if drop_last and n < batch_size:
-        raise ValueError(f'split {split!r} at {where!r} has {n} samples per rank, fewer than `batch_size` '
-                         f'{batch_size}, so drop_last=True would yield no batch. Lower batch_size, pass '
-                         'drop_last=False, or rebuild with more data / a larger val_fraction.')
-    loader = torch.utils.data.DataLoader(dataset,
-                                         batch_size=batch_size,
-                                         num_workers=num_workers,
-                                         drop_last=drop_last,
-                                         pin_memory=torch.cuda.is_available())
+        raise ValueError(
+            f'split {split!r} at {where!r} has {n} samples per rank, fewer than `batch_size` '
+            f'{batch_size}, so drop_last=True would yield no batch. Lower batch_size, pass '
+            'drop_last=False, or rebuild with more data / a larger val_fraction.'
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+    )
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
     n_samples = n_batches * batch_size if drop_last else n
-    return DataSpec(loader,
-                    num_samples=n_samples,
-                    num_tokens=n_samples * dataset.seq_len,
-                    get_num_tokens_in_batch=_num_tokens_in_batch)
+    return DataSpec(
+        loader,
+        num_samples=n_samples,
+        num_tokens=n_samples * dataset.seq_len,
+        get_num_tokens_in_batch=_num_tokens_in_batch,
+    )

@@ -21,8 +21,10 @@ def _out_path(out_dir: Any) -> Path:
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
         raise ValueError(f'`out_dir` must be a local folder path, got {out_dir!r}')
     if is_url(str(out_dir)):
-        raise ValueError(f'`out_dir` {str(out_dir)!r}: only local folders can be built here; write to an object '
-                         "store with write_mds(..., out_dir='s3://...') or `prores-data --out s3://...`")
+        raise ValueError(
+            f'`out_dir` {str(out_dir)!r}: only local folders can be built here; write to an object '
+            "store with write_mds(..., out_dir='s3://...') or `prores-data --out s3://...`"
+        )
     return Path(out_dir).expanduser().resolve()
 
 
@@ -31,6 +33,7 @@ def _lock(out: Path):
     calling ensure_dataset) serialize, so one builds and the others then reuse, and no run deletes
     another live run's temporary folder."""
     from filelock import FileLock  # a dependency of mosaicml-streaming
+
     out.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(out.parent / f'.{out.name}.prores-lock'))
 
@@ -53,11 +56,15 @@ def _check_replaceable(out: Path, overwrite: bool, name: str) -> None:
         if not out.is_dir():
             raise ValueError(f'{name} {str(out)!r} exists and is not a folder')
         if read_metadata(out) is not None and not overwrite:
-            raise ValueError(f'{name} {str(out)!r} already holds a dataset; pass overwrite=True (--overwrite) '
-                             'to replace it, or choose another folder')
+            raise ValueError(
+                f'{name} {str(out)!r} already holds a dataset; pass overwrite=True (--overwrite) '
+                'to replace it, or choose another folder'
+            )
         if any(out.iterdir()) and not _looks_like_ours(out):
-            raise ValueError(f'{name} {str(out)!r} exists and holds other files; refusing to replace it '
-                             '(even with overwrite); choose an empty or new folder')
+            raise ValueError(
+                f'{name} {str(out)!r} exists and holds other files; refusing to replace it '
+                '(even with overwrite); choose an empty or new folder'
+            )
 
 
 def _staging_folder(out: Optional[Path]) -> Path:

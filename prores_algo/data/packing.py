@@ -33,10 +33,10 @@ class _Packer:
         self.tokens_read += len(tokens)
         stream = np.concatenate([self.carry, tokens]) if len(self.carry) else tokens
         n = len(stream) // self.seq_len
-        for row in stream[:n * self.seq_len].reshape(n, self.seq_len):
+        for row in stream[: n * self.seq_len].reshape(n, self.seq_len):
             self.writer.write({COLUMN: np.ascontiguousarray(row)})
         self.samples += n
-        self.carry = stream[n * self.seq_len:].copy()
+        self.carry = stream[n * self.seq_len :].copy()
 
     def summary(self) -> dict[str, int]:
         return {
@@ -48,8 +48,15 @@ class _Packer:
         }
 
 
-def _pack_documents(docs: Iterator[str], tok: Any, packers: dict[str, _Packer], bar: Any, max_tokens: Optional[int],
-                    seed: int, val_fraction: float) -> None:
+def _pack_documents(
+    docs: Iterator[str],
+    tok: Any,
+    packers: dict[str, _Packer],
+    bar: Any,
+    max_tokens: Optional[int],
+    seed: int,
+    val_fraction: float,
+) -> None:
     """Encode each document, append eos and hand it to its split's packer; stop after `max_tokens` tokens
     (eos included; None: no cap). `bar` (a progress bar) is told every document's token count."""
     budget = max_tokens
@@ -68,8 +75,13 @@ def _pack_documents(docs: Iterator[str], tok: Any, packers: dict[str, _Packer], 
             break
 
 
-def _check_samples(summary: dict[str, dict[str, int]], seq_len: int, max_tokens: Optional[int],
-                   max_bytes: Optional[int], val_fraction: float) -> None:
+def _check_samples(
+    summary: dict[str, dict[str, int]],
+    seq_len: int,
+    max_tokens: Optional[int],
+    max_bytes: Optional[int],
+    val_fraction: float,
+) -> None:
     """ValueError naming the settings to change if a split got no sample (its tokens are fewer than seq_len)."""
     total = sum(v['tokens_read'] for v in summary.values())
     for s, v in summary.items():
@@ -78,4 +90,5 @@ def _check_samples(summary: dict[str, dict[str, int]], seq_len: int, max_tokens:
                 f'split {s!r} got 0 samples: it has {v["tokens_read"]} tokens from {v["documents"]} document(s) '
                 f'({total} tokens in total) but `seq_len` is {seq_len}. Lower `seq_len`, raise `max_tokens` '
                 f'(now {max_tokens}) / `max_bytes` (now {max_bytes}), adjust `val_fraction` (now {val_fraction}), '
-                'or use a larger `source`.')
+                'or use a larger `source`.'
+            )

@@ -14,12 +14,14 @@ from typing import Any, Optional
 
 from prores_algo.data.layout import FORMAT, META_FILENAME, SPLITS
 
+
 class RemoteDataError(ValueError):
     """A remote dataset (s3://...) cannot be written or read; the message names the URL and the likely cause."""
 
 
 def _split_url(url: str) -> tuple[str, str, str]:
     from urllib.parse import urlparse
+
     u = urlparse(url)
     return u.scheme, u.netloc, u.path.strip('/')
 
@@ -28,10 +30,20 @@ def _error_code(e: BaseException) -> str:
     return str(((getattr(e, 'response', None) or {}).get('Error') or {}).get('Code', ''))
 
 
-_DENIED = ('403', 'AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'InvalidToken', 'ExpiredToken',
-           'AllAccessDisabled', 'InvalidClientTokenId')
-_CREDENTIALS_HELP = ('check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance '
-                     'role) and their permissions on the bucket')
+_DENIED = (
+    '403',
+    'AccessDenied',
+    'InvalidAccessKeyId',
+    'SignatureDoesNotMatch',
+    'InvalidToken',
+    'ExpiredToken',
+    'AllAccessDisabled',
+    'InvalidClientTokenId',
+)
+_CREDENTIALS_HELP = (
+    'check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance '
+    'role) and their permissions on the bucket'
+)
 
 
 def _s3_endpoint() -> str:
@@ -47,10 +59,13 @@ def _s3_diagnosis(url: str, check_prefix: bool) -> Optional[str]:
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
     _, bucket, prefix = _split_url(url)
-    client = boto3.session.Session().client('s3', endpoint_url=os.environ.get('S3_ENDPOINT_URL'),
-                                            config=Config(retries={'max_attempts': 2, 'mode': 'standard'},
-                                                          connect_timeout=10, read_timeout=30))
+    client = boto3.session.Session().client(
+        's3',
+        endpoint_url=os.environ.get('S3_ENDPOINT_URL'),
+        config=Config(retries={'max_attempts': 2, 'mode': 'standard'}, connect_timeout=10, read_timeout=30),
+    )
     try:
         client.head_bucket(Bucket=bucket)
         if not check_prefix:
@@ -85,8 +100,10 @@ def _remote_read_error(remote: str, what: str, e: BaseException) -> RemoteDataEr
     cause = _diagnose(remote, check_prefix=True)
     if cause is None:
         if _error_code(e) in ('404', 'NoSuchKey') or isinstance(e, FileNotFoundError):
-            cause = (f'{what} does not exist: the upload of this dataset did not complete, or it was not written by '
-                     f'prores-data (`prores-data --out {remote}` uploads {META_FILENAME} last, once every shard is up)')
+            cause = (
+                f'{what} does not exist: the upload of this dataset did not complete, or it was not written by '
+                f'prores-data (`prores-data --out {remote}` uploads {META_FILENAME} last, once every shard is up)'
+            )
         elif _error_code(e) in _DENIED:
             cause = f'access to {what} was denied ({_error_code(e)}); {_CREDENTIALS_HELP}'
         else:
@@ -97,8 +114,11 @@ def _remote_read_error(remote: str, what: str, e: BaseException) -> RemoteDataEr
 def _remote_write_error(remote: str, e: BaseException) -> RemoteDataError:
     cause = _diagnose(remote, check_prefix=False)
     if cause is None:
-        cause = (f'access denied ({_error_code(e)}); {_CREDENTIALS_HELP}' if _error_code(e) in _DENIED else
-                 f'{type(e).__name__}: {e}')
+        cause = (
+            f'access denied ({_error_code(e)}); {_CREDENTIALS_HELP}'
+            if _error_code(e) in _DENIED
+            else f'{type(e).__name__}: {e}'
+        )
     return RemoteDataError(f'cannot write the dataset to {remote}: {cause}')
 
 
@@ -108,6 +128,7 @@ class _RemoteOut:
 
     def __init__(self, url: str, staging: Path):
         from streaming.base.storage import CloudUploader
+
         self.url = url
         self.scheme, self.bucket, prefix = _split_url(url)
         self.base = f'{prefix}/' if prefix else ''
@@ -122,7 +143,7 @@ class _RemoteOut:
             names = self.uploader.list_objects() or []
         except Exception as e:
             raise _remote_write_error(self.url, e) from None
-        return sorted(n[len(self.base):] for n in names if n.startswith(self.base))
+        return sorted(n[len(self.base) :] for n in names if n.startswith(self.base))
 
     def prepare(self, overwrite: bool) -> list[str]:
         """Refuse a prefix that holds anything but (the debris of) one of our datasets, or a complete dataset
@@ -131,16 +152,22 @@ class _RemoteOut:
         keys = self.keys()
         foreign = [k for k in keys if k != META_FILENAME and k.split('/', 1)[0] not in SPLITS]
         if foreign:
-            raise RemoteDataError(f'`out_dir` {self.url} holds other objects ({foreign[:5]}); refusing to write a '
-                                  'dataset there (even with overwrite): choose an empty or new prefix')
+            raise RemoteDataError(
+                f'`out_dir` {self.url} holds other objects ({foreign[:5]}); refusing to write a '
+                'dataset there (even with overwrite): choose an empty or new prefix'
+            )
         if META_FILENAME in keys:
             if not overwrite:
-                raise RemoteDataError(f'`out_dir` {self.url} already holds a dataset; pass overwrite=True '
-                                      '(--overwrite) to replace it, or choose another prefix')
+                raise RemoteDataError(
+                    f'`out_dir` {self.url} already holds a dataset; pass overwrite=True '
+                    '(--overwrite) to replace it, or choose another prefix'
+                )
             self.delete([META_FILENAME])
         elif keys and self.scheme != 's3':
-            raise RemoteDataError(f'`out_dir` {self.url} holds the objects of an unfinished write; delete them first '
-                                  f'(replacing objects is implemented for s3:// only)')
+            raise RemoteDataError(
+                f'`out_dir` {self.url} holds the objects of an unfinished write; delete them first '
+                f'(replacing objects is implemented for s3:// only)'
+            )
         return keys
 
     def upload(self, name: str) -> None:
@@ -153,12 +180,16 @@ class _RemoteOut:
         if not names:
             return
         if self.scheme != 's3':
-            raise RemoteDataError(f'cannot delete {len(names)} object(s) under {self.url}: implemented for s3:// only; '
-                                  'delete them yourself')
+            raise RemoteDataError(
+                f'cannot delete {len(names)} object(s) under {self.url}: implemented for s3:// only; '
+                'delete them yourself'
+            )
         try:
             for i in range(0, len(names), 1000):
-                answer = self.uploader.s3.delete_objects(Bucket=self.bucket, Delete={
-                    'Objects': [{'Key': self.base + n} for n in names[i:i + 1000]], 'Quiet': True})
+                answer = self.uploader.s3.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={'Objects': [{'Key': self.base + n} for n in names[i : i + 1000]], 'Quiet': True},
+                )
                 if answer.get('Errors'):
                     raise RuntimeError(f'the store refused to delete: {answer["Errors"][:3]}')
         except Exception as e:
@@ -170,6 +201,7 @@ def _remote_metadata(remote: str) -> dict[str, Any]:
     bucket, nothing under the prefix, denied credentials, unreachable endpoint, unfinished upload) if
     it cannot be read. Its presence is what makes a remote dataset complete: it is uploaded last."""
     from streaming.base.storage import CloudDownloader
+
     url = remote.rstrip('/') + '/' + META_FILENAME
     with tempfile.TemporaryDirectory() as d:
         # A fresh folder each time: the downloader skips files that already exist locally.
@@ -183,6 +215,8 @@ def _remote_metadata(remote: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             raise RemoteDataError(f'cannot read the dataset at {remote}: {url} is not valid JSON ({e})') from None
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
-        raise RemoteDataError(f'cannot read the dataset at {remote}: {url} is not the metadata of a prores_algo '
-                              f'dataset (format {meta.get("format") if isinstance(meta, dict) else None!r})')
+        raise RemoteDataError(
+            f'cannot read the dataset at {remote}: {url} is not the metadata of a prores_algo '
+            f'dataset (format {meta.get("format") if isinstance(meta, dict) else None!r})'
+        )
     return meta

@@ -19,16 +19,18 @@ SETTING_FIELDS = ('source', 'tokenizer', 'seq_len', 'val_fraction', 'max_tokens'
 
 def _validate_args(seq_len: Any, val_fraction: Any, max_tokens: Any, compression: Any, seed: Any) -> None:
     from streaming.base.compression import get_compressions, is_compression
+
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f'`seq_len` must be an int >= 2 (next-token prediction needs 2), got {seq_len!r}')
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
         raise ValueError(f'`val_fraction` must be in [0, 1) (0 writes no val split), got {val_fraction!r}')
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or
-                                   max_tokens <= 0):
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0):
         raise ValueError(f'`max_tokens` must be a positive int or None, got {max_tokens!r}')
     if compression is not None and not is_compression(compression):
-        raise ValueError(f'`compression` {compression!r} is not supported by streaming; use None or one of '
-                         f'{sorted(get_compressions())}')
+        raise ValueError(
+            f'`compression` {compression!r} is not supported by streaming; use None or one of '
+            f'{sorted(get_compressions())}'
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f'`seed` must be an int, got {seed!r}')
 
@@ -44,15 +46,23 @@ def _checked_tokenizer(tokenizer: Any) -> Any:
     """`tokenizer` itself, or loaded if it is a name; ValueError if it is not a tokenizer or its ids overflow DTYPE."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if not isinstance(tok, (ByteTokenizer, HFTokenizer)) and not all(
-            hasattr(tok, a) for a in ('encode', 'eos_token_id', 'vocab_size', 'name')):
+        hasattr(tok, a) for a in ('encode', 'eos_token_id', 'vocab_size', 'name')
+    ):
         raise ValueError(f'`tokenizer` must be a name or a prores_algo.tokenizers tokenizer, got {tokenizer!r}')
     if tok.vocab_size > np.iinfo(DTYPE).max:
         raise ValueError(f'`tokenizer` vocab_size {tok.vocab_size} does not fit {DTYPE}')
     return tok
 
 
-def _requested_settings(source: str, tokenizer: Any, seq_len: int, val_fraction: float, max_tokens: Optional[int],
-                        max_bytes: Optional[int], seed: int) -> dict[str, Any]:
+def _requested_settings(
+    source: str,
+    tokenizer: Any,
+    seq_len: int,
+    val_fraction: float,
+    max_tokens: Optional[int],
+    max_bytes: Optional[int],
+    seed: int,
+) -> dict[str, Any]:
     name = tokenizer if isinstance(tokenizer, str) else tokenizer.name
     return {
         'source': _normalize_source(source),

@@ -17,9 +17,11 @@ from typing import Iterator, Optional
 from prores_algo.recipe import is_url
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
-_SOURCE_HELP = ("'stdlib' (the Python standard library sources on this machine), an existing local file or "
-                f"folder ({', '.join(TEXT_SUFFIXES)}; .jsonl needs a 'text' field), or "
-                "'hf:NAME[:CONFIG[:SPLIT]]' (e.g. 'hf:allenai/c4:en')")
+_SOURCE_HELP = (
+    "'stdlib' (the Python standard library sources on this machine), an existing local file or "
+    f"folder ({', '.join(TEXT_SUFFIXES)}; .jsonl needs a 'text' field), or "
+    "'hf:NAME[:CONFIG[:SPLIT]]' (e.g. 'hf:allenai/c4:en')"
+)
 
 
 def iter_documents(source: str = 'stdlib', *, max_bytes: Optional[int] = None) -> Iterator[str]:
@@ -48,8 +50,9 @@ def iter_documents(source: str = 'stdlib', *, max_bytes: Optional[int] = None) -
             raise FileNotFoundError(f'`source` {source!r} does not exist. Accepted: {_SOURCE_HELP}.')
         if path.is_file():
             if path.suffix.lower() not in TEXT_SUFFIXES:
-                raise ValueError(f'`source` file {source!r} has an unsupported suffix {path.suffix!r}. '
-                                 f'Accepted: {_SOURCE_HELP}.')
+                raise ValueError(
+                    f'`source` file {source!r} has an unsupported suffix {path.suffix!r}. Accepted: {_SOURCE_HELP}.'
+                )
             docs = _file_documents(path, strict=True)
         else:
             docs = _folder_documents(path)
@@ -137,8 +140,9 @@ def _file_documents(path: Path, strict: bool) -> Iterator[str]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f'`source` file {str(path)!r} line {lineno}: invalid JSON ({e})') from e
                 if not isinstance(row, dict) or not isinstance(row.get('text'), str):
-                    raise ValueError(f'`source` file {str(path)!r} line {lineno}: expected a JSON object '
-                                     "with a string 'text' field")
+                    raise ValueError(
+                        f"`source` file {str(path)!r} line {lineno}: expected a JSON object with a string 'text' field"
+                    )
                 yield row['text']
     except (OSError, UnicodeDecodeError) as e:
         if strict:
@@ -147,16 +151,21 @@ def _file_documents(path: Path, strict: bool) -> Iterator[str]:
 
 
 def _hf_documents(source: str) -> Iterator[str]:
-    parts = source[len('hf:'):].split(':')
+    parts = source[len('hf:') :].split(':')
     if not parts[0] or len(parts) > 3:
         raise ValueError(f'`source` {source!r}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT')
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-        (parts[2] if len(parts) > 2 and parts[2] else 'train')
+    name, config, split = (
+        parts[0],
+        (parts[1] if len(parts) > 1 and parts[1] else None),
+        (parts[2] if len(parts) > 2 and parts[2] else 'train'),
+    )
     try:
         import datasets  # only needed for hf: sources, so not a hard dependency
     except ImportError as e:
-        raise ValueError(f'`source` {source!r} needs the Hugging Face `datasets` package: pip install datasets '
-                         "(or use source='stdlib' or a local path)") from e
+        raise ValueError(
+            f'`source` {source!r} needs the Hugging Face `datasets` package: pip install datasets '
+            "(or use source='stdlib' or a local path)"
+        ) from e
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:

@@ -28,8 +28,10 @@ def _shard_seq_len(shards: list[Any]) -> int:
         enc = shard.column_encodings[names.index(COLUMN)]
         m = re.fullmatch(r'ndarray:(\w+):(\d+)', enc)
         if not m:
-            raise ValueError(f'not a prores token dataset: column {COLUMN!r} has encoding {enc!r}, '
-                             "expected 'ndarray:<dtype>:<seq_len>'")
+            raise ValueError(
+                f'not a prores token dataset: column {COLUMN!r} has encoding {enc!r}, '
+                "expected 'ndarray:<dtype>:<seq_len>'"
+            )
         lens.add(int(m.group(2)))
     if len(lens) != 1:
         raise ValueError(f'shards disagree on seq_len: {sorted(lens)}')
@@ -59,17 +61,21 @@ def _shm_registration_lock():
     its holder dies; if it cannot be had in SHM_LOCK_TIMEOUT_S we go on without it.
     """
     import torch.distributed as dist
+
     group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     leader = int(os.environ.get('LOCAL_RANK', '0')) == 0
     lock = None
     if leader:
         from filelock import FileLock, Timeout  # a dependency of mosaicml-streaming
+
         lock = FileLock(os.path.join(_SHM_LOCK_DIR, 'prores_algo_streaming_shm.lock'))
         try:
             lock.acquire(timeout=SHM_LOCK_TIMEOUT_S)
         except Timeout:
-            warnings.warn(f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the '
-                          "dataset's shared memory without it")
+            warnings.warn(
+                f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the '
+                "dataset's shared memory without it"
+            )
             lock = None
     try:
         if group:
@@ -94,8 +100,10 @@ class TokenDataset(StreamingDataset):
             super().__init__(**kwargs)
         self.seq_len = _shard_seq_len(self.shards)
         if seq_len is not None and seq_len != self.seq_len:
-            raise ValueError(f'`seq_len` {seq_len} does not match the dataset, whose samples have '
-                             f'seq_len={self.seq_len}; set seq_len to {self.seq_len} or rebuild the data')
+            raise ValueError(
+                f'`seq_len` {seq_len} does not match the dataset, whose samples have '
+                f'seq_len={self.seq_len}; set seq_len to {self.seq_len} or rebuild the data'
+            )
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, torch.Tensor]:
         try:
@@ -119,6 +127,7 @@ class TokenDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
             from streaming.base.dataset import _IterState, _ShardState
+
             stream = self.streams[self.stream_per_shard[shard_id]]
             shard = self.shards[shard_id]
             folder = os.path.join(stream.local, stream.split)
@@ -128,10 +137,12 @@ class TokenDataset(StreamingDataset):
                 for name in names:
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(folder, name))
-                msg = (f'shard {url} failed its {stream.validate_hash} check: the bytes downloaded are not the ones '
-                       f'its index.json lists (a corrupt or replaced object). The bad copy was deleted from '
-                       f'{folder!r}. Rebuild the dataset at {stream.remote} (prores-data --out {stream.remote} '
-                       '--overwrite ...) or restore the object.')
+                msg = (
+                    f'shard {url} failed its {stream.validate_hash} check: the bytes downloaded are not the ones '
+                    f'its index.json lists (a corrupt or replaced object). The bad copy was deleted from '
+                    f'{folder!r}. Rebuild the dataset at {stream.remote} (prores-data --out {stream.remote} '
+                    '--overwrite ...) or restore the object.'
+                )
             else:
                 msg = f'could not fetch shard {url} into {folder!r}: {type(e).__name__}: {e}'
             self._shard_states[shard_id] = _ShardState.REMOTE

@@ -12,18 +12,25 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from prores_algo.data.layout import COLUMN, DTYPE, FORMAT, FORMAT_VERSION, HASH_ALGO, META_FILENAME, read_metadata
-from prores_algo.data.local_folder import (_check_replaceable, _clean_stale_tmp, _lock, _move_into_place, _out_path,
-                                           _staging_folder)
+from prores_algo.data.local_folder import (
+    _check_replaceable,
+    _clean_stale_tmp,
+    _lock,
+    _move_into_place,
+    _out_path,
+    _staging_folder,
+)
 from prores_algo.data.packing import _check_samples, _pack_documents, _Packer
-from prores_algo.recipe import is_url
 from prores_algo.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
 from prores_algo.data.settings import _checked_tokenizer, _normalize_tokenizer_name, _requested_settings, _validate_args
 from prores_algo.data.sources import _normalize_source, iter_documents
+from prores_algo.recipe import is_url
 
 
 class _UploadErrors:
     """Mixin for streaming's MDSWriter that keeps the first upload error (streaming only logs it and then
     raises a bare 'One of the threads failed')."""
+
     upload_error: Optional[BaseException] = None
 
     def exception_callback(self, future: Any) -> None:
@@ -45,10 +52,23 @@ def _finish_on_success(writer: Any) -> Iterator[Any]:
     writer.finish()
 
 
-def _write_splits(docs: Iterator[str], tok: Any, tmp: Path, splits: tuple[str, ...], writers: dict[str, Any], *,
-                  remote: Optional[str], keep_local: bool, seq_len: int, val_fraction: float,
-                  max_tokens: Optional[int], compression: Optional[str], seed: int, progress: bool,
-                  desc: str) -> dict[str, dict[str, int]]:
+def _write_splits(
+    docs: Iterator[str],
+    tok: Any,
+    tmp: Path,
+    splits: tuple[str, ...],
+    writers: dict[str, Any],
+    *,
+    remote: Optional[str],
+    keep_local: bool,
+    seq_len: int,
+    val_fraction: float,
+    max_tokens: Optional[int],
+    compression: Optional[str],
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> dict[str, dict[str, int]]:
     """Tokenize and pack `docs` into one MDS writer per split under `tmp` (with `remote`, each shard is
     uploaded as it is written). `writers` is filled as the writers open, so that the caller still sees
     their upload errors after a failure. Returns each split's packing summary."""
@@ -64,20 +84,39 @@ def _write_splits(docs: Iterator[str], tok: Any, tmp: Path, splits: tuple[str, .
             # With a remote, streaming uploads each shard as soon as it is written (and drops the local
             # file unless a local copy is kept); index.json goes up when the split is finished.
             target = (str(tmp / s), f'{remote}/{s}') if remote else str(tmp / s)
-            writers[s] = stack.enter_context(_finish_on_success(
-                Writer(out=target, columns=columns, compression=compression, hashes=[HASH_ALGO],
-                       keep_local=keep_local)))
+            writers[s] = stack.enter_context(
+                _finish_on_success(
+                    Writer(
+                        out=target, columns=columns, compression=compression, hashes=[HASH_ALGO], keep_local=keep_local
+                    )
+                )
+            )
         packers = {s: _Packer(writers[s], seq_len) for s in splits}
         bar = stack.enter_context(
-            tqdm(total=max_tokens, unit='tok', unit_scale=True, desc=f'prores-data {desc}', disable=not progress,
-                 dynamic_ncols=True))
+            tqdm(
+                total=max_tokens,
+                unit='tok',
+                unit_scale=True,
+                desc=f'prores-data {desc}',
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+        )
         _pack_documents(docs, tok, packers, bar, max_tokens, seed, val_fraction)
     return {s: p.summary() for s, p in packers.items()}
 
 
-def _metadata(source: str, tok: Any, seq_len: int, val_fraction: float, max_tokens: Optional[int],
-              max_bytes: Optional[int], seed: int, compression: Optional[str],
-              summary: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _metadata(
+    source: str,
+    tok: Any,
+    seq_len: int,
+    val_fraction: float,
+    max_tokens: Optional[int],
+    max_bytes: Optional[int],
+    seed: int,
+    compression: Optional[str],
+    summary: dict[str, dict[str, int]],
+) -> dict[str, Any]:
     """What prores_data.json records: the format, the settings that determine the samples, and each split's counts."""
     return {
         'format': FORMAT,
@@ -104,15 +143,34 @@ def _publish_remote(dest: _RemoteOut, writers: dict[str, Any], splits: tuple[str
     # The remote dataset is complete once its metadata is up: upload it last, then drop what an
     # earlier dataset or an unfinished write left under the prefix that the new indexes do not list.
     dest.upload(META_FILENAME)
-    keep = {META_FILENAME} | {f'{s}/index.json' for s in splits} | {
-        f'{s}/{shard[k]["basename"]}' for s in splits for shard in writers[s].shards
-        for k in ('raw_data', 'zip_data') if shard.get(k)}
+    keep = (
+        {META_FILENAME}
+        | {f'{s}/index.json' for s in splits}
+        | {
+            f'{s}/{shard[k]["basename"]}'
+            for s in splits
+            for shard in writers[s].shards
+            for k in ('raw_data', 'zip_data')
+            if shard.get(k)
+        }
+    )
     dest.delete([k for k in found if k not in keep])
 
 
-def _build(source: str, out: Optional[Path], tokenizer: Any, seq_len: int, val_fraction: float,
-           max_tokens: Optional[int], compression: Optional[str], seed: int, max_bytes: Optional[int], overwrite: bool,
-           progress: bool, remote: Optional[str] = None) -> dict[str, Any]:
+def _build(
+    source: str,
+    out: Optional[Path],
+    tokenizer: Any,
+    seq_len: int,
+    val_fraction: float,
+    max_tokens: Optional[int],
+    compression: Optional[str],
+    seed: int,
+    max_bytes: Optional[int],
+    overwrite: bool,
+    progress: bool,
+    remote: Optional[str] = None,
+) -> dict[str, Any]:
     """Write the dataset; caller holds the lock (of `out`) and has validated the arguments.
 
     `remote` (a URL): the shards go there through streaming's uploader, as they are written, and
@@ -138,10 +196,22 @@ def _build(source: str, out: Optional[Path], tokenizer: Any, seq_len: int, val_f
             dest = _RemoteOut(remote, tmp)  # checks the bucket and the credentials before any tokenizing
             found = dest.prepare(overwrite)
         started = True
-        summary = _write_splits(docs, tok, tmp, splits, writers, remote=remote, keep_local=out is not None,
-                                seq_len=seq_len, val_fraction=val_fraction, max_tokens=max_tokens,
-                                compression=compression, seed=seed, progress=progress,
-                                desc=out.name if out is not None else remote)
+        summary = _write_splits(
+            docs,
+            tok,
+            tmp,
+            splits,
+            writers,
+            remote=remote,
+            keep_local=out is not None,
+            seq_len=seq_len,
+            val_fraction=val_fraction,
+            max_tokens=max_tokens,
+            compression=compression,
+            seed=seed,
+            progress=progress,
+            desc=out.name if out is not None else remote,
+        )
         _check_samples(summary, seq_len, max_tokens, max_bytes, val_fraction)
         meta = _metadata(source, tok, seq_len, val_fraction, max_tokens, max_bytes, seed, compression, summary)
         # Metadata last: its presence (plus the index files) is what read_metadata calls complete.
@@ -167,19 +237,21 @@ def _build(source: str, out: Optional[Path], tokenizer: Any, seq_len: int, val_f
         raise
 
 
-def write_mds(source: str,
-              out_dir: str | os.PathLike,
-              tokenizer: str = 'byte',
-              seq_len: int = 128,
-              val_fraction: float = 0.05,
-              max_tokens: Optional[int] = None,
-              compression: Optional[str] = None,
-              seed: int = 0,
-              *,
-              max_bytes: Optional[int] = None,
-              overwrite: bool = False,
-              progress: bool = True,
-              keep_local: Optional[str | os.PathLike] = None) -> dict[str, Any]:
+def write_mds(
+    source: str,
+    out_dir: str | os.PathLike,
+    tokenizer: str = 'byte',
+    seq_len: int = 128,
+    val_fraction: float = 0.05,
+    max_tokens: Optional[int] = None,
+    compression: Optional[str] = None,
+    seed: int = 0,
+    *,
+    max_bytes: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    keep_local: Optional[str | os.PathLike] = None,
+) -> dict[str, Any]:
     """Tokenize `source`, pack into samples of exactly `seq_len` tokens, write `out_dir/{train,val}` MDS shards.
 
     Each document's tokens are followed by eos; documents go to val when a stable hash of
@@ -203,31 +275,58 @@ def write_mds(source: str,
         if not _split_url(remote)[1]:
             raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
         if keep_local is None:
-            return _build(source, None, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
-                          overwrite, progress, remote=remote)
+            return _build(
+                source,
+                None,
+                tokenizer,
+                seq_len,
+                val_fraction,
+                max_tokens,
+                compression,
+                seed,
+                max_bytes,
+                overwrite,
+                progress,
+                remote=remote,
+            )
         out = _out_path(keep_local)
         with _lock(out):
-            return _build(source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
-                          overwrite, progress, remote=remote)
+            return _build(
+                source,
+                out,
+                tokenizer,
+                seq_len,
+                val_fraction,
+                max_tokens,
+                compression,
+                seed,
+                max_bytes,
+                overwrite,
+                progress,
+                remote=remote,
+            )
     if keep_local is not None:
         raise ValueError('`keep_local` is for a remote `out_dir` (s3://...); a local `out_dir` is the local copy')
     out = _out_path(out_dir)
     with _lock(out):
-        return _build(source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
-                      overwrite, progress)
+        return _build(
+            source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, overwrite, progress
+        )
 
 
-def ensure_dataset(source: str,
-                   out_dir: str | os.PathLike,
-                   tokenizer: str = 'byte',
-                   seq_len: int = 128,
-                   val_fraction: float = 0.05,
-                   max_tokens: Optional[int] = None,
-                   compression: Optional[str] = None,
-                   seed: int = 0,
-                   *,
-                   max_bytes: Optional[int] = None,
-                   progress: bool = True) -> dict[str, Any]:
+def ensure_dataset(
+    source: str,
+    out_dir: str | os.PathLike,
+    tokenizer: str = 'byte',
+    seq_len: int = 128,
+    val_fraction: float = 0.05,
+    max_tokens: Optional[int] = None,
+    compression: Optional[str] = None,
+    seed: int = 0,
+    *,
+    max_bytes: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Reuse the dataset at `out_dir` if it was built with the same settings, else build it.
 
     Raises ValueError listing the differing fields if `out_dir` holds a dataset built differently
@@ -241,9 +340,11 @@ def ensure_dataset(source: str,
     def check(meta: dict[str, Any]) -> dict[str, Any]:
         diff = [f'{k}: dataset has {meta.get(k)!r}, requested {v!r}' for k, v in want.items() if meta.get(k) != v]
         if diff:
-            raise ValueError(f'`out_dir` {str(out)!r} holds a dataset built with different settings '
-                             f'({"; ".join(diff)}). Use another out_dir, or rebuild it with '
-                             'write_mds(..., overwrite=True) / prores-data --overwrite.')
+            raise ValueError(
+                f'`out_dir` {str(out)!r} holds a dataset built with different settings '
+                f'({"; ".join(diff)}). Use another out_dir, or rebuild it with '
+                'write_mds(..., overwrite=True) / prores-data --overwrite.'
+            )
         return meta
 
     # Lock-free fast path: datasets appear atomically, so a complete one can be read without the
@@ -255,5 +356,6 @@ def ensure_dataset(source: str,
         meta = read_metadata(out)  # another process may have built it while we waited
         if meta is not None:
             return check(meta)
-        return _build(source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes,
-                      False, progress)
+        return _build(
+            source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, False, progress
+        )

@@ -14,7 +14,6 @@ Events:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -48,33 +47,40 @@ class ProRes(Algorithm):
         remove_when_done: remove the hooks once every α is 1 for good (default True).
     """
 
-    def __init__(self,
-                 schedule: str = 'linear',
-                 t_warmup: Union[str, int, Time, None] = None,
-                 lr_warmup_delay: Union[str, int, Time] = '0ba',
-                 log_interval: Union[str, int] = 1,
-                 layer_class: Optional[str] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None,
-                 remove_when_done: bool = True):
+    def __init__(
+        self,
+        schedule: str = 'linear',
+        t_warmup: Union[str, int, Time, None] = None,
+        lr_warmup_delay: Union[str, int, Time] = '0ba',
+        log_interval: Union[str, int] = 1,
+        layer_class: Optional[str] = None,
+        branches: Optional[Sequence[str]] = None,
+        layer_pattern: Optional[str] = None,
+        remove_when_done: bool = True,
+    ):
         self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done)
         self.schedule = self.spec.schedule
         self.t_warmup = None if t_warmup is None else parse_time(t_warmup, 't_warmup')
         if self.t_warmup is not None:
             if self.t_warmup.unit not in (*_UNIT_FIELD, TimeUnit.DURATION):
-                raise ValueError(f't_warmup={t_warmup!r}: use batches ("24000ba"), tokens ("5e8tok"), samples ("1e6sp") '
-                                 f'or a fraction of max_duration ("0.2dur"), not {self.t_warmup.unit.value}')
+                raise ValueError(
+                    f't_warmup={t_warmup!r}: use batches ("24000ba"), tokens ("5e8tok"), samples ("1e6sp") '
+                    f'or a fraction of max_duration ("0.2dur"), not {self.t_warmup.unit.value}'
+                )
             if not self.t_warmup.value > 0:
                 raise ValueError(f't_warmup must be positive, e.g. "24000ba" or "0.1dur", got {t_warmup!r}')
             if self.t_warmup.unit == TimeUnit.DURATION and self.t_warmup.value > 1:
                 raise ValueError(f't_warmup={t_warmup!r} is more than the whole run: use a fraction in (0, 1]')
         self.lr_warmup_delay = parse_time(lr_warmup_delay, 'lr_warmup_delay')
         if self.lr_warmup_delay.value < 0:
-            raise ValueError(f'lr_warmup_delay must be >= 0, e.g. "0ba" (the default: no delay) or "500ba", '
-                             f'got {lr_warmup_delay!r}')
+            raise ValueError(
+                f'lr_warmup_delay must be >= 0, e.g. "0ba" (the default: no delay) or "500ba", got {lr_warmup_delay!r}'
+            )
         interval = parse_time(log_interval, 'log_interval')
         if interval.unit != TimeUnit.BATCH or interval.value < 1:
-            raise ValueError(f'log_interval must be a positive number of batches (e.g. 1 or "100ba"), got {log_interval!r}')
+            raise ValueError(
+                f'log_interval must be a positive number of batches (e.g. 1 or "100ba"), got {log_interval!r}'
+            )
         self.log_interval = int(interval.value)
         self.layer_class = layer_class
         self.branches = self.spec.branches
@@ -103,8 +109,12 @@ class ProRes(Algorithm):
         self.controller = self.spec.attach(state.model, None)
         if self._try_resolve_warmup(state):
             self.controller.set_step(self._now(state))
-        log.info('ProRes: %d layers, schedule %s, t_warmup %s', self.controller.num_layers, self.schedule,
-                 self.t_warmup or f'{default_warmup(self.controller.num_layers):g}ba (default)')
+        log.info(
+            'ProRes: %d layers, schedule %s, t_warmup %s',
+            self.controller.num_layers,
+            self.schedule,
+            self.t_warmup or f'{default_warmup(self.controller.num_layers):g}ba (default)',
+        )
         logger.log_hyperparameters({f'prores/{k}': v for k, v in self.config.items()})
 
     def _fit_start(self, state: State, logger: Logger) -> None:
@@ -113,8 +123,10 @@ class ProRes(Algorithm):
         if moved:
             log.info('ProRes: re-attached %d branch hooks after another algorithm replaced modules', moved)
         if not self._try_resolve_warmup(state):
-            raise ValueError('ProRes t_warmup is a fraction of max_duration ("dur"), but the Trainer has no '
-                             'max_duration: set max_duration or give t_warmup in batches/tokens')
+            raise ValueError(
+                'ProRes t_warmup is a fraction of max_duration ("dur"), but the Trainer has no '
+                'max_duration: set max_duration or give t_warmup in batches/tokens'
+            )
         self._warn_if_longer_than_run(state)
         if self._unit == TimeUnit.BATCH:  # batches are optimizer steps: W / L is comparable to the paper's T
             self.spec.warn_if_short(self.controller)
@@ -138,8 +150,11 @@ class ProRes(Algorithm):
     def _try_resolve_warmup(self, state: State) -> bool:
         """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START)."""
         assert self.controller is not None
-        tw = self.t_warmup if self.t_warmup is not None else \
-            Time(int(default_warmup(self.controller.num_layers)), TimeUnit.BATCH)
+        tw = (
+            self.t_warmup
+            if self.t_warmup is not None
+            else Time(int(default_warmup(self.controller.num_layers)), TimeUnit.BATCH)
+        )
         value, unit = float(tw.value), tw.unit
         if unit == TimeUnit.DURATION:
             max_duration = state.max_duration
@@ -167,15 +182,18 @@ class ProRes(Algorithm):
         elif max_duration.unit == TimeUnit.EPOCH and self._unit == TimeUnit.BATCH and state.dataloader_len is not None:
             total = max_duration.value * int(state.dataloader_len)
         if not self._warned_long:
-            self._warned_long = self.spec.warn_if_longer_than_run(self.controller, total, self._unit.value,
-                                                                  'max_duration')
+            self._warned_long = self.spec.warn_if_longer_than_run(
+                self.controller, total, self._unit.value, 'max_duration'
+            )
 
     # --- checkpoints: the configuration travels with the run ------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        return self.spec.record(None if self.controller is None else self.controller.num_layers,
-                                t_warmup=None if self.t_warmup is None else str(self.t_warmup),
-                                lr_warmup_delay=str(self.lr_warmup_delay))
+        return self.spec.record(
+            None if self.controller is None else self.controller.num_layers,
+            t_warmup=None if self.t_warmup is None else str(self.t_warmup),
+            lr_warmup_delay=str(self.lr_warmup_delay),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), 'config': self.config}
@@ -184,8 +202,12 @@ class ProRes(Algorithm):
         saved = state.get('config')
         if saved is None:
             return
-        check_resume(saved, self.config, 'this checkpoint', 'Resume with the same ProRes settings, or start a new '
-                     'run (load weights only with load_weights_only=True).')
+        check_resume(
+            saved,
+            self.config,
+            'this checkpoint',
+            'Resume with the same ProRes settings, or start a new run (load weights only with load_weights_only=True).',
+        )
 
     def __repr__(self) -> str:
         t = None if self.t_warmup is None else str(self.t_warmup)
@@ -211,23 +233,38 @@ class ResidualMonitor(MonitorBase, Callback):
         stop_on_collapse: also stop training when the collapse is reported.
     """
 
-    def __init__(self,
-                 interval: Union[int, str] = '10ba',
-                 rms: bool = True,
-                 grad_norm: bool = True,
-                 update_ratio: bool = True,
-                 spike_window: int = 100,
-                 spike_std: float = 7.0,
-                 layer_class: Optional[str] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None,
-                 position_cosine: bool = True,
-                 collapse_threshold: float = 0.95,
-                 collapse_patience: int = 10,
-                 stop_on_collapse: bool = False):
-        MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
-                              stop_on_collapse)
+    def __init__(
+        self,
+        interval: Union[int, str] = '10ba',
+        rms: bool = True,
+        grad_norm: bool = True,
+        update_ratio: bool = True,
+        spike_window: int = 100,
+        spike_std: float = 7.0,
+        layer_class: Optional[str] = None,
+        branches: Optional[Sequence[str]] = None,
+        layer_pattern: Optional[str] = None,
+        position_cosine: bool = True,
+        collapse_threshold: float = 0.95,
+        collapse_patience: int = 10,
+        stop_on_collapse: bool = False,
+    ):
+        MonitorBase.__init__(
+            self,
+            interval,
+            rms,
+            grad_norm,
+            update_ratio,
+            spike_window,
+            spike_std,
+            layer_class,
+            branches,
+            layer_pattern,
+            position_cosine,
+            collapse_threshold,
+            collapse_patience,
+            stop_on_collapse,
+        )
         self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
         self._total_grad_sq: Optional[torch.Tensor] = None
         self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
@@ -289,7 +326,9 @@ class ResidualMonitor(MonitorBase, Callback):
                 metrics.update(per_layer_metrics('update_ratio', self.stats.update_ratios()))
             if self.spikes:  # one sync per interval for the deferred grad norms
                 if self._pending_grad:
-                    for g in torch.cat([g.to(self._pending_grad[0].device) for g in self._pending_grad]).sqrt().tolist():
+                    for g in (
+                        torch.cat([g.to(self._pending_grad[0].device) for g in self._pending_grad]).sqrt().tolist()
+                    ):
                         self.grad_spikes.push(g)
                     self._pending_grad = []
                 metrics.update(self.spike_metrics())

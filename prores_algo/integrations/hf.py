@@ -49,8 +49,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = inner
             continue
         name = type(model).__name__
-        if name in ('DistributedDataParallel', 'DataParallel', 'DeepSpeedEngine', 'PipelineEngine',
-                    'FullyShardedDataParallel') and isinstance(getattr(model, 'module', None), nn.Module):
+        if name in (
+            'DistributedDataParallel',
+            'DataParallel',
+            'DeepSpeedEngine',
+            'PipelineEngine',
+            'FullyShardedDataParallel',
+        ) and isinstance(getattr(model, 'module', None), nn.Module):
             model = model.module
             continue
         break
@@ -89,15 +94,17 @@ class ProResCallback(_FirstInLine, TrainerCallback):
         remove_when_done: remove the hooks once every α is 1 for good (default True).
     """
 
-    def __init__(self,
-                 schedule: str = 'linear',
-                 t_warmup: Union[int, float, str, None] = None,
-                 layer_class: Union[type, str, None] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 log_alphas: bool = True,
-                 *,
-                 layer_pattern: Optional[str] = None,
-                 remove_when_done: bool = True):
+    def __init__(
+        self,
+        schedule: str = 'linear',
+        t_warmup: Union[int, float, str, None] = None,
+        layer_class: Union[type, str, None] = None,
+        branches: Optional[Sequence[str]] = None,
+        log_alphas: bool = True,
+        *,
+        layer_pattern: Optional[str] = None,
+        remove_when_done: bool = True,
+    ):
         self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, bool(remove_when_done))
         self.spec.check_steps_warmup()  # numbers now; a 'dur' fraction once max_steps is known
         self.log_alphas = bool(log_alphas)
@@ -172,23 +179,38 @@ class ResidualMonitorCallback(MonitorBase, _FirstInLine, TrainerCallback):
     the loss-spike counter uses the mean forward loss of every step.
     """
 
-    def __init__(self,
-                 interval: Union[int, str] = 10,
-                 rms: bool = True,
-                 grad_norm: bool = True,
-                 update_ratio: bool = True,
-                 spike_window: int = 100,
-                 spike_std: float = 7.0,
-                 layer_class: Optional[str] = None,
-                 branches: Optional[Sequence[str]] = None,
-                 layer_pattern: Optional[str] = None,
-                 position_cosine: bool = True,
-                 collapse_threshold: float = 0.95,
-                 collapse_patience: int = 10,
-                 stop_on_collapse: bool = False):
-        MonitorBase.__init__(self, interval, rms, grad_norm, update_ratio, spike_window, spike_std, layer_class,
-                              branches, layer_pattern, position_cosine, collapse_threshold, collapse_patience,
-                              stop_on_collapse)
+    def __init__(
+        self,
+        interval: Union[int, str] = 10,
+        rms: bool = True,
+        grad_norm: bool = True,
+        update_ratio: bool = True,
+        spike_window: int = 100,
+        spike_std: float = 7.0,
+        layer_class: Optional[str] = None,
+        branches: Optional[Sequence[str]] = None,
+        layer_pattern: Optional[str] = None,
+        position_cosine: bool = True,
+        collapse_threshold: float = 0.95,
+        collapse_patience: int = 10,
+        stop_on_collapse: bool = False,
+    ):
+        MonitorBase.__init__(
+            self,
+            interval,
+            rms,
+            grad_norm,
+            update_ratio,
+            spike_window,
+            spike_std,
+            layer_class,
+            branches,
+            layer_pattern,
+            position_cosine,
+            collapse_threshold,
+            collapse_patience,
+            stop_on_collapse,
+        )
         self._root_handles: list = []
         self._grad_handles: list = []
         self._param_sq: dict[int, torch.Tensor] = {}
@@ -221,8 +243,10 @@ class ResidualMonitorCallback(MonitorBase, _FirstInLine, TrainerCallback):
         zero = bool(getattr(args, 'deepspeed', None)) if args is not None else False
         self.stats = self._find(model)
         self._zero = zero or any(hasattr(p, 'ds_id') for p in model.parameters())
-        self._root_handles = [model.register_forward_pre_hook(self._pre_forward),
-                              model.register_forward_hook(self._post_forward)]
+        self._root_handles = [
+            model.register_forward_pre_hook(self._pre_forward),
+            model.register_forward_hook(self._post_forward),
+        ]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_losses = []

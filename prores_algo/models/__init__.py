@@ -9,5 +9,6 @@ __all__ = ['NORM_PLACEMENTS', 'Block', 'Decoder', 'DecoderConfig', 'build_decode
 def __getattr__(name: str):
     if name == 'ComposerDecoder':
         from prores_algo.models.composer_decoder import ComposerDecoder
+
         return ComposerDecoder
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -43,7 +43,10 @@ class ComposerDecoder(ComposerModel):
         self.config = config
         self.model = Decoder(config)
         # Separate instances for train and eval (Composer deep-copies them per dataloader anyway).
-        self.train_metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(), 'LanguagePerplexity': LanguagePerplexity()}
+        self.train_metrics = {
+            'LanguageCrossEntropy': LanguageCrossEntropy(),
+            'LanguagePerplexity': LanguagePerplexity(),
+        }
         self.val_metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(), 'LanguagePerplexity': LanguagePerplexity()}
 
     @classmethod

@@ -37,8 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['NORM_PLACEMENTS', 'DecoderConfig', 'RotaryEmbedding', 'Attention', 'SwiGLU', 'Block', 'Decoder',
-           'build_decoder', 'default_deepnet_init']
+__all__ = [
+    'NORM_PLACEMENTS',
+    'DecoderConfig',
+    'RotaryEmbedding',
+    'Attention',
+    'SwiGLU',
+    'Block',
+    'Decoder',
+    'build_decoder',
+    'default_deepnet_init',
+]
 
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm', 'lns')
 
@@ -97,14 +106,19 @@ class DecoderConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'DecoderConfig.{name} must be a bool (true/false), got {getattr(self, name)!r}')
         if not self.final_norm and self.norm not in ('post', 'deepnorm'):
-            raise ValueError(f'DecoderConfig.final_norm=False is only allowed for norm=post or deepnorm (their last '
-                             f'block ends in a norm); norm={self.norm!r} needs the final norm: remove final_norm')
+            raise ValueError(
+                f'DecoderConfig.final_norm=False is only allowed for norm=post or deepnorm (their last '
+                f'block ends in a norm); norm={self.norm!r} needs the final norm: remove final_norm'
+            )
         if self.d_model % self.n_heads != 0:
-            raise ValueError(f'DecoderConfig.d_model ({self.d_model}) must be divisible by '
-                             f'DecoderConfig.n_heads ({self.n_heads})')
+            raise ValueError(
+                f'DecoderConfig.d_model ({self.d_model}) must be divisible by DecoderConfig.n_heads ({self.n_heads})'
+            )
         if self.head_dim % 2 != 0:
-            raise ValueError(f'head dim d_model / n_heads = {self.head_dim} must be even for RoPE '
-                             f'(DecoderConfig.d_model={self.d_model}, DecoderConfig.n_heads={self.n_heads})')
+            raise ValueError(
+                f'head dim d_model / n_heads = {self.head_dim} must be even for RoPE '
+                f'(DecoderConfig.d_model={self.d_model}, DecoderConfig.n_heads={self.n_heads})'
+            )
 
     @property
     def head_dim(self) -> int:
@@ -121,6 +135,7 @@ class DecoderConfig:
 #   ('const', value)   weight = value (norms)
 #   ('tied', None)     weight is another module's parameter: leave it alone
 # ---------------------------------------------------------------------------------------------------
+
 
 def _set_init(module: nn.Module, kind: str, value: Optional[float]) -> nn.Module:
     module._init_spec = (kind, value)
@@ -149,8 +164,9 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         device = self.cos.device
-        inv_freq = 1.0 / (self.theta**(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) /
-                                       self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
         pos = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, head_dim)
@@ -230,14 +246,21 @@ class Block(nn.Module):
         else:
             self.prores_branches = ('attn.o_proj', 'mlp.down_proj')
         # DeepNorm (DeepNet, decoder-only): residual up-weighted by beta, branch weights down-scaled.
-        self.beta = (2.0 * L)**0.25 if config.norm == 'deepnorm' else 1.0
+        self.beta = (2.0 * L) ** 0.25 if config.norm == 'deepnorm' else 1.0
 
         std = config.init_std
-        for lin in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj,
-                    self.mlp.up_proj, self.mlp.down_proj):
+        for lin in (
+            self.attn.q_proj,
+            self.attn.k_proj,
+            self.attn.v_proj,
+            self.attn.o_proj,
+            self.mlp.gate_proj,
+            self.mlp.up_proj,
+            self.mlp.down_proj,
+        ):
             _set_init(lin, 'normal', std)
         if config.norm == 'deepnorm' and config.deepnet_init:
-            gain = (8.0 * L)**-0.25
+            gain = (8.0 * L) ** -0.25
             for lin in (self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
                 _set_init(lin, 'xavier', gain)
             _set_init(self.attn.q_proj, 'xavier', 1.0)
@@ -269,8 +292,9 @@ class Decoder(nn.Module):
         if not isinstance(config, DecoderConfig):
             raise TypeError(f'config must be a DecoderConfig, got {type(config).__name__}')
         self.config = config
-        self.embed = _set_init(nn.Embedding(config.vocab_size, config.d_model), 'normal',
-                               config.init_std * math.sqrt(config.d_model))
+        self.embed = _set_init(
+            nn.Embedding(config.vocab_size, config.d_model), 'normal', config.init_std * math.sqrt(config.d_model)
+        )
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so they need a final norm.
