@@ -277,23 +277,25 @@ def per_layer_metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[st
 
 
 class MonitorBase:
-    """What both monitor callbacks share: settings, layer statistics, collapse detection, spike counters."""
+    """What both monitor callbacks share: settings (one signature, so a YAML's keys are checked against
+    it), layer statistics, collapse detection, spike counters. A framework's callback adds its own state
+    in `_init_loop_state`."""
 
     def __init__(
         self,
-        interval,
-        rms,
-        grad_norm,
-        update_ratio,
-        spike_window,
-        spike_std,
-        layer_class,
-        branches,
-        layer_pattern,
-        position_cosine=True,
-        collapse_threshold=0.95,
-        collapse_patience=10,
-        stop_on_collapse=False,
+        interval: Union[int, str] = '10ba',
+        rms: bool = True,
+        grad_norm: bool = True,
+        update_ratio: bool = True,
+        spike_window: int = 100,
+        spike_std: float = 7.0,
+        layer_class: Optional[str] = None,
+        branches: Optional[Sequence[str]] = None,
+        layer_pattern: Optional[str] = None,
+        position_cosine: bool = True,
+        collapse_threshold: float = 0.95,
+        collapse_patience: int = 10,
+        stop_on_collapse: bool = False,
     ):
         self.interval = _parse_interval(interval)
         self.track_cosine = bool(position_cosine)
@@ -320,6 +322,10 @@ class MonitorBase:
         self.layer_class, self.branches, self.layer_pattern = layer_class, branches, layer_pattern
         self.stats: Optional[LayerStats] = None
         self.measuring = False
+        self._init_loop_state()
+
+    def _init_loop_state(self) -> None:
+        """Per-framework state of a subclass (called at the end of `__init__`)."""
 
     def _find(self, model: nn.Module, sharded: Optional[bool] = None) -> LayerStats:
         layers = find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)

@@ -179,38 +179,7 @@ class ResidualMonitorCallback(MonitorBase, _FirstInLine, TrainerCallback):
     the loss-spike counter uses the mean forward loss of every step.
     """
 
-    def __init__(
-        self,
-        interval: Union[int, str] = 10,
-        rms: bool = True,
-        grad_norm: bool = True,
-        update_ratio: bool = True,
-        spike_window: int = 100,
-        spike_std: float = 7.0,
-        layer_class: Optional[str] = None,
-        branches: Optional[Sequence[str]] = None,
-        layer_pattern: Optional[str] = None,
-        position_cosine: bool = True,
-        collapse_threshold: float = 0.95,
-        collapse_patience: int = 10,
-        stop_on_collapse: bool = False,
-    ):
-        MonitorBase.__init__(
-            self,
-            interval,
-            rms,
-            grad_norm,
-            update_ratio,
-            spike_window,
-            spike_std,
-            layer_class,
-            branches,
-            layer_pattern,
-            position_cosine,
-            collapse_threshold,
-            collapse_patience,
-            stop_on_collapse,
-        )
+    def _init_loop_state(self) -> None:
         self._root_handles: list = []
         self._grad_handles: list = []
         self._param_sq: dict[int, torch.Tensor] = {}
