@@ -378,13 +378,22 @@ def ahead_from(spl: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------- plots
 def make_plots(results: dict, out_dir: Path) -> list[str]:
+    """The three figures (those whose study has measured pairs); returns their file names."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    s, made = results['summary'], []
+    made = [_save(_plot_spl(plt, results), out_dir / 'quality_steps_per_layer.png')]
+    for name, plot in (('quality_depth.png', _plot_depth), ('quality_ablation.png', _plot_ablation)):
+        fig = plot(plt, results)
+        if fig is not None:
+            made.append(_save(fig, out_dir / name))
+    return made
 
+
+def _plot_spl(plt, results: dict):
+    s = results['summary']
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN')):
         pts = sorted((float(x), p) for x, p in s['spl'][norm].items() if p['n_pairs'])
@@ -416,53 +425,58 @@ def make_plots(results: dict, out_dir: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    made.append(_save(fig, out_dir / 'quality_steps_per_layer.png'))
+    return fig
 
+
+def _plot_depth(plt, results: dict):
+    s = results['summary']
     depth = {int(d): p for d, p in s['depth'].items() if p['n_pairs'] and p['baseline_mean'] is not None}
-    if depth:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ds = sorted(depth)
-        norm_name = {'pre': 'Pre-LN', 'post': 'Post-LN'}[results['config']['depth_norm']]
-        ax.plot(
-            ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f'{norm_name} baseline'
-        )
-        ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f'{norm_name} + ProRes')
-        ax.set_xscale('log', base=2)
-        ax.set_xticks(ds)
-        ax.set_xticklabels([str(d) for d in ds])
-        ax.set_xlabel(f'layers (width {results["config"]["d_model"]}, {results["config"]["depth_steps"]} steps)')
-        ax.set_ylabel('final validation loss (mean over seeds)')
-        ax.set_title(f'Depth at W / L = {results["config"]["depth_spl"]}')
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        made.append(_save(fig, out_dir / 'quality_depth.png'))
+    if not depth:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ds = sorted(depth)
+    norm_name = {'pre': 'Pre-LN', 'post': 'Post-LN'}[results['config']['depth_norm']]
+    ax.plot(ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f'{norm_name} baseline')
+    ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f'{norm_name} + ProRes')
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(ds)
+    ax.set_xticklabels([str(d) for d in ds])
+    ax.set_xlabel(f'layers (width {results["config"]["d_model"]}, {results["config"]["depth_steps"]} steps)')
+    ax.set_ylabel('final validation loss (mean over seeds)')
+    ax.set_title(f'Depth at W / L = {results["config"]["depth_spl"]}')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
+
+def _plot_ablation(plt, results: dict):
+    s = results['summary']
     ab = {v: p for v, p in s['ablation'].items() if p['n_pairs']}
-    if ab:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        names = list(ab)
-        for i, v in enumerate(names):
-            ax.scatter([i] * len(ab[v]['per_seed']), ab[v]['per_seed'], color='tab:red', alpha=0.5)
-            if ab[v]['stalled_prores']:
-                ax.annotate(
-                    f'{ab[v]["stalled_prores"]} stalled',
-                    (i, 0),
-                    textcoords='offset points',
-                    xytext=(0, 8),
-                    ha='center',
-                    fontsize=8,
-                    color='tab:purple',
-                )
-        ax.axhline(0, color='gray', lw=1)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha='right')
-        ax.set_ylabel('Δ val loss vs baseline, per seed')
-        ax.set_title(f'Post-LN schedule ablation, W / L = {results["config"]["ablation_spl"]}')
-        ax.grid(alpha=0.3, axis='y')
-        fig.tight_layout()
-        made.append(_save(fig, out_dir / 'quality_ablation.png'))
-    return made
+    if not ab:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(ab)
+    for i, v in enumerate(names):
+        ax.scatter([i] * len(ab[v]['per_seed']), ab[v]['per_seed'], color='tab:red', alpha=0.5)
+        if ab[v]['stalled_prores']:
+            ax.annotate(
+                f'{ab[v]["stalled_prores"]} stalled',
+                (i, 0),
+                textcoords='offset points',
+                xytext=(0, 8),
+                ha='center',
+                fontsize=8,
+                color='tab:purple',
+            )
+    ax.axhline(0, color='gray', lw=1)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha='right')
+    ax.set_ylabel('Δ val loss vs baseline, per seed')
+    ax.set_title(f'Post-LN schedule ablation, W / L = {results["config"]["ablation_spl"]}')
+    ax.grid(alpha=0.3, axis='y')
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, path: Path) -> str:
@@ -490,30 +504,10 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.plots_only:
-        results = json.loads(out.read_text())
-        print('wrote', make_plots(results, out.parent))
-        return results
-    m = MODES[args.mode]
-    specs, studies = plan(m)
-    if args.only:
-        keep = set(args.only.split(','))
-        studies = {k: (v if k in keep else []) for k, v in studies.items()}
-        specs = [s for s in specs if any(run_key(s) in v for v in studies.values())]
-
-    from prores_algo.data import ensure_dataset
-
-    settings = dict(DATA_SETTINGS, max_tokens=SMOKE_MAX_TOKENS) if args.mode == 'smoke' else dict(DATA_SETTINGS)
-    data_path = Path(args.data or (str(DATA) + ('-smoke' if args.mode == 'smoke' else '')))
-    meta = ensure_dataset('stdlib', data_path, progress=False, **settings)
-    unigram = unigram_level(data_path, m['eval_batches'])
-
+def new_results(args, m: dict, specs: list, studies: dict, settings: dict, meta: dict, unigram: float) -> dict:
+    """The results record before any run: what is measured, on what, and the plan."""
     cmd = 'python -m benchmarks.quality' + ('' if args.mode == 'full' else f' --{args.mode}')
-    results = {
+    return {
         'benchmark': 'quality',
         'mode': args.mode,
         'command': cmd,
@@ -544,14 +538,46 @@ def main(argv=None) -> dict:
         'started': time.strftime('%Y-%m-%d %H:%M:%S'),
         'elapsed_s_previous': 0.0,
     }
-    if args.resume and out.is_file():
-        old = json.loads(out.read_text())
-        for k, r in old.get('runs', {}).items():
-            if 'error' not in r and any(s == r['spec'] for s in specs):
-                results['runs'][k] = r
-        if results['runs']:  # the wall time covers this study only, across resumes (not an unrelated old file)
-            results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
-            results['resumed'] = int(old.get('resumed', 0)) + 1
+
+
+def keep_finished(results: dict, out: Path, specs: list) -> None:
+    """--resume: keep every finished run of `out` whose settings are unchanged (and count its wall time)."""
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text())
+    for k, r in old.get('runs', {}).items():
+        if 'error' not in r and any(s == r['spec'] for s in specs):
+            results['runs'][k] = r
+    if results['runs']:  # the wall time covers this study only, across resumes (not an unrelated old file)
+        results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
+        results['resumed'] = int(old.get('resumed', 0)) + 1
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.plots_only:
+        results = json.loads(out.read_text())
+        print('wrote', make_plots(results, out.parent))
+        return results
+    m = MODES[args.mode]
+    specs, studies = plan(m)
+    if args.only:
+        keep = set(args.only.split(','))
+        studies = {k: (v if k in keep else []) for k, v in studies.items()}
+        specs = [s for s in specs if any(run_key(s) in v for v in studies.values())]
+
+    from prores_algo.data import ensure_dataset
+
+    settings = dict(DATA_SETTINGS, max_tokens=SMOKE_MAX_TOKENS) if args.mode == 'smoke' else dict(DATA_SETTINGS)
+    data_path = Path(args.data or (str(DATA) + ('-smoke' if args.mode == 'smoke' else '')))
+    meta = ensure_dataset('stdlib', data_path, progress=False, **settings)
+    unigram = unigram_level(data_path, m['eval_batches'])
+
+    results = new_results(args, m, specs, studies, settings, meta, unigram)
+    if args.resume:
+        keep_finished(results, out, specs)
     todo = [s for s in specs if run_key(s) not in results['runs']]
     print(
         f'{len(specs)} runs, {len(specs) - len(todo)} kept from {out.name}, {len(todo)} to run with {args.jobs} jobs',
