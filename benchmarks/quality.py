@@ -29,7 +29,7 @@ benchmarks/results/quality.json, and `--resume` keeps every finished run whose s
 so an interrupted benchmark continues where it stopped.
 
 Usage:
-  python -m benchmarks.quality --resume        # full: ~3.5 h with 2 jobs on 2 cores (resumable)
+  python -m benchmarks.quality --resume        # full: ~4.5 h with 2 jobs on 2 cores (resumable)
   python -m benchmarks.quality --quick         # < 5 minutes
   python -m benchmarks.quality --smoke         # seconds (tests)
   python -m benchmarks.quality --plots-only    # redraw the figures from the JSON
