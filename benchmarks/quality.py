@@ -1,22 +1,25 @@
-"""ProRes quality benchmark: how many steps of α warmup per layer does ProRes need to help?
+"""ProRes quality benchmark: what decides whether ProRes helps, measured with enough seeds to say it.
 
-The sign of ProRes' effect depends on W / L, the optimizer steps of α warmup per layer (the paper uses
-T = W / L = 1000, docs/paper.md). This benchmark measures the paired difference in final validation
-loss, ProRes − baseline (same seed = same initialisation and data order), as a function of W / L.
+Every point is a set of paired runs: baseline and ProRes with the same seed (so the same
+initialisation and data order); Δ = ProRes' final validation loss − the baseline's, Δ < 0 = ProRes
+ahead. Per point: mean ± SE, seeds ahead, a two-sided sign test and a bootstrap 95% CI of the mean
+(`prores_algo.paired_stats`), and a verdict: ahead / behind / inside the seed noise.
 
 Task: byte-level language modelling of the Python standard library sources (seq 128, batch 16),
-reference decoder (RMSNorm, SwiGLU, RoPE, the official code's final norm), width 64, 4 heads. AdamW
-(0.9, 0.95), wd 0.1, clip 1.0, WSD (linear decay over the last 10%). Pre-LN LR 3e-3 with a 2% LR
+reference decoder (RMSNorm, SwiGLU, RoPE, the official code's final norm), 8 layers, width 64, 4 heads.
+AdamW (0.9, 0.95), wd 0.1, clip 1.0, WSD (linear decay over the last 10%). Pre-LN LR 3e-3 with a 2% LR
 warmup; Post-LN LR 1.5e-3 with a 10% LR warmup (at this size Post-LN's baseline is unstable at 3e-3).
 
-Studies (each point: baseline and ProRes, several seeds):
-  spl       Pre-LN and Post-LN, 8 layers, W / L in 3, 12, 25, 50, 100. W is 25% of the run (the paper:
-            12-32%), so a run lasts 4 W steps: longer warmups are longer runs, as in the paper.
-  depth     Post-LN, 4 / 8 / 16 layers, W / L = 25, every depth 800 steps (the paper's depth scaling:
-            fixed steps, W = T·L, so deeper models warm up for a larger fraction of the run). Post-LN
-            because W / L = 25 is inside its winning regime; Pre-LN needs ~100, which at 16 layers
-            would mean 6400-step runs, beyond this CPU budget. The 8-layer point is the spl study's.
-  ablation  Post-LN, 8 layers, W / L = 50: linear, linear_square, equal, reverse, stagewise_0, staggered.
+Studies:
+  factor    W / L (optimizer steps of α warmup per layer) x initialisation x placement (Pre-LN, Post-LN),
+            6 seeds. W is 25% of the run (the paper: 12-32%), so a run lasts 4 W steps. The
+            initialisations set how large each branch starts against the residual stream (INITS); that
+            ratio is measured for every (placement, initialisation, seed) on the first validation
+            sequences before training (`monitor.branch_to_stream_ratio`, median over branches).
+            Points run in priority order: W / L 25 and 100 at every initialisation, then 12 and 50.
+  depth     the paper's rule, T = W / L fixed: 4 / 8 / 16 layers at DEPTH (placement, initialisation,
+            T), each run 4 W steps (W = 25% of the run), 4 seeds.
+  ablation  Post-LN, official init, W / L = 50: linear, linear_square, equal, reverse, stagewise_0, staggered.
 
 Per run: final validation loss (the same first `eval_batches` x 32 validation sequences for every
 run), the training-loss curve, loss spikes counted with the library's own `SpikeCounter`, the mean
@@ -26,11 +29,12 @@ nothing beyond byte frequencies). Stalled seeds are reported apart from the mean
 
 Runs execute in `--jobs` processes (one torch thread each); results are written after every run to
 benchmarks/results/quality.json, and `--resume` keeps every finished run whose settings are unchanged,
-so an interrupted benchmark continues where it stopped.
+so an interrupted benchmark continues where it stopped. `--quick` and `--smoke` write under runs/
+unless `--out` says otherwise, so they never overwrite the committed study.
 
 Usage:
-  python -m benchmarks.quality --resume        # full: ~4.5 h with 2 jobs on 2 cores (resumable)
-  python -m benchmarks.quality --quick         # < 5 minutes
+  python -m benchmarks.quality --resume        # full: ~8 h with 2 jobs on 2 cores (resumable)
+  python -m benchmarks.quality --quick         # < 10 minutes
   python -m benchmarks.quality --smoke         # seconds (tests)
   python -m benchmarks.quality --plots-only    # redraw the figures from the JSON
   python -m benchmarks.report                  # tables into RESULTS.md
@@ -52,6 +56,8 @@ try:  # run as `python -m benchmarks.quality` or loaded as part of the package
 except ImportError:  # run as `python -m benchmarks.quality`: its folder is on sys.path
     from _common import ROOT, machine_info, write_json
 
+from prores_algo.paired_stats import summarize_deltas
+
 RESULTS = ROOT / 'benchmarks' / 'results'
 YAML = ROOT / 'benchmarks' / 'quality.yaml'
 DATA = ROOT / 'benchmarks' / '.data' / 'stdlib-byte-128'
@@ -64,20 +70,45 @@ LR_WARMUP = {'pre': '0.02dur', 'post': '0.1dur'}
 W_FRACTION = 0.25  # W = 25% of the run
 STALL_MARGIN = 0.1  # nats/byte above (unigram level - margin) = stalled
 ABLATION = ('linear', 'linear_square', 'equal', 'reverse', 'stagewise_0', 'staggered')
+PAPER_WIDTH = 768  # the paper's 130M model: N(0, 0.02) there is std * sqrt(width) = 0.55
+
+
+def init_overrides(init: str, d_model: int) -> dict:
+    """`model.*` settings of each initialisation, from small branches (official at width 64) to large.
+
+    official           the official code: Linear N(0, 0.02), embedding N(0, 0.02 sqrt(d))
+    width768           Linear std with std sqrt(d) = 0.02 sqrt(768) and the embedding's std of a 768-wide
+                       model, 0.02 sqrt(768): every activation starts as large as in the paper's 130M model
+    torch              PyTorch's defaults: Linear kaiming-uniform (std 1 / sqrt(3 fan_in)), embedding N(0, 1)
+    torch_small_embed  PyTorch's Linear with a small embedding, N(0, 0.02): branches start as large as the
+                       stream (Pre-LN)
+    """
+    table = {
+        'official': {},
+        'width768': {'init_std': 0.02 * math.sqrt(PAPER_WIDTH / d_model), 'embed_std': 0.02 * math.sqrt(PAPER_WIDTH)},
+        'torch': {'init': 'torch'},
+        'torch_small_embed': {'init': 'torch', 'embed_std': 0.02},
+    }
+    if init not in table:
+        raise ValueError(f'unknown initialisation {init!r}; one of {sorted(table)}')
+    return table[init]
+
+
+INITS = ('official', 'torch', 'torch_small_embed', 'width768')
+# The depth study's setting (placement, initialisation, T = W / L): chosen where the factor study has ProRes ahead
+DEPTH = {'norm': 'pre', 'init': 'torch', 'spl': 25}
 
 MODES = {
     'full': dict(
         layers=8,
         d_model=64,
         heads=4,
-        spl=(3, 12, 25, 50, 100),
-        seeds=(0, 1, 2),
-        long_seeds=(3, 4),
-        depth_norm='post',
+        inits=INITS,
+        factor_spl=(25, 100, 12, 50),  # priority order: 25 and 100 at every init first
+        seeds=(0, 1, 2, 3, 4, 5),
+        depth=DEPTH,
         depths=(4, 8, 16),
-        depth_spl=25,
-        depth_steps=800,
-        depth_seeds=(0, 1, 2),
+        depth_seeds=(0, 1, 2, 3),
         ablation_spl=50,
         ablation=ABLATION,
         ablation_seeds=(0, 1),
@@ -87,15 +118,13 @@ MODES = {
         layers=4,
         d_model=64,
         heads=4,
-        spl=(3, 12),
-        seeds=(0,),
-        long_seeds=(),
-        depth_norm='post',
+        inits=('official', 'torch'),
+        factor_spl=(6,),
+        seeds=(0, 1),
+        depth={'norm': 'pre', 'init': 'torch', 'spl': 6},
         depths=(2, 4),
-        depth_spl=12,
-        depth_steps=96,
         depth_seeds=(0,),
-        ablation_spl=12,
+        ablation_spl=6,
         ablation=('linear', 'linear_square'),
         ablation_seeds=(0,),
         eval_batches=4,
@@ -104,13 +133,11 @@ MODES = {
         layers=2,
         d_model=32,
         heads=4,
-        spl=(1, 2),
-        seeds=(0,),
-        long_seeds=(),
-        depth_norm='post',
+        inits=('official', 'torch'),
+        factor_spl=(2,),
+        seeds=(0, 1),
+        depth={'norm': 'pre', 'init': 'torch', 'spl': 2},
         depths=(2,),
-        depth_spl=2,
-        depth_steps=8,
         depth_seeds=(0,),
         ablation_spl=2,
         ablation=('linear', 'equal'),
@@ -121,7 +148,9 @@ MODES = {
 
 
 # ------------------------------------------------------------------------------------------- runs
-def make_spec(study: str, norm: str, layers: int, steps: int, variant: str, seed: int, spl: float, m: dict) -> dict:
+def make_spec(
+    study: str, norm: str, layers: int, steps: int, variant: str, seed: int, spl: float, m: dict, init: str = 'official'
+) -> dict:
     """One run. `variant` is 'baseline' or a schedule name; `spl` = W / L, so W = spl · layers steps."""
     return {
         'study': study,
@@ -139,49 +168,97 @@ def make_spec(study: str, norm: str, layers: int, steps: int, variant: str, seed
         'eval_batches': m['eval_batches'],
         'batch': 16,
         'seq_len': 128,
+        'init': init,
     }
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Settings equal, a spec from before initialisations were a factor counting as init 'official'
+    and the study label ignored (a run shared by two studies is one run)."""
+
+    def strip(s):
+        return {k: v for k, v in {'init': 'official', **s}.items() if k != 'study'}
+
+    return strip(a) == strip(b)
+
+
+def init_key(spec: dict) -> str:
+    """What fixes the initial weights: placement, depth, width, initialisation and seed."""
+    return f'{spec["norm"]}-L{spec["layers"]}-d{spec["d_model"]}-{spec.get("init", "official")}-s{spec["seed"]}'
 
 
 def run_key(spec: dict) -> str:
     """Runs shared between studies (same settings) get the same key and are trained once."""
+    init = spec.get('init', 'official')
     return (
         f'{spec["norm"]}-L{spec["layers"]}-{spec["steps"]}st-{spec["variant"]}'
         + (f'@{spec["t_warmup"]}' if spec['t_warmup'] else '')
+        + ('' if init == 'official' else f'-{init}')
         + f'-s{spec["seed"]}'
     )
 
 
 def plan(m: dict) -> tuple[list[dict], dict[str, list[str]]]:
-    """Every run, in priority order (the steps-per-layer figure first, cheap points first)."""
+    """Every run, in priority order: each factor point's seeds together, W / L 25 at every initialisation
+    first, then the depth study, then the other W / L values (100, then 12 and 50), then the (already
+    measured) schedule ablation."""
     runs: dict[str, dict] = {}
-    studies: dict[str, list[str]] = {'spl': [], 'depth': [], 'ablation': []}
+    studies: dict[str, list[str]] = {'factor': [], 'depth': [], 'ablation': []}
 
     def add(study, spec):
         k = run_key(spec)
         runs.setdefault(k, spec)
         studies[study].append(k)
 
-    L = m['layers']
-    for seed in m['seeds']:
-        for spl in m['spl']:
-            steps = int(round(spl * L / W_FRACTION))
-            for norm in ('pre', 'post'):
+    def add_depth():
+        dn, di, ds = m['depth']['norm'], m['depth']['init'], m['depth']['spl']
+        for seed in m['depth_seeds']:
+            for depth in m['depths']:
                 for v in ('baseline', 'linear'):
-                    add('spl', make_spec('spl', norm, L, steps, v, seed, spl, m))
-    for seed in m['depth_seeds']:
-        for depth in m['depths']:
-            for v in ('baseline', 'linear'):
-                add('depth', make_spec('depth', m['depth_norm'], depth, m['depth_steps'], v, seed, m['depth_spl'], m))
+                    add('depth', make_spec('depth', dn, depth, int(round(ds * depth / W_FRACTION)), v, seed, ds, m, di))
+
+    L = m['layers']
+    for i, spl in enumerate(m['factor_spl']):
+        steps = int(round(spl * L / W_FRACTION))
+        for init in m['inits']:
+            for seed in m['seeds']:
+                for norm in ('pre', 'post'):
+                    for v in ('baseline', 'linear'):
+                        add('factor', make_spec('factor', norm, L, steps, v, seed, spl, m, init))
+        if i == 0:  # the depth study is cheap: right after the first factor point
+            add_depth()
     steps = int(round(m['ablation_spl'] * L / W_FRACTION))
     for seed in m['ablation_seeds']:
         for v in ('baseline', *m['ablation']):
             add('ablation', make_spec('ablation', 'post', L, steps, v, seed, m['ablation_spl'], m))
-    for seed in m['long_seeds']:  # more seeds at the longest warmup: last, the most expensive runs
-        spl = m['spl'][-1]
-        for norm in ('pre', 'post'):
-            for v in ('baseline', 'linear'):
-                add('spl', make_spec('spl', norm, L, int(round(spl * L / W_FRACTION)), v, seed, spl, m))
     return list(runs.values()), {k: list(dict.fromkeys(v)) for k, v in studies.items()}
+
+
+def init_ratios(specs: list[dict], data_path: Path, known: dict, n_seqs: int = 32) -> dict:
+    """`monitor.branch_to_stream_ratio` of every initial model of the plan (keyed by `init_key`), built as
+    `train.build_trainer` builds it (seed, then model), on the first validation sequences."""
+    import torch
+    from composer.utils import reproducibility
+
+    from prores_algo.config import load_config
+    from prores_algo.data import TokenDataset
+    from prores_algo.monitor import branch_to_stream_ratio
+    from prores_algo.tokenizers import load_tokenizer
+    from prores_algo.train import build_model
+
+    ds = TokenDataset(local=str(data_path), split='val', shuffle=False, batch_size=1)
+    ids = torch.stack([ds[i]['input_ids'] for i in range(min(n_seqs, len(ds)))])
+    out = dict(known)
+    for spec in specs:
+        k = init_key(spec)
+        if k in out or spec['variant'] != 'baseline':
+            continue
+        cfg = load_config(YAML, overrides(spec, data_path))
+        reproducibility.seed_all(cfg.seed)
+        model = build_model(cfg, load_tokenizer(cfg.tokenizer).vocab_size)
+        r = branch_to_stream_ratio(model.model, ids)
+        out[k] = {'median': r['median'], 'min': r['min'], 'max': r['max']}
+    return out
 
 
 def overrides(spec: dict, data_path: Path) -> list[str]:
@@ -193,6 +270,7 @@ def overrides(spec: dict, data_path: Path) -> list[str]:
         'model.d_model': spec['d_model'],
         'model.n_heads': spec['heads'],
         'model.norm': spec['norm'],
+        **{f'model.{k}': v for k, v in init_overrides(spec.get('init', 'official'), spec['d_model']).items()},
         'optimizer.lr': spec['lr'],
         'scheduler.t_warmup': spec['lr_warmup'],
         'max_duration': f'{spec["steps"]}ba',
@@ -321,25 +399,27 @@ def _safe_execute(spec: dict, data_path: str, unigram: float) -> dict:
 # ----------------------------------------------------------------------------------------- summary
 def _pairs(runs: dict, keys: list[str], variant: str = 'linear', **match) -> list[tuple[dict, dict]]:
     """(baseline, variant) run pairs with the same seed among `keys` matching `match`."""
-    sel = [runs[k] for k in keys if k in runs and all(runs[k]['spec'][a] == b for a, b in match.items())]
+    sel = [
+        runs[k] for k in keys if k in runs and all(runs[k]['spec'].get(a, 'official') == b for a, b in match.items())
+    ]
     base = {r['spec']['seed']: r for r in sel if r['spec']['variant'] == 'baseline'}
     return [(base[r['spec']['seed']], r) for r in sel if r['spec']['variant'] == variant and r['spec']['seed'] in base]
 
 
-def paired(pairs: list[tuple[dict, dict]]) -> dict:
-    """Δ = variant − baseline per seed. The mean ± standard error is over pairs where neither run stalled
-    or diverged; stalled / diverged seeds are counted apart, so one stall does not hide in a mean."""
+def paired(pairs: list[tuple[dict, dict]], ratios: dict | None = None) -> dict:
+    """Δ = variant − baseline per seed, with `paired_stats.summarize_deltas` (mean ± SE, seeds ahead, sign
+    test, bootstrap CI, verdict) over pairs where neither run stalled or diverged; stalled / diverged
+    seeds are counted apart, so one stall does not hide in a mean. `ratios`: branch-to-stream ratio at
+    initialisation by `init_key`, reported per seed."""
     ok = [(b, r) for b, r in pairs if not (b['stalled'] or r['stalled'] or b['diverged'] or r['diverged'])]
     d = [r['val_loss'] - b['val_loss'] for b, r in ok]
-    n = len(d)
+    ratio = [((ratios or {}).get(init_key(b['spec'])) or {}).get('median') for b, _ in ok]
     return {
         'n_pairs': len(pairs),
-        'n': n,
+        **summarize_deltas(d),
         'seeds': [r['spec']['seed'] for _, r in ok],
-        'delta_mean': statistics.fmean(d) if d else None,
-        'delta_se': statistics.stdev(d) / math.sqrt(n) if n > 1 else None,
         'per_seed': d,
-        'wins': sum(x < 0 for x in d),
+        'init_ratio': ratio,
         'baseline_mean': statistics.fmean(b['val_loss'] for b, _ in ok) if ok else None,
         'prores_mean': statistics.fmean(r['val_loss'] for _, r in ok) if ok else None,
         'stalled_prores': sum(r['stalled'] for _, r in pairs),
@@ -350,25 +430,36 @@ def paired(pairs: list[tuple[dict, dict]]) -> dict:
     }
 
 
-def summarize(runs: dict, studies: dict, m: dict) -> dict:
-    spl = {
-        norm: {str(x): paired(_pairs(runs, studies['spl'], norm=norm, spl=x)) for x in m['spl']}
-        for norm in ('pre', 'post')
+def summarize(runs: dict, studies: dict, m: dict, ratios: dict | None = None) -> dict:
+    factor = {
+        init: {
+            norm: {
+                str(x): paired(_pairs(runs, studies['factor'], norm=norm, spl=x, init=init), ratios)
+                for x in m['factor_spl']
+            }
+            for norm in ('pre', 'post')
+        }
+        for init in m['inits']
     }
-    depth = {str(d): paired(_pairs(runs, studies['depth'], layers=d)) for d in m['depths']}
+    depth = {str(d): paired(_pairs(runs, studies['depth'], layers=d), ratios) for d in m['depths']}
     ablation = {v: paired(_pairs(runs, studies['ablation'], variant=v)) for v in m['ablation']}
-    return {'spl': spl, 'depth': depth, 'ablation': ablation, 'threshold': ahead_from(spl)}
+    return {
+        'factor': factor,
+        'depth': depth,
+        'ablation': ablation,
+        'threshold': {init: ahead_from(points) for init, points in factor.items()},
+    }
 
 
 def ahead_from(spl: dict) -> dict:
     """Per norm: the smallest measured W / L from which ProRes is ahead at every longer measured point
-    (mean Δ < 0, no ProRes stall), or None."""
+    (the bootstrap CI of the mean Δ below 0, no ProRes stall), or None."""
     out = {}
     for norm, points in spl.items():
         xs = sorted((float(x), p) for x, p in points.items() if p['n_pairs'])
         first = None
         for x, p in reversed(xs):
-            if p['delta_mean'] is not None and p['delta_mean'] < 0 and p['stalled_prores'] == 0:
+            if p['verdict'] == 'ahead' and p['stalled_prores'] == 0:
                 first = x
             else:
                 break
@@ -377,75 +468,136 @@ def ahead_from(spl: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- plots
+INIT_COLORS = {'official': 'tab:blue', 'width768': 'tab:orange', 'torch': 'tab:green', 'torch_small_embed': 'tab:red'}
+
+
 def make_plots(results: dict, out_dir: Path) -> list[str]:
-    """The three figures (those whose study has measured pairs); returns their file names."""
+    """The figures whose study has measured pairs; returns their file names."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    made = [_save(_plot_spl(plt, results), out_dir / 'quality_steps_per_layer.png')]
-    for name, plot in (('quality_depth.png', _plot_depth), ('quality_ablation.png', _plot_ablation)):
+    made = []
+    for name, plot in (
+        ('quality_factors.png', _plot_factors),
+        ('quality_ratio.png', _plot_ratio),
+        ('quality_depth.png', _plot_depth),
+        ('quality_ablation.png', _plot_ablation),
+    ):
         fig = plot(plt, results)
         if fig is not None:
             made.append(_save(fig, out_dir / name))
     return made
 
 
-def _plot_spl(plt, results: dict):
-    s = results['summary']
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def _plot_factors(plt, results: dict):
+    """Δ against W / L, one colour per initialisation: every seed a dot, the mean ± SE a line."""
+    f = results['summary']['factor']
+    if not any(p['n_pairs'] for pts in f.values() for norm in pts.values() for p in norm.values()):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    inits = list(f)
     for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN')):
-        pts = sorted((float(x), p) for x, p in s['spl'][norm].items() if p['n_pairs'])
-        for x, p in pts:
-            ax.scatter([x] * len(p['per_seed']), p['per_seed'], color='tab:red', alpha=0.35, s=14)
-            if p['stalled_prores']:
-                ax.annotate(
-                    f'{p["stalled_prores"]} stalled',
-                    (x, 0),
-                    textcoords='offset points',
-                    xytext=(0, 8),
-                    ha='center',
-                    fontsize=8,
-                    color='tab:purple',
-                )
-        xs = [x for x, p in pts if p['delta_mean'] is not None]
-        ys = [p['delta_mean'] for x, p in pts if p['delta_mean'] is not None]
-        es = [p['delta_se'] or 0 for x, p in pts if p['delta_mean'] is not None]
-        ax.errorbar(xs, ys, yerr=es, marker='o', color='tab:red', capsize=3, label='mean ± SE (seeds that trained)')
+        ticks = sorted({float(x) for init in inits for x in f[init][norm]})
+        for j, init in enumerate(inits):
+            shift = 1 + 0.06 * (j - (len(inits) - 1) / 2)  # side by side on the log axis
+            pts = sorted((float(x), p) for x, p in f[init][norm].items() if p['n'])
+            if not pts:
+                continue
+            c = INIT_COLORS.get(init)
+            for x, p in pts:
+                ax.scatter([x * shift] * len(p['per_seed']), p['per_seed'], color=c, alpha=0.35, s=12)
+            ax.errorbar(
+                [x * shift for x, _ in pts],
+                [p['delta_mean'] for _, p in pts],
+                yerr=[p['delta_se'] or 0 for _, p in pts],
+                marker='o',
+                color=c,
+                capsize=3,
+                label=init,
+            )
         ax.axhline(0, color='gray', lw=1)
-        ticks = [float(x) for x in s['spl'][norm]]
         ax.set_xscale('log')
-        ax.set_xlim(min(ticks) / 1.4, max(ticks) * 1.4)
         ax.set_xticks(ticks)
-        ax.set_xticklabels(list(s['spl'][norm]))
+        ax.set_xticklabels([f'{t:g}' for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel('α warmup steps per layer (W / L); the paper uses 1000')
         ax.set_ylabel('Δ val loss, ProRes − baseline (nats/byte)')
-        ax.set_title(f'{title}, {results["config"]["layers"]} layers')
+        ax.set_title(f'{title}, {results["config"]["layers"]} layers x {results["config"]["d_model"]}: dots = seeds')
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, title='initialisation')
+    fig.tight_layout()
+    return fig
+
+
+def _plot_ratio(plt, results: dict):
+    """Δ per seed against the branch-to-stream ratio at initialisation, one panel per placement."""
+    f = results['summary']['factor']
+    rows = [
+        (norm, float(x), r, d, init)
+        for init, pts in f.items()
+        for norm, by_spl in pts.items()
+        for x, p in by_spl.items()
+        for r, d in zip(p['init_ratio'], p['per_seed'])
+        if r is not None
+    ]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    spls = sorted({x for _, x, *_ in rows})
+    cmap = plt.get_cmap('viridis')
+    for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN')):
+        for i, x in enumerate(spls):
+            sel = [(r, d) for n, xx, r, d, _ in rows if n == norm and xx == x]
+            if sel:
+                ax.scatter(*zip(*sel), color=cmap(i / max(1, len(spls) - 1)), s=16, alpha=0.7, label=f'W / L = {x:g}')
+        ax.axhline(0, color='gray', lw=1)
+        ax.set_xscale('log')
+        ax.set_xlabel('branch-to-stream RMS ratio at initialisation (median over branches)')
+        ax.set_ylabel('Δ val loss, ProRes − baseline, per seed')
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def _plot_depth(plt, results: dict):
+    """Final validation loss against depth (means), and Δ per seed, at a fixed T = W / L."""
     s = results['summary']
-    depth = {int(d): p for d, p in s['depth'].items() if p['n_pairs'] and p['baseline_mean'] is not None}
+    depth = {int(d): p for d, p in s['depth'].items() if p['n'] and p['baseline_mean'] is not None}
     if not depth:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    dcfg = results['config']['depth']
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ds = sorted(depth)
-    norm_name = {'pre': 'Pre-LN', 'post': 'Post-LN'}[results['config']['depth_norm']]
-    ax.plot(ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f'{norm_name} baseline')
-    ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f'{norm_name} + ProRes')
-    ax.set_xscale('log', base=2)
-    ax.set_xticks(ds)
-    ax.set_xticklabels([str(d) for d in ds])
-    ax.set_xlabel(f'layers (width {results["config"]["d_model"]}, {results["config"]["depth_steps"]} steps)')
+    name = {'pre': 'Pre-LN', 'post': 'Post-LN'}[dcfg['norm']]
+    ax.plot(ds, [depth[d]['baseline_mean'] for d in ds], marker='o', color='tab:gray', label=f'{name} baseline')
+    ax.plot(ds, [depth[d]['prores_mean'] for d in ds], marker='o', color='tab:red', label=f'{name} + ProRes')
     ax.set_ylabel('final validation loss (mean over seeds)')
-    ax.set_title(f'Depth at W / L = {results["config"]["depth_spl"]}')
-    ax.grid(alpha=0.3)
     ax.legend()
+    for d in ds:
+        ax2.scatter([d] * len(depth[d]['per_seed']), depth[d]['per_seed'], color='tab:red', alpha=0.5, s=14)
+    ax2.errorbar(
+        ds,
+        [depth[d]['delta_mean'] for d in ds],
+        yerr=[depth[d]['delta_se'] or 0 for d in ds],
+        marker='o',
+        color='tab:red',
+        capsize=3,
+    )
+    ax2.axhline(0, color='gray', lw=1)
+    ax2.set_ylabel('Δ val loss, ProRes − baseline (dots = seeds)')
+    for a in (ax, ax2):
+        a.set_xscale('log', base=2)
+        a.set_xticks(ds)
+        a.set_xticklabels([str(d) for d in ds])
+        a.set_xlabel(f'layers (width {results["config"]["d_model"]}, run = 4 W steps)')
+        a.grid(alpha=0.3)
+    fig.suptitle(f'Depth at T = W / L = {dcfg["spl"]} ({dcfg["init"]} init)')
     fig.tight_layout()
     return fig
 
@@ -496,11 +648,16 @@ def parse_args(argv=None):
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one torch thread each')
     p.add_argument('--resume', action='store_true', help='keep finished runs with unchanged settings from --out')
     p.add_argument('--plots-only', action='store_true', help='redraw the figures from --out and exit')
-    p.add_argument('--only', default=None, help='comma list of studies to run (spl,depth,ablation)')
-    p.add_argument('--out', default=str(RESULTS / 'quality.json'))
+    p.add_argument('--only', default=None, help='comma list of studies to run (factor,depth,ablation)')
+    p.add_argument(
+        '--out', default=None, help='results JSON (default: the committed study for the full run, runs/ else)'
+    )
     p.add_argument('--data', default=None, help=f'MDS folder (default {DATA.relative_to(ROOT)}; smoke: ...-smoke)')
     args = p.parse_args(argv)
     args.mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
+    if args.out is None:  # a smoke or quick run never overwrites the committed study and its figures
+        full = args.mode == 'full'
+        args.out = str(RESULTS / 'quality.json' if full else ROOT / 'runs' / 'benchmarks' / f'quality-{args.mode}.json')
     return args
 
 
@@ -535,6 +692,7 @@ def new_results(args, m: dict, specs: list, studies: dict, settings: dict, meta:
         'studies': studies,
         'planned': [run_key(s) for s in specs],
         'runs': {},
+        'init_ratios': {},
         'started': time.strftime('%Y-%m-%d %H:%M:%S'),
         'elapsed_s_previous': 0.0,
     }
@@ -545,9 +703,11 @@ def keep_finished(results: dict, out: Path, specs: list) -> None:
     if not out.is_file():
         return
     old = json.loads(out.read_text())
-    for k, r in old.get('runs', {}).items():
-        if 'error' not in r and any(s == r['spec'] for s in specs):
-            results['runs'][k] = r
+    for r in old.get('runs', {}).values():
+        match = next((s for s in specs if same_run(s, r['spec'])), None)
+        if 'error' not in r and match is not None:
+            results['runs'][run_key(match)] = {**r, 'spec': match}
+    results['init_ratios'].update(old.get('init_ratios', {}))
     if results['runs']:  # the wall time covers this study only, across resumes (not an unrelated old file)
         results['elapsed_s_previous'] = float(old.get('elapsed_s') or 0) + float(old.get('elapsed_s_previous') or 0)
         results['resumed'] = int(old.get('resumed', 0)) + 1
@@ -579,6 +739,7 @@ def main(argv=None) -> dict:
     if args.resume:
         keep_finished(results, out, specs)
     todo = [s for s in specs if run_key(s) not in results['runs']]
+    results['init_ratios'] = init_ratios(specs, data_path, results['init_ratios'])
     print(
         f'{len(specs)} runs, {len(specs) - len(todo)} kept from {out.name}, {len(todo)} to run with {args.jobs} jobs',
         flush=True,
@@ -587,7 +748,7 @@ def main(argv=None) -> dict:
 
     def record(r):
         results['runs'][run_key(r['spec'])] = r
-        results['summary'] = summarize(results['runs'], studies, m)
+        results['summary'] = summarize(results['runs'], studies, m, results['init_ratios'])
         results['elapsed_s'] = time.time() - t0
         write_json(out, results)
 
@@ -605,7 +766,7 @@ def main(argv=None) -> dict:
                 f'wall {r["wall_s"]:.0f} s' + (f' ERROR {r["error"]}' if 'error' in r else ''),
                 flush=True,
             )
-    results['summary'] = summarize(results['runs'], studies, m)
+    results['summary'] = summarize(results['runs'], studies, m, results['init_ratios'])
     results['status'] = 'complete' if all(run_key(s) in results['runs'] for s in specs) else 'partial'
     results['elapsed_s'] = time.time() - t0
     results['figures'] = make_plots(results, out.parent)

@@ -44,10 +44,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from prores_algo.layers import find_residual_layers
+from prores_algo.layers import find_residual_layers, resolve_branch
 from prores_algo.timing import to_steps
 
-__all__ = ['SpikeCounter', 'position_cosine', 'LayerStats', 'MonitorBase']
+__all__ = ['SpikeCounter', 'position_cosine', 'branch_to_stream_ratio', 'LayerStats', 'MonitorBase']
 
 
 # --- spike counting ---------------------------------------------------------------------------------
@@ -109,6 +109,76 @@ def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
     T = u.shape[1]
     pair_sum = u.sum(1).square().sum(-1) - T
     return (pair_sum / (T * (T - 1))).mean()
+
+
+# --- branch size at initialisation --------------------------------------------------------------------
+
+
+def _first_tensor(value) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((v for v in value if isinstance(v, torch.Tensor)), None)
+    return None
+
+
+@torch.no_grad()
+def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> dict[str, Any]:
+    """How large each residual branch is against the residual stream, on one forward pass.
+
+    For every branch of every transformer layer: RMS of the branch's output over RMS of the hidden
+    states entering its layer (the stream the branch is added to; for a layer's second branch the
+    stream also holds the first branch, which this leaves out). Run it on the model as initialised and
+    without ProRes (or at α = 1): with ProRes attached the branch outputs carry α.
+
+    `model(*args, **kwargs)` is called once in eval mode. Returns `{'per_branch': [[r, ...] per layer],
+    'median': float, 'min': float, 'max': float}`.
+    """
+    found = layers if layers is not None else find_residual_layers(model)
+    stream: dict[int, float] = {}
+    branch: dict[tuple[int, int], float] = {}
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.detach().float().square().mean().sqrt())
+
+    def on_layer(i):
+        def hook(module, a, kw):
+            x = _first_tensor(a) if a else _first_tensor(kw.get('hidden_states'))
+            if x is not None and i not in stream:
+                stream[i] = rms(x)
+
+        return hook
+
+    def on_branch(i, j):
+        def hook(module, a, out):
+            y = _first_tensor(out)
+            if y is not None and (i, j) not in branch:
+                branch[(i, j)] = rms(y)
+
+        return hook
+
+    handles = []
+    for rl in found:
+        handles.append(rl.module.register_forward_pre_hook(on_layer(rl.index), with_kwargs=True))
+        for j, name in enumerate(rl.branches):
+            handles.append(resolve_branch(rl.module, name).register_forward_hook(on_branch(rl.index, j)))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    per_branch = [
+        [branch[(rl.index, j)] / stream[rl.index] for j in range(len(rl.branches)) if (rl.index, j) in branch]
+        for rl in found
+        if stream.get(rl.index)
+    ]
+    flat = sorted(r for row in per_branch for r in row)
+    if not flat:
+        raise ValueError('branch_to_stream_ratio: the forward pass reached no residual branch')
+    return {'per_branch': per_branch, 'median': flat[len(flat) // 2], 'min': flat[0], 'max': flat[-1]}
 
 
 # --- per-layer measurements --------------------------------------------------------------------------

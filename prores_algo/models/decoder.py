@@ -20,7 +20,11 @@ Defaults reproduce the paper's official code (`docs/official-code.md` lists ever
   (`final_norm=False` drops it for those two, where the last block already ends in a norm);
 - RMSNorm eps 1e-5;
 - Linear weights normal(0, init_std), token embedding normal(0, init_std * sqrt(d_model)), norm weights
-  1 (lns: 1/sqrt(l) for layer l);
+  1 (lns: 1/sqrt(l) for layer l); `init='torch'` uses PyTorch's own defaults instead (Linear
+  kaiming-uniform, std 1/sqrt(3 fan_in); embedding N(0, 1)), and `embed_std` sets the embedding's std
+  under either.
+  The initialisation sets how large each branch starts against the residual stream, which decides
+  whether ProRes helps (`benchmarks/RESULTS.md`);
 - DeepNorm: xavier-normal with gain (8L)^(-1/4) on v/o and the FFN, gain 1 on q/k (`deepnet_init`).
   The official code runs this initialisation for plain DeepNorm only: DeepNorm + ProRes starts from
   plain normal(0, init_std), and the paper's DeepNorm + ProRes numbers come from that. Training entries
@@ -39,6 +43,7 @@ from torch import nn
 
 __all__ = [
     'NORM_PLACEMENTS',
+    'INIT_SCHEMES',
     'DecoderConfig',
     'RotaryEmbedding',
     'Attention',
@@ -50,6 +55,7 @@ __all__ = [
 ]
 
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich', 'deepnorm', 'lns')
+INIT_SCHEMES = ('official', 'torch')
 
 
 def default_deepnet_init(prores_on: bool) -> bool:
@@ -86,6 +92,8 @@ class DecoderConfig:
     tie_embeddings: bool = False
     final_norm: bool = True  # official: a final norm for every placement; False only drops it for post/deepnorm
     deepnet_init: bool = True  # DeepNorm only: DeepNet init (True) or plain normal(0, init_std) (False)
+    init: str = 'official'  # one of INIT_SCHEMES: the official code's normal(0, init_std), or PyTorch's defaults
+    embed_std: Optional[float] = None  # token-embedding std; None: init_std * sqrt(d_model) (official), 1 (torch)
 
     def __post_init__(self):
         for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len'):
@@ -102,6 +110,10 @@ class DecoderConfig:
             value = getattr(self, name)
             if not _is_pos_float(value):
                 raise ValueError(f'DecoderConfig.{name} must be a positive finite number, got {value!r}')
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f'DecoderConfig.init must be one of {INIT_SCHEMES}, got {self.init!r}')
+        if self.embed_std is not None and not _is_pos_float(self.embed_std):
+            raise ValueError(f'DecoderConfig.embed_std must be a positive finite number, got {self.embed_std!r}')
         for name in ('tie_embeddings', 'final_norm', 'deepnet_init'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'DecoderConfig.{name} must be a bool (true/false), got {getattr(self, name)!r}')
@@ -133,6 +145,7 @@ class DecoderConfig:
 #   ('normal', std)    weight ~ N(0, std)
 #   ('xavier', gain)   weight ~ xavier_normal(gain)
 #   ('const', value)   weight = value (norms)
+#   ('torch', None)    the module's own reset_parameters() (PyTorch's default initialisation)
 #   ('tied', None)     weight is another module's parameter: leave it alone
 # ---------------------------------------------------------------------------------------------------
 
@@ -144,6 +157,18 @@ def _set_init(module: nn.Module, kind: str, value: Optional[float]) -> nn.Module
 
 def _rms_norm(config: DecoderConfig, init_value: float = 1.0) -> nn.RMSNorm:
     return _set_init(nn.RMSNorm(config.d_model, eps=config.norm_eps), 'const', init_value)
+
+
+def _linear_init(config: DecoderConfig) -> tuple[str, Optional[float]]:
+    return ('normal', config.init_std) if config.init == 'official' else ('torch', None)
+
+
+def _embed_init(config: DecoderConfig) -> tuple[str, Optional[float]]:
+    if config.embed_std is not None:
+        return ('normal', config.embed_std)
+    if config.init == 'torch':
+        return ('torch', None)
+    return ('normal', config.init_std * math.sqrt(config.d_model))
 
 
 class RotaryEmbedding(nn.Module):
@@ -248,7 +273,6 @@ class Block(nn.Module):
         # DeepNorm (DeepNet, decoder-only): residual up-weighted by beta, branch weights down-scaled.
         self.beta = (2.0 * L) ** 0.25 if config.norm == 'deepnorm' else 1.0
 
-        std = config.init_std
         for lin in (
             self.attn.q_proj,
             self.attn.k_proj,
@@ -258,8 +282,8 @@ class Block(nn.Module):
             self.mlp.up_proj,
             self.mlp.down_proj,
         ):
-            _set_init(lin, 'normal', std)
-        if config.norm == 'deepnorm' and config.deepnet_init:
+            _set_init(lin, *_linear_init(config))
+        if config.norm == 'deepnorm' and config.deepnet_init and config.init == 'official':
             gain = (8.0 * L) ** -0.25
             for lin in (self.attn.v_proj, self.attn.o_proj, self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj):
                 _set_init(lin, 'xavier', gain)
@@ -292,9 +316,7 @@ class Decoder(nn.Module):
         if not isinstance(config, DecoderConfig):
             raise TypeError(f'config must be a DecoderConfig, got {type(config).__name__}')
         self.config = config
-        self.embed = _set_init(
-            nn.Embedding(config.vocab_size, config.d_model), 'normal', config.init_std * math.sqrt(config.d_model)
-        )
+        self.embed = _set_init(nn.Embedding(config.vocab_size, config.d_model), *_embed_init(config))
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so they need a final norm.
@@ -306,7 +328,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed.weight
             _set_init(self.lm_head, 'tied', None)  # initialised as the embedding
         else:
-            _set_init(self.lm_head, 'normal', config.init_std)
+            _set_init(self.lm_head, *_linear_init(config))
         self.init_weights()
 
     # ----------------------------------------------------------------------------------- forward
@@ -345,6 +367,9 @@ class Decoder(nn.Module):
             return
         kind, value = spec
         if kind == 'tied':
+            return
+        if kind == 'torch':
+            module.reset_parameters()
             return
         if kind == 'normal':
             nn.init.normal_(module.weight, mean=0.0, std=value)
