@@ -122,6 +122,47 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+class GPT2Logits(torch.nn.Module):
+    """transformers' GPT-2 (branches end in a dropout after a `Conv1D`) with the reference decoder's
+    interface: `model(ids) -> logits`, `num_params`, `flops_per_token`, `param_groups`."""
+
+    def __init__(self, args):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=args.seq_len,
+            n_embd=args.d_model,
+            n_layer=args.n_layers,
+            n_head=args.n_heads,
+        )
+        cfg._attn_implementation = 'sdpa'
+        self.hf = GPT2LMHeadModel(cfg)
+        self.n_layers, self.d_model = args.n_layers, args.d_model
+
+    def forward(self, ids):
+        return self.hf(input_ids=ids).logits
+
+    @property
+    def blocks(self):  # what the regional compile compiles
+        return self.hf.transformer.h
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 6 * self.num_params() + 12 * self.n_layers * self.d_model * seq_len
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        decay = [p for p in self.parameters() if p.ndim == 2]
+        ids = {id(p) for p in decay}
+        return [
+            {'params': decay, 'weight_decay': weight_decay},
+            {'params': [p for p in self.parameters() if id(p) not in ids], 'weight_decay': 0.0},
+        ]
+
+
 class Runner:
     def __init__(self, args, core):
         self.args = args
@@ -150,7 +191,7 @@ class Runner:
         """A model with ProRes off (`mechanism=None`) or on with that mechanism ('hook' or 'auto')."""
         torch.manual_seed(0)
         with torch.device(self.device):
-            model = self.dec.Decoder(self.cfg)
+            model = self.dec.Decoder(self.cfg) if self.args.arch == 'reference' else GPT2Logits(self.args)
         ctrl = None
         if mechanism is not None:
             try:
@@ -363,6 +404,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--smoke', action='store_true', help='CPU, tiny model, 3 steps, no compile')
     p.add_argument('--cpu', action='store_true', help='run on CPU even if CUDA is available')
+    p.add_argument(
+        '--arch', choices=('reference', 'gpt2'), default='reference', help="gpt2: transformers' GPT-2 (Conv1D)"
+    )
     p.add_argument('--d_model', type=int, default=1024)
     p.add_argument('--n_layers', type=int, default=24)
     p.add_argument('--n_heads', type=int, default=16)

@@ -135,7 +135,7 @@ MODES = {
         heads=4,
         inits=('official', 'torch'),
         factor_spl=(2,),
-        seeds=(0, 1),
+        seeds=(0,),
         depth={'norm': 'pre', 'init': 'torch', 'spl': 2},
         depths=(2,),
         depth_seeds=(0,),
@@ -647,7 +647,7 @@ def parse_args(argv=None):
     mode.add_argument('--smoke', action='store_true')
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one torch thread each')
     p.add_argument('--resume', action='store_true', help='keep finished runs with unchanged settings from --out')
-    p.add_argument('--plots-only', action='store_true', help='redraw the figures from --out and exit')
+    p.add_argument('--plots-only', action='store_true', help='recompute the summary and redraw the figures from --out')
     p.add_argument('--only', default=None, help='comma list of studies to run (factor,depth,ablation)')
     p.add_argument(
         '--out', default=None, help='results JSON (default: the committed study for the full run, runs/ else)'
@@ -717,8 +717,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.plots_only:
+    if args.plots_only:  # the summary is recomputed from the runs, so a change of statistics reaches it
         results = json.loads(out.read_text())
+        results['summary'] = summarize(results['runs'], results['studies'], results['config'], results['init_ratios'])
+        write_json(out, results)
         print('wrote', make_plots(results, out.parent))
         return results
     m = MODES[args.mode]

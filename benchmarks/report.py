@@ -35,7 +35,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def delta(p: dict) -> str:
-    """'Δ ± SE (n)' over the pairs that trained; stalls are reported in their own column."""
+    """'Δ ± SE' over the pairs that trained; stalls are reported in their own column."""
     if p['delta_mean'] is None:
         return '—'
     se = f' ± {p["delta_se"]:.3f}' if p['delta_se'] is not None else ''
@@ -50,46 +50,92 @@ def stalls(p: dict) -> str:
     return f'{p["stalled_prores"]} / {p["stalled_baseline"]}'
 
 
+def ci(p: dict) -> str:
+    return f'[{p["ci95"][0]:+.3f}, {p["ci95"][1]:+.3f}]' if p.get('ci95') else '—'
+
+
+def sign_p(p: dict) -> str:
+    return f'{p["sign_test_p"]:.2f}' if p.get('sign_test_p') is not None else '—'
+
+
+def verdict(p: dict, planned: int) -> str:
+    """The verdict in words; a point still short of its planned seeds says so."""
+    v = p['verdict'] if p['n'] else 'not run yet'
+    if p['n'] and p['n_pairs'] < planned:
+        v += f' ({p["n_pairs"]} of {planned} seeds so far)'
+    return v
+
+
+def ratio(p: dict) -> str:
+    """The branch-to-stream ratio at initialisation: median over the point's seeds."""
+    rs = sorted(r for r in p.get('init_ratio') or [] if r is not None)
+    return f'{rs[len(rs) // 2]:.3f}' if rs else '—'
+
+
 # --------------------------------------------------------------------------------------------- tables
 def quality_answer(q: dict) -> str:
-    rows = []
-    for norm, label in NORMS.items():
-        for spl, p in q['summary']['spl'][norm].items():
-            if p['n_pairs']:
-                rows.append([label, spl, delta(p), won(p), stalls(p)])
+    """One row per measured factor point: initialisation, placement, W / L, and the paired statistics."""
+    rows, planned = [], len(q['config']['seeds'])
+    for init, by_norm in q['summary']['factor'].items():
+        for norm, label in NORMS.items():
+            for spl, p in sorted(by_norm[norm].items(), key=lambda kv: float(kv[0])):
+                if p['n_pairs']:
+                    rows.append(
+                        [
+                            f'`{init}`',
+                            label,
+                            spl,
+                            ratio(p),
+                            delta(p),
+                            ci(p),
+                            won(p),
+                            sign_p(p),
+                            stalls(p),
+                            f'**{verdict(p, planned)}**',
+                        ]
+                    )
     return table(
         [
+            'init',
             'norm',
-            'α warmup steps per layer (W / L)',
-            'Δ val loss, ProRes − baseline (mean ± SE)',
-            'seeds ProRes ahead',
-            'stalled runs ProRes / baseline',
+            'W / L',
+            'branch / stream at init',
+            'Δ val loss (mean ± SE)',
+            'bootstrap 95% CI',
+            'seeds ahead',
+            'sign test p',
+            'stalled ProRes / baseline',
+            'verdict',
         ],
         rows,
     )
 
 
 def quality_spl_detail(q: dict) -> str:
+    """Every seed of every factor point: the raw numbers behind the answer table."""
     c, rows = q['config'], []
-    for norm, label in NORMS.items():
-        for spl, p in q['summary']['spl'][norm].items():
-            if not p['n_pairs']:
-                continue
-            steps = int(round(float(spl) * c['layers'] / c['w_fraction']))
-            rows.append(
-                [
-                    label,
-                    spl,
-                    str(steps),
-                    fmt(p['baseline_mean']),
-                    fmt(p['prores_mean']),
-                    ', '.join(f'{d:+.3f}' for d in p['per_seed']) or '—',
-                    f'{p["spikes_prores"]} / {p["spikes_baseline"]}',
-                    str(p['diverged']),
-                ]
-            )
+    for init, by_norm in q['summary']['factor'].items():
+        for norm, label in NORMS.items():
+            for spl, p in sorted(by_norm[norm].items(), key=lambda kv: float(kv[0])):
+                if not p['n_pairs']:
+                    continue
+                steps = int(round(float(spl) * c['layers'] / c['w_fraction']))
+                rows.append(
+                    [
+                        f'`{init}`',
+                        label,
+                        spl,
+                        str(steps),
+                        fmt(p['baseline_mean']),
+                        fmt(p['prores_mean']),
+                        ', '.join(f'{d:+.3f}' for d in p['per_seed']) or '—',
+                        f'{p["spikes_prores"]} / {p["spikes_baseline"]}',
+                        str(p['diverged']),
+                    ]
+                )
     return table(
         [
+            'init',
             'norm',
             'W / L',
             'steps',
@@ -107,13 +153,14 @@ def quality_depth(q: dict) -> str:
     rows = []
     for d, p in q['summary']['depth'].items():
         if p['n_pairs']:
-            rows.append([d, fmt(p['baseline_mean']), fmt(p['prores_mean']), delta(p), won(p), stalls(p)])
+            rows.append([d, fmt(p['baseline_mean']), fmt(p['prores_mean']), delta(p), ci(p), won(p), stalls(p)])
     return table(
         [
             'layers',
             'baseline val loss',
             'ProRes val loss',
             'Δ (mean ± SE)',
+            'bootstrap 95% CI',
             'seeds ProRes ahead',
             'stalled ProRes / baseline',
         ],
@@ -135,9 +182,11 @@ def quality_status(q: dict) -> str:
     planned, done = len(q['planned']), len(q['runs'])
     hours = (float(q.get('elapsed_s') or 0) + float(q.get('elapsed_s_previous') or 0)) / 3600
     c = q['config']
+    todo = [k for k in q['planned'] if k not in q['runs']]
+    running = f' Next to run: `{todo[0]}` and after it {len(todo) - 1} more.' if todo else ''
     return (
         f'Status: **{q["status"]}**, {done} of {planned} runs measured ({hours:.1f} h of wall time with '
-        f'{q["jobs"]} jobs on {q["machine"]["cpu_count"]} cores, torch {q["machine"]["torch"]}). Unigram '
+        f'{q["jobs"]} jobs on {q["machine"]["cpu_count"]} cores, torch {q["machine"]["torch"]}).{running} Unigram '
         f'level of the evaluated validation bytes: {c["unigram_level"]:.3f} nats; a run within '
         f'{c["stall_margin"]} of it counts as stalled.'
     )

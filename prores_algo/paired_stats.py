@@ -18,6 +18,9 @@ __all__ = ['sign_test_p', 'bootstrap_ci', 'summarize_deltas', 'verdict']
 
 BOOTSTRAP_RESAMPLES = 10_000
 CONFIDENCE = 0.95
+# Below this many pairs a bootstrap interval is too narrow to trust (with 2 pairs it is just [min, max]):
+# no verdict but 'too few seeds'.
+MIN_PAIRS_FOR_VERDICT = 4
 
 
 def sign_test_p(deltas: Sequence[float]) -> float | None:
@@ -47,9 +50,10 @@ def bootstrap_ci(
     return means[lo_i], means[min(hi_i, resamples - 1)]
 
 
-def verdict(ci: tuple[float, float] | None) -> str:
-    """'ahead' (the whole interval below 0), 'behind' (above 0), else 'inside the seed noise'."""
-    if ci is None:
+def verdict(ci: tuple[float, float] | None, n: int) -> str:
+    """'ahead' (the whole interval below 0), 'behind' (above 0), else 'inside the seed noise'; 'too few
+    seeds' below MIN_PAIRS_FOR_VERDICT pairs."""
+    if ci is None or n < MIN_PAIRS_FOR_VERDICT:
         return 'too few seeds'
     if ci[1] < 0:
         return 'ahead'
@@ -70,5 +74,5 @@ def summarize_deltas(deltas: Sequence[float]) -> dict:
         'wins': sum(x < 0 for x in d),
         'sign_test_p': sign_test_p(d),
         'ci95': list(ci) if ci else None,
-        'verdict': verdict(ci),
+        'verdict': verdict(ci, n),
     }

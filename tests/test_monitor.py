@@ -320,3 +320,60 @@ def test_hf_real_trainer_logs_monitor_metrics(tmp_path):
     assert 1e-2 < per_layer <= h['grad_norm'] * (1 + 1e-5)
     assert all(h[f'monitor/update_ratio/layer_{i}'] > 0 for i in range(3))
     assert 'monitor/loss_spikes' in logs[-1] and 'monitor/grad_spikes' in logs[-1]
+
+
+# --- branch_to_stream_ratio ------------------------------------------------------------------------
+
+
+class _ScaledBranchLayer(torch.nn.Module):
+    """x + a(x) + m(x) with a, m Linear maps k·I: each branch's RMS is exactly k times the stream's."""
+
+    prores_branches = ('a', 'm')
+
+    def __init__(self, d, ka, km):
+        super().__init__()
+        self.a, self.m = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(ka * torch.eye(d))
+            self.m.weight.copy_(km * torch.eye(d))
+
+    def forward(self, x):
+        return x + self.a(x) + self.m(x)
+
+
+def test_branch_to_stream_ratio_exact_on_planted_branches():
+    from prores_algo.monitor import branch_to_stream_ratio
+
+    model = torch.nn.Sequential(_ScaledBranchLayer(8, 0.25, 0.5), _ScaledBranchLayer(8, 2.0, 0.125))
+    x = torch.randn(3, 5, 8)
+    r = branch_to_stream_ratio(model, x)
+    assert r['per_branch'][0] == pytest.approx([0.25, 0.5])
+    assert r['per_branch'][1] == pytest.approx([2.0, 0.125])
+    assert (r['min'], r['max']) == (pytest.approx(0.125), pytest.approx(2.0))
+    assert r['median'] == pytest.approx(0.5)  # upper median of the four
+    assert model.training  # the train/eval mode is given back
+
+
+def test_branch_to_stream_ratio_sees_alpha_when_prores_is_attached():
+    """Measured on what runs: with ProRes attached at t = 0 every branch is α·F = 0."""
+    from prores_algo import apply_prores
+    from prores_algo.monitor import branch_to_stream_ratio
+
+    model = torch.nn.Sequential(_ScaledBranchLayer(8, 0.25, 0.5), _ScaledBranchLayer(8, 2.0, 0.125))
+    prores = apply_prores(model, schedule='linear', t_warmup=200)
+    prores.set_step(0)
+    assert branch_to_stream_ratio(model, torch.randn(2, 4, 8))['max'] == 0.0
+
+
+def test_branch_to_stream_ratio_of_the_reference_decoder_follows_its_init():
+    """Official N(0, 0.02) at width 64 starts branches far smaller than PyTorch's defaults do."""
+    from prores_algo.models import build_decoder
+    from prores_algo.monitor import branch_to_stream_ratio
+
+    ids = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for init in ('official', 'torch'):
+        torch.manual_seed(0)
+        model = build_decoder(vocab_size=257, d_model=64, n_layers=4, n_heads=4, max_seq_len=64, init=init)
+        ratios[init] = branch_to_stream_ratio(model, ids)['median']
+    assert 0.01 < ratios['official'] < 0.06 and 0.06 < ratios['torch'] < 0.2

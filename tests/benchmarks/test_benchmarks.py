@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import quality
+
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
@@ -31,7 +33,7 @@ def outputs(tmp_path_factory):
     _run(['-m', 'benchmarks.overhead', '--smoke', '--out', str(d / 'overhead.json')])
     _run(
         ['-m', 'benchmarks.quality', '--smoke', '--out', str(d / 'quality.json'), '--data', str(d / 'data')],
-        timeout=300,
+        timeout=600,
     )
     return d
 
@@ -59,7 +61,7 @@ def test_overhead_smoke(outputs):
 def test_quality_smoke(outputs):
     r = json.loads((outputs / 'quality.json').read_text())
     assert r['benchmark'] == 'quality' and r['mode'] == 'smoke' and r['status'] == 'complete'
-    assert set(r['studies']) == {'spl', 'depth', 'ablation'}
+    assert set(r['studies']) == {'factor', 'depth', 'ablation'}
     assert set(r['runs']) == set(r['planned'])
     for key, run in r['runs'].items():
         spec = run['spec']
@@ -70,30 +72,69 @@ def test_quality_smoke(outputs):
         assert run['stalled'] == (run['val_loss'] >= r['config']['unigram_level'] - r['config']['stall_margin'])
         assert len(run['position_cosine']) == spec['layers'] and all(-1 <= c <= 1 for c in run['position_cosine'])
         if spec['variant'] != 'baseline':
-            # W = steps per layer x layers, and the α logged during the run is the schedule's, exactly
+            # W = steps per layer x layers, the run 4 W long, and the α logged during the run is the schedule's
             assert spec['t_warmup'] == round(spec['spl'] * spec['layers'])
-            if spec['study'] != 'depth':  # depth: the same steps for every depth (the paper's depth scaling)
-                assert spec['steps'] == round(spec['t_warmup'] / r['config']['w_fraction'])
-            else:
-                assert spec['steps'] == r['config']['depth_steps']
+            assert spec['steps'] == round(spec['t_warmup'] / r['config']['w_fraction'])
             assert run['alpha_max_abs_err'] < 1e-6
-    # every spl point of both norms has its paired baseline/ProRes runs
-    for norm in ('pre', 'post'):
-        for spl in r['config']['spl']:
-            assert r['summary']['spl'][norm][str(spl)]['n_pairs'] == len(r['config']['seeds'])
-    assert set(r['figures']) == {'quality_steps_per_layer.png', 'quality_depth.png', 'quality_ablation.png'} or set(
-        r['figures']
-    ) >= {'quality_steps_per_layer.png', 'quality_ablation.png'}
+    # every factor point of every initialisation and both norms has its paired baseline/ProRes runs
+    for init in r['config']['inits']:
+        for norm in ('pre', 'post'):
+            for spl in r['config']['factor_spl']:
+                assert r['summary']['factor'][init][norm][str(spl)]['n_pairs'] == len(r['config']['seeds'])
+    # the branch-to-stream ratio of every initial model, measured before training
+    bases = {quality.init_key(run['spec']) for run in r['runs'].values() if run['spec']['variant'] == 'baseline'}
+    assert bases == set(r['init_ratios'])
+    assert all(0 < v['min'] <= v['median'] <= v['max'] and _finite(v['max']) for v in r['init_ratios'].values())
     for fig in r['figures']:
+        assert fig in {'quality_factors.png', 'quality_ratio.png', 'quality_depth.png', 'quality_ablation.png'}
         assert (outputs / fig).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_paired_summary_counts_stalls_apart():
-    from benchmarks import quality
+def test_quality_initialisations_span_the_branch_ratio():
+    """The factor study's initialisations start branches from small to large against the stream, and
+    width768 is what its name says: std * sqrt(width) and the embedding std of a 768-wide model."""
+    import torch
 
+    from prores_algo.models import build_decoder
+    from prores_algo.monitor import branch_to_stream_ratio
+
+    w = quality.init_overrides('width768', 64)
+    assert w['init_std'] * math.sqrt(64) == pytest.approx(0.02 * math.sqrt(768))
+    assert w['embed_std'] == pytest.approx(0.02 * math.sqrt(768))
+    ids = torch.randint(0, 257, (4, 128), generator=torch.Generator().manual_seed(0))
+    med = {}
+    for init in quality.INITS:
+        torch.manual_seed(0)
+        model = build_decoder(vocab_size=257, d_model=64, n_layers=8, n_heads=4, **quality.init_overrides(init, 64))
+        med[init] = branch_to_stream_ratio(model, ids)['median']
+    assert med['official'] < med['torch'] < med['width768'] < med['torch_small_embed']
+    assert med['official'] < 0.05 and med['torch_small_embed'] > 0.3
+    with pytest.raises(ValueError, match='unknown initialisation'):
+        quality.init_overrides('xavier', 64)
+
+
+def test_quality_resume_keeps_runs_from_before_init_was_a_factor():
+    """A run recorded before `init` existed is the official initialisation and is not trained again."""
+    m = quality.MODES['full']
+    specs, _ = quality.plan(m)
+    official = next(s for s in specs if s['init'] == 'official' and s['study'] == 'factor')
+    old = {k: v for k, v in official.items() if k != 'init'}
+    assert quality.same_run(official, {**old, 'study': 'spl'})
+    assert not quality.same_run(official, {**old, 'init': 'torch'})
+    assert quality.run_key(official) == quality.run_key(old)  # the official key is unchanged
+
+
+def test_quality_smoke_and_quick_never_write_the_committed_study():
+    assert quality.parse_args(['--smoke']).out != str(quality.RESULTS / 'quality.json')
+    assert quality.parse_args(['--quick']).out != str(quality.RESULTS / 'quality.json')
+    assert quality.parse_args([]).out == str(quality.RESULTS / 'quality.json')
+    assert quality.parse_args(['--smoke', '--out', 'x.json']).out == 'x.json'
+
+
+def test_paired_summary_counts_stalls_apart():
     def run(seed, variant, loss, stalled=False):
         return {
-            'spec': {'seed': seed, 'variant': variant},
+            'spec': {'seed': seed, 'variant': variant, 'norm': 'pre', 'layers': 8, 'd_model': 64},
             'val_loss': loss,
             'stalled': stalled,
             'diverged': False,
@@ -105,19 +146,15 @@ def test_paired_summary_counts_stalls_apart():
         (run(1, 'baseline', 2.1), run(1, 'linear', 2.15)),
         (run(2, 'baseline', 2.0), run(2, 'linear', 3.1, stalled=True)),
     ]
-    p = quality.paired(pairs)
+    p = quality.paired(pairs, {'pre-L8-d64-official-s0': {'median': 0.04}})
     assert p['n_pairs'] == 3 and p['n'] == 2 and p['stalled_prores'] == 1 and p['wins'] == 1
     assert math.isclose(p['delta_mean'], (-0.1 + 0.05) / 2)
     assert math.isclose(p['delta_se'], abs(-0.1 - 0.05) / math.sqrt(2) / math.sqrt(2))
+    assert p['init_ratio'] == [0.04, None] and p['verdict'] == 'too few seeds'
+    ahead = {**p, 'verdict': 'ahead', 'stalled_prores': 0}
     assert quality.ahead_from(
-        {
-            'pre': {
-                '3': {**p, 'delta_mean': 0.1, 'n_pairs': 3},
-                '12': {**p, 'delta_mean': -0.1, 'stalled_prores': 0, 'n_pairs': 3},
-                '25': {**p, 'delta_mean': -0.2, 'stalled_prores': 0, 'n_pairs': 3},
-            }
-        }
-    ) == {'pre': 12.0}
+        {'pre': {'3': {**p, 'verdict': 'behind'}, '12': ahead, '25': ahead}, 'post': {'25': {**p}}}
+    ) == {'pre': 12.0, 'post': None}
 
 
 def test_report_fills_only_the_generated_blocks(outputs):
@@ -162,3 +199,27 @@ def test_sharded_memory_smoke(tmp_path):
             for v in ('hook', 'gemm'):
                 assert rank[v]['alphas'] == [0.5, 0.25]  # mid-warmup: every branch really scaled
         assert s['within_target'], (stack, s['max_ratio_vs_off'])
+
+
+def test_gpu_quality_smoke(tmp_path):
+    """The GPU paired comparison end to end at its CPU smoke size: every run a process, paired by seed."""
+    out = tmp_path / 'gpu_quality.json'
+    _run(['-m', 'benchmarks.gpu_quality', '--smoke', '--out', str(out)], timeout=300)
+    r = json.loads(out.read_text())
+    assert set(r['runs']) == {'2-s0-baseline', '2-s0-prores', '2-s1-baseline', '2-s1-prores'}
+    for run in r['runs'].values():
+        assert run['finished'] and _finite(run['val_loss']) and run['steps'] == 16 and run['t_warmup'] == 4
+    s = r['summary']['2']
+    assert s['n'] == 2 and s['unfinished_pairs'] == 0 and s['verdict'] == 'too few seeds'
+    by_seed = [r['runs'][f'2-s{i}-prores']['val_loss'] - r['runs'][f'2-s{i}-baseline']['val_loss'] for i in (0, 1)]
+    assert s['per_seed'] == pytest.approx(by_seed)
+
+
+def test_gpu_quality_lr_schedule_is_wsd():
+    from benchmarks.gpu_quality import lr_at
+
+    total, peak = 1000, 1.0
+    assert lr_at(0, total, peak) == pytest.approx(1 / 20)  # 2% warmup: 20 steps
+    assert lr_at(19, total, peak) == peak and lr_at(500, total, peak) == peak
+    assert lr_at(900, total, peak) == pytest.approx(1.0) and lr_at(950, total, peak) == pytest.approx(0.5)
+    assert lr_at(999, total, peak) == pytest.approx(0.01)

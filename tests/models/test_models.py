@@ -46,6 +46,8 @@ def test_default_d_ffn():
         ('norm_eps', -1.0),
         ('init_std', float('nan')),
         ('tie_embeddings', 'yes'),
+        ('init', 'xavier'),
+        ('embed_std', 0.0),
     ],
 )
 def test_config_validation_names_field(field, value):
@@ -145,6 +147,44 @@ def test_default_init_stds():
         w = model.blocks[0].get_submodule(name).weight
         assert w.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_torch_init_is_pytorchs_default():
+    """init='torch': every Linear as nn.Linear initialises itself (kaiming-uniform: |w| <= 1/sqrt(fan_in),
+    std 1/sqrt(3 fan_in)), the embedding N(0, 1); norms still 1."""
+    torch.manual_seed(0)
+    model = build_decoder(vocab_size=512, d_model=128, n_layers=2, n_heads=4, max_seq_len=8, init='torch')
+    assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    for lin in [m for m in model.modules() if isinstance(m, nn.Linear)]:
+        fan_in = lin.weight.shape[1]
+        assert lin.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+        assert lin.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.05)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules() if isinstance(m, nn.RMSNorm))
+
+
+@pytest.mark.parametrize('init', ['official', 'torch'])
+def test_embed_std_sets_the_embedding_alone(init):
+    torch.manual_seed(0)
+    kw = dict(vocab_size=512, d_model=128, n_layers=2, n_heads=4, max_seq_len=8, init=init)
+    model = build_decoder(**kw, embed_std=0.5)
+    assert model.embed.weight.std().item() == pytest.approx(0.5, rel=0.05)
+    torch.manual_seed(0)
+    plain = build_decoder(**kw)
+    assert torch.equal(model.blocks[1].mlp.down_proj.weight, plain.blocks[1].mlp.down_proj.weight)
+
+
+def test_torch_init_under_meta_device_matches():
+    """param_init_fn (Composer's meta/FSDP init) gives the same torch-default weights as init_weights()."""
+    with torch.device('meta'):
+        meta_model = build_decoder(**TINY, init='torch', embed_std=0.3)
+    meta_model.to_empty(device='cpu')
+    torch.manual_seed(7)
+    meta_model.init_weights()
+    ref = build_decoder(**TINY, init='torch', embed_std=0.3)
+    torch.manual_seed(7)
+    ref.init_weights()
+    for (n, p), (_, q) in zip(meta_model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_deepnorm_init_and_beta():
