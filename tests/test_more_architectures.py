@@ -130,6 +130,14 @@ def gptj(layer, x, kw, a):
     return x + a * attn + a * layer.mlp(n)
 
 
+def mpt(layer, x, kw, a):
+    """transformers' MptBlock: h = x + α·attn(norm_1(x)); out = h + α·down_proj(act(up_proj(norm_2(h))))."""
+    attn = layer.attn(layer.norm_1(x), position_bias=kw['position_bias'], attention_mask=kw['attention_mask'])[0]
+    h = x + a * attn
+    ffn = layer.ffn
+    return h + a * ffn.down_proj(ffn.act(ffn.up_proj(layer.norm_2(h))))
+
+
 # family id -> (model class, config class, config kwargs, layer class name, manual forward)
 CASES = {
     'gemma': (T.GemmaForCausalLM, T.GemmaConfig, _base(head_dim=8), 'GemmaDecoderLayer', llama_like),
@@ -213,6 +221,14 @@ CASES = {
         ),
         'Qwen2MoeDecoderLayer',
         llama_like,
+    ),
+    # transformers' own MPT (not llm-foundry's MPTBlock): ALiBi, no norm biases
+    'mpt': (
+        T.MptForCausalLM,
+        T.MptConfig,
+        dict(d_model=32, n_heads=4, n_layers=3, expansion_ratio=4, max_seq_len=64, vocab_size=VOCAB),
+        'MptBlock',
+        mpt,
     ),
 }
 
