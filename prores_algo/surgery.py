@@ -84,6 +84,11 @@ def has_prores_hook(module: nn.Module) -> bool:
 MECHANISMS = ('auto', 'hook')
 
 
+def _fold_target_modules(layer: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    patterns = fold_targets_for(layer, name) or ()
+    return [(n, m) for n, m in layer.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 def gemm_targets(layer: nn.Module, name: str, branch: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The modules that apply α inside their GEMMs for branch `name` of `layer` (relative name, module), or
     None where the output hook must stay.
@@ -95,10 +100,7 @@ def gemm_targets(layer: nn.Module, name: str, branch: nn.Module) -> list[tuple[s
     """
     if can_scale_in_gemm(branch):
         return [(name, branch)]
-    patterns = fold_targets_for(layer, name)
-    if not patterns:
-        return None
-    found = [(n, m) for n, m in layer.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    found = _fold_target_modules(layer, name)
     if not found or not all(can_scale_in_gemm(m) for _, m in found):
         return None
     return found
@@ -202,7 +204,13 @@ class ProResController:
             for name in layer.branches:
                 branch = resolve_branch(layer.module, name)
                 targets = self._gemm_targets(layer.module, name, branch)
-                if any(has_prores_hook(m) for m in (branch, *(m for _, m in targets or ()))):
+                # the branch module and every module that may carry its α (the other mechanism's choice too)
+                carriers = (
+                    branch,
+                    *(m for _, m in targets or ()),
+                    *(m for _, m in _fold_target_modules(layer.module, name)),
+                )
+                if any(has_prores_hook(m) for m in carriers):
                     raise ValueError(
                         f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
                         'call remove() on the first controller before applying ProRes again.'

@@ -274,3 +274,42 @@ if __name__ == '__main__':  # the ratios of the issue: python -m tests.test_gemm
     for arch in BYTE_ARCHS:
         a, h = extra_bytes(arch)
         print(f'{arch:20s} default +{a:>8d} B   hook +{h:>8d} B   ratio {a / h:+.4f}')
+
+
+def test_gemm_everywhere_second_apply_refused_on_gemm_targets():
+    model = _build('gpt2')
+    ctrl = apply_prores(model, t_warmup=1000)
+    with pytest.raises(ValueError, match='already applied'):
+        apply_prores(model, t_warmup=1000)  # the dropouts carry nothing; their c_proj do
+    with pytest.raises(ValueError, match='already applied'):
+        apply_prores(model, t_warmup=1000, mechanism='hook')
+    ctrl.remove()
+    hooked = apply_prores(model, t_warmup=1000, mechanism='hook')  # the other way round: the dropouts carry α
+    with pytest.raises(ValueError, match='already applied'):
+        apply_prores(model, t_warmup=1000)
+    hooked.remove()
+    again = apply_prores(model, t_warmup=1000)
+    assert set(again.mechanisms.values()) == {'gemm'}
+
+
+def test_gemm_everywhere_refresh_follows_a_replaced_projection():
+    """Another surgery swaps a GEMM target (here GPT-2's c_proj) after ProRes: refresh() moves α onto it."""
+    from transformers.pytorch_utils import Conv1D
+
+    model = _build('gpt2')
+    ctrl = apply_prores(model, t_warmup=1000)
+    ctrl.set_alphas([0.3, 0.6, 0.9])
+    ids = _ids(model)
+    with torch.no_grad():
+        before = _logits(model, ids)
+    old = model.transformer.h[1].mlp.c_proj
+    new = Conv1D(32, 4 * 32)
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        new.bias.copy_(old.bias)
+    model.transformer.h[1].mlp.c_proj = new
+    assert ctrl.refresh() == 1
+    assert has_scaled_forward(new) and not has_scaled_forward(old)
+    assert new.__dict__['_prores_alpha_value'] == 0.6 and ctrl.num_hooks == 6
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model, ids), before, rtol=0, atol=0)
