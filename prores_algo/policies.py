@@ -76,6 +76,11 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     # Mixtral: the whole sparse-MoE block is the MLP branch; it returns (hidden, router_logits) and the
     # surgery hook scales only the first element (router logits, hence the aux loss, are unchanged).
     'MixtralDecoderLayer': ('self_attn.o_proj', 'block_sparse_moe'),
+    # OLMo (non-parametric LayerNorm) and StarCoder2 (o_proj / c_proj then a functional dropout): Pre-LN, Llama-like.
+    'OlmoDecoderLayer': _LLAMA_LIKE,
+    'Starcoder2DecoderLayer': ('self_attn.o_proj', 'mlp.c_proj'),
+    # OLMo 2: no pre-norm, each branch ends in its post-norm: x + post_attention_layernorm(attn(x)), ...
+    'Olmo2DecoderLayer': ('post_attention_layernorm', 'post_feedforward_layernorm'),
     # Qwen2-MoE: `mlp` is a Qwen2MoeSparseMoeBlock (tuple output, experts + gated shared expert) or, on
     # mlp_only_layers / decoder_sparse_step, a dense Qwen2MoeMLP: scaling `mlp`'s output covers both.
     'Qwen2MoeDecoderLayer': ('self_attn.o_proj', 'mlp'),
