@@ -28,13 +28,13 @@ from typing import Union
 import torch
 from torch import nn
 
-from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS, policy_for
+from prores_algo.policies import BRANCHES_ATTRIBUTE, FOLD_TARGETS_ATTRIBUTE, fold_targets_for, policy_for
 from prores_algo.surgery import ALPHA_BUFFER, ProResController, has_prores_hook, unscale
 
 __all__ = ['fold_prores', 'fold_alpha_into_module', 'FOLD_TARGETS_ATTRIBUTE']
 
-# A custom layer class may declare `prores_fold_targets = {'branch': ('module.pattern', ...)}`.
-FOLD_TARGETS_ATTRIBUTE = 'prores_fold_targets'
+# A custom layer class may declare `prores_fold_targets = {'branch': ('module.pattern', ...)}`
+# (FOLD_TARGETS_ATTRIBUTE, defined in policies).
 
 
 def _own_weight(module: nn.Module):
@@ -103,11 +103,7 @@ def fold_alpha_into_module(module: nn.Module, alpha: float, what: str = 'module'
         bias.mul_(alpha)
 
 
-def _fold_targets_for(layer: nn.Module, branch: str) -> tuple[str, ...] | None:
-    own = getattr(layer, FOLD_TARGETS_ATTRIBUTE, None)
-    if isinstance(own, dict) and branch in own:
-        return tuple(own[branch])
-    return FOLD_TARGETS.get(type(layer).__name__, {}).get(branch)
+_fold_targets_for = fold_targets_for
 
 
 def _layer_and_branch(model: nn.Module, path: str) -> tuple[nn.Module, str, str] | None:

@@ -22,11 +22,15 @@ __all__ = [
     'FOLD_TARGETS',
     'register_policy',
     'policy_for',
+    'fold_targets_for',
     'BRANCHES_ATTRIBUTE',
+    'FOLD_TARGETS_ATTRIBUTE',
 ]
 
 # Attribute a layer module may define to declare its own branch-final modules.
 BRANCHES_ATTRIBUTE = 'prores_branches'
+# Attribute a layer module may define to declare, per branch, the modules that carry its α (see FOLD_TARGETS).
+FOLD_TARGETS_ATTRIBUTE = 'prores_fold_targets'
 
 _LLAMA_LIKE = ('self_attn.o_proj', 'mlp.down_proj')
 
@@ -50,6 +54,9 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     'BertLayer': ('attention.output.dropout', 'output.dropout'),
     # llm-foundry's MPT block (fuse_norm_attn_norm=False, the default; see LAYER_VARIANTS for True).
     'MPTBlock': ('resid_attn_dropout', 'resid_ffn_dropout'),
+    # transformers' own MPT (MptForCausalLM): x + resid_attn_dropout(attn(norm_1(x))); the MLP adds the residual
+    # itself, h + F.dropout(down_proj(act(up_proj(norm_2(h))))), so its branch ends in `ffn.down_proj`.
+    'MptBlock': ('resid_attn_dropout', 'ffn.down_proj'),
     # --- more families (transformers 4.57; tests/test_more_architectures.py checks each numerically) ---
     # Gemma (Pre-LN, RMSNorm computing x·(1+w)): like Llama.
     'GemmaDecoderLayer': _LLAMA_LIKE,
@@ -69,6 +76,11 @@ LAYER_POLICIES: dict[str, tuple[str, ...]] = {
     # Mixtral: the whole sparse-MoE block is the MLP branch; it returns (hidden, router_logits) and the
     # surgery hook scales only the first element (router logits, hence the aux loss, are unchanged).
     'MixtralDecoderLayer': ('self_attn.o_proj', 'block_sparse_moe'),
+    # OLMo (non-parametric LayerNorm) and StarCoder2 (o_proj / c_proj then a functional dropout): Pre-LN, Llama-like.
+    'OlmoDecoderLayer': _LLAMA_LIKE,
+    'Starcoder2DecoderLayer': ('self_attn.o_proj', 'mlp.c_proj'),
+    # OLMo 2: no pre-norm, each branch ends in its post-norm: x + post_attention_layernorm(attn(x)), ...
+    'Olmo2DecoderLayer': ('post_attention_layernorm', 'post_feedforward_layernorm'),
     # Qwen2-MoE: `mlp` is a Qwen2MoeSparseMoeBlock (tuple output, experts + gated shared expert) or, on
     # mlp_only_layers / decoder_sparse_step, a dense Qwen2MoeMLP: scaling `mlp`'s output covers both.
     'Qwen2MoeDecoderLayer': ('self_attn.o_proj', 'mlp'),
@@ -106,9 +118,10 @@ BRANCH_REWRITES: dict[str, dict[str, str]] = {
 }
 
 
-# For `prores_algo.export.fold_prores`: a branch-final module without weights of its own (a dropout, a
-# whole MoE block) cannot absorb α; α goes into the modules named here instead, whose output reaches the
-# branch output linearly (only dropout / routing weights in between). layer class name ->
+# One table for the modules that carry α in place of a branch-final module without weights of its own (a
+# dropout, a whole MoE block), whose output reaches the branch output linearly (only dropout / routing
+# weights in between): `prores_algo.export.fold_prores` folds α into their weights, and the surgery
+# (mechanism 'auto') applies α inside their GEMMs when every one of them can (scaled_linear). layer class name ->
 # {branch name (as in LAYER_POLICIES): fnmatch patterns of module paths relative to the layer}. Every
 # module matching any pattern is scaled; at least one must match. Branches whose module has its own
 # weight (Linear, Conv1D, norms) need no entry.
@@ -121,11 +134,21 @@ FOLD_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
         'resid_ffn_dropout': ('ffn.down_proj',),
         'norm_attn_norm.resid_attn_dropout': ('norm_attn_norm.attn.out_proj',),
     },
+    'MptBlock': {'resid_attn_dropout': ('attn.out_proj',)},
     # sum_e r_e(x)·w2_e(...): scaling every expert's output projection scales the block output
     'MixtralDecoderLayer': {'block_sparse_moe': ('block_sparse_moe.experts.*.w2',)},
     # sparse block: experts + sigmoid-gated shared expert; dense layers: the MLP's down_proj
     'Qwen2MoeDecoderLayer': {'mlp': ('mlp.down_proj', 'mlp.experts.*.down_proj', 'mlp.shared_expert.down_proj')},
 }
+
+
+def fold_targets_for(layer, branch: str) -> tuple[str, ...] | None:
+    """The fnmatch patterns (relative to `layer`) of the modules that carry α for `branch`, from the layer's
+    own `prores_fold_targets` dict or from FOLD_TARGETS; None when neither names that branch."""
+    own = getattr(layer, FOLD_TARGETS_ATTRIBUTE, None)
+    if isinstance(own, dict) and branch in own:
+        return tuple(own[branch])
+    return FOLD_TARGETS.get(type(layer).__name__, {}).get(branch)
 
 
 def check_branches(branches: Sequence[str]) -> tuple[str, ...]:

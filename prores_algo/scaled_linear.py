@@ -1,5 +1,11 @@
 """α·Linear(x) with α inside the matrix multiply: no activation-sized traffic for ProRes in eager mode.
 
+Modules that qualify (`can_scale_in_gemm`): `nn.Linear` and subclasses keeping its forward, and modules
+whose forward is known to compute the same affine map: transformers' `Conv1D` (GPT-2; `addmm(b, x, W)`
+with W stored (in, out)) and `FalconLinear` (`x @ Wᵀ + b`). The surgery scales either the branch-final
+module itself or, for a branch ending in a dropout / an MoE block, the projections that
+`policies.FOLD_TARGETS` names (their output reaches the branch output linearly).
+
 The output-hook mechanism computes `out = linear(x) * α`: one extra read and write of the branch output
 in the forward pass and one of its gradient in the backward pass, at memory bandwidth on a GPU (4.5% of
 an eager H200 step for a 369M model). For a branch that ends in an `nn.Linear`, α can instead ride in
@@ -27,7 +33,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # The name of the 0-dim fp32 α buffer ProRes registers on every branch-final module (non-persistent).
@@ -39,6 +44,7 @@ __all__ = [
     'install_scaled_forward',
     'uninstall_scaled_forward',
     'has_scaled_forward',
+    'can_scale_in_gemm',
     'ALPHA_VALUE_ATTR',
 ]
 
@@ -59,24 +65,27 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class ScaledLinearFunction(torch.autograd.Function):
-    """`alpha * F.linear(x, weight, bias)` with alpha a Python float applied inside the GEMMs."""
+    """`alpha * F.linear(x, weight, bias)` with alpha a Python float applied inside the GEMMs.
+
+    `transposed=True`: the weight is stored (in, out), as in transformers' Conv1D (`addmm(b, x, W)`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float):
+    def forward(ctx, x, weight, bias, alpha: float, transposed: bool = False):
         dt = _autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            if dt is not None:  # what autocast does for F.linear: compute in its dtype
+            if dt is not None:  # what autocast does for F.linear / addmm: compute in its dtype
                 x, w = x.to(dt), weight.to(dt)
                 b = None if bias is None else bias.to(dt)
             else:
                 w, b = weight, bias
             x2 = x.reshape(-1, x.shape[-1])
+            wt = w if transposed else w.t()  # (in, out)
             if b is not None:
-                y = torch.addmm(b, x2, w.t(), beta=alpha, alpha=alpha)
+                y = torch.addmm(b, x2, wt, beta=alpha, alpha=alpha)
             else:
-                y = _scaled_mm(x2, w.t(), alpha)
+                y = _scaled_mm(x2, wt, alpha)
         ctx.save_for_backward(x, w)
-        ctx.alpha, ctx.has_bias = alpha, bias is not None
+        ctx.alpha, ctx.has_bias, ctx.transposed = alpha, bias is not None, transposed
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -90,37 +99,76 @@ class ScaledLinearFunction(torch.autograd.Function):
             g = g.to(w.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _scaled_mm(g, w, alpha).reshape(*x.shape)
+            grad_x = _scaled_mm(g, w.t() if ctx.transposed else w, alpha).reshape(*x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _scaled_mm(g.t(), x.reshape(-1, x.shape[-1]), alpha).to(ctx.weight_dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            gw = _scaled_mm(x2.t(), g, alpha) if ctx.transposed else _scaled_mm(g.t(), x2, alpha)
+            grad_w = gw.to(ctx.weight_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = (g.sum(0) * alpha).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
-def scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    return ScaledLinearFunction.apply(x, weight, bias, float(alpha))
+def scaled_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float, transposed: bool = False
+) -> torch.Tensor:
+    return ScaledLinearFunction.apply(x, weight, bias, float(alpha), transposed)
 
 
-def _scaled_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+# Forwards known to compute exactly the affine map x·Wᵀ + b (up to rounding) of their `weight` and `bias`,
+# by qualified name (no transformers import): True if the weight is stored (in, out).
+_AFFINE_FORWARDS = {
+    'transformers.pytorch_utils.Conv1D.forward': True,  # addmm(b, x.view(-1, in), W), W (in, out)
+    'transformers.models.falcon.modeling_falcon.FalconLinear.forward': False,  # x @ W.T (+ b)
+}
+
+
+def _qualname(fn) -> str:
+    return f'{getattr(fn, "__module__", "")}.{getattr(fn, "__qualname__", "")}'
+
+
+def _weight_layout(module: nn.Module) -> bool | None:
+    """False: weight (out, in) as in nn.Linear; True: (in, out) as in Conv1D; None: not an affine map we know."""
+    fwd = type(module).forward
+    if isinstance(module, nn.Linear) and fwd is nn.Linear.forward:
+        return False
+    transposed = _AFFINE_FORWARDS.get(_qualname(fwd))
+    if transposed is None:
+        return None
+    weight = module._parameters.get('weight')
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    return transposed
+
+
+def _scaled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         # traced: the α buffer is a graph input and inductor fuses the multiply into the GEMM epilogue
-        return F.linear(x, self.weight, self.bias) * self._buffers[ALPHA_BUFFER]
-    return ScaledLinearFunction.apply(x, self.weight, self.bias, self.__dict__[ALPHA_VALUE_ATTR])
+        return type(self).forward(self, x) * self._buffers[ALPHA_BUFFER]
+    alpha = self.__dict__[ALPHA_VALUE_ATTR]
+    if alpha == 1.0:  # the class's own forward: bitwise what the module computes without ProRes
+        return type(self).forward(self, x)
+    return ScaledLinearFunction.apply(x, self.weight, self.bias, alpha, self.__dict__[_TRANSPOSED_ATTR])
+
+
+_TRANSPOSED_ATTR = '_prores_weight_transposed'
 
 
 def can_scale_in_gemm(module: nn.Module) -> bool:
-    """True for modules computing exactly `F.linear(x, self.weight, self.bias)`: nn.Linear and subclasses
-    that keep its forward (not e.g. quantised or LoRA layers, which override it)."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """True for modules computing exactly the affine map of their `weight` and `bias`: nn.Linear and subclasses
+    that keep its forward, transformers' Conv1D and FalconLinear (not e.g. quantised or LoRA layers, which
+    override the forward)."""
+    return _weight_layout(module) is not None
 
 
-def install_scaled_forward(module: nn.Linear, alpha: float) -> None:
+def install_scaled_forward(module: nn.Module, alpha: float) -> None:
     """Give this module instance the α-scaled forward (the class and every other instance are untouched;
     parameters, buffers and state_dict keys are unchanged)."""
-    if not can_scale_in_gemm(module):
+    transposed = _weight_layout(module)
+    if transposed is None:
         raise TypeError(f'{type(module).__name__} does not compute F.linear(x, weight, bias); use the output hook')
     module.__dict__[ALPHA_VALUE_ATTR] = float(alpha)
+    module.__dict__[_TRANSPOSED_ATTR] = transposed
     module.forward = types.MethodType(_scaled_forward, module)
 
 
@@ -138,3 +186,4 @@ def uninstall_scaled_forward(module: nn.Module) -> None:
     if has_scaled_forward(module):
         del module.__dict__['forward']
     module.__dict__.pop(ALPHA_VALUE_ATTR, None)
+    module.__dict__.pop(_TRANSPOSED_ATTR, None)

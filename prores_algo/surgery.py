@@ -2,8 +2,12 @@
 
 Mechanism (README, "Mechanism"): every branch-final module gets a 0-dim, non-persistent buffer
 `prores_alpha`, updated in place with `fill_`, and its output is scaled by it: inside the GEMMs of an
-`nn.Linear` (`prores_algo.scaled_linear`, which also keeps α as a Python float for the BLAS scalars), or by
-a forward hook on every other branch end (and everywhere with `mechanism='hook'`). Because of that choice:
+`nn.Linear` / Conv1D / FalconLinear (`prores_algo.scaled_linear`, which also keeps α as a Python float for
+the BLAS scalars), or by a forward hook on every other branch end (and everywhere with `mechanism='hook'`).
+A branch ending in a dropout or an MoE block moves α into the projections `policies.FOLD_TARGETS` names
+(GPT-2's c_proj, every expert's down projection), when all of them can take it in their GEMMs: the module
+carrying α (and its buffer) is then that projection. `controller.mechanisms` says which branch got which
+('gemm' or 'hook'); the choice is logged once at attach. Because of that choice:
   * parameter names and `state_dict` keys do not change (HF checkpoints still load);
   * optimizers built before the surgery keep working (no parameter is replaced);
   * FSDP / ZeRO-3 never shard α, and `.to(device)` moves it with the module;
@@ -19,6 +23,8 @@ This module imports only torch and the pure-Python schedules: it runs without Co
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import math
 import warnings
 from typing import Sequence
@@ -28,6 +34,7 @@ from torch import nn
 
 from prores_algo import schedules
 from prores_algo.layers import ResidualLayer, find_residual_layers, resolve_branch
+from prores_algo.policies import fold_targets_for
 from prores_algo.scaled_linear import (
     ALPHA_BUFFER,
     can_scale_in_gemm,
@@ -45,7 +52,10 @@ __all__ = [
     'ResidualLayer',
     'ALPHA_BUFFER',
     'warn_if_short_warmup',
+    'gemm_targets',
 ]
+
+log = logging.getLogger(__name__)
 
 
 def _scale_branch_output(module: nn.Module, args, output):
@@ -72,6 +82,28 @@ def has_prores_hook(module: nn.Module) -> bool:
 
 
 MECHANISMS = ('auto', 'hook')
+
+
+def _fold_target_modules(layer: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    patterns = fold_targets_for(layer, name) or ()
+    return [(n, m) for n, m in layer.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def gemm_targets(layer: nn.Module, name: str, branch: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The modules that apply α inside their GEMMs for branch `name` of `layer` (relative name, module), or
+    None where the output hook must stay.
+
+    The branch-final module itself when it can (nn.Linear, Conv1D, FalconLinear, see scaled_linear); else the
+    modules `policies.FOLD_TARGETS` names for the branch (the projection in front of a dropout, every expert's
+    down projection of an MoE block), when there are some and every one of them can: their outputs reach the
+    branch output through operations that commute with a scalar, so scaling them scales the branch once.
+    """
+    if can_scale_in_gemm(branch):
+        return [(name, branch)]
+    found = _fold_target_modules(layer, name)
+    if not found or not all(can_scale_in_gemm(m) for _, m in found):
+        return None
+    return found
 
 
 class _ScaledForwardHandle:
@@ -102,6 +134,13 @@ def make_alpha_inert(module: nn.Module) -> None:
     if alpha is not None:
         with torch.no_grad():
             alpha.fill_(1.0)
+
+
+def _submodule(layer: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _set_module_alpha(module: nn.Module, handle, value: float) -> None:
@@ -140,7 +179,8 @@ class ProResController:
         if mechanism not in MECHANISMS:
             raise ValueError(
                 f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
-                'matrix multiplies of branches that end in an nn.Linear and by an output hook elsewhere; '
+                'matrix multiplies of the projection producing each branch where it can, and by an output hook '
+                'elsewhere; '
                 '"hook" uses the output hook everywhere'
             )
         self.mechanism = mechanism
@@ -151,19 +191,34 @@ class ProResController:
         self.remove_when_done = remove_when_done
         self.step: float = 0.0
         self._alphas: list[float] = [0.0] * len(layers)
+        # one entry per module that applies α (the branch-final module, or its GEMM targets)
         self._hooks: list[tuple[int, str, nn.Module, torch.utils.hooks.RemovableHandle]] = []
+        # one entry per branch: (layer index, branch name, branch-final module, GEMM targets or None)
+        self._branches: list[tuple[int, str, nn.Module, tuple[tuple[str, nn.Module], ...] | None]] = []
+        # '<layer path>.<branch>' -> 'gemm' (α inside the GEMMs) or 'hook' (output hook), in attach order
+        self.mechanisms: dict[str, str] = {}
         self.removed = False
         self.model: nn.Module | None = None  # set by apply_prores / the integrations (fold_prores uses it)
+        plans = []
         for layer in layers:  # check everything before touching anything: no half-applied state
             for name in layer.branches:
-                if has_prores_hook(resolve_branch(layer.module, name)):
+                branch = resolve_branch(layer.module, name)
+                targets = self._gemm_targets(layer.module, name, branch)
+                # the branch module and every module that may carry its α (the other mechanism's choice too)
+                carriers = (
+                    branch,
+                    *(m for _, m in targets or ()),
+                    *(m for _, m in _fold_target_modules(layer.module, name)),
+                )
+                if any(has_prores_hook(m) for m in carriers):
                     raise ValueError(
                         f'ProRes is already applied to branch {name!r} of layer {layer.path!r}: '
                         'call remove() on the first controller before applying ProRes again.'
                     )
-        for layer in layers:
-            for name in layer.branches:
-                self._attach(layer, name)
+                plans.append((layer, name, branch, targets))
+        for layer, name, branch, targets in plans:
+            self._attach(layer, name, branch, targets)
+        self._log_mechanisms()
         if self._warmup_steps is not None:
             self.set_step(0)
 
@@ -235,7 +290,7 @@ class ProResController:
         if self.removed:
             return 0
         moved = 0
-        for k, (layer_idx, name, module, handle) in enumerate(list(self._hooks)):
+        for k, (layer_idx, name, branch, targets) in enumerate(list(self._branches)):
             layer = self.layers[layer_idx]
             try:
                 current = resolve_branch(layer.module, name)
@@ -244,12 +299,19 @@ class ProResController:
                     f'branch {name!r} of layer {layer.path!r} disappeared after another algorithm modified the '
                     f'model; name the new branch module in `branches`.'
                 ) from None
-            if current is not module:
-                handle.remove()
-                make_alpha_inert(module)  # never delete an α buffer (see `remove`)
-                self._hooks[k] = self._make_hook(layer_idx, name, current)
-                _set_module_alpha(current, self._hooks[k][3], self._alphas[layer_idx])
-                moved += 1
+            stale = current is not branch or any(_submodule(layer.module, n) is not m for n, m in targets or ())
+            if not stale:
+                continue
+            for entry in [e for e in self._hooks if e[0] == layer_idx and e[1] == name]:
+                entry[3].remove()
+                make_alpha_inert(entry[2])  # never delete an α buffer (see `remove`)
+                self._hooks.remove(entry)
+            new_targets = self._gemm_targets(layer.module, name, current)
+            self._branches[k] = self._attach(layer, name, current, new_targets, record=False)
+            for idx, n, module, handle in self._hooks:
+                if idx == layer_idx and n == name:
+                    _set_module_alpha(module, handle, self._alphas[layer_idx])
+            moved += 1
         return moved
 
     def remove(self) -> None:
@@ -267,6 +329,7 @@ class ProResController:
             handle.remove()
             make_alpha_inert(module)
         self._hooks.clear()
+        self._branches.clear()
         self.removed = True
 
     def ensure_fp32(self) -> None:
@@ -281,11 +344,13 @@ class ProResController:
 
     @property
     def num_hooks(self) -> int:
-        return len(self._hooks)
+        """How many branches are scaled now (by either mechanism; 0 once removed)."""
+        return len(self._branches)
 
     def scaled_branches(self) -> list[tuple[ResidualLayer, str, nn.Module, float]]:
-        """Every branch this controller scales now: (its layer, the branch name, the branch-final module,
-        its current α). Empty once the hooks are removed. `prores_algo.export.fold_prores` reads this."""
+        """Every module this controller scales now: (its layer, the branch name, the module applying α: the
+        branch-final module or a GEMM target standing in for it, several for an MoE block, its current α).
+        Empty once the hooks are removed. `prores_algo.export.fold_prores` reads this."""
         return [(self.layers[idx], name, module, self._alphas[idx]) for idx, name, module, _ in self._hooks]
 
     # --- internals ---------------------------------------------------------------------------------
@@ -294,7 +359,7 @@ class ProResController:
             raise RuntimeError('t_warmup is not resolved yet (it is set at Event.FIT_START for dur fractions)')
         return self._warmup_steps
 
-    def _make_hook(self, layer_idx: int, name: str, module: nn.Module):
+    def _make_hook(self, layer_idx: int, name: str, module: nn.Module, gemm: bool = False):
         if has_prores_hook(module):
             raise ValueError(
                 f'ProRes is already applied to {type(module).__name__} {name!r} of layer '
@@ -305,26 +370,50 @@ class ProResController:
         if leftover is not None and leftover.dim() == 0 and leftover.dtype == torch.float32:
             # the inert α a previous remove() left: reuse it, so a wrapper's view of the buffers stays the same
             leftover.fill_(0.0)
-            return layer_idx, name, module, self._scale(module)
+            return layer_idx, name, module, self._scale(module, gemm)
         # A dropout branch end (GPT-2, NeoX, BERT, MPT) owns no tensor: fall back to the layer's device.
         layer = self.layers[layer_idx].module
         device = next((t.device for m in (module, layer) for t in (*m.parameters(), *m.buffers())), torch.device('cpu'))
         # float32 so that α = 0 and α = 1 are exact and intermediate α keep full precision;
         # persistent=False keeps it out of state_dict.
         module.register_buffer(ALPHA_BUFFER, torch.zeros((), dtype=torch.float32, device=device), persistent=False)
-        return layer_idx, name, module, self._scale(module)
+        return layer_idx, name, module, self._scale(module, gemm)
 
-    def _scale(self, module: nn.Module):
-        """Start scaling `module`'s output by its α: inside the GEMMs of an nn.Linear (mechanism 'auto': no
-        activation-sized traffic, see scaled_linear) or by a forward hook (every other branch end)."""
-        if self.mechanism == 'auto' and can_scale_in_gemm(module):
+    @staticmethod
+    def _scale(module: nn.Module, gemm: bool):
+        """Start scaling `module`'s output by its α: inside its GEMMs (no activation-sized traffic, see
+        scaled_linear) or by a forward hook."""
+        if gemm:
             install_scaled_forward(module, 0.0)  # the buffer was just zeroed too; reading it back would sync
             return _ScaledForwardHandle(module)
         return module.register_forward_hook(_scale_branch_output)
 
-    def _attach(self, layer: ResidualLayer, name: str) -> None:
-        module = resolve_branch(layer.module, name)
-        self._hooks.append(self._make_hook(layer.index, name, module))
+    def _gemm_targets(self, layer: nn.Module, name: str, branch: nn.Module):
+        if self.mechanism != 'auto':
+            return None
+        found = gemm_targets(layer, name, branch)
+        return None if found is None else tuple(found)
+
+    def _attach(self, layer: ResidualLayer, name: str, branch: nn.Module, targets, record: bool = True):
+        if targets is None:
+            self._hooks.append(self._make_hook(layer.index, name, branch))
+        else:
+            for _, module in targets:
+                self._hooks.append(self._make_hook(layer.index, name, module, gemm=True))
+        entry = (layer.index, name, branch, targets)
+        if record:
+            self._branches.append(entry)
+        self.mechanisms[f'{layer.path}.{name}'.lstrip('.')] = 'hook' if targets is None else 'gemm'
+        return entry
+
+    def _log_mechanisms(self) -> None:
+        hooked = [p for p, m in self.mechanisms.items() if m == 'hook']
+        n = len(self.mechanisms)
+        msg = f'ProRes: α inside the GEMMs for {n - len(hooked)} of {n} residual branches'
+        if hooked:
+            shown = ', '.join(hooked[:4]) + (', ...' if len(hooked) > 4 else '')
+            msg += f'; output hook for {len(hooked)} ({shown})'
+        log.info(msg)
 
     def _fill(self, layer_idx: int, value: float) -> None:
         for idx, _, module, handle in self._hooks:
@@ -361,9 +450,10 @@ def apply_prores(
             paths), when the model is not in `prores_algo.policies.LAYER_POLICIES`.
         branches: dotted names, inside each layer, of the modules whose output enters the residual add.
         remove_when_done: remove the hooks as soon as `set_step(t)` sees t >= W (α buffers stay, inert 1.0).
-        mechanism: 'auto' (default) applies α inside the matrix multiplies of branches that end in an
-            `nn.Linear` (no activation-sized memory traffic, `prores_algo.scaled_linear`) and by an output
-            hook elsewhere; 'hook' uses the output hook everywhere.
+        mechanism: 'auto' (default) applies α inside the matrix multiplies of the projection that produces
+            each branch (nn.Linear, Conv1D, FalconLinear; through a dropout or an MoE block's expert sum via
+            `policies.FOLD_TARGETS`): no activation-sized memory traffic, `prores_algo.scaled_linear`; an
+            output hook elsewhere. 'hook' uses the output hook everywhere. `controller.mechanisms` tells which.
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """

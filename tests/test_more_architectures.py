@@ -130,6 +130,20 @@ def gptj(layer, x, kw, a):
     return x + a * attn + a * layer.mlp(n)
 
 
+def olmo2(layer, x, kw, a):
+    """Post-norm inside the branch: h = x + α·post_ln(attn(x)); out = h + α·post_ff_ln(mlp(h))."""
+    h = x + a * layer.post_attention_layernorm(layer.self_attn(hidden_states=x, **_attn_kwargs(kw))[0])
+    return h + a * layer.post_feedforward_layernorm(layer.mlp(h))
+
+
+def mpt(layer, x, kw, a):
+    """transformers' MptBlock: h = x + α·attn(norm_1(x)); out = h + α·down_proj(act(up_proj(norm_2(h))))."""
+    attn = layer.attn(layer.norm_1(x), position_bias=kw['position_bias'], attention_mask=kw['attention_mask'])[0]
+    h = x + a * attn
+    ffn = layer.ffn
+    return h + a * ffn.down_proj(ffn.act(ffn.up_proj(layer.norm_2(h))))
+
+
 # family id -> (model class, config class, config kwargs, layer class name, manual forward)
 CASES = {
     'gemma': (T.GemmaForCausalLM, T.GemmaConfig, _base(head_dim=8), 'GemmaDecoderLayer', llama_like),
@@ -213,6 +227,23 @@ CASES = {
         ),
         'Qwen2MoeDecoderLayer',
         llama_like,
+    ),
+    'olmo': (T.OlmoForCausalLM, T.OlmoConfig, _base(), 'OlmoDecoderLayer', llama_like),
+    'olmo2': (T.Olmo2ForCausalLM, T.Olmo2Config, _base(), 'Olmo2DecoderLayer', olmo2),
+    'starcoder2': (
+        T.Starcoder2ForCausalLM,
+        T.Starcoder2Config,
+        _base(use_bias=True),
+        'Starcoder2DecoderLayer',
+        llama_like,
+    ),
+    # transformers' own MPT (not llm-foundry's MPTBlock): ALiBi, no norm biases
+    'mpt': (
+        T.MptForCausalLM,
+        T.MptConfig,
+        dict(d_model=32, n_heads=4, n_layers=3, expansion_ratio=4, max_seq_len=64, vocab_size=VOCAB),
+        'MptBlock',
+        mpt,
     ),
 }
 

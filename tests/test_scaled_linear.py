@@ -132,3 +132,46 @@ def test_compiled_no_recompile_when_alpha_changes():
         set_scaled_alpha(lin, a)
         torch.testing.assert_close(compiled(x), (x @ lin.weight.t() + lin.bias) * a)
     assert counter.frame_count == 1
+
+
+def _conv1d_and_falcon():
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(8, 16)  # nf = 8 outputs, nx = 16 inputs: weight stored (16, 8)
+    with torch.no_grad():
+        conv.bias.normal_()
+    return [conv, FalconLinear(16, 8, bias=True), FalconLinear(16, 8, bias=False)]
+
+
+@pytest.mark.parametrize('which', [0, 1, 2], ids=['conv1d', 'falcon_linear', 'falcon_linear_no_bias'])
+@pytest.mark.parametrize('alpha', [0.0, 0.37, 1.0])
+def test_conv1d_and_falcon_linear_scaled_like_their_own_forward(which, alpha):
+    """transformers' Conv1D (addmm(b, x, W), W stored (in, out)) and FalconLinear (x @ Wᵀ + b) take α in
+    their GEMMs: output and every gradient equal α times the class's own forward (bitwise at α = 1)."""
+    module = _conv1d_and_falcon()[which]
+    ref = copy.deepcopy(module)
+    assert can_scale_in_gemm(module)
+    install_scaled_forward(module, alpha)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    got, want = _fwd_bwd(module, x), _fwd_bwd(ref, x, alpha)
+    for g, w, what in zip(got, want, ('output', 'grad x', 'grad W', 'grad b')):
+        if w is None:
+            continue
+        if alpha == 1.0:
+            assert torch.equal(g, w), what
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=what)
+    uninstall_scaled_forward(module)
+    assert torch.equal(module(x), ref(x))
+
+
+def test_subclass_overriding_forward_of_a_known_class_is_not_scaled():
+    from transformers.pytorch_utils import Conv1D
+
+    class QuantConv1D(Conv1D):
+        def forward(self, x):
+            return super().forward(x).round()
+
+    assert not can_scale_in_gemm(QuantConv1D(4, 4)) and not can_scale_in_gemm(nn.Dropout())
