@@ -536,6 +536,8 @@ def main(argv=None) -> int:
             'num_params': on.num_params(),
             'flops_per_token': on.flops_per_token(args.seq_len),
             'alphas_at_start': runner.models['gemm']['ctrl'].alphas,
+            # which branches the default mechanism scales inside a GEMM ('gemm') or by the output hook
+            'mechanisms': getattr(runner.models['gemm']['ctrl'], 'mechanisms', None),
         }
         print(
             f'model: {on.num_params() / 1e6:.1f}M params, {args.batch}x{args.seq_len} tokens/step, '

@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     spls = [float(x) for x in args.spl.split(',')]
     seeds = [int(x) for x in args.seeds.split(',')]
     deadline = time.time() + args.budget_s
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ('--out',)]
+    # every setting goes to the workers explicitly (the smoke sizes already applied), the output path does not
+    forwarded = [f'--{k}={v}' for k, v in vars(args).items() if k not in ('smoke', 'out', 'worker', 'deadline')]
+    forwarded += ['--smoke'] if args.smoke else []
     env = {**os.environ, 'PYTHONPATH': f'{ROOT}{os.pathsep}{os.environ.get("PYTHONPATH", "")}'}
     if args.smoke:
         env['OMP_NUM_THREADS'] = '1'
