@@ -4,12 +4,14 @@ The model, optimizer, LR schedule, ProRes, data and checkpoint settings are a `T
 `prores-train` reads (`prores_algo.config`); `DSOptions` holds what only this loop has (its DeepSpeed
 JSON, micro-batch checks, ZeRO init, synthetic-data sizes, logging). They come from
 
-  * a YAML: `--config YAML key=value ...` goes through `load_config`, as for `prores-train`;
+  * a YAML: `--config YAML key=value ...` goes through `load_config` and the name / key checks of
+    `prores-train` (`check_keys`); a flag that would set a TrainConfig field is refused (`ds_cli`);
   * the flat flags (`--n_layers 4 --steps 20 ...`) or the flat dict of `ds_train.train(dict)`:
     `from_flat` maps them onto the same two objects (the one place that knows the flat names).
 
 `resolve(config)` is the loop's view of a `TrainConfig`: what `prores_algo.recipe` builds from it, with
-every time turned into optimizer steps, after refusing what the loop cannot honour.
+every time turned into optimizer steps, after refusing what the loop cannot honour. `checked_ds_config`
+checks the DeepSpeed JSON against it. Every mistake is a one-line `ConfigError`.
 """
 
 from __future__ import annotations
