@@ -142,6 +142,12 @@ def parser() -> argparse.ArgumentParser:
         '--t_warmup', type=float, default=d['t_warmup'], help='W in optimizer steps (default 1000 x n_layers)'
     )
     g.add_argument('--no_prores', dest='prores', action='store_false')
+    _loop_flags(p)
+    return p
+
+
+def _loop_flags(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
     g = p.add_argument_group('ZeRO')
     g.add_argument('--require_stage3', action='store_true')
     g.add_argument(
@@ -178,4 +184,3 @@ def parser() -> argparse.ArgumentParser:
         help='the summary lists a CRC-32 of every sample each rank trained on, per step',
     )
     g.add_argument('--verbose', action='store_true', help='keep DeepSpeed INFO logs')
-    return p
