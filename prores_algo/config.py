@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-__all__ = ['TrainConfig', 'load_config', 'ConfigError', 'check_kwargs']
+__all__ = ['TrainConfig', 'load_config', 'ConfigError', 'check_kwargs', 'one_line', 'report']
 
 
 class ConfigError(ValueError):
@@ -197,13 +197,15 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f'config file {str(path)!r} not found: pass the path of a YAML under yamls/')
+        _check_yaml_file(path)
         try:
             cfg = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError and OmegaConf errors: point at the file
-            raise ConfigError(f'{path}: not valid YAML: {e}') from None
+            raise ConfigError(f'{path}: not valid YAML: {one_line(e)}') from None
         if not isinstance(cfg, DictConfig):
             raise ConfigError(
-                f'{path}: the top level of the YAML must be a mapping of keys (e.g. `max_duration: 600ba`)'
+                f'{path}: not a YAML config: the top level of the YAML must be a mapping of keys '
+                '(e.g. `max_duration: 600ba`)'
             )
     else:
         cfg = OmegaConf.create(data or {})
@@ -214,13 +216,51 @@ def load_config(
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
         raw = OmegaConf.to_container(cfg, resolve=True)
     except (OmegaConfBaseException, TypeError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f'{path or "config"}: {_culprit(cfg, overrides)}{e}') from None
+        raise ConfigError(f'{path or "config"}: {_culprit(cfg, overrides)}{one_line(e)}') from None
     if not isinstance(raw, dict):
         raise ConfigError(f'{path}: the top level of the YAML must be a mapping of keys')
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, str(path or 'config'))) from None
+
+
+_NOT_YAML_SUFFIXES = ('.py', '.pyc', '.pyw', '.pyi', '.ipynb', '.sh', '.pt', '.bin', '.safetensors', '.zip', '.gz')
+
+
+def _check_yaml_file(path: Path) -> None:
+    """Refuse what is not a YAML config before parsing it: source code (which YAML may read as one odd key)
+    and binary files."""
+    hint = 'pass a training YAML, e.g. yamls/quickstart.yaml'
+    if path.suffix.lower() in _NOT_YAML_SUFFIXES:
+        raise ConfigError(f'{path}: not a YAML config (a {path.suffix} file): {hint}')
+    if not _is_text(path.read_bytes()[:65536]):
+        raise ConfigError(f'{path}: not a YAML config (binary content, not UTF-8 text): {hint}')
+
+
+def _is_text(head: bytes) -> bool:
+    import codecs
+
+    if b'\0' in head:
+        return False
+    try:  # incremental: a character cut at the end of the read is not an error
+        codecs.getincrementaldecoder('utf-8')().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (YAML and OmegaConf messages span several)."""
+    return ' '.join(part.strip() for part in str(error).splitlines() if part.strip())
+
+
+def report(error: BaseException) -> int:
+    """How both training entries report a user's mistake: one line on stderr, exit status 2."""
+    import sys
+
+    print(f'config error: {one_line(error)}', file=sys.stderr)
+    return 2
 
 
 def _culprit(cfg, overrides) -> str:

@@ -4,28 +4,31 @@ The model, optimizer, LR schedule, ProRes, data and checkpoint settings are a `T
 `prores-train` reads (`prores_algo.config`); `DSOptions` holds what only this loop has (its DeepSpeed
 JSON, micro-batch checks, ZeRO init, synthetic-data sizes, logging). They come from
 
-  * a YAML: `--config YAML key=value ...` goes through `load_config`, as for `prores-train`;
+  * a YAML: `--config YAML key=value ...` goes through `load_config` and the name / key checks of
+    `prores-train` (`check_keys`); a flag that would set a TrainConfig field is refused (`ds_cli`);
   * the flat flags (`--n_layers 4 --steps 20 ...`) or the flat dict of `ds_train.train(dict)`:
     `from_flat` maps them onto the same two objects (the one place that knows the flat names).
 
 `resolve(config)` is the loop's view of a `TrainConfig`: what `prores_algo.recipe` builds from it, with
-every time turned into optimizer steps, after refusing what the loop cannot honour.
+every time turned into optimizer steps, after refusing what the loop cannot honour. `checked_ds_config`
+checks the DeepSpeed JSON against it. Every mistake is a one-line `ConfigError`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
+import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from prores_algo import recipe
-from prores_algo.config import ConfigError, TrainConfig, load_config
+from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
 from prores_algo.timing import to_steps, whole_steps
 
 if TYPE_CHECKING:
     from prores_algo.models.decoder import DecoderConfig
 
-__all__ = ['DSOptions', 'DEFAULTS', 'DEFAULT_LR', 'from_flat', 'from_yaml', 'StepPlan', 'resolve', 'parser']
+__all__ = ['DSOptions', 'DEFAULTS', 'DEFAULT_LR', 'from_flat', 'from_yaml', 'StepPlan', 'resolve', 'checked_ds_config']
 
 DEFAULT_LR = 1e-3  # the peak LR when neither the config nor the DeepSpeed JSON gives one
 
@@ -101,11 +104,11 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
     """The flat options (DEFAULTS' keys; missing ones take their default) as a TrainConfig + DSOptions."""
     unknown = set(cfg) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f'unknown ds_train option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}')
+        raise ConfigError(f'unknown ds_train option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}')
     f = {**DEFAULTS, **cfg}
     steps = int(f['steps'])
     if steps < 1:
-        raise ValueError(f'steps must be >= 1, got {steps}')
+        raise ConfigError(f'steps must be >= 1, got {steps}')
     model = {
         'name': 'reference',
         'vocab_size': f['vocab'],
@@ -126,7 +129,7 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
         if f['t_warmup'] is not None:
             algorithms['prores']['t_warmup'] = f['t_warmup']
     elif delay != '0ba':
-        raise ValueError(
+        raise ConfigError(
             f'lr_warmup_delay={f["lr_warmup_delay"]!r} delays the LR warmup for ProRes '
             '(algorithms.prores.lr_warmup_delay): it needs ProRes on'
         )
@@ -159,6 +162,7 @@ def from_yaml(
     """`--config YAML key=value ...`: the YAML through `load_config` (as prores-train reads it), DSOptions
     from the flags. `--autoresume` and `--local_cache`, when given, win over the YAML."""
     config = load_config(path, overrides)
+    check_keys(config)
     flags = {**DEFAULTS, **(flags or {})}
     update: dict[str, Any] = {}
     if flags['autoresume']:  # else the YAML's
@@ -166,6 +170,114 @@ def from_yaml(
     if flags['local_cache'] is not None:
         update['data'] = config.data.model_copy(update={'local_cache': flags['local_cache']})
     return config.model_copy(update=update), DSOptions(**{k: flags[k] for k in _OPTION_KEYS})
+
+
+def check_keys(config: TrainConfig) -> None:
+    """The names and keys under `algorithms` and `scheduler`, checked by prores-train's own checks (the same
+    'did you mean' messages). A scheduler name only this loop knows (e.g. `linear_decay_with_warmup`) is
+    checked against the arguments of its schedules (`lr_lambda_from`)."""
+    from prores_algo import train as composer_entry
+    from prores_algo.lr_schedules import LR_SCHEDULES, lr_lambda_from
+
+    table = composer_entry.ALGORITHMS()
+    for name, kwargs in config.algorithms.items():
+        composer_entry.named_class('algorithms', table, name, dict(kwargs or {}))
+    schedule = recipe.lr_schedule(config)
+    if schedule is None:
+        return
+    table = composer_entry.SCHEDULERS()
+    if schedule.name in table or str(schedule.name).lower() not in LR_SCHEDULES:
+        composer_entry.scheduler_class(schedule, table)
+    else:  # a name only this loop knows
+        check_kwargs(f'scheduler ({schedule.name})', lr_lambda_from, schedule.kwargs, skip=_LOOP_ARGS)
+
+
+_LOOP_ARGS = ('schedule', 'max_steps', 'lr_warmup_delay')
+# what the loop takes of `algorithms.prores` and `scheduler` (the rest must be absent or at its default)
+_PRORES_TAKEN = ('schedule', 't_warmup', 'lr_warmup_delay', 'log_interval')
+_PRORES_DEFAULTS = {'layer_class': None, 'branches': None, 'layer_pattern': None, 'remove_when_done': True}
+_SCHEDULER_TAKEN = ('t_warmup', 't_decay', 'alpha_f')
+
+
+def _refuse_untaken(config: TrainConfig) -> None:
+    """Keys the schema allows but this loop does not apply: refused rather than silently dropped."""
+    prores = {k: v for k, v in (config.algorithms.get('prores') or {}).items() if k not in _PRORES_TAKEN}
+    untaken = sorted(k for k, v in prores.items() if k not in _PRORES_DEFAULTS or v != _PRORES_DEFAULTS[k])
+    if untaken:
+        raise ConfigError(
+            f'algorithms.prores: the DeepSpeed loop does not take {untaken} (it finds the layers of the reference '
+            f'decoder itself and takes {list(_PRORES_TAKEN)}): remove them'
+        )
+    schedule = recipe.lr_schedule(config)
+    untaken = sorted(set(schedule.kwargs) - set(_SCHEDULER_TAKEN)) if schedule is not None else []
+    if untaken:
+        raise ConfigError(
+            f'scheduler ({schedule.name}): the DeepSpeed loop does not take {untaken} (its LR schedules take '
+            f'{list(_SCHEDULER_TAKEN)}): remove them'
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# the DeepSpeed JSON, checked against the config
+# ---------------------------------------------------------------------------------------------------
+def _load_ds_config(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f'deepspeed_config must be a dict or the path of a DeepSpeed JSON file, got {value!r}')
+    if not os.path.isfile(value):
+        raise ConfigError(
+            f'deepspeed_config: file {str(value)!r} does not exist: pass the path of a DeepSpeed JSON, '
+            'e.g. --deepspeed_config yamls/deepspeed/zero3.json'
+        )
+    try:
+        with open(value) as f:
+            ds_config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f'deepspeed_config: {str(value)!r} is not valid JSON ({e})') from None
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f'deepspeed_config: {str(value)!r} must hold a JSON object {{"key": value, ...}}')
+    return ds_config
+
+
+def checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dict, float]:
+    """The JSON checked against the config, batch keys filled; and the peak LR."""
+    from prores_algo.integrations.deepspeed import check_deepspeed_config
+
+    ds_config = check_deepspeed_config(
+        _load_ds_config(opts.deepspeed_config),
+        train_micro_batch_size_per_gpu=opts.micro_batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        world_size=world,
+        require_stage3=opts.require_stage3,
+    )
+    if 'scheduler' in ds_config:
+        raise ConfigError(
+            'DeepSpeed config `scheduler` is set, but this loop builds the LR schedule itself '
+            '(lr_schedule / lr_warmup / lr_decay / lr_warmup_delay): remove "scheduler" from the JSON.'
+        )
+    lr_cfg = plan.optimizer.lr
+    json_opt = ds_config.get('optimizer')
+    if json_opt is not None:
+        json_lr = (json_opt.get('params') or {}).get('lr')
+        if lr_cfg is not None and json_lr is not None and float(json_lr) != float(lr_cfg):
+            raise ConfigError(
+                f'DeepSpeed config `optimizer.params.lr` = {json_lr} but lr = {lr_cfg}: set one of '
+                'them (or make them equal).'
+            )
+        lr = float(json_lr if json_lr is not None else lr_cfg or DEFAULT_LR)
+    else:
+        lr = float(lr_cfg if lr_cfg is not None else DEFAULT_LR)
+    micro = ds_config.setdefault('train_micro_batch_size_per_gpu', 1)
+    accum = ds_config.setdefault('gradient_accumulation_steps', 1)
+    ds_config.setdefault('train_batch_size', micro * accum * world)
+    if plan.global_train_batch_size is not None and plan.global_train_batch_size != ds_config['train_batch_size']:
+        raise ConfigError(
+            f"the YAML's global_train_batch_size={plan.global_train_batch_size} conflicts with the DeepSpeed config "
+            f'(train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={accum} x {world} processes = '
+            f'{ds_config["train_batch_size"]}): make them agree in the JSON or the YAML'
+        )
+    return ds_config, lr
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,9 +340,10 @@ def resolve(config: TrainConfig) -> StepPlan:
             f'algorithms: {sorted(unknown_algos)} are Composer algorithms; the DeepSpeed loop runs '
             'only prores (clipping comes from the DeepSpeed JSON `gradient_clipping`)'
         )
+    _refuse_untaken(config)
     steps = whole_steps(config.max_duration, 'max_duration')
     if steps < 1:
-        raise ValueError(f'steps must be >= 1, got {steps}')
+        raise ConfigError(f'steps must be >= 1, got {steps}')
     prores = recipe.prores(config)
     sched = recipe.lr_schedule(config)
     return StepPlan(
@@ -263,98 +376,3 @@ def resolve(config: TrainConfig) -> StepPlan:
 def _warmup_steps(value: Any, field: str, max_steps: int) -> float:
     """ProRes' W in optimizer steps, kept exact as the Composer algorithm and the HF callback keep it."""
     return to_steps(value, field, max_steps)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the command line
-# ---------------------------------------------------------------------------------------------------
-def _time_arg(value: str):
-    return int(value) if value.lstrip('+-').isdigit() else value
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog='python -m prores_algo.ds_train',
-        description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.',
-    )
-    d = DEFAULTS
-    p.add_argument('--deepspeed_config', default=d['deepspeed_config'], help='DeepSpeed JSON (default: %(default)s)')
-    p.add_argument('--local_rank', type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument(
-        '--config',
-        default=None,
-        help='a training YAML (as for prores-train); key=value overrides may '
-        'follow; model/data/optimizer/scheduler/ProRes then come from it',
-    )
-    p.add_argument('overrides', nargs='*', help='key=value overrides of --config')  # passed by the deepspeed launcher
-    g = p.add_argument_group('model')
-    for k in ('n_layers', 'd_model', 'n_heads', 'seq_len', 'vocab'):
-        g.add_argument(f'--{k}', type=int, default=d[k])
-    g.add_argument('--d_ffn', type=int, default=d['d_ffn'], help='FFN width (default: 8/3 x d_model, rounded)')
-    g.add_argument('--norm', default=d['norm'], choices=('pre', 'post', 'sandwich', 'deepnorm', 'lns'))
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--steps', type=int, default=d['steps'], help='total optimizer steps (max duration)')
-    g.add_argument(
-        '--lr', type=float, default=d['lr'], help=f'peak LR (default {DEFAULT_LR}, or the JSON optimizer lr)'
-    )
-    g.add_argument('--weight_decay', type=float, default=d['weight_decay'])
-    g.add_argument('--lr_schedule', default=d['lr_schedule'], help='wsd | linear | cosine | constant')
-    g.add_argument('--lr_warmup', type=_time_arg, default=d['lr_warmup'], help='steps, "Nba" or "Xdur"')
-    g.add_argument('--lr_decay', type=_time_arg, default=d['lr_decay'], help='WSD decay length')
-    g.add_argument('--alpha_f', type=float, default=d['alpha_f'])
-    g.add_argument('--lr_warmup_delay', type=_time_arg, default=d['lr_warmup_delay'])
-    g.add_argument(
-        '--micro_batch_size',
-        type=int,
-        default=d['micro_batch_size'],
-        help='must agree with the JSON train_micro_batch_size_per_gpu (fills it if absent/"auto")',
-    )
-    g.add_argument(
-        '--grad_accum',
-        type=int,
-        default=d['grad_accum'],
-        help='must agree with the JSON gradient_accumulation_steps (fills it if absent/"auto")',
-    )
-    g = p.add_argument_group('ProRes')
-    g.add_argument('--schedule', default=d['schedule'], help="ProRes schedule, or 'none' for a baseline")
-    g.add_argument(
-        '--t_warmup', type=float, default=d['t_warmup'], help='W in optimizer steps (default 1000 x n_layers)'
-    )
-    g.add_argument('--no_prores', dest='prores', action='store_false')
-    g = p.add_argument_group('ZeRO')
-    g.add_argument('--require_stage3', action='store_true')
-    g.add_argument(
-        '--no_zero_init',
-        dest='zero_init',
-        action='store_false',
-        help='do not build the model under deepspeed.zero.Init',
-    )
-    g = p.add_argument_group('data and loop')
-    g.add_argument('--data', default=None, help='folder/URL of MDS shards (prores_algo.data); default: synthetic')
-    g.add_argument(
-        '--local_cache',
-        default=None,
-        help='with a URL --data: where this node caches the shards (default: a folder under the temp dir)',
-    )
-    g.add_argument('--num_samples', type=int, default=None, help='synthetic train samples (default: one epoch)')
-    g.add_argument('--eval_samples', type=int, default=d['eval_samples'])
-    g.add_argument('--seed', type=int, default=d['seed'])
-    g.add_argument('--eval_every', type=int, default=d['eval_every'], help='0: only at the end')
-    g.add_argument('--save_dir', default=None)
-    g.add_argument('--save_interval', type=int, default=d['save_interval'], help='0: only at the end')
-    g.add_argument('--load_dir', default=None)
-    g.add_argument('--load_tag', default=None)
-    g.add_argument(
-        '--autoresume',
-        action='store_true',
-        help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)",
-    )
-    g.add_argument('--summary', default=None, help="JSON summary path (rank 0; '{rank}' in it: every rank)")
-    g.add_argument('--log_every', type=int, default=d['log_every'])
-    g.add_argument(
-        '--record_samples',
-        action='store_true',
-        help='the summary lists a CRC-32 of every sample each rank trained on, per step',
-    )
-    g.add_argument('--verbose', action='store_true', help='keep DeepSpeed INFO logs')
-    return p

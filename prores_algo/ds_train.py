@@ -44,13 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from prores_algo import recipe, schedules
-from prores_algo.config import ConfigError, TrainConfig
+from prores_algo.config import ConfigError, TrainConfig, report
+from prores_algo.ds_cli import parse
 from prores_algo.ds_data import SyntheticTokens, loaders, micro_batches
-from prores_algo.ds_settings import DEFAULT_LR, DEFAULTS, DSOptions, StepPlan, from_flat, from_yaml, parser, resolve
+from prores_algo.ds_settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
 from prores_algo.integrations.deepspeed import (
     attach_prores,
     check_checkpoint,
-    check_deepspeed_config,
     load_checkpoint,
     lr_scheduler_factory,
     save_checkpoint,
@@ -118,53 +118,6 @@ def _partition_stats(engine) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the DeepSpeed JSON and distributed setup
 # ---------------------------------------------------------------------------------------------------
-def _load_ds_config(value) -> dict:
-    if isinstance(value, dict):
-        return value
-    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
-        raise ValueError(f'deepspeed_config must be a dict or the path of a DeepSpeed JSON file, got {value!r}')
-    with open(value) as f:
-        return json.load(f)
-
-
-def _checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dict, float]:
-    """The JSON checked against the config, batch keys filled; and the peak LR."""
-    ds_config = check_deepspeed_config(
-        _load_ds_config(opts.deepspeed_config),
-        train_micro_batch_size_per_gpu=opts.micro_batch_size,
-        gradient_accumulation_steps=opts.grad_accum,
-        world_size=world,
-        require_stage3=opts.require_stage3,
-    )
-    if 'scheduler' in ds_config:
-        raise ValueError(
-            'DeepSpeed config `scheduler` is set, but this loop builds the LR schedule itself '
-            '(lr_schedule / lr_warmup / lr_decay / lr_warmup_delay): remove "scheduler" from the JSON.'
-        )
-    lr_cfg = plan.optimizer.lr
-    json_opt = ds_config.get('optimizer')
-    if json_opt is not None:
-        json_lr = (json_opt.get('params') or {}).get('lr')
-        if lr_cfg is not None and json_lr is not None and float(json_lr) != float(lr_cfg):
-            raise ValueError(
-                f'DeepSpeed config `optimizer.params.lr` = {json_lr} but lr = {lr_cfg}: set one of '
-                'them (or make them equal).'
-            )
-        lr = float(json_lr if json_lr is not None else lr_cfg or DEFAULT_LR)
-    else:
-        lr = float(lr_cfg if lr_cfg is not None else DEFAULT_LR)
-    micro = ds_config.setdefault('train_micro_batch_size_per_gpu', 1)
-    accum = ds_config.setdefault('gradient_accumulation_steps', 1)
-    ds_config.setdefault('train_batch_size', micro * accum * world)
-    if plan.global_train_batch_size is not None and plan.global_train_batch_size != ds_config['train_batch_size']:
-        raise ValueError(
-            f"the YAML's global_train_batch_size={plan.global_train_batch_size} conflicts with the DeepSpeed config "
-            f'(train_micro_batch_size_per_gpu={micro} x gradient_accumulation_steps={accum} x {world} processes = '
-            f'{ds_config["train_batch_size"]}): make them agree in the JSON or the YAML'
-        )
-    return ds_config, lr
-
-
 def _prores_expected(plan: StepPlan) -> dict:
     """The ProRes record a checkpoint must carry to be resumed here (unknown names fail here)."""
     if not plan.prores.enabled:
@@ -238,39 +191,17 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
         raise TypeError('train(flat_options) takes no DSOptions: they are among the flat options')
     else:
         config, opts = from_flat(cfg)
+    t_start = time.time()
+    try:
+        plan, ds_config, lr, lr_factory, load_dir = _prepare(config, opts)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # the user's settings: one-line errors
+        raise ConfigError(str(e)) from e
     if not opts.verbose:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-    t_start = time.time()
-    # Every configuration check runs before the process group exists: a bad config fails fast on every
-    # rank with the same message instead of hanging in a collective.
-    plan = resolve(config)
-    world = (
-        torch.distributed.get_world_size()
-        if torch.distributed.is_initialized()
-        else int(os.environ.get('WORLD_SIZE', '1'))
-    )
-    ds_config, lr = _checked_ds_config(plan, opts, world)
-    if plan.data_build is not None:  # shards from the YAML's data.source; file-locked, safe on every rank
-        from prores_algo.data import ensure_dataset
-
-        ensure_dataset(**plan.data_build, progress=int(os.environ.get('RANK', '0')) == 0)
-    lr_factory = lr_scheduler_factory(
-        plan.lr_schedule,
-        max_steps=plan.steps,
-        t_warmup=plan.lr_warmup,
-        t_decay=plan.lr_decay,
-        alpha_f=plan.alpha_f,
-        lr_warmup_delay=plan.lr_warmup_delay,
-    )
-    expected = _prores_expected(plan)
-    load_dir = plan.load_dir
-    if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
-        load_dir = plan.save_dir
-    if load_dir:  # refuse a resume under another ProRes configuration before building anything
-        check_checkpoint(load_dir, expected, opts.load_tag)
-
     rank, world = _init_distributed()
     engine, prores, zero_init = _build_engine(plan, opts, ds_config, lr, lr_factory)
     partition_init = _partition_stats(engine)
@@ -309,6 +240,39 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
     )
     _write_summary(out, opts.summary, rank)
     return out
+
+
+def _prepare(config: TrainConfig, opts: DSOptions):
+    """Every configuration check, before the process group exists: a bad config fails fast on every rank
+    with the same message instead of hanging in a collective. The dataset is built here (file-locked)."""
+    plan = resolve(config)
+    world = (
+        torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else int(os.environ.get('WORLD_SIZE', '1'))
+    )
+    ds_config, lr = checked_ds_config(plan, opts, world)
+    if plan.data_build is not None:  # shards from the YAML's data.source; safe on every rank
+        from prores_algo.data import ensure_dataset
+
+        try:
+            ensure_dataset(**plan.data_build, progress=int(os.environ.get('RANK', '0')) == 0)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f'data: {e}') from e
+    lr_factory = lr_scheduler_factory(
+        plan.lr_schedule,
+        max_steps=plan.steps,
+        t_warmup=plan.lr_warmup,
+        t_decay=plan.lr_decay,
+        alpha_f=plan.alpha_f,
+        lr_warmup_delay=plan.lr_warmup_delay,
+    )
+    load_dir = plan.load_dir
+    if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
+        load_dir = plan.save_dir
+    if load_dir:  # refuse a resume under another ProRes configuration before building anything
+        check_checkpoint(load_dir, _prores_expected(plan), opts.load_tag)
+    return plan, ds_config, lr, lr_factory, load_dir
 
 
 class _Loop:
@@ -435,17 +399,12 @@ def _write_summary(out: dict, path: Optional[str], rank: int) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    args = vars(parser().parse_args(argv))
-    args.pop('local_rank', None)
-    path, overrides = args.pop('config'), args.pop('overrides')
-    if path is None and overrides:
-        raise SystemExit(f'key=value overrides {overrides} need --config YAML')
+    """The CLI (`prores_algo.ds_cli`): a user's mistake is one line on stderr and exit status 2."""
     try:
-        config, options = from_yaml(path, overrides, args) if path is not None else from_flat(args)
+        config, options = parse(argv)
         summary = train(config, options)
     except ConfigError as e:  # as prores-train reports it
-        print(f'config error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     finally:
         if torch.distributed.is_initialized():
             with contextlib.suppress(Exception):

@@ -17,9 +17,10 @@ from typing import Any, Optional
 import torch
 
 from prores_algo import recipe
-from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
+from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
-__all__ = ['main', 'build_trainer', 'build_model', 'ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
+__all__ = ['main', 'build_trainer', 'build_model', 'named_class', 'scheduler_class']
+__all__ += ['ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
 
 
 def _snake(name: str) -> str:
@@ -91,17 +92,24 @@ def _loggers() -> dict[str, Any]:
 ALGORITHMS, SCHEDULERS, CALLBACKS, LOGGERS = _algorithms, _schedulers, _callbacks, _loggers
 
 
+def named_class(kind: str, table: dict[str, Any], name: str, kwargs: dict[str, Any]):
+    """`table[name]` once the name and every key of `kwargs` are checked (ConfigError, 'did you mean');
+    the DeepSpeed entry runs this check too."""
+    if name not in table:
+        from prores_algo.config import _suggest
+
+        raise ConfigError(f"{kind}: unknown name '{name}'{_suggest(name, table)}; available: {sorted(table)}")
+    check_kwargs(f'{kind}.{name}', table[name], kwargs)
+    return table[name]
+
+
 def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict[str, Any]]]) -> list[Any]:
     objs = []
     for name, kwargs in spec.items():
-        if name not in table:
-            from prores_algo.config import _suggest
-
-            raise ConfigError(f"{kind}: unknown name '{name}'{_suggest(name, table)}; available: {sorted(table)}")
         kwargs = dict(kwargs or {})
-        check_kwargs(f'{kind}.{name}', table[name], kwargs)
+        cls = named_class(kind, table, name, kwargs)
         try:
-            objs.append(table[name](**kwargs))
+            objs.append(cls(**kwargs))
         except (TypeError, ValueError) as e:
             raise ConfigError(f'{kind}.{name}: {e}') from None
     return objs
@@ -187,11 +195,10 @@ def _build_optimizer(cfg: TrainConfig, model):
     return DecoupledAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def _build_scheduler(cfg: TrainConfig):
-    schedule = recipe.lr_schedule(cfg)
-    if schedule is None:
-        return None
-    table = _schedulers()
+def scheduler_class(schedule: recipe.LRSchedule, table: Optional[dict[str, Any]] = None):
+    """The class of `scheduler:` once its name and keys are checked (as `named_class`; default table:
+    prores-train's schedulers)."""
+    table = _schedulers() if table is None else table
     name = schedule.name
     if name not in table:
         from prores_algo.config import _suggest
@@ -199,9 +206,15 @@ def _build_scheduler(cfg: TrainConfig):
         raise ConfigError(
             f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}"
         )
-    kwargs = schedule.kwargs
-    check_kwargs(f'scheduler ({name})', table[name], kwargs)
-    return table[name](**kwargs)
+    check_kwargs(f'scheduler ({name})', table[name], schedule.kwargs)
+    return table[name]
+
+
+def _build_scheduler(cfg: TrainConfig):
+    schedule = recipe.lr_schedule(cfg)
+    if schedule is None:
+        return None
+    return scheduler_class(schedule)(**schedule.kwargs)
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -420,8 +433,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(argv[0], argv[1:])
         run(cfg)
     except ConfigError as e:
-        print(f'config error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 
