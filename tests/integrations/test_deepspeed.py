@@ -1,9 +1,10 @@
 """DeepSpeed path: the public helper (prores_algo.integrations.deepspeed) and the thin loop (prores_algo.ds_train).
 
 The distributed tests are real: `torchrun --nproc_per_node 2` processes running DeepSpeed ZeRO-3 on CPU
-(gloo, OMP_NUM_THREADS=1). Four launches in all, each a few seconds of training on a tiny decoder
-(4 layers, d_model 32, seq 16, 8 optimizer steps); most of their wall time is interpreter + DeepSpeed
-start-up. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's small shm-comm C++ op (about
+(gloo, OMP_NUM_THREADS=1). Six launches in all: four of a few seconds of training on a tiny decoder
+(4 layers, d_model 32, seq 16, 8 optimizer steps), one that builds the decoder under zero.Init for
+every norm placement, and the DeepNorm CLI run of issue 24; most of their wall time is interpreter +
+DeepSpeed start-up. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's small shm-comm C++ op (about
 1.5 minutes, cached under ~/.cache/torch_extensions afterwards), hence the generous timeouts.
 """
 
@@ -238,8 +239,8 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
     """One process with micro 4 x accum 2 sees the same global batch per step as 2 x (micro 2 x accum 2)
     (DistributedSampler interleaves one permutation over ranks), and is built without zero.Init.
 
-    Tolerances: step 0 is a forward on identical weights (zero.Init + re-init reproduces the plain
-    build), differing only in how per-sample losses are grouped into means (4+4 vs 2+2+2+2, then a gloo
+    Tolerances: step 0 is a forward on identical weights (zero.Init reproduces the plain build
+    bitwise), differing only in how per-sample losses are grouped into means (4+4 vs 2+2+2+2, then a gloo
     all-reduce): fp32 rounding, a few 1e-8 relative (one ulp of 4.16 is 1.1e-7 relative); rel 1e-6
     allows ~10 ulps. Later steps also see gradients reduced in a different order (DeepSpeed's
     reduce-scatter over gloo vs a local sum), last-bit noise that Adam passes on: measured <= 7e-8
