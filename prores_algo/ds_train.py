@@ -55,7 +55,7 @@ from prores_algo.integrations.deepspeed import (
     lr_scheduler_factory,
     save_checkpoint,
 )
-from prores_algo.models.decoder import Decoder, RotaryEmbedding
+from prores_algo.models.decoder import Decoder
 from prores_algo.surgery import ALPHA_BUFFER
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
@@ -71,9 +71,9 @@ def build_model(
     seed; under `deepspeed.zero.Init` if `zero_init`.
 
     `Decoder.__init__` initialises its weights after its children are built; under zero.Init those
-    are already partitioned (0 elements here), so the initialisation is redone module by module with
-    the parameters gathered. The random draws happen in the same order as without zero.Init, so both
-    builds give the same weights.
+    are already partitioned (0 elements here), and `Decoder.param_init_fn` gathers each module's
+    parameters for its init (GatheredParameters, modifier_rank=0). The random draws happen in the same
+    order as without zero.Init, so both builds give the same weights, bit for bit.
     """
     plan = cfg if isinstance(cfg, StepPlan) else resolve(cfg if isinstance(cfg, TrainConfig) else from_flat(cfg)[0])
     torch.manual_seed(plan.seed)
@@ -82,15 +82,7 @@ def build_model(
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = Decoder(plan.model)
-    for module in model.modules():
-        params = list(module.parameters(recurse=False))
-        if params:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                model.param_init_fn(module)
-        elif isinstance(module, RotaryEmbedding):
-            model.param_init_fn(module)
-    return model
+        return Decoder(plan.model)
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ Defaults reproduce the paper's official code (`docs/official-code.md` lists ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -153,6 +154,29 @@ class DecoderConfig:
 def _set_init(module: nn.Module, kind: str, value: Optional[float]) -> nn.Module:
     module._init_spec = (kind, value)
     return module
+
+
+def _xavier_std(weight: torch.Tensor, gain: float) -> float:
+    """`nn.init.xavier_normal_`'s std, gain * sqrt(2 / (fan_in + fan_out)), from the parameter's full
+    shape (`ds_shape` for a ZeRO-3 partitioned parameter, whose local tensor is empty). The same float
+    expression as torch's, so `normal_(0, std)` draws bitwise what `xavier_normal_(gain)` does."""
+    shape = tuple(getattr(weight, 'ds_shape', weight.shape))
+    if len(shape) < 2:
+        raise ValueError(f'xavier init needs a weight of 2 or more dimensions, got shape {shape}')
+    receptive_field = math.prod(shape[2:])
+    fan_in, fan_out = shape[1] * receptive_field, shape[0] * receptive_field
+    return gain * math.sqrt(2.0 / float(fan_in + fan_out))
+
+
+def _gathered(params: list[nn.Parameter]):
+    """`deepspeed.zero.GatheredParameters(params, modifier_rank=0)` if any of `params` is ZeRO-3
+    partitioned (has `ds_id`, DeepSpeed's own test), else a no-op: the init then runs on the full
+    tensors on every rank (same seed, same draws) and rank 0's result is partitioned again."""
+    if not any(hasattr(p, 'ds_id') for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def _rms_norm(config: DecoderConfig, init_value: float = 1.0) -> nn.RMSNorm:
@@ -352,29 +376,39 @@ class Decoder(nn.Module):
         """Initialise the parameters/buffers `module` owns directly (not its children).
 
         Named for Composer's FSDP/meta-init hook (`obj.param_init_fn(module)`), which calls it per
-        module after `to_empty`; `init_weights()` applies it to every module.
+        module after `to_empty`; `init_weights()` applies it to every module. Parameters that
+        `deepspeed.zero.Init` has partitioned (ZeRO-3: an empty local tensor) are gathered for the
+        init (`deepspeed.zero.GatheredParameters`, modifier_rank=0), so a Decoder built under zero.Init
+        draws exactly the numbers, in the same order, of one built without it.
         """
         if isinstance(module, RotaryEmbedding):
             module.reset_parameters()
             return
         spec = getattr(module, '_init_spec', None)
+        params = list(module.parameters(recurse=False))
         if spec is None:
             # A module swapped in after construction (e.g. by another algorithm): use its own init.
-            if next(module.parameters(recurse=False), None) is not None:
+            if params:
                 if not callable(getattr(module, 'reset_parameters', None)):
                     raise RuntimeError(f'no initialisation rule for {type(module).__name__}')
-                module.reset_parameters()
+                with _gathered(params):
+                    module.reset_parameters()
             return
         kind, value = spec
         if kind == 'tied':
             return
-        if kind == 'torch':
+        with _gathered(params):
+            self._apply_init_spec(module, kind, value)
+
+    @staticmethod
+    def _apply_init_spec(module: nn.Module, kind: str, value: Optional[float]) -> None:
+        if kind == 'torch':  # PyTorch's own default (kaiming-uniform Linear, N(0, 1) embedding)
             module.reset_parameters()
             return
         if kind == 'normal':
             nn.init.normal_(module.weight, mean=0.0, std=value)
         elif kind == 'xavier':
-            nn.init.xavier_normal_(module.weight, gain=value)
+            nn.init.normal_(module.weight, mean=0.0, std=_xavier_std(module.weight, value))
         elif kind == 'const':
             nn.init.constant_(module.weight, value)
         else:

@@ -1,9 +1,10 @@
 """DeepSpeed path: the public helper (prores_algo.integrations.deepspeed) and the thin loop (prores_algo.ds_train).
 
 The distributed tests are real: `torchrun --nproc_per_node 2` processes running DeepSpeed ZeRO-3 on CPU
-(gloo, OMP_NUM_THREADS=1). Four launches in all, each a few seconds of training on a tiny decoder
-(4 layers, d_model 32, seq 16, 8 optimizer steps); most of their wall time is interpreter + DeepSpeed
-start-up. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's small shm-comm C++ op (about
+(gloo, OMP_NUM_THREADS=1). Six launches in all: four of a few seconds of training on a tiny decoder
+(4 layers, d_model 32, seq 16, 8 optimizer steps), one that builds the decoder under zero.Init for
+every norm placement, and the DeepNorm CLI run of issue 24; most of their wall time is interpreter +
+DeepSpeed start-up. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's small shm-comm C++ op (about
 1.5 minutes, cached under ~/.cache/torch_extensions afterwards), hence the generous timeouts.
 """
 
@@ -67,8 +68,8 @@ TINY = [
 ]
 
 
-def _launch(nproc: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node nproc -m prores_algo.ds_train args` from the repo root."""
+def _launch(nproc: int, args: list[str], timeout: float = 600, module: str = 'prores_algo.ds_train'):
+    """`torchrun --nproc_per_node nproc -m module args` from the repo root (a CompletedProcess)."""
     env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     cmd = [
@@ -78,7 +79,7 @@ def _launch(nproc: int, args: list[str], timeout: float = 600) -> subprocess.Com
         '--master_addr=127.0.0.1',
         f'--master_port={free_port()}',
         '-m',
-        'prores_algo.ds_train',
+        module,
         *args,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -238,8 +239,8 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
     """One process with micro 4 x accum 2 sees the same global batch per step as 2 x (micro 2 x accum 2)
     (DistributedSampler interleaves one permutation over ranks), and is built without zero.Init.
 
-    Tolerances: step 0 is a forward on identical weights (zero.Init + re-init reproduces the plain
-    build), differing only in how per-sample losses are grouped into means (4+4 vs 2+2+2+2, then a gloo
+    Tolerances: step 0 is a forward on identical weights (zero.Init reproduces the plain build
+    bitwise), differing only in how per-sample losses are grouped into means (4+4 vs 2+2+2+2, then a gloo
     all-reduce): fp32 rounding, a few 1e-8 relative (one ulp of 4.16 is 1.1e-7 relative); rel 1e-6
     allows ~10 ulps. Later steps also see gradients reduced in a different order (DeepSpeed's
     reduce-scatter over gloo vs a local sum), last-bit noise that Adam passes on: measured <= 7e-8
@@ -264,6 +265,41 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
     assert one['losses'][0] == pytest.approx(two['losses'][0], rel=1e-6, abs=0)
     assert one['losses'] == pytest.approx(two['losses'], rel=1e-5, abs=0)
     assert one['final_eval_loss'] == pytest.approx(two['final_eval_loss'], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialisation under zero.Init: every norm placement, DeepNorm's xavier init included (issue 24 §4)
+# ---------------------------------------------------------------------------------------------------
+def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
+    """One 2-process launch (tests/support/zero3_init_driver.py) builds the decoder under zero.Init for
+    every placement, ProRes on and off, gathers its initial parameters and compares them bitwise with
+    the same seed's build without ZeRO-3. DeepNorm without ProRes is the DeepNet (xavier) init, which
+    failed on the partitioned (empty, 1-D) parameters before."""
+    from prores_algo.models.decoder import NORM_PLACEMENTS
+
+    out = tmp_path / 'init_{rank}.json'
+    _ok(_launch(2, [str(out), str(ZERO3_JSON)], module='tests.support.zero3_init_driver'))
+    for s in _summaries(out, 2):
+        assert s['world_size'] == 2
+        cases = {(c['norm'], c['prores']): c for c in s['cases']}
+        assert set(cases) == {(n, p) for n in NORM_PLACEMENTS for p in (True, False)}
+        for key, c in cases.items():
+            assert c['partitioned'] and c['num_params'] > 0, key
+            assert c['differ'] == [], key
+        assert 'xavier' in cases['deepnorm', False]['kinds']  # the DeepNet init ran (plain DeepNorm)
+        assert 'xavier' not in cases['deepnorm', True]['kinds']  # official: DeepNorm + ProRes is normal()
+
+
+def test_deepnorm_zero3_cli_runs(tmp_path):
+    """The command of issue 24 §4 (2 steps instead of 4): DeepNorm, ProRes off, model under zero.Init."""
+    summary = tmp_path / 'summary_{rank}.json'
+    args = ['--deepspeed_config', str(ZERO3_JSON), '--require_stage3', '--norm', 'deepnorm', '--no_prores']
+    _ok(_launch(2, [*args, '--steps', '2', '--eval_samples', '8', '--summary', str(summary)]))
+    for s in _summaries(summary, 2):
+        assert s['zero_stage'] == 3 and s['zero_init'] and s['partition_init']['visible_numel'] == 0
+        model = s['config']['model']
+        assert model['norm'] == 'deepnorm' and model['deepnet_init'] and s['prores'] is None
+        assert len(s['losses']) == 2 and all(math.isfinite(x) for x in s['losses'])
 
 
 # ---------------------------------------------------------------------------------------------------

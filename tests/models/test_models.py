@@ -209,6 +209,27 @@ def test_deepnorm_init_and_beta():
     assert tiny('post').blocks[0].beta == 1.0
 
 
+def test_deepnorm_xavier_init_is_torch_xavier_normal_bitwise():
+    """The DeepNet init computes xavier's std from the weight's full shape (so it also works on a ZeRO-3
+    partitioned weight, see test_deepnorm_zero3_init_matches_plain_build) and draws exactly what
+    `nn.init.xavier_normal_(w, gain)` draws: same std expression, same normal_ call."""
+    model = tiny('deepnorm', d_ffn=96)
+    L = TINY['n_layers']
+    for name, gain in (
+        ('attn.q_proj', 1.0),
+        ('attn.v_proj', (8.0 * L) ** -0.25),
+        ('mlp.down_proj', (8.0 * L) ** -0.25),
+    ):
+        lin = model.blocks[1].get_submodule(name)
+        assert lin._init_spec == ('xavier', gain)
+        ref = torch.empty_like(lin.weight)
+        torch.manual_seed(5)
+        nn.init.xavier_normal_(ref, gain=gain)
+        torch.manual_seed(5)
+        model.param_init_fn(lin)
+        assert torch.equal(lin.weight, ref), name
+
+
 @pytest.mark.parametrize('tie', [False, True])
 def test_meta_device_build(tie):
     with torch.device('meta'):
