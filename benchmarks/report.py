@@ -184,11 +184,18 @@ def quality_status(q: dict) -> str:
     c = q['config']
     todo = [k for k in q['planned'] if k not in q['runs']]
     running = f' Next to run: `{todo[0]}` and after it {len(todo) - 1} more.' if todo else ''
+    cos = sorted(r['position_cosine'][-1] for r in q['runs'].values() if r.get('position_cosine') and not r['stalled'])
+    cosine = (
+        f' Trained models end at a median position cosine of {cos[len(cos) // 2]:.2f} at their last layer '
+        f'({cos[0]:.2f}–{cos[-1]:.2f} over {len(cos)} runs; 1 = collapse).'
+        if cos
+        else ''
+    )
     return (
         f'Status: **{q["status"]}**, {done} of {planned} runs measured ({hours:.1f} h of wall time with '
         f'{q["jobs"]} jobs on {q["machine"]["cpu_count"]} cores, torch {q["machine"]["torch"]}).{running} Unigram '
         f'level of the evaluated validation bytes: {c["unigram_level"]:.3f} nats; a run within '
-        f'{c["stall_margin"]} of it counts as stalled.'
+        f'{c["stall_margin"]} of it counts as stalled.{cosine}'
     )
 
 
@@ -228,7 +235,7 @@ def overhead_mechanisms(r: dict) -> str:
     b, t, sh = m['bytes'], m['timing'], m['bytes_shape']
     rows = []
     for mech, key, label in (
-        ('hook', 'prores_hook', "output hook (before 2026-11-30; `mechanism='hook'`)"),
+        ('hook', 'prores_hook', "output hook (`mechanism='hook'`)"),
         ('gemm', 'prores_gemm', 'α in the GEMMs (default)'),
     ):
         rows.append(
@@ -280,6 +287,78 @@ def sharded_memory(r: dict) -> str:
     )
 
 
+def gpu_mechanisms(r: dict) -> str:
+    """Step-time ratios of the two mechanisms on the GPU, per model and phase, with the spread over repeats."""
+    rows = []
+    for name, g in r.items():
+        for phase in ('eager', 'compiled'):
+            ph = g.get(phase)
+            if not ph or 'step_time_ratio' not in ph:
+                continue
+            spread = ph['step_time_ratio_per_repeat']
+
+            def cell(v, ph=ph, spread=spread):
+                reps = ', '.join(f'{x:.3f}' for x in spread[v])
+                return f'**{ph["step_time_ratio"][v]:.4f}** ({reps})'
+
+            graphs = ph.get('graphs_compiled_during_timed_steps')
+            rows.append(
+                [
+                    name,
+                    phase,
+                    f'{ph["off"]["median_step_s"] * 1e3:.1f}',
+                    cell('gemm'),
+                    cell('hook'),
+                    f'{ph["peak_mem_ratio"]["gemm"]:.4f}',
+                    '—' if graphs is None else str(graphs),
+                ]
+            )
+    return table(
+        [
+            'model (H200, bf16)',
+            'mode',
+            'ProRes off, ms/step',
+            'α in the GEMMs / off: median (per repeat)',
+            'output hook / off: median (per repeat)',
+            'peak memory, GEMM / off',
+            'recompiles from α updates',
+        ],
+        rows,
+    )
+
+
+def gpu_quality(r: dict) -> str:
+    c, rows = r['config'], []
+    for spl, s in r['summary'].items():
+        rows.append(
+            [
+                f'{c["layers"]} × {c["d_model"]}, seq {c["seq"]}, batch {c["batch"]}',
+                spl,
+                f'{r["runs"][next(iter(r["runs"]))]["steps"]}',
+                ', '.join(f'{b:.3f}' for b in s['baseline']),
+                ', '.join(f'{d:+.3f}' for d in s['per_seed']),
+                delta(s),
+                ci(s),
+                f'{s["wins"]}/{s["n"]}',
+                f'**{s["verdict"]}**',
+            ]
+        )
+    return table(
+        [
+            'model',
+            'W / L',
+            'steps',
+            'baseline val loss per seed',
+            'Δ per seed',
+            'Δ (mean ± SE)',
+            'bootstrap 95% CI',
+            'seeds ahead',
+            'verdict',
+        ],
+        rows,
+    )
+
+
 GENERATORS = {
     'quality-status': ('quality', quality_status),
     'quality-answer': ('quality', quality_answer),
@@ -289,6 +368,13 @@ GENERATORS = {
     'overhead': ('overhead', overhead_table),
     'overhead-mechanisms': ('overhead', overhead_mechanisms),
     'sharded-memory': ('sharded_memory', sharded_memory),
+    'gpu-mechanisms': ('gpu_mechanisms', gpu_mechanisms),
+    'gpu-quality': ('gpu_quality', gpu_quality),
+}
+# the GPU measurements committed from the occasional GPU machine (benchmarks/gpu_session.sh)
+GPU_MECHANISM_FILES = {
+    '369M reference decoder (24 × 1024, seq 1024, batch 16)': 'gpu_check_h200_mechanisms_ref.json',
+    "transformers' GPT-2 (24 × 1024, Conv1D + dropout branch ends)": 'gpu_check_h200_mechanisms_gpt2.json',
 }
 
 
@@ -314,13 +400,23 @@ def main(argv=None) -> str:
     p.add_argument('--overhead', default=str(HERE / 'results' / 'overhead.json'))
     p.add_argument('--quality', default=str(HERE / 'results' / 'quality.json'))
     p.add_argument('--sharded-memory', default=str(HERE / 'results' / 'sharded_memory.json'))
+    p.add_argument('--gpu-quality', default=str(HERE / 'results' / 'gpu_quality_h200_wl100.json'))
     p.add_argument('--out', default=str(HERE / 'RESULTS.md'), help='the Markdown file whose tables are filled in')
     p.add_argument('--check', action='store_true', help='exit 1 if the tables are not up to date')
     args = p.parse_args(argv)
-    sources = {
-        k: json.loads(Path(v).read_text()) if Path(v).is_file() else None
-        for k, v in (('overhead', args.overhead), ('quality', args.quality), ('sharded_memory', args.sharded_memory))
-    }
+    named = (
+        ('overhead', args.overhead),
+        ('quality', args.quality),
+        ('sharded_memory', args.sharded_memory),
+        ('gpu_quality', args.gpu_quality),
+    )
+    sources = {k: json.loads(Path(v).read_text()) if Path(v).is_file() else None for k, v in named}
+    gpu = {name: HERE / 'results' / f for name, f in GPU_MECHANISM_FILES.items()}
+    sources['gpu_mechanisms'] = (
+        {name: json.loads(path.read_text()) for name, path in gpu.items()}
+        if all(p.is_file() for p in gpu.values())
+        else None
+    )
     out = Path(args.out)
     old = out.read_text()
     new = render(old, sources)
