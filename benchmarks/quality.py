@@ -45,10 +45,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 try:  # run as `python -m benchmarks.quality` or loaded as part of the package
@@ -56,6 +54,7 @@ try:  # run as `python -m benchmarks.quality` or loaded as part of the package
 except ImportError:  # run as `python -m benchmarks.quality`: its folder is on sys.path
     from _common import ROOT, machine_info, write_json
 
+from prores_algo.compare import pair_by_seed, run_pool
 from prores_algo.paired_stats import summarize_deltas
 
 RESULTS = ROOT / 'benchmarks' / 'results'
@@ -402,8 +401,11 @@ def _pairs(runs: dict, keys: list[str], variant: str = 'linear', **match) -> lis
     sel = [
         runs[k] for k in keys if k in runs and all(runs[k]['spec'].get(a, 'official') == b for a, b in match.items())
     ]
-    base = {r['spec']['seed']: r for r in sel if r['spec']['variant'] == 'baseline'}
-    return [(base[r['spec']['seed']], r) for r in sel if r['spec']['variant'] == variant and r['spec']['seed'] in base]
+
+    def by_seed(v):
+        return {r['spec']['seed']: r for r in sel if r['spec']['variant'] == v}
+
+    return pair_by_seed(by_seed('baseline'), by_seed(variant))
 
 
 def paired(pairs: list[tuple[dict, dict]], ratios: dict | None = None) -> dict:
@@ -754,20 +756,15 @@ def main(argv=None) -> dict:
         results['elapsed_s'] = time.time() - t0
         write_json(out, results)
 
-    # one fresh process per run: streaming keeps shared memory and file handles per process, and a worker that
-    # ran dozens of runs hit the open-file limit (EMFILE) in an earlier version of this benchmark
-    with ProcessPoolExecutor(
-        max_workers=args.jobs, mp_context=multiprocessing.get_context('spawn'), max_tasks_per_child=1
-    ) as pool:
-        futures = [pool.submit(_safe_execute, s, str(data_path), unigram) for s in todo]  # priority order
-        for f in as_completed(futures):
-            r = f.result()
-            record(r)
-            print(
-                f'{run_key(r["spec"])}: val_loss {r["val_loss"]:.4f} stalled {r["stalled"]} spikes {r["spikes"]} '
-                f'wall {r["wall_s"]:.0f} s' + (f' ERROR {r["error"]}' if 'error' in r else ''),
-                flush=True,
-            )
+    def on_result(r):
+        record(r)
+        print(
+            f'{run_key(r["spec"])}: val_loss {r["val_loss"]:.4f} stalled {r["stalled"]} spikes {r["spikes"]} '
+            f'wall {r["wall_s"]:.0f} s' + (f' ERROR {r["error"]}' if 'error' in r else ''),
+            flush=True,
+        )
+
+    run_pool(_safe_execute, [(s, str(data_path), unigram) for s in todo], args.jobs, on_result)  # priority order
     results['summary'] = summarize(results['runs'], studies, m, results['init_ratios'])
     results['status'] = 'complete' if all(run_key(s) in results['runs'] for s in specs) else 'partial'
     results['elapsed_s'] = time.time() - t0
