@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from prores_algo.config import ConfigError, TrainConfig
 from prores_algo.ds_settings import DEFAULT_LR, DEFAULTS, DSOptions, from_flat, from_yaml
+from prores_algo.timing import is_auto
 
 __all__ = ['parser', 'parse', 'FLAG_KEYS', 'CONFIG_RULE']
 
@@ -92,6 +93,18 @@ def _time_arg(value: str):
     return int(value) if value.lstrip('+-').isdigit() else value
 
 
+def _warmup_arg(value: str):
+    """--t_warmup: a number of optimizer steps or 'auto'."""
+    if is_auto(value):
+        return 'auto'
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give a number of optimizer steps (e.g. 24000) or 'auto'"
+        ) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='python -m prores_algo.ds_train',
@@ -139,7 +152,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('ProRes')
     g.add_argument('--schedule', default=d['schedule'], help="ProRes schedule, or 'none' for a baseline")
     g.add_argument(
-        '--t_warmup', type=float, default=d['t_warmup'], help='W in optimizer steps (default 1000 x n_layers)'
+        '--t_warmup',
+        type=_warmup_arg,
+        default=d['t_warmup'],
+        help="W in optimizer steps (default 1000 x n_layers), or 'auto': min(1000 x n_layers, steps / 4)",
     )
     g.add_argument('--no_prores', dest='prores', action='store_false')
     _loop_flags(p)

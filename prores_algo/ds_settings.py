@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from prores_algo import recipe
 from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
-from prores_algo.timing import to_steps, whole_steps
+from prores_algo.timing import auto_warmup_steps, is_auto, to_steps, whole_steps
 
 if TYPE_CHECKING:
     from prores_algo.models.decoder import DecoderConfig
@@ -287,7 +287,7 @@ def checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dict
 class StepPlan:
     model: DecoderConfig
     prores: recipe.ProResSettings  # as written; t_warmup / lr_warmup_delay below are in steps
-    t_warmup: Optional[float]  # ProRes W in optimizer steps (None: 1000 per layer)
+    t_warmup: Optional[float]  # ProRes W in optimizer steps (None: 1000 per layer; 'auto' resolved here)
     lr_warmup_delay: int
     optimizer: recipe.OptimizerSettings
     lr_schedule: str
@@ -346,12 +346,13 @@ def resolve(config: TrainConfig) -> StepPlan:
         raise ConfigError(f'steps must be >= 1, got {steps}')
     prores = recipe.prores(config)
     sched = recipe.lr_schedule(config)
+    model = recipe.decoder_config(config)
     return StepPlan(
-        model=recipe.decoder_config(config),
+        model=model,
         prores=prores,
         t_warmup=None
         if prores.t_warmup is None
-        else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup', steps),
+        else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup', steps, model.n_layers),
         lr_warmup_delay=whole_steps(prores.lr_warmup_delay, 'algorithms.prores.lr_warmup_delay', steps),
         optimizer=recipe.optimizer(config),
         lr_schedule='constant' if sched is None else sched.name,
@@ -373,6 +374,9 @@ def resolve(config: TrainConfig) -> StepPlan:
     )
 
 
-def _warmup_steps(value: Any, field: str, max_steps: int) -> float:
-    """ProRes' W in optimizer steps, kept exact as the Composer algorithm and the HF callback keep it."""
+def _warmup_steps(value: Any, field: str, max_steps: int, num_layers: int) -> float:
+    """ProRes' W in optimizer steps, kept exact as the Composer algorithm and the HF callback keep it;
+    'auto' is `timing.auto_warmup_steps` of the run's `max_steps`."""
+    if is_auto(value):
+        return float(auto_warmup_steps(num_layers, max_steps))
     return to_steps(value, field, max_steps)

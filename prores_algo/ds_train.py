@@ -49,6 +49,7 @@ from prores_algo.ds_cli import parse
 from prores_algo.ds_data import SyntheticTokens, loaders, micro_batches
 from prores_algo.ds_settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
 from prores_algo.integrations.deepspeed import (
+    SIDECAR_FILE,
     attach_prores,
     check_checkpoint,
     load_checkpoint,
@@ -56,7 +57,9 @@ from prores_algo.integrations.deepspeed import (
     save_checkpoint,
 )
 from prores_algo.models.decoder import Decoder
+from prores_algo.spec import WARMUP_STEPS_METRIC
 from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.timing import auto_warmup_steps, is_auto
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
 
@@ -124,6 +127,22 @@ def _prores_expected(plan: StepPlan) -> dict:
     }
 
 
+def _recorded_warmup(load_dir: str, tag: Optional[str]) -> Optional[float]:
+    """W (`t_warmup`) recorded in the checkpoint's ProRes sidecar, or None when there is none."""
+    if tag is None:
+        latest = os.path.join(load_dir, 'latest')
+        if not os.path.isfile(latest):
+            return None
+        with open(latest) as f:
+            tag = f.read().strip()
+    path = os.path.join(load_dir, str(tag), SIDECAR_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        w = json.load(f).get('t_warmup')
+    return None if w is None else float(w)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -151,7 +170,12 @@ def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, l
     stage = (ds_config.get('zero_optimization') or {}).get('stage', 0)
     zero_init = bool(opts.zero_init) and stage == 3
     model = build_model(plan, ds_config, zero_init=zero_init)
-    prores = attach_prores(model, plan.prores.schedule, plan.t_warmup) if plan.prores.enabled else None
+    prores = None
+    if plan.prores.enabled:
+        w = plan.t_warmup
+        if is_auto(plan.prores.t_warmup) and w == auto_warmup_steps(plan.model.n_layers, plan.steps):
+            w = 'auto'  # the same W, through the same rule: its warning names the cap (a resume keeps its W)
+        prores = attach_prores(model, plan.prores.schedule, w, total_steps=plan.steps)
     groups = recipe.param_groups(model, plan.optimizer.weight_decay)
     if ds_config.get('optimizer') is None:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(plan.optimizer.betas), eps=plan.optimizer.eps)
@@ -218,6 +242,7 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
             'train_batch_size': ds_config['train_batch_size'],
             'lr': lr,
             'prores': None if prores is None else prores.state(),
+            WARMUP_STEPS_METRIC: None if prores is None else float(prores.t_warmup),
             'prores_removed': None if prores is None else prores.removed,
             'start_step': start,
             'resumed_from': resumed_from,
@@ -262,6 +287,10 @@ def _prepare(config: TrainConfig, opts: DSOptions):
     load_dir = plan.load_dir
     if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
         load_dir = plan.save_dir
+    if load_dir and plan.prores.enabled and is_auto(plan.prores.t_warmup):
+        recorded = _recorded_warmup(load_dir, opts.load_tag)
+        if recorded is not None:  # t_warmup='auto': the checkpoint's W, whatever the new run length
+            plan = dataclasses.replace(plan, t_warmup=recorded)
     if load_dir:  # refuse a resume under another ProRes configuration before building anything
         check_checkpoint(load_dir, _prores_expected(plan), opts.load_tag)
     return plan, ds_config, lr, lr_factory, load_dir

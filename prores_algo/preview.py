@@ -2,6 +2,13 @@
 
     python -m prores_algo.preview --layers 24 --t-warmup 24000 --schedule linear --duration 30000 \\
         [--steps 10] [--png alpha.png] [--max-columns 12]
+    python -m prores_algo.preview --layers 24 --t-warmup 0.3dur --max-duration 100000ba
+    python -m prores_algo.preview --layers 24 --t-warmup auto --max-duration 100000ba
+
+--t-warmup takes what the trainers take: optimizer steps ('24000' or '24000ba'), a fraction of the run
+('0.3dur') or 'auto' (min(1000·L, 0.25·run), `timing.auto_warmup_steps`); the last two need
+--max-duration, the run length in optimizer steps. The tool prints W / L and W's share of the run, and
+flags a W / L below `schedules.MIN_STEPS_PER_LAYER` as the trainers' warning does.
 
 Rows are sampled steps (evenly spaced from 0 to --duration, plus W itself), columns are layers; deep
 models show a subset of layers (always the first and the last) unless --all-layers is given. The values
@@ -13,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from prores_algo import schedules
+from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
 __all__ = ['alpha_table', 'format_table', 'sample_steps', 'sample_layers', 'plot_alpha_heatmap', 'main']
 
@@ -131,17 +139,31 @@ def plot_alpha_heatmap(
     return path
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad input: one line on stderr naming the flag and the fix, exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='prores-preview', description='Print / plot a ProRes α(l, t) schedule.')
+    p = _OneLineParser(prog='prores-preview', description='Print / plot a ProRes α(l, t) schedule.')
     p.add_argument('--layers', type=int, required=True, help='number of transformer layers L')
     p.add_argument(
         '--t-warmup',
-        type=float,
         default=None,
-        help="W, steps at which every layer reaches α = 1 (default: 1000·L, the paper's)",
+        help="W, when every layer reaches α = 1: optimizer steps ('24000', '24000ba'), a fraction of "
+        "--max-duration ('0.3dur') or 'auto' (min(1000·L, 0.25·max-duration)); default: 1000·L, the paper's",
+    )
+    p.add_argument(
+        '--max-duration',
+        default=None,
+        help="the run length in optimizer steps ('2000ba' or 2000): needed by 'Xdur' and 'auto'; gives W's share",
     )
     p.add_argument('--schedule', default='linear', help=f'one of {schedules.names()} or an alias')
-    p.add_argument('--duration', type=float, default=None, help='last step shown (default: 1.25·W)')
+    p.add_argument(
+        '--duration', type=float, default=None, help='last step shown (default: --max-duration, else 1.25·W)'
+    )
     p.add_argument('--steps', type=int, default=10, help='number of intervals between sampled steps (default 10)')
     p.add_argument('--max-columns', type=int, default=12, help='layers shown in the table (default 12)')
     p.add_argument('--all-layers', action='store_true', help='show every layer in the table')
@@ -157,10 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         schedules.canonical_name(args.schedule)
         if args.layers < 1:
             raise ValueError(f'--layers must be >= 1, got {args.layers}')
-        t_warmup = float(args.t_warmup) if args.t_warmup is not None else schedules.default_warmup(args.layers)
-        if not t_warmup > 0:
-            raise ValueError(f'--t-warmup must be > 0, got {args.t_warmup}')
-        duration = float(args.duration) if args.duration is not None else 1.25 * t_warmup
+        run = _run_length(args.max_duration)
+        t_warmup = _warmup(args.t_warmup, args.layers, run)
+        duration = float(args.duration) if args.duration is not None else run or 1.25 * t_warmup
         if not duration > 0:
             raise ValueError(f'--duration must be > 0, got {args.duration}')
         if args.steps < 1:
@@ -170,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = sample_steps(duration, args.steps, t_warmup)
     layers = list(range(args.layers)) if args.all_layers else sample_layers(args.layers, args.max_columns)
     print(format_table(args.schedule, args.layers, t_warmup, steps, layers, digits=args.digits))
+    share = '' if run is None else f'; W is {100 * t_warmup / run:.3g}% of the run ({run:g} steps)'
+    print(f'W / L = {t_warmup / args.layers:g} steps per layer{share}')
+    short = schedules.short_warmup_message(t_warmup, args.layers, run if is_auto(args.t_warmup) else None)
+    if short is not None:
+        print(f'warning: {short}', file=sys.stderr)
     if t_warmup > duration:
         print(
             f'note: t_warmup ({t_warmup:g}) > duration ({duration:g}): the deepest layers never reach α = 1 '
@@ -180,6 +206,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot_alpha_heatmap(args.schedule, args.layers, t_warmup, duration, args.png)
         print(f'wrote {args.png}')
     return 0
+
+
+def _run_length(value) -> float | None:
+    """--max-duration in optimizer steps, or None."""
+    if value is None:
+        return None
+    try:
+        run = to_steps(value, '--max-duration')
+    except ValueError:
+        run = None
+    if run is None or not run > 0 or not float(run).is_integer():
+        raise ValueError(
+            f"--max-duration {value!r}: give the run length as a whole number of optimizer steps, e.g. '2000ba' or 2000"
+        )
+    return run
+
+
+def _warmup(value, num_layers: int, run: float | None) -> float:
+    """--t-warmup in optimizer steps (the default, a number, 'Nba', 'Xdur' or 'auto')."""
+    if value is None:
+        return schedules.default_warmup(num_layers)
+    needs_run = is_auto(value) or value.strip().endswith('dur')
+    if needs_run and run is None:
+        raise ValueError(f"--t-warmup {value!r} is relative to the run: add --max-duration, e.g. '2000ba'")
+    if is_auto(value):
+        return float(auto_warmup_steps(num_layers, run))
+    fix = "give optimizer steps ('24000' or '24000ba'), a fraction of the run ('0.3dur', with --max-duration) or 'auto'"
+    try:
+        w = to_steps(value, '--t-warmup', run)
+    except ValueError:
+        raise ValueError(f'--t-warmup {value!r}: {fix}') from None
+    if not w > 0 or (needs_run and w > run):
+        raise ValueError(f'--t-warmup {value!r} must be > 0 (a fraction in (0, 1]): {fix}')
+    return w
 
 
 if __name__ == '__main__':

@@ -97,12 +97,22 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def short_warmup_message(warmup_steps: float, num_layers: int) -> str | None:
+def short_warmup_message(warmup_steps: float, num_layers: int, auto_run_steps: float | None = None) -> str | None:
     """A warning for a ProRes warmup too short per layer to help, or None. `warmup_steps` is W in
-    optimizer steps."""
+    optimizer steps; `auto_run_steps` is the run length when W came from t_warmup='auto' (the message
+    then says that the cap at a quarter of the run decided it)."""
     per_layer = warmup_steps / num_layers
     if per_layer >= MIN_STEPS_PER_LAYER:
         return None
+    if auto_run_steps is not None:
+        return (
+            f"ProRes t_warmup='auto' gives W = {warmup_steps:g} steps, W / L = {per_layer:.3g} steps of alpha "
+            f'warmup per layer over {num_layers} layers, below {MIN_STEPS_PER_LAYER} per layer, where our benchmark '
+            f'did not measure a gain for every norm placement (Post-LN with the linear schedule can collapse). '
+            f'The run length decides it: auto caps W at a quarter of the run ({auto_run_steps:g} steps); the '
+            f'paper would use W = {PAPER_STEPS_PER_LAYER * num_layers} ({PAPER_STEPS_PER_LAYER} per layer). '
+            f'Train for at least {4 * MIN_STEPS_PER_LAYER * num_layers} steps, or turn ProRes off for runs this short.'
+        )
     return (
         f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
         f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '

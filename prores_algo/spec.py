@@ -23,12 +23,21 @@ from prores_algo.layers import ResidualLayer, find_residual_layers
 from prores_algo.policies import check_branches
 from prores_algo.schedules import default_warmup
 from prores_algo.surgery import ProResController, warn_if_short_warmup
-from prores_algo.timing import to_steps
+from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
-__all__ = ['ProResSpec', 'alpha_metrics', 'default_warmup', 'check_resume', 'DISABLED_RECORD']
+__all__ = [
+    'ProResSpec',
+    'alpha_metrics',
+    'default_warmup',
+    'auto_warmup_steps',
+    'check_resume',
+    'DISABLED_RECORD',
+    'WARMUP_STEPS_METRIC',
+]
 
 ALPHA_METRIC = 'prores/alpha/layer_{}'
 ALPHA_MEAN_METRIC = 'prores/alpha/mean'
+WARMUP_STEPS_METRIC = 'prores/warmup_steps'  # W as resolved, logged once by every front end
 DISABLED_RECORD: dict[str, Any] = {'enabled': False}
 
 
@@ -45,8 +54,9 @@ class ProResSpec:
 
     Args:
         schedule: α schedule, one of `prores_algo.schedules.names()` or an alias (default 'linear').
-        t_warmup: W as the user wrote it: a number of steps, a Time string ('24000ba', '0.1dur'), or
-            None for the paper's default (1000 steps per layer). Each front end resolves it against
+        t_warmup: W as the user wrote it: a number of steps, a Time string ('24000ba', '0.1dur'), 'auto'
+            (min(1000·L, 0.25·run length), `timing.auto_warmup_steps`), or None for the paper's default
+            (1000 steps per layer). Each front end resolves it against
             its own clock; `warmup_steps` does it for the loops that count optimizer steps.
         layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
         remove_when_done: remove the hooks once every α is 1 for good.
@@ -61,6 +71,8 @@ class ProResSpec:
 
     def __post_init__(self) -> None:
         self.schedule = schedules.canonical_name(self.schedule)
+        if is_auto(self.t_warmup):
+            self.t_warmup = 'auto'
         if self.branches is not None:
             self.branches = check_branches(self.branches)
         if self.layer_class is not None and self.layer_pattern is not None:
@@ -93,13 +105,20 @@ class ProResSpec:
     # --- W in optimizer steps (Hugging Face, DeepSpeed, plain PyTorch) ----------------------------------
     def check_steps_warmup(self) -> None:
         """Validate a W given in optimizer steps now; a 'dur' fraction waits for the run length."""
-        if self.t_warmup is not None and not self._is_fraction():
+        if self.t_warmup is not None and not self._is_fraction() and not self.auto:
             self.warmup_steps(1)
 
     def warmup_steps(self, num_layers: int, max_steps: Optional[float] = None) -> float:
         """W in optimizer steps: the default, a number, 'Nba', or a fraction of `max_steps` ('0.1dur')."""
         if self.t_warmup is None:
             return default_warmup(num_layers)
+        if self.auto:
+            if not max_steps or max_steps <= 0:
+                raise ValueError(
+                    "t_warmup='auto' needs the total number of optimizer steps, which is not known (e.g. an "
+                    'IterableDataset without max_steps): set max_steps or give W in steps'
+                )
+            return float(auto_warmup_steps(num_layers, max_steps))
         if self._is_fraction():
             fraction = to_steps(self.t_warmup, 't_warmup', 1.0)
             if not 0 < fraction <= 1:
@@ -114,6 +133,11 @@ class ProResSpec:
         if not steps > 0:
             raise ValueError(f't_warmup must be a positive number of optimizer steps, got {self.t_warmup!r}')
         return steps
+
+    @property
+    def auto(self) -> bool:
+        """t_warmup='auto': W = min(1000·L, 0.25·run length), resolved once the run length is known."""
+        return self.t_warmup == 'auto'
 
     def _is_fraction(self) -> bool:
         return isinstance(self.t_warmup, str) and self.t_warmup.strip().endswith('dur')

@@ -43,6 +43,7 @@ from prores_algo.scaled_linear import (
     set_scaled_alpha,
     uninstall_scaled_forward,
 )
+from prores_algo.timing import auto_warmup_steps, is_auto
 
 # find_residual_layers and ResidualLayer live in prores_algo.layers; re-exported for code that imports them from here
 __all__ = [
@@ -185,6 +186,8 @@ class ProResController:
             )
         self.mechanism = mechanism
         self._warned_short = False  # warn_if_short_warmup warns once per controller
+        # the run length (optimizer steps) when W came from t_warmup='auto' (timing.auto_warmup_steps), else None
+        self.auto_run_steps: float | None = None
         self.layers = layers
         self.schedule = schedules.canonical_name(schedule)
         self._warmup_steps = None if warmup_steps is None else _check_warmup(warmup_steps)
@@ -430,8 +433,9 @@ class ProResController:
 def apply_prores(
     model: nn.Module,
     schedule: str = 'linear',
-    t_warmup: float | None = None,
+    t_warmup: float | str | None = None,
     *,
+    total_steps: float | None = None,
     layer_class: type | str | None = None,
     branches: Sequence[str] | None = None,
     layer_pattern: str | None = None,
@@ -445,7 +449,9 @@ def apply_prores(
             our reference decoder, your own).
         schedule: name from `prores_algo.schedules.names()` (or an alias).
         t_warmup: W, in optimizer steps (or whatever unit you will pass to `set_step`): the time at which
-            every α reaches 1. Default: the paper's 1000 steps per layer (W = 1000·L).
+            every α reaches 1. Default: the paper's 1000 steps per layer (W = 1000·L). 'auto':
+            W = min(1000·L, 0.25·total_steps), rounded to whole steps (`timing.auto_warmup_steps`).
+        total_steps: the run length in optimizer steps; needed (only) by t_warmup='auto'.
         layer_class / layer_pattern: which modules are layers (class or class name / fnmatch over module
             paths), when the model is not in `prores_algo.policies.LAYER_POLICIES`.
         branches: dotted names, inside each layer, of the modules whose output enters the residual add.
@@ -457,11 +463,21 @@ def apply_prores(
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """
+    auto = is_auto(t_warmup)
+    if auto and total_steps is None:
+        raise ValueError(
+            "t_warmup='auto' needs the run length: pass total_steps=N (optimizer steps), e.g. "
+            "apply_prores(model, t_warmup='auto', total_steps=N)"
+        )
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
         t_warmup = schedules.default_warmup(len(layers))
+    elif auto:
+        t_warmup = auto_warmup_steps(len(layers), total_steps)
     controller = ProResController(layers, schedule, t_warmup, remove_when_done, mechanism)
     controller.model = model
+    if auto:
+        controller.auto_run_steps = float(total_steps)
     warn_if_short_warmup(controller)
     return controller
 
@@ -471,7 +487,7 @@ def warn_if_short_warmup(controller: ProResController) -> bool:
     Front ends call it once W is known in steps; True if it warned."""
     if controller._warned_short or controller.warmup_steps is None:
         return False
-    msg = schedules.short_warmup_message(controller.warmup_steps, controller.num_layers)
+    msg = schedules.short_warmup_message(controller.warmup_steps, controller.num_layers, controller.auto_run_steps)
     if msg is None:
         return False
     controller._warned_short = True

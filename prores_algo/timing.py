@@ -1,7 +1,8 @@
 """The one time parser: every duration a user writes goes through here.
 
 Durations are written the Composer way in every front end: '24000ba' (batches = optimizer steps),
-'0.1dur' (a fraction of the run), '5e8tok', '1e6sp', '2ep'; a plain int means batches. `parse_time`
+'0.1dur' (a fraction of the run), '5e8tok', '1e6sp', '2ep'; a plain int means batches. ProRes' W also
+takes 'auto': `auto_warmup_steps` is the one place its rule is written. `parse_time`
 turns any of them into Composer's `Time` (Composer does the parsing; this module adds errors that name
 the field). `to_steps` serves the loops that count optimizer steps (Hugging Face, DeepSpeed, the
 monitor's interval): it also takes plain numbers and number strings (a command-line flag arrives as
@@ -16,9 +17,21 @@ import math
 import re
 from typing import Any, Optional
 
-__all__ = ['parse_time', 'to_steps', 'whole_steps', 'TIME_EXAMPLES']
+__all__ = [
+    'parse_time',
+    'to_steps',
+    'whole_steps',
+    'TIME_EXAMPLES',
+    'AUTO',
+    'AUTO_RUN_FRACTION',
+    'is_auto',
+    'auto_warmup_steps',
+]
 
 TIME_EXAMPLES = '"24000ba" (batches), "0.1dur" (fraction of max_duration), "5e8tok" or "1e6sp"'
+AUTO = 'auto'
+# t_warmup='auto': W = min(T·L, AUTO_RUN_FRACTION · run length); the paper's runs keep W at 12-32% of the run
+AUTO_RUN_FRACTION = 0.25
 _NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
 
 
@@ -90,3 +103,30 @@ def whole_steps(value: Any, field: str, max_steps: Optional[float] = None) -> in
     if not (isinstance(value, str) and value.strip().endswith('dur')) and not steps.is_integer():
         raise ValueError(f'{field}={value!r}: give a whole number of optimizer steps')
     return int(steps)
+
+
+def is_auto(value: Any) -> bool:
+    """True for t_warmup='auto' (any case, surrounding blanks ignored)."""
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
+def auto_warmup_steps(num_layers: int, total_steps: Any) -> int:
+    """W for t_warmup='auto', in optimizer steps: min(1000·L, 0.25·total_steps), rounded to whole steps
+    (at least 1). The paper's T = 1000 steps per layer, capped at a quarter of the run.
+
+    The one place the rule is written: every front end calls it once the run length is known."""
+    from prores_algo.schedules import PAPER_STEPS_PER_LAYER
+
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f'num_layers must be a positive int, got {num_layers!r}')
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, (int, float))
+        or not math.isfinite(total_steps)
+        or not total_steps > 0
+    ):
+        raise ValueError(
+            f"t_warmup='auto' needs the run length in optimizer steps (total_steps / max_steps / "
+            f'max_duration), got {total_steps!r}'
+        )
+    return max(1, round(min(PAPER_STEPS_PER_LAYER * num_layers, AUTO_RUN_FRACTION * total_steps)))

@@ -5,7 +5,8 @@
 Events:
   INIT        surgery: hook every layer's residual branches (α at t = 0).
   FIT_START   re-attach to branch modules other INIT-time algorithms replaced; resolve `t_warmup`
-              (a `dur` fraction needs `max_duration`); warn if W > max_duration or if W / L is below the
+              (a `dur` fraction and 'auto' need `max_duration`; 'auto' is resolved once, and a resumed
+              run keeps the W its checkpoint recorded); log `prores/warmup_steps`; warn if W > max_duration or if W / L is below the
               steps per layer where ProRes helps; delay the LR warmup.
   BATCH_START α ← schedule(state.timestamp): stateless, so a resumed run is exact; log α; once every
               α is 1 for good, the hooks are removed (zero overhead after warmup).
@@ -22,9 +23,9 @@ from composer.loggers import Logger
 
 from prores_algo.lr_schedules import delay_lr_warmup
 from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
-from prores_algo.spec import ProResSpec, alpha_metrics, check_resume, default_warmup
+from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
-from prores_algo.timing import parse_time
+from prores_algo.timing import auto_warmup_steps, is_auto, parse_time
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
@@ -39,7 +40,9 @@ class ProRes(Algorithm):
     Args:
         schedule: α schedule, one of `prores_algo.schedules.names()` (default 'linear', the paper's).
         t_warmup: W, when every α reaches 1: a Time string ('24000ba', '0.2dur', '5e8tok') or an int
-            (batches). Default: the paper's 1000 batches per layer (W = 1000·L ba).
+            (batches). Default: the paper's 1000 batches per layer (W = 1000·L ba). 'auto':
+            W = min(1000·L, 0.25·max_duration) batches (`timing.auto_warmup_steps`), max_duration in
+            batches or epochs; resolved once at FIT_START and recorded in the checkpoint.
         lr_warmup_delay: start the LR scheduler's warmup this much later (default '0ba', the paper's).
             With a warmup from 0, no parameter moves during the delay.
         log_interval: log `prores/alpha/layer_{i}` every this many batches (int or 'Nba'); default 1.
@@ -60,7 +63,9 @@ class ProRes(Algorithm):
     ):
         self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done)
         self.schedule = self.spec.schedule
-        self.t_warmup = None if t_warmup is None else parse_time(t_warmup, 't_warmup')
+        self.auto = is_auto(t_warmup)
+        self._auto_w: Optional[float] = None  # W of t_warmup='auto', in batches, once resolved or restored
+        self.t_warmup = None if t_warmup is None or self.auto else parse_time(t_warmup, 't_warmup')
         if self.t_warmup is not None:
             if self.t_warmup.unit not in (*_UNIT_FIELD, TimeUnit.DURATION):
                 raise ValueError(
@@ -113,7 +118,7 @@ class ProRes(Algorithm):
             'ProRes: %d layers, schedule %s, t_warmup %s',
             self.controller.num_layers,
             self.schedule,
-            self.t_warmup or f'{default_warmup(self.controller.num_layers):g}ba (default)',
+            'auto' if self.auto else self.t_warmup or f'{default_warmup(self.controller.num_layers):g}ba (default)',
         )
         logger.log_hyperparameters({f'prores/{k}': v for k, v in self.config.items()})
 
@@ -122,13 +127,16 @@ class ProRes(Algorithm):
         moved = self.controller.refresh()
         if moved:
             log.info('ProRes: re-attached %d branch hooks after another algorithm replaced modules', moved)
-        if not self._try_resolve_warmup(state):
+        if self.auto:
+            self._resolve_auto(state)
+        elif not self._try_resolve_warmup(state):
             raise ValueError(
                 'ProRes t_warmup is a fraction of max_duration ("dur"), but the Trainer has no '
                 'max_duration: set max_duration or give t_warmup in batches/tokens'
             )
         self._warn_if_longer_than_run(state)
         if self._unit == TimeUnit.BATCH:  # batches are optimizer steps: W / L is comparable to the paper's T
+            logger.log_hyperparameters({WARMUP_STEPS_METRIC: float(self.controller.warmup_steps)})
             self.spec.warn_if_short(self.controller)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
@@ -147,9 +155,45 @@ class ProRes(Algorithm):
     def _now(self, state: State) -> float:
         return float(state.timestamp.get(self._unit).value)
 
-    def _try_resolve_warmup(self, state: State) -> bool:
-        """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START)."""
+    def _run_batches(self, state: State) -> Optional[float]:
+        """max_duration in batches (optimizer steps), converted as a 'dur' fraction is; None if unknown."""
+        max_duration = state.max_duration
+        if max_duration is None:
+            return None
+        if max_duration.unit == TimeUnit.BATCH:
+            return float(max_duration.value)
+        if max_duration.unit == TimeUnit.EPOCH:
+            return None if state.dataloader_len is None else float(max_duration.value * int(state.dataloader_len))
+        raise ValueError(
+            f"ProRes t_warmup='auto' needs max_duration in batches or epochs (optimizer steps), got "
+            f'{max_duration}: give t_warmup in {max_duration.unit.value} or as a fraction ("0.2dur")'
+        )
+
+    def _resolve_auto(self, state: State) -> None:
+        """t_warmup='auto': W = min(1000·L, 0.25·run) batches, resolved once; a checkpoint's W wins."""
         assert self.controller is not None
+        total = self._run_batches(state)
+        if self._auto_w is None:
+            if total is None:
+                raise ValueError(
+                    "ProRes t_warmup='auto' needs the run length: set the Trainer's max_duration (batches or "
+                    'epochs with a sized dataloader), or give t_warmup in batches'
+                )
+            self._auto_w = float(auto_warmup_steps(self.controller.num_layers, total))
+        self._unit = TimeUnit.BATCH
+        self.controller.warmup_steps = self._auto_w
+        self.controller.auto_run_steps = total
+
+    def _try_resolve_warmup(self, state: State) -> bool:
+        """Turn `t_warmup` into (W, unit). A 'dur' fraction needs max_duration (known by FIT_START);
+        'auto' waits for FIT_START (or keeps the W it already has)."""
+        assert self.controller is not None
+        if self.auto:
+            if self._auto_w is None:
+                return False
+            self._unit = TimeUnit.BATCH
+            self.controller.warmup_steps = self._auto_w
+            return True
         tw = (
             self.t_warmup
             if self.t_warmup is not None
@@ -189,11 +233,13 @@ class ProRes(Algorithm):
     # --- checkpoints: the configuration travels with the run ------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        return self.spec.record(
-            None if self.controller is None else self.controller.num_layers,
-            t_warmup=None if self.t_warmup is None else str(self.t_warmup),
-            lr_warmup_delay=str(self.lr_warmup_delay),
-        )
+        clock: dict[str, Any] = {
+            't_warmup': 'auto' if self.auto else None if self.t_warmup is None else str(self.t_warmup),
+            'lr_warmup_delay': str(self.lr_warmup_delay),
+        }
+        if self.auto and self._auto_w is not None:
+            clock['warmup_steps'] = self._auto_w  # what a resume keeps, whatever its max_duration
+        return self.spec.record(None if self.controller is None else self.controller.num_layers, **clock)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), 'config': self.config}
@@ -202,15 +248,23 @@ class ProRes(Algorithm):
         saved = state.get('config')
         if saved is None:
             return
+        saved = dict(saved)
+        recorded = saved.pop('warmup_steps', None)
+        current = self.config
+        current.pop('warmup_steps', None)
         check_resume(
             saved,
-            self.config,
+            current,
             'this checkpoint',
             'Resume with the same ProRes settings, or start a new run (load weights only with load_weights_only=True).',
         )
+        if self.auto and recorded is not None:
+            self._auto_w = float(recorded)  # W does not move under a running model
+            if self.controller is not None:
+                self.controller.warmup_steps = self._auto_w
 
     def __repr__(self) -> str:
-        t = None if self.t_warmup is None else str(self.t_warmup)
+        t = 'auto' if self.auto else None if self.t_warmup is None else str(self.t_warmup)
         return f'ProRes(schedule={self.schedule!r}, t_warmup={t!r}, lr_warmup_delay={str(self.lr_warmup_delay)!r})'
 
 

@@ -149,16 +149,19 @@ class DeepSpeedProRes:
 def attach_prores(
     model: torch.nn.Module,
     schedule: str = 'linear',
-    t_warmup: Optional[float] = None,
+    t_warmup: Union[float, str, None] = None,
     *,
     time_unit: str = 'steps',
+    total_steps: Optional[int] = None,
     **apply_prores_kwargs,
 ) -> DeepSpeedProRes:
     """Attach ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
 
     `t_warmup` is W in `time_unit` (optimizer steps by default; default W = 1000 steps per layer, the
-    paper's T = 1000). Other keyword arguments go to `prores_algo.apply_prores` (`layer_class`,
+    paper's T = 1000). `t_warmup='auto'`: W = min(1000·L, 0.25·total_steps), rounded to whole steps
+    (`timing.auto_warmup_steps`); it needs `total_steps`, the run length in optimizer steps, and
+    `time_unit='steps'`. Other keyword arguments go to `prores_algo.apply_prores` (`layer_class`,
     `branches`, `layer_pattern`, `remove_when_done`).
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
@@ -169,7 +172,9 @@ def attach_prores(
         if k in apply_prores_kwargs
     }
     spec = ProResSpec(schedule, t_warmup, **selection)  # validates before any hook is attached
-    controller = apply_prores(model, schedule, t_warmup, **apply_prores_kwargs)
+    if spec.auto and time_unit != 'steps':
+        raise ValueError(f"t_warmup='auto' counts optimizer steps: use time_unit='steps', not {time_unit!r}")
+    controller = apply_prores(model, schedule, t_warmup, total_steps=total_steps, **apply_prores_kwargs)
     return DeepSpeedProRes(controller, time_unit, spec)
 
 

@@ -31,9 +31,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
-from prores_algo.spec import ProResSpec, alpha_metrics
+from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics
 from prores_algo.surgery import ProResController
 
 __all__ = ['ProResCallback', 'ResidualMonitorCallback', 'unwrap_model']
@@ -82,12 +83,14 @@ def _add_to_log(state, logs: dict, metrics: dict) -> None:
     logs.update(metrics)
 
 
-class ProResCallback(_FirstInLine, TrainerCallback):
+class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
     """Progressive Residual Warmup for `transformers.Trainer`.
 
     Args:
         schedule: α schedule name (`prores_algo.schedules.names()`, default 'linear', the paper's).
-        t_warmup: W, in optimizer steps (int, float or 'Nba'), or a fraction of `max_steps` ('0.1dur').
+        t_warmup: W, in optimizer steps (int, float or 'Nba'), a fraction of `max_steps` ('0.1dur'), or
+            'auto': min(1000·L, 0.25·max_steps), resolved at on_train_begin and kept in the checkpoint's
+            trainer_state.json, so that a resume with a larger max_steps keeps W.
             Default: the paper's 1000 steps per layer (W = 1000·L).
         layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
         log_alphas: add `prores/alpha/layer_{i}` and `prores/alpha/mean` to every log.
@@ -110,6 +113,8 @@ class ProResCallback(_FirstInLine, TrainerCallback):
         self.log_alphas = bool(log_alphas)
         self.controller: Optional[ProResController] = None
         self.model: Optional[nn.Module] = None
+        self.recorded_warmup_steps: Optional[float] = None  # W of an 'auto' run, from a checkpoint
+        self._log_warmup = False
 
     @property
     def schedule(self) -> str:
@@ -133,7 +138,13 @@ class ProResCallback(_FirstInLine, TrainerCallback):
             c.remove()  # a different model: let go of the old one
         max_steps = getattr(state, 'max_steps', None)
         layers = self.spec.find_layers(model)
-        self.controller = self.spec.attach(model, self.spec.warmup_steps(len(layers), max_steps), layers=layers)
+        recorded = self._recorded_warmup(state) if self.spec.auto and step > 0 else None
+        w = recorded if recorded is not None else self.spec.warmup_steps(len(layers), max_steps)
+        self.controller = self.spec.attach(model, w, layers=layers)
+        if self.spec.auto:
+            self.controller.auto_run_steps = float(max_steps) if max_steps else None
+        self.recorded_warmup_steps = w if self.spec.auto else None
+        self._log_warmup = True
         self.model = model
         self.spec.warn_if_longer_than_run(self.controller, max_steps, 'steps', 'max_steps')
         self.spec.warn_if_short(self.controller)
@@ -145,7 +156,41 @@ class ProResCallback(_FirstInLine, TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.log_alphas or self.controller is None or logs is None:
             return
-        _add_to_log(state, logs, self.alpha_metrics())
+        metrics = self.alpha_metrics()
+        if self._log_warmup:  # W as resolved, once per train()
+            metrics[WARMUP_STEPS_METRIC] = float(self.controller.warmup_steps)
+            self._log_warmup = False
+        _add_to_log(state, logs, metrics)
+
+    # --- checkpoints: an 'auto' W travels in trainer_state.json (`stateful_callbacks`) ------------------
+    def _recorded_warmup(self, state) -> Optional[float]:
+        if self.recorded_warmup_steps is not None:  # restore_callback_states_from_checkpoint=True set it
+            return float(self.recorded_warmup_steps)
+        saved = (getattr(state, 'stateful_callbacks', None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        w = ((saved or {}).get('attributes') or {}).get('recorded_warmup_steps')
+        return None if w is None else float(w)
+
+    def state(self) -> dict:
+        """What `trainer_state.json` keeps (transformers' ExportableState): the arguments, JSON-safe, and
+        the W an 'auto' run resolved."""
+        spec = self.spec
+        layer_class = spec.layer_class
+        if layer_class is not None and not isinstance(layer_class, str):
+            layer_class = getattr(layer_class, '__name__', str(layer_class))
+        return {
+            'args': {
+                'schedule': spec.schedule,
+                't_warmup': spec.t_warmup,
+                'layer_class': layer_class,
+                'branches': None if spec.branches is None else list(spec.branches),
+                'log_alphas': self.log_alphas,
+                'layer_pattern': spec.layer_pattern,
+                'remove_when_done': spec.remove_when_done,
+            },
+            'attributes': {'recorded_warmup_steps': self.recorded_warmup_steps},
+        }
 
     # --- helpers ------------------------------------------------------------------------------------
     def set_step(self, step: int) -> list[float]:
