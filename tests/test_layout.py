@@ -16,6 +16,7 @@ CORE = (
     'prores_algo.spec',
     'prores_algo.timing',
     'prores_algo.monitor',
+    'prores_algo.paired_stats',
     'prores_algo.export',
     'prores_algo.models.decoder',
 )
