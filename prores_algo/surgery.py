@@ -54,9 +54,34 @@ __all__ = [
     'ALPHA_BUFFER',
     'warn_if_short_warmup',
     'gemm_targets',
+    'guard_hooks_under_compile',
 ]
 
 log = logging.getLogger(__name__)
+
+
+def guard_hooks_under_compile() -> None:
+    """Make torch.compile guard on forward hooks, so compiled code never runs without ProRes' hooks.
+
+    By default dynamo does not check a module's hooks before reusing compiled code
+    (`torch._dynamo.config.skip_nnmodule_hook_guards`, for speed): a block compiled before ProRes hooked
+    it, or compiled for another instance of its class without hooks (ProRes on a subset of layers, a second
+    model in the process), keeps running that code and silently drops α. Turning the hook guards on makes
+    such code recompile once instead: the first time, the code compiled so far in the process is dropped
+    (`torch._dynamo.reset()`), since it has no hook guards. Global to the process; α updates still recompile
+    nothing (a buffer's value is not a guard), and the GEMM mechanism does not need it (the scaled forward
+    is per instance).
+    """
+    try:
+        import torch._dynamo
+    except ImportError:  # pragma: no cover  (builds without dynamo)
+        return
+    config = torch._dynamo.config
+    if getattr(config, 'skip_nnmodule_hook_guards', False):
+        config.skip_nnmodule_hook_guards = False
+        # code compiled so far carries no hook guards: drop it, so it recompiles (once) with them
+        torch._dynamo.reset()
+        log.info('ProRes: torch.compile now guards on forward hooks (skip_nnmodule_hook_guards=False); reset once')
 
 
 def _scale_branch_output(module: nn.Module, args, output):
@@ -389,6 +414,7 @@ class ProResController:
         if gemm:
             install_scaled_forward(module, 0.0)  # the buffer was just zeroed too; reading it back would sync
             return _ScaledForwardHandle(module)
+        guard_hooks_under_compile()
         return module.register_forward_hook(_scale_branch_output)
 
     def _gemm_targets(self, layer: nn.Module, name: str, branch: nn.Module):
