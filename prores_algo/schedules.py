@@ -111,7 +111,8 @@ def short_warmup_message(warmup_steps: float, num_layers: int, auto_run_steps: f
             f'did not measure a gain for every norm placement (Post-LN with the linear schedule can collapse). '
             f'The run length decides it: auto caps W at a quarter of the run ({auto_run_steps:g} steps); the '
             f'paper would use W = {PAPER_STEPS_PER_LAYER * num_layers} ({PAPER_STEPS_PER_LAYER} per layer). '
-            f'Train for at least {4 * MIN_STEPS_PER_LAYER * num_layers} steps, or turn ProRes off for runs this short.'
+            f'Train for at least {4 * MIN_STEPS_PER_LAYER * num_layers} steps, or turn ProRes off for runs this short '
+            f'(or check with `prores-compare` on your own config: the initialisation may move the threshold).'
         )
     return (
         f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
@@ -120,7 +121,9 @@ def short_warmup_message(warmup_steps: float, num_layers: int, auto_run_steps: f
         f'can collapse '
         f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
         f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
-        f'ProRes off for runs this short.'
+        f'ProRes off for runs this short. That threshold was measured with the official N(0, 0.02) '
+        f'initialisation on a small model, and the initialisation may move it (benchmarks/RESULTS.md): '
+        f'`prores-compare` measures it on your own config.'
     )
 
 
