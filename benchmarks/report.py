@@ -359,6 +359,30 @@ def gpu_quality(r: dict) -> str:
     )
 
 
+def arch_bytes(r: dict) -> str:
+    sh = r['shape']
+    rows = [
+        [
+            name,
+            f'{a["branches_in_gemm"]} / {a["branches"]}',
+            f'{a["default_extra_bytes"]:+,d}',
+            f'{a["hook_extra_bytes"]:+,d}',
+            f'**{a["ratio"]:+.4f}**',
+        ]
+        for name, a in r['architectures'].items()
+    ]
+    return table(
+        [
+            f'transformers {r["transformers"]}, {sh["layers"]} layers × {sh["hidden"]}, {sh["batch"]}×{sh["seq"]} tokens, fp32',
+            'branches with α in a GEMM',
+            'extra bytes per step: default',
+            'extra bytes per step: hook',
+            'default / hook',
+        ],
+        rows,
+    )
+
+
 GENERATORS = {
     'quality-status': ('quality', quality_status),
     'quality-answer': ('quality', quality_answer),
@@ -370,6 +394,7 @@ GENERATORS = {
     'sharded-memory': ('sharded_memory', sharded_memory),
     'gpu-mechanisms': ('gpu_mechanisms', gpu_mechanisms),
     'gpu-quality': ('gpu_quality', gpu_quality),
+    'arch-bytes': ('arch_bytes', arch_bytes),
 }
 # the GPU measurements committed from the occasional GPU machine (benchmarks/gpu_session.sh)
 GPU_MECHANISM_FILES = {
@@ -409,6 +434,7 @@ def main(argv=None) -> str:
         ('quality', args.quality),
         ('sharded_memory', args.sharded_memory),
         ('gpu_quality', args.gpu_quality),
+        ('arch_bytes', HERE / 'results' / 'arch_bytes.json'),
     )
     sources = {k: json.loads(Path(v).read_text()) if Path(v).is_file() else None for k, v in named}
     gpu = {name: HERE / 'results' / f for name, f in GPU_MECHANISM_FILES.items()}

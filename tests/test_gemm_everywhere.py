@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 import transformers as T
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from benchmarks.arch_bytes import ARCHITECTURES, extra_bytes
+from benchmarks.arch_bytes import build as build_tiny
 from prores_algo import apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.scaled_linear import has_scaled_forward
@@ -27,7 +27,6 @@ from tests.test_architectures import ARCH_BY_NAME
 from tests.test_more_architectures import build as build_more
 
 BATCH, SEQ = 2, 8
-MID = 0.5  # mid-warmup α
 
 
 def _build(name):
@@ -46,8 +45,6 @@ GEMM_ARCHS = [
     'qwen2_moe',
     'mpt',
 ]
-# the architectures of the byte count (one per family; llama is the nn.Linear case that already had it)
-BYTE_ARCHS = ['llama', 'gpt2', 'gpt_neox_parallel', 'falcon_sequential', 'mixtral', 'mpt']
 
 
 def _ids(model, seed=1):
@@ -215,65 +212,13 @@ def test_gemm_everywhere_compiled_no_recompile_when_alpha_changes(name):
 
 
 # aliasing ops that do not carry the view flag (_unsafe_view: what matmul returns for a folded batch)
-_VIEW_LIKE = {
-    torch.ops.aten.detach.default,
-    torch.ops.aten.alias.default,
-    torch.ops.aten.lift_fresh.default,
-    torch.ops.aten._unsafe_view.default,
-}
-
-
-class ByteCounter(TorchDispatchMode):
-    """Sums the bytes of every ATen op's tensor inputs and outputs (views and aliases excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not (func.is_view or func in _VIEW_LIKE):
-            leaves = tree_flatten((args, kwargs or {}, out))[0]
-            self.bytes += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
-        return out
-
-
-def _step_bytes(model, ids) -> int:
-    with ByteCounter() as counter:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    return counter.bytes
-
-
-def extra_bytes(name) -> tuple[int, int]:
-    """(bytes added by the default mechanism, bytes added by the hook) to one training step at α = 0.5."""
-    off = _build(name).train()  # every dropout probability is 0: train mode is deterministic
-    if name == 'mixtral':
-        # α changes the router's input, so the α = 0.5 models could send a token to another expert than the
-        # plain one and run a different number of expert GEMMs; a zero router picks the same experts for
-        # every variant (uniform weights), so the counts differ by ProRes alone.
-        with torch.no_grad():
-            for layer in off.model.layers:
-                layer.block_sparse_moe.gate.weight.zero_()
-    auto, hook = copy.deepcopy(off), copy.deepcopy(off)
-    for m, mech in ((auto, 'auto'), (hook, 'hook')):
-        ctrl = apply_prores(m, t_warmup=1000, mechanism=mech)
-        ctrl.set_alphas([MID] * ctrl.num_layers)
-    ids = _ids(off)
-    base, a, h = (_step_bytes(m, ids) for m in (off, auto, hook))
-    return a - base, h - base
-
-
-@pytest.mark.parametrize('name', BYTE_ARCHS)
+@pytest.mark.parametrize('name', list(ARCHITECTURES))
 def test_gemm_everywhere_default_moves_at_most_a_fifth_of_the_hook_bytes(name):
-    auto, hook = extra_bytes(name)
-    assert hook > 4 * BATCH * SEQ * 32  # the hook reads and writes at least one activation per branch
-    assert auto <= 0.2 * hook, f'{name}: default +{auto} B, hook +{hook} B per step'
-
-
-if __name__ == '__main__':  # the ratios of the issue: python -m tests.test_gemm_everywhere
-    for arch in BYTE_ARCHS:
-        a, h = extra_bytes(arch)
-        print(f'{arch:20s} default +{a:>8d} B   hook +{h:>8d} B   ratio {a / h:+.4f}')
+    """Counted exactly by `benchmarks.arch_bytes` (the numbers in benchmarks/RESULTS.md come from it)."""
+    r = extra_bytes(build_tiny(name))
+    assert r['branches_in_gemm'] == r['branches'] == 4
+    assert r['hook_extra_bytes'] > 4 * 2 * 8 * 32  # the hook reads and writes at least one activation per branch
+    assert r['default_extra_bytes'] <= 0.2 * r['hook_extra_bytes'], (name, r)
 
 
 def test_gemm_everywhere_second_apply_refused_on_gemm_targets():
