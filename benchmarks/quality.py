@@ -398,9 +398,7 @@ def _safe_execute(spec: dict, data_path: str, unigram: float) -> dict:
 # ----------------------------------------------------------------------------------------- summary
 def _pairs(runs: dict, keys: list[str], variant: str = 'linear', **match) -> list[tuple[dict, dict]]:
     """(baseline, variant) run pairs with the same seed among `keys` matching `match`."""
-    sel = [
-        runs[k] for k in keys if k in runs and all(runs[k]['spec'].get(a, 'official') == b for a, b in match.items())
-    ]
+    sel = [runs[k] for k in keys if k in runs and all(runs[k]['spec'][a] == b for a, b in match.items())]
 
     def by_seed(v):
         return {r['spec']['seed']: r for r in sel if r['spec']['variant'] == v}
