@@ -65,9 +65,12 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class ScaledLinearFunction(torch.autograd.Function):
-    """`alpha * F.linear(x, weight, bias)` with alpha a Python float applied inside the GEMMs.
+    """`alpha * F.linear(x, weight, bias)` with alpha a Python float applied inside the GEMMs, on x flattened to
+    2-D; `scaled_linear` restores the leading dimensions.
 
-    `transposed=True`: the weight is stored (in, out), as in transformers' Conv1D (`addmm(b, x, W)`)."""
+    `transposed=True`: the weight is stored (in, out), as in transformers' Conv1D (`addmm(b, x, W)`).
+    The output is a fresh 2-D tensor, not a view: a caller may modify the branch output in place (Falcon's
+    `mlp_output += attention_output`), which autograd forbids on a view made inside a custom Function."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, alpha: float, transposed: bool = False):
@@ -88,13 +91,13 @@ class ScaledLinearFunction(torch.autograd.Function):
         ctx.alpha, ctx.has_bias, ctx.transposed = alpha, bias is not None, transposed
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, w = ctx.saved_tensors
         alpha = ctx.alpha
-        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g = grad_out
         if g.dtype != w.dtype:
             g = g.to(w.dtype)
         grad_x = grad_w = grad_b = None
@@ -112,7 +115,8 @@ class ScaledLinearFunction(torch.autograd.Function):
 def scaled_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float, transposed: bool = False
 ) -> torch.Tensor:
-    return ScaledLinearFunction.apply(x, weight, bias, float(alpha), transposed)
+    y = ScaledLinearFunction.apply(x, weight, bias, float(alpha), transposed)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # Forwards known to compute exactly the affine map x·Wᵀ + b (up to rounding) of their `weight` and `bias`,
@@ -148,7 +152,7 @@ def _scaled_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     alpha = self.__dict__[ALPHA_VALUE_ATTR]
     if alpha == 1.0:  # the class's own forward: bitwise what the module computes without ProRes
         return type(self).forward(self, x)
-    return ScaledLinearFunction.apply(x, self.weight, self.bias, alpha, self.__dict__[_TRANSPOSED_ATTR])
+    return scaled_linear(x, self.weight, self.bias, alpha, self.__dict__[_TRANSPOSED_ATTR])
 
 
 _TRANSPOSED_ATTR = '_prores_weight_transposed'

@@ -12,6 +12,7 @@ from prores_algo.scaled_linear import (
     can_scale_in_gemm,
     has_scaled_forward,
     install_scaled_forward,
+    scaled_linear,
     set_scaled_alpha,
     uninstall_scaled_forward,
 )
@@ -175,3 +176,20 @@ def test_subclass_overriding_forward_of_a_known_class_is_not_scaled():
             return super().forward(x).round()
 
     assert not can_scale_in_gemm(QuantConv1D(4, 4)) and not can_scale_in_gemm(nn.Dropout())
+
+
+def test_branch_output_may_be_modified_in_place():
+    """Falcon adds the attention output into the MLP output in place (`mlp_output += attention_output`):
+    the scaled GEMM's output must allow it, with the gradients of alpha·(x Wᵀ + b) + r."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    r = torch.randn(2, 3, 4)
+    y = scaled_linear(x, lin.weight, lin.bias, 0.25)
+    y += r
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = 0.25 * nn.functional.linear(x_ref, lin.weight, lin.bias) + r
+    grads = torch.autograd.grad(ref.square().sum(), [x_ref, lin.weight])
+    torch.testing.assert_close(x.grad, grads[0])
+    torch.testing.assert_close(lin.weight.grad, grads[1])
