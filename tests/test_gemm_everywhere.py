@@ -180,7 +180,7 @@ def test_gemm_everywhere_fold_prores_equals_the_live_model(name, via):
         torch.testing.assert_close(_logits(model, ids), live, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'gpt_neox_parallel', 'falcon_sequential', 'mixtral', 'mpt'])
+@pytest.mark.parametrize('name', [*GEMM_ARCHS, 'llama', 'opt', 'phi'])
 def test_gemm_everywhere_compiled_no_recompile_when_alpha_changes(name):
     torch._dynamo.reset()
     model = _build(name)
@@ -273,7 +273,7 @@ def _train(model, ctrl, opt, ids, steps):
     return losses
 
 
-@pytest.mark.parametrize('name', GEMM_ARCHS)
+@pytest.mark.parametrize('name', [*GEMM_ARCHS, 'llama', 'opt', 'phi'])
 def test_gemm_everywhere_exact_resume(name, tmp_path):
     """Train 6 steps straight, or 3, save model + optimizer, rebuild a differently seeded model, apply ProRes,
     load, train 3 more: the same losses, α and parameters, bitwise. W = 8 steps, so the resumed run is still
