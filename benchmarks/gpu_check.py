@@ -21,7 +21,7 @@ seq 1024), bf16 autocast, AdamW, grad clipping:
     graph compilations caused by α updates during the timed steps (expected 0: α is a 0-dim buffer
     updated in place) and after `remove()` once warmup is over (the hooks change: a new graph, or
     reuse of the hook-free graph already compiled for the "off" model);
-  * if `deepspeed` imports: a short single-GPU ZeRO-3 run of prores_algo.ds_train; otherwise says why
+  * if `deepspeed` imports: a short single-GPU ZeRO-3 run of prores_algo.training.deepspeed.loop; otherwise says why
     it was skipped.
 Results: printed, and written as JSON to $OUT/gpu_check.json when $OUT is set (after every phase, so
 a timeout still leaves partial results).
@@ -63,20 +63,23 @@ def import_core():
     so a plain import works. Should a future __init__ import something missing here, fall back to
     loading the core modules under a bare package object that skips __init__.py."""
     try:
-        from prores_algo import schedules, surgery
-        from prores_algo.models import decoder
+        from prores_algo import alpha_schedules, surgery
+        from prores_algo.training.models import decoder
 
-        return schedules, surgery, decoder, 'package'
+        return alpha_schedules, surgery, decoder, 'package'
     except ImportError as e:
         for name in [m for m in sys.modules if m == 'prores_algo' or m.startswith('prores_algo.')]:
             del sys.modules[name]
-        for name, sub in (('prores_algo', 'prores_algo'), ('prores_algo.models', 'prores_algo/models')):
+        for name, sub in (
+            ('prores_algo', 'prores_algo'),
+            ('prores_algo.training.models', 'prores_algo/training/models'),
+        ):
             pkg = types.ModuleType(name)
             pkg.__path__ = [str(ROOT / sub)]
             sys.modules[name] = pkg
-        schedules = importlib.import_module('prores_algo.schedules')
+        schedules = importlib.import_module('prores_algo.alpha_schedules')
         surgery = importlib.import_module('prores_algo.surgery')
-        decoder = importlib.import_module('prores_algo.models.decoder')
+        decoder = importlib.import_module('prores_algo.training.models.decoder')
         return schedules, surgery, decoder, f'bare (package __init__ failed: {e})'
 
 
@@ -336,7 +339,7 @@ def run_deepspeed(args) -> dict:
         cmd = [
             sys.executable,
             '-m',
-            'prores_algo.ds_train',
+            'prores_algo.training.deepspeed.loop',
             '--deepspeed_config',
             path,
             '--n_layers',
@@ -394,9 +397,9 @@ def run_deepspeed(args) -> dict:
 
 
 def _core_alphas(args, t):
-    from prores_algo import schedules
+    from prores_algo import alpha_schedules
 
-    return schedules.alphas('linear', args.n_layers, t, 1000 * args.n_layers)
+    return alpha_schedules.alphas('linear', args.n_layers, t, 1000 * args.n_layers)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,8 +90,8 @@ def train_one(args, spl: float, seed: int, variant: str, deadline: float) -> dic
     import torch
     import torch.nn.functional as F
 
-    from prores_algo.models.decoder import build_decoder
     from prores_algo.surgery import apply_prores
+    from prores_algo.training.models.decoder import build_decoder
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device('cuda' if cuda else 'cpu')

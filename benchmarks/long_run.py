@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks._common import ROOT, write_json
 from prores_algo import ProRes, WSDScheduler
-from prores_algo.models.composer_decoder import ComposerDecoder
-from prores_algo.models.decoder import DecoderConfig
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
+from prores_algo.training.models.composer_decoder import ComposerDecoder
+from prores_algo.training.models.decoder import DecoderConfig
 
 OBJ_TOL_PER_1K = 20.0
 RSS_TOL_MB_PER_1K = 1.0

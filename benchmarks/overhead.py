@@ -1,6 +1,6 @@
 """ProRes overhead benchmark: step time, peak memory and torch.compile recompilations vs a baseline.
 
-Two models of the same size (CPU, fp32): the reference decoder (`prores_algo.models.decoder`, Pre-LN)
+Two models of the same size (CPU, fp32): the reference decoder (`prores_algo.training.models.decoder`, Pre-LN)
 and a transformers `LlamaForCausalLM`. Three variants of each, with identical initial weights:
 
   baseline        no ProRes
@@ -61,8 +61,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import ROOT, machine_info, peak_bytes_above_start, write_json
-from prores_algo.models.decoder import Decoder, DecoderConfig, default_d_ffn
 from prores_algo.surgery import apply_prores
+from prores_algo.training.models.decoder import Decoder, DecoderConfig, default_d_ffn
 
 VARIANTS = ('baseline', 'prores_warmup', 'prores_done')
 TARGETS = {

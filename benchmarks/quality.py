@@ -54,8 +54,8 @@ try:  # run as `python -m benchmarks.quality` or loaded as part of the package
 except ImportError:  # run as `python -m benchmarks.quality`: its folder is on sys.path
     from _common import ROOT, machine_info, write_json
 
-from prores_algo.compare import pair_by_seed, run_pool
 from prores_algo.paired_stats import summarize_deltas
+from prores_algo.training.compare import pair_by_seed, run_pool
 
 RESULTS = ROOT / 'benchmarks' / 'results'
 YAML = ROOT / 'benchmarks' / 'quality.yaml'
@@ -239,11 +239,11 @@ def init_ratios(specs: list[dict], data_path: Path, known: dict, n_seqs: int = 3
     import torch
     from composer.utils import reproducibility
 
-    from prores_algo.config import load_config
-    from prores_algo.data import TokenDataset
     from prores_algo.monitor import branch_to_stream_ratio
-    from prores_algo.tokenizers import load_tokenizer
-    from prores_algo.train import build_model
+    from prores_algo.training.composer_train import build_model
+    from prores_algo.training.config import load_config
+    from prores_algo.training.data import TokenDataset
+    from prores_algo.training.tokenizers import load_tokenizer
 
     ds = TokenDataset(local=str(data_path), split='val', shuffle=False, batch_size=1)
     ids = torch.stack([ds[i]['input_ids'] for i in range(min(n_seqs, len(ds)))])
@@ -293,9 +293,9 @@ def _final_position_cosine(data_path: Path, n_seqs: int = 32):
     import torch
     from composer.core import Callback
 
-    from prores_algo.data import TokenDataset
     from prores_algo.monitor import position_cosine
     from prores_algo.surgery import find_residual_layers
+    from prores_algo.training.data import TokenDataset
 
     class FinalCosine(Callback):
         def __init__(self):
@@ -325,9 +325,9 @@ def execute(spec: dict, data_path: Path, unigram: float) -> dict:
     import torch
     from composer.loggers import InMemoryLogger
 
-    from prores_algo.config import load_config
     from prores_algo.monitor import SpikeCounter
-    from prores_algo.train import run
+    from prores_algo.training.composer_train import run
+    from prores_algo.training.config import load_config
 
     torch.set_num_threads(1)  # two 1-thread jobs on 2 cores; 2 threads that wait on each other are far slower
     cfg = load_config(YAML, overrides(spec, data_path))
@@ -351,12 +351,12 @@ def execute(spec: dict, data_path: Path, unigram: float) -> dict:
         (k for k in mem.data if k.startswith('prores/alpha/layer_')), key=lambda k: int(k.rsplit('_')[-1])
     )
     if alpha_keys:  # the logged α against the formula, so a wrong schedule cannot hide in the numbers
-        from prores_algo import schedules
+        from prores_algo import alpha_schedules
 
         worst = 0.0
         for layer, key in enumerate(alpha_keys):
             for t, a in mem.data[key]:
-                want = schedules.alphas(spec['variant'], spec['layers'], int(t.batch), spec['t_warmup'])[layer]
+                want = alpha_schedules.alphas(spec['variant'], spec['layers'], int(t.batch), spec['t_warmup'])[layer]
                 worst = max(worst, abs(float(a) - want))
         out['alpha_max_abs_err'] = worst
     return out
@@ -367,7 +367,7 @@ def unigram_level(data_path: Path, eval_batches: int, train_samples: int = 20000
     the first training sequences (add-one smoothing): what a model that ignores context gets."""
     import numpy as np
 
-    from prores_algo.data import TokenDataset
+    from prores_algo.training.data import TokenDataset
 
     def load(split, n):
         ds = TokenDataset(local=str(data_path), split=split, shuffle=False, batch_size=1)
@@ -730,7 +730,7 @@ def main(argv=None) -> dict:
         studies = {k: (v if k in keep else []) for k, v in studies.items()}
         specs = [s for s in specs if any(run_key(s) in v for v in studies.values())]
 
-    from prores_algo.data import ensure_dataset
+    from prores_algo.training.data import ensure_dataset
 
     settings = dict(DATA_SETTINGS, max_tokens=SMOKE_MAX_TOKENS) if args.mode == 'smoke' else dict(DATA_SETTINGS)
     data_path = Path(args.data or (str(DATA) + ('-smoke' if args.mode == 'smoke' else '')))

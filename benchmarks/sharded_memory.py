@@ -52,7 +52,7 @@ TARGET_RATIO = 1.01
 def _model(size: dict):
     import torch
 
-    from prores_algo.models.decoder import Decoder, DecoderConfig
+    from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
     torch.manual_seed(0)
     return Decoder(

@@ -8,11 +8,11 @@
 --t-warmup takes what the trainers take: optimizer steps ('24000' or '24000ba'), a fraction of the run
 ('0.3dur') or 'auto' (min(1000·L, 0.25·run), `timing.auto_warmup_steps`); the last two need
 --max-duration, the run length in optimizer steps. The tool prints W / L and W's share of the run, and
-flags a W / L below `schedules.MIN_STEPS_PER_LAYER` as the trainers' warning does.
+flags a W / L below `alpha_schedules.MIN_STEPS_PER_LAYER` as the trainers' warning does.
 
 Rows are sampled steps (evenly spaced from 0 to --duration, plus W itself), columns are layers; deep
 models show a subset of layers (always the first and the last) unless --all-layers is given. The values
-are exactly `prores_algo.schedules.alpha`. Imports only the pure-Python schedules (matplotlib only for
+are exactly `prores_algo.alpha_schedules.alpha`. Imports only the pure-Python schedules (matplotlib only for
 --png, with the Agg backend: no display needed).
 """
 
@@ -22,7 +22,7 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
 __all__ = ['alpha_table', 'format_table', 'sample_steps', 'sample_layers', 'plot_alpha_heatmap', 'main']
@@ -57,7 +57,7 @@ def sample_layers(num_layers: int, max_columns: int) -> list[int]:
 
 def alpha_table(schedule: str, num_layers: int, t_warmup: float, steps: Sequence[float]) -> list[list[float]]:
     """α for every (step, layer): rows follow `steps`, columns are layers 0..L-1."""
-    return [schedules.alphas(schedule, num_layers, t, t_warmup) for t in steps]
+    return [alpha_schedules.alphas(schedule, num_layers, t, t_warmup) for t in steps]
 
 
 def format_table(
@@ -73,7 +73,7 @@ def format_table(
     rows = alpha_table(schedule, num_layers, t_warmup, steps)
     width = max(digits + 2, 6)
     step_w = max(len('step'), *(len(f'{s:g}') for s in steps))
-    name = schedules.canonical_name(schedule)
+    name = alpha_schedules.canonical_name(schedule)
     lines = [
         f'ProRes schedule {name!r}: L={num_layers}, t_warmup W={t_warmup:g} (T=W/L={t_warmup / num_layers:g}); '
         f'alpha(l, t), l = 1..{num_layers}'
@@ -112,7 +112,7 @@ def plot_alpha_heatmap(
     num_layers = int(_positive('layers', num_layers, int))
     n = max(2, int(resolution))
     ts = [duration * k / (n - 1) for k in range(n)]
-    grid = [[schedules.alpha(schedule, l, num_layers, t, t_warmup) for t in ts] for l in range(num_layers)]
+    grid = [[alpha_schedules.alpha(schedule, l, num_layers, t, t_warmup) for t in ts] for l in range(num_layers)]
     fig, ax = plt.subplots(figsize=(8, max(3.0, min(10.0, 0.25 * num_layers + 2))))
     try:
         im = ax.imshow(
@@ -130,7 +130,9 @@ def plot_alpha_heatmap(
             ax.legend(loc='lower right', fontsize=8)
         ax.set_xlabel('step t')
         ax.set_ylabel('layer l')
-        ax.set_title(title or f'ProRes α(l, t): {schedules.canonical_name(schedule)}, L={num_layers}, W={t_warmup:g}')
+        ax.set_title(
+            title or f'ProRes α(l, t): {alpha_schedules.canonical_name(schedule)}, L={num_layers}, W={t_warmup:g}'
+        )
         fig.colorbar(im, ax=ax, label='α')
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -160,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the run length in optimizer steps ('2000ba' or 2000): needed by 'Xdur' and 'auto'; gives W's share",
     )
-    p.add_argument('--schedule', default='linear', help=f'one of {schedules.names()} or an alias')
+    p.add_argument('--schedule', default='linear', help=f'one of {alpha_schedules.names()} or an alias')
     p.add_argument(
         '--duration', type=float, default=None, help='last step shown (default: --max-duration, else 1.25·W)'
     )
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        schedules.canonical_name(args.schedule)
+        alpha_schedules.canonical_name(args.schedule)
         if args.layers < 1:
             raise ValueError(f'--layers must be >= 1, got {args.layers}')
         run = _run_length(args.max_duration)
@@ -193,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(args.schedule, args.layers, t_warmup, steps, layers, digits=args.digits))
     share = '' if run is None else f'; W is {100 * t_warmup / run:.3g}% of the run ({run:g} steps)'
     print(f'W / L = {t_warmup / args.layers:g} steps per layer{share}')
-    short = schedules.short_warmup_message(t_warmup, args.layers, run if is_auto(args.t_warmup) else None)
+    short = alpha_schedules.short_warmup_message(t_warmup, args.layers, run if is_auto(args.t_warmup) else None)
     if short is not None:
         print(f'warning: {short}', file=sys.stderr)
     if t_warmup > duration:
@@ -226,7 +228,7 @@ def _run_length(value) -> float | None:
 def _warmup(value, num_layers: int, run: float | None) -> float:
     """--t-warmup in optimizer steps (the default, a number, 'Nba', 'Xdur' or 'auto')."""
     if value is None:
-        return schedules.default_warmup(num_layers)
+        return alpha_schedules.default_warmup(num_layers)
     needs_run = is_auto(value) or value.strip().endswith('dur')
     if needs_run and run is None:
         raise ValueError(f"--t-warmup {value!r} is relative to the run: add --max-duration, e.g. '2000ba'")

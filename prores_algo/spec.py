@@ -18,10 +18,10 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
+from prores_algo.alpha_schedules import default_warmup
 from prores_algo.layers import ResidualLayer, find_residual_layers
 from prores_algo.policies import check_branches
-from prores_algo.schedules import default_warmup
 from prores_algo.surgery import ProResController, warn_if_short_warmup
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
@@ -53,7 +53,7 @@ class ProResSpec:
     """One ProRes configuration, validated on construction.
 
     Args:
-        schedule: α schedule, one of `prores_algo.schedules.names()` or an alias (default 'linear').
+        schedule: α schedule, one of `prores_algo.alpha_schedules.names()` or an alias (default 'linear').
         t_warmup: W as the user wrote it: a number of steps, a Time string ('24000ba', '0.1dur'), 'auto'
             (min(1000·L, 0.25·run length), `timing.auto_warmup_steps`), or None for the paper's default
             (1000 steps per layer). Each front end resolves it against
@@ -70,7 +70,7 @@ class ProResSpec:
     remove_when_done: bool = True
 
     def __post_init__(self) -> None:
-        self.schedule = schedules.canonical_name(self.schedule)
+        self.schedule = alpha_schedules.canonical_name(self.schedule)
         if is_auto(self.t_warmup):
             self.t_warmup = 'auto'
         if self.branches is not None:
@@ -183,7 +183,7 @@ def _normalised(record: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(record)
     if out.get('schedule') is not None:
         try:
-            out['schedule'] = schedules.canonical_name(out['schedule'])
+            out['schedule'] = alpha_schedules.canonical_name(out['schedule'])
         except ValueError:
             pass
     if isinstance(out.get('t_warmup'), (int, float)) and not isinstance(out.get('t_warmup'), bool):

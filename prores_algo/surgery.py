@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.layers import ResidualLayer, find_residual_layers, resolve_branch
 from prores_algo.policies import fold_targets_for
 from prores_algo.scaled_linear import (
@@ -214,7 +214,7 @@ class ProResController:
         # the run length (optimizer steps) when W came from t_warmup='auto' (timing.auto_warmup_steps), else None
         self.auto_run_steps: float | None = None
         self.layers = layers
-        self.schedule = schedules.canonical_name(schedule)
+        self.schedule = alpha_schedules.canonical_name(schedule)
         self._warmup_steps = None if warmup_steps is None else _check_warmup(warmup_steps)
         self.remove_when_done = remove_when_done
         self.step: float = 0.0
@@ -269,7 +269,7 @@ class ProResController:
         return [1.0] * len(self.layers) if self.removed else list(self._alphas)
 
     def alphas_at(self, step: float) -> list[float]:
-        return schedules.alphas(self.schedule, self.num_layers, step, self._require_warmup())
+        return alpha_schedules.alphas(self.schedule, self.num_layers, step, self._require_warmup())
 
     def done(self, step: float | None = None) -> bool:
         """True once every α is 1 for good (t >= W), after which the scaling can be removed."""
@@ -473,7 +473,7 @@ def apply_prores(
     Args:
         model: any torch module containing transformer layers (HF models, Composer's HuggingFaceModel,
             our reference decoder, your own).
-        schedule: name from `prores_algo.schedules.names()` (or an alias).
+        schedule: name from `prores_algo.alpha_schedules.names()` (or an alias).
         t_warmup: W, in optimizer steps (or whatever unit you will pass to `set_step`): the time at which
             every α reaches 1. Default: the paper's 1000 steps per layer (W = 1000·L). 'auto':
             W = min(1000·L, 0.25·total_steps), rounded to whole steps (`timing.auto_warmup_steps`).
@@ -497,7 +497,7 @@ def apply_prores(
         )
     layers = find_residual_layers(model, layer_class, branches, layer_pattern)
     if t_warmup is None:
-        t_warmup = schedules.default_warmup(len(layers))
+        t_warmup = alpha_schedules.default_warmup(len(layers))
     elif auto:
         t_warmup = auto_warmup_steps(len(layers), total_steps)
     controller = ProResController(layers, schedule, t_warmup, remove_when_done, mechanism)
@@ -513,7 +513,9 @@ def warn_if_short_warmup(controller: ProResController) -> bool:
     Front ends call it once W is known in steps; True if it warned."""
     if controller._warned_short or controller.warmup_steps is None:
         return False
-    msg = schedules.short_warmup_message(controller.warmup_steps, controller.num_layers, controller.auto_run_steps)
+    msg = alpha_schedules.short_warmup_message(
+        controller.warmup_steps, controller.num_layers, controller.auto_run_steps
+    )
     if msg is None:
         return False
     controller._warned_short = True

@@ -115,7 +115,7 @@ def auto_warmup_steps(num_layers: int, total_steps: Any) -> int:
     (at least 1). The paper's T = 1000 steps per layer, capped at a quarter of the run.
 
     The one place the rule is written: every front end calls it once the run length is known."""
-    from prores_algo.schedules import PAPER_STEPS_PER_LAYER
+    from prores_algo.alpha_schedules import PAPER_STEPS_PER_LAYER
 
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f'num_layers must be a positive int, got {num_layers!r}')

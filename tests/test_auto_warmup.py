@@ -13,7 +13,7 @@ import pytest
 from composer import Callback
 from composer.loggers import InMemoryLogger
 
-from prores_algo import ProRes, apply_prores, schedules
+from prores_algo import ProRes, alpha_schedules, apply_prores
 from prores_algo.timing import auto_warmup_steps
 from tests.support.helpers import tiny_composer_model
 
@@ -55,7 +55,7 @@ def test_apply_prores_auto(total, expected):
         c = apply_prores(tiny_composer_model().model, t_warmup='auto', total_steps=total)
     assert c.warmup_steps == expected
     msgs = _prores_warnings(rec)
-    if expected / L < schedules.MIN_STEPS_PER_LAYER:
+    if expected / L < alpha_schedules.MIN_STEPS_PER_LAYER:
         assert len(msgs) == 1, msgs
         assert "t_warmup='auto'" in msgs[0] and f'W / L = {expected / L:.3g}' in msgs[0]
         assert f'W = {1000 * L}' in msgs[0] and f'quarter of the run ({total} steps)' in msgs[0]
@@ -85,8 +85,8 @@ def test_deepspeed_helper_auto(total, expected):
 # --- the DeepSpeed entry: YAML, flat flag, resume -----------------------------------------------------------
 @pytest.mark.parametrize('steps, expected', [(12, 3), (LONG, 4000)])
 def test_deepspeed_entry_resolves_auto(steps, expected, tmp_path):
-    from prores_algo.ds_cli import parse
-    from prores_algo.ds_settings import from_flat, from_yaml, resolve
+    from prores_algo.training.deepspeed.cli import parse
+    from prores_algo.training.deepspeed.settings import from_flat, from_yaml, resolve
     from tests.integrations.test_deepspeed import ROOT
 
     flat = resolve(from_flat({'n_layers': L, 'steps': steps, 't_warmup': 'auto'})[0])
@@ -108,7 +108,7 @@ def test_deepspeed_entry_resolves_auto(steps, expected, tmp_path):
 
 
 def test_deepspeed_flag_rejects_garbage(capsys):
-    from prores_algo.ds_cli import parse
+    from prores_algo.training.deepspeed.cli import parse
 
     with pytest.raises(SystemExit) as e:
         parse(['--t_warmup', 'soon'])
@@ -125,8 +125,8 @@ def no_dist_env(monkeypatch):
 def test_deepspeed_entry_resume_keeps_recorded_auto_warmup(tmp_path, no_dist_env):
     """A checkpoint of a 12-step 'auto' run (W = 3) resumed as a 40-step run keeps W = 3 (the new run
     length alone would give 10); an explicit other W is still refused."""
-    from prores_algo.ds_settings import from_flat
-    from prores_algo.ds_train import _prepare
+    from prores_algo.training.deepspeed.loop import _prepare
+    from prores_algo.training.deepspeed.settings import from_flat
     from tests.integrations.test_deepspeed import ZERO3_JSON
 
     ckpt = tmp_path / 'ckpt'
@@ -298,7 +298,9 @@ def test_hf_trainer_auto_resume_with_larger_max_steps_keeps_w(tmp_path):
         )
     assert cb2.controller.warmup_steps == 4
     step, alphas = seen[0]
-    assert step == 2 and alphas == {i: pytest.approx(a) for i, a in enumerate(schedules.alphas('linear', 3, 2, 4))}
+    assert step == 2 and alphas == {
+        i: pytest.approx(a) for i, a in enumerate(alpha_schedules.alphas('linear', 3, 2, 4))
+    }
 
 
 # --- prores-preview ------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ One parametrized test, one row per bad input, across
     register_policy, WSDScheduler / wsd_multiplier;
   * the YAML entry: load_config (wrong types, unknown keys, out-of-range values, malformed files and
     overrides) and build_trainer (unknown names, conflicting settings, a model without residual branches);
-  * the data CLI `prores_algo.data.main` and the loader (missing files, empty corpus, seq_len larger than
+  * the data CLI `prores_algo.training.data.main` and the loader (missing files, empty corpus, seq_len larger than
     the data, bad numbers, truncated / missing shards, a damaged index);
   * the DeepSpeed path (conflicting DeepSpeed JSON, ds_train options);
   * resuming under a different ProRes configuration (Composer load_path and autoresume, DeepSpeed).
@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 import prores_algo
-from prores_algo import apply_prores, register_policy, schedules
-from prores_algo.config import ConfigError, load_config
-from prores_algo.models.decoder import Decoder, DecoderConfig
+from prores_algo import alpha_schedules, apply_prores, register_policy
 from prores_algo.policies import LAYER_POLICIES
 from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.training.config import ConfigError, load_config
+from prores_algo.training.models.decoder import Decoder, DecoderConfig
 from tests.support.helpers import DIST_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
 @pytest.fixture(scope='session')
 def bad_inputs_dataset(tmp_path_factory):
     """Byte-level stdlib shards, seq_len 32 (train + val)."""
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     out = tmp_path_factory.mktemp('bad_inputs') / 'stdlib-32'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=60_000, progress=False)
@@ -82,7 +82,7 @@ def small(data_path, *extra):
 @pytest.fixture(scope='session')
 def bad_inputs_checkpoint(bad_inputs_dataset, tmp_path_factory):
     """A 2-batch Composer run (ProRes linear, t_warmup 4ba) saved at batch 2, run_name 'ckpt-run'."""
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     folder = tmp_path_factory.mktemp('bad_inputs_ckpt') / 'ckpt'
     trainer = build_trainer(
@@ -171,7 +171,7 @@ def sub(text, ctx):
 
 def cli(*argv):
     def fn(ctx):
-        from prores_algo.data import main
+        from prores_algo.training.data import main
 
         args = [sub(a, ctx) for a in argv]
         if '--no-progress' not in args:
@@ -189,7 +189,7 @@ def build(*overrides, fit=False, data=False):
     """build_trainer from the quickstart with overrides; data=True points it at the session dataset."""
 
     def fn(ctx):
-        from prores_algo.train import build_trainer
+        from prores_algo.training.composer_train import build_trainer
 
         over = small(ctx.data) if data else [f'data.path={ctx.tmp}/d', 'model.max_seq_len=128']
         trainer = build_trainer(load_config(QS, [*over, *(sub(o, ctx) for o in overrides)]))
@@ -244,7 +244,7 @@ def ds_json(**changes):
 
 def ds_train(cfg):
     def fn(ctx):
-        from prores_algo.ds_train import train
+        from prores_algo.training.deepspeed.loop import train
 
         return train({k: (sub(v, ctx) if isinstance(v, str) else v) for k, v in cfg.items()})
 
@@ -276,7 +276,7 @@ def truncate_shard(ctx):
 
 def loader(path_fn, split='train', **kw):
     def fn(ctx):
-        from prores_algo.data import build_dataloader
+        from prores_algo.training.data import build_dataloader
 
         return build_dataloader(str(path_fn(ctx)), split, 2, **kw)
 
@@ -287,7 +287,7 @@ def composer_resume(*overrides):
     """A new Trainer over the session checkpoint with other settings; saves (if at all) into tmp/new_ckpt."""
 
     def fn(ctx):
-        from prores_algo.train import build_trainer
+        from prores_algo.training.composer_train import build_trainer
 
         over = [sub(o, ctx) for o in overrides]
         build_trainer(load_config(QS, small(ctx.data, 'max_duration=4ba', *over)))
@@ -297,7 +297,7 @@ def composer_resume(*overrides):
 
 def resume_refused_and_weights_only_works(ctx):
     nothing_in('new_ckpt')(ctx)
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     trainer = build_trainer(
         load_config(
@@ -326,12 +326,12 @@ def autoresume_folder_unchanged(ctx):
 
 
 def schedules_unchanged(ctx):
-    assert schedules.names() == ctx.state['names'] and schedules.aliases() == ctx.state['aliases']
+    assert alpha_schedules.names() == ctx.state['names'] and alpha_schedules.aliases() == ctx.state['aliases']
 
 
 def snapshot_schedules(fn):
     def wrapped(ctx):
-        ctx.state['names'], ctx.state['aliases'] = schedules.names(), schedules.aliases()
+        ctx.state['names'], ctx.state['aliases'] = alpha_schedules.names(), alpha_schedules.aliases()
         return fn(ctx)
 
     return wrapped
@@ -491,33 +491,33 @@ def _api():
         # --- schedules --------------------------------------------------------------------------------
         Bad(
             'sched-layer-index',
-            lambda c: schedules.alpha('linear', 4, 4, 10, 100),
+            lambda c: alpha_schedules.alpha('linear', 4, 4, 10, 100),
             ValueError,
             (r'layer_index must be an int in \[0, 4\)', r'got 4'),
         ),
         Bad(
             'sched-warmup-negative',
-            lambda c: schedules.alpha('linear', 0, 4, 10, -1),
+            lambda c: alpha_schedules.alpha('linear', 0, 4, 10, -1),
             ValueError,
             (r'warmup_steps \(t_warmup\) must be a positive finite number',),
         ),
         Bad(
             'sched-register-existing-alias',
-            snapshot_schedules(lambda c: schedules.register('sqrt', lambda *a: 1.0)),
+            snapshot_schedules(lambda c: alpha_schedules.register('sqrt', lambda *a: 1.0)),
             ValueError,
             (r"schedule 'sqrt' is already registered", r'overwrite=True'),
             schedules_unchanged,
         ),
         Bad(
             'sched-register-empty-name',
-            snapshot_schedules(lambda c: schedules.register('', lambda *a: 1.0)),
+            snapshot_schedules(lambda c: alpha_schedules.register('', lambda *a: 1.0)),
             ValueError,
             (r'schedule name must be a non-empty string',),
             schedules_unchanged,
         ),
         Bad(
             'sched-name-not-a-string',
-            lambda c: schedules.alpha(3, 0, 4, 1, 10),
+            lambda c: alpha_schedules.alpha(3, 0, 4, 1, 10),
             ValueError,
             (r'schedule must be a string', r"'linear'", r'got int 3'),
         ),
@@ -1110,11 +1110,11 @@ def test_yaml_python_tags_are_rejected_and_run_nothing(tmp_path):
         ('algorithms', 'os.system'),
         ('algorithms', 'composer.algorithms.GradientClipping'),
         ('callbacks', 'builtins.eval'),
-        ('loggers', 'prores_algo.train.main'),
+        ('loggers', 'prores_algo.training.composer_train.main'),
     ],
 )
 def test_names_are_never_imported_from_strings(section, name, tmp_path):
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     raw = load_config(QS, [f'data.path={tmp_path}/d']).model_dump()
     raw[section] = {name: {}}
@@ -1124,7 +1124,7 @@ def test_names_are_never_imported_from_strings(section, name, tmp_path):
 
 
 def test_scheduler_name_is_not_imported(tmp_path):
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     raw = load_config(QS, [f'data.path={tmp_path}/d']).model_dump()
     raw['scheduler'] = {'name': 'torch.optim.lr_scheduler.StepLR'}
@@ -1191,8 +1191,8 @@ def test_what_we_load_ourselves_is_data_not_code(tmp_path, monkeypatch, bad_inpu
     JSON is expected is an error, not code that runs."""
     import pickle
 
-    from prores_algo.data import build_dataloader, read_metadata
     from prores_algo.integrations.deepspeed import SIDECAR_FILE, check_checkpoint
+    from prores_algo.training.data import build_dataloader, read_metadata
 
     calls = []
     real_load = torch.load

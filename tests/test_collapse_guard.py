@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from prores_algo import apply_prores, schedules
+from prores_algo import alpha_schedules, apply_prores
 from prores_algo.integrations.composer import ResidualMonitor
 from prores_algo.monitor import position_cosine
 from tests.support.helpers import tiny_config
@@ -48,23 +48,23 @@ def test_monitor_collapse_options_checked(kwargs, match):
 
 def test_short_warmup_message_thresholds():
     L = 12
-    assert schedules.short_warmup_message(schedules.MIN_STEPS_PER_LAYER * L, L) is None
-    msg = schedules.short_warmup_message(3 * L, L)
+    assert alpha_schedules.short_warmup_message(alpha_schedules.MIN_STEPS_PER_LAYER * L, L) is None
+    msg = alpha_schedules.short_warmup_message(3 * L, L)
     assert '3 steps of alpha warmup per layer' in msg
-    assert f'The paper uses {schedules.PAPER_STEPS_PER_LAYER}' in msg
-    assert f'below {schedules.MIN_STEPS_PER_LAYER} per layer' in msg and 'collapse' in msg
-    assert f't_warmup >= {schedules.MIN_STEPS_PER_LAYER * L} steps' in msg
+    assert f'The paper uses {alpha_schedules.PAPER_STEPS_PER_LAYER}' in msg
+    assert f'below {alpha_schedules.MIN_STEPS_PER_LAYER} per layer' in msg and 'collapse' in msg
+    assert f't_warmup >= {alpha_schedules.MIN_STEPS_PER_LAYER * L} steps' in msg
 
 
 def test_apply_prores_warns_once_for_short_warmup():
-    from prores_algo.models.decoder import Decoder
+    from prores_algo.training.models.decoder import Decoder
 
     model = Decoder(tiny_config(n_layers=4))
     with pytest.warns(UserWarning, match='steps of alpha warmup per layer'):
         apply_prores(model, t_warmup=8)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        apply_prores(Decoder(tiny_config(n_layers=4)), t_warmup=4 * schedules.MIN_STEPS_PER_LAYER)
+        apply_prores(Decoder(tiny_config(n_layers=4)), t_warmup=4 * alpha_schedules.MIN_STEPS_PER_LAYER)
         apply_prores(Decoder(tiny_config(n_layers=4)))  # the paper's default W = 1000 L
 
 
@@ -98,7 +98,7 @@ def test_composer_prores_warns_at_fit_start_in_batches_only():
 
 @pytest.fixture(scope='module')
 def text_data(tmp_path_factory):
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     out = tmp_path_factory.mktemp('data') / 'stdlib-32'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=300_000, progress=False)
@@ -107,8 +107,8 @@ def text_data(tmp_path_factory):
 
 def _train_post_ln(data, steps, t_warmup, monitor):
     """16-layer, width-32 Post-LN decoder on real text, LR 1.5e-3 with a 10% LR warmup; returns warnings."""
-    from prores_algo.config import load_config
-    from prores_algo.train import run
+    from prores_algo.training.composer_train import run
+    from prores_algo.training.config import load_config
 
     o = {
         'data.path': data,

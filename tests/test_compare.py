@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prores_algo import compare
+from prores_algo.training import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_sentences_cover_every_verdict():
 
 
 def _compare(tmp_path, *extra, timeout=600):
-    cmd = [sys.executable, '-m', 'prores_algo.compare', 'yamls/quickstart.yaml', '--seeds', '2', '--smoke']
+    cmd = [sys.executable, '-m', 'prores_algo.training.compare', 'yamls/quickstart.yaml', '--seeds', '2', '--smoke']
     cmd += ['--out', str(tmp_path / 'cmp'), f'data.path={tmp_path / "data"}', *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -76,7 +76,7 @@ def test_compare_refuses_a_config_without_prores(tmp_path):
     start = text.index('  prores:')
     yaml.write_text(text[:start] + text[text.index('  gradient_clipping:') :])
     proc = subprocess.run(
-        [sys.executable, '-m', 'prores_algo.compare', str(yaml), '--out', str(tmp_path / 'x')],
+        [sys.executable, '-m', 'prores_algo.training.compare', str(yaml), '--out', str(tmp_path / 'x')],
         cwd=ROOT,
         capture_output=True,
         text=True,

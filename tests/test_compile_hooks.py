@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 from prores_algo import apply_prores
-from prores_algo.models import build_decoder
+from prores_algo.training.models import build_decoder
 
 IDS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -1,12 +1,12 @@
-"""The same YAMLs train through DeepSpeed ZeRO-3: `torchrun -m prores_algo.ds_train --config YAML`."""
+"""The same YAMLs train through DeepSpeed ZeRO-3: `torchrun -m prores_algo.training.deepspeed.loop --config YAML`."""
 
 import json
 
 import pytest
 
-from prores_algo import schedules
-from prores_algo.ds_settings import from_yaml, resolve
-from prores_algo.ds_train import train
+from prores_algo import alpha_schedules
+from prores_algo.training.deepspeed.loop import train
+from prores_algo.training.deepspeed.settings import from_yaml, resolve
 from tests.integrations.test_deepspeed import ROOT, ZERO3_JSON, _launch, _ok
 
 QS = ROOT / 'yamls' / 'quickstart.yaml'
@@ -53,7 +53,7 @@ def test_yaml_trains_under_two_process_zero3(tmp_path):
     ranks = [json.loads((tmp_path / f'summary_{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['alphas'] == ranks[1]['alphas']
     for t, alphas in zip(ranks[0]['steps'], ranks[0]['alphas']):
-        assert alphas == pytest.approx(schedules.alphas('linear', 3, t, 4))
+        assert alphas == pytest.approx(alpha_schedules.alphas('linear', 3, t, 4))
     assert ranks[0]['losses'][-1] < ranks[0]['losses'][0]
     assert ranks[0]['final_eval_loss'] is not None
 

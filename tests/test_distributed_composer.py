@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from tests.support.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ DRIVER = ROOT / 'tests' / 'support' / 'dist_driver.py'
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     out = tmp_path_factory.mktemp('dist') / 'mds'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=100_000, progress=False)
@@ -73,7 +73,7 @@ def check_alphas(ranks, batches):
     assert ranks[0]['alphas'] == ranks[1]['alphas'], 'α must be identical on every rank'
     for b in batches:
         bufs = ranks[0]['alphas'][str(b)]
-        expected = schedules.alphas('linear', 3, b, 8)
+        expected = alpha_schedules.alphas('linear', 3, b, 8)
         for path, value in bufs.items():
             layer = int(path.split('blocks.')[1].split('.')[0])
             assert value == pytest.approx(expected[layer]), (b, path)

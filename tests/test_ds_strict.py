@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from prores_algo import ds_train
-from prores_algo import train as composer_entry
+from prores_algo.training import composer_train as composer_entry
+from prores_algo.training.deepspeed import loop as ds_train
 from tests.support.helpers import env_without_dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +60,9 @@ def test_misspelt_prores_key_in_a_yaml_file_stops_both_entries(tmp_path):
     typo = tmp_path / 'typo.yaml'
     typo.write_text(Path(QS).read_text().replace('t_warmup: 0.3dur', 't_wramup: 0.3dur'))
     expected = "config error: algorithms.prores: unknown key 't_wramup' (did you mean 't_warmup'?)"
-    ds = _one_line_error(_run('prores_algo.ds_train', ['--config', str(typo)], tmp_path))
+    ds = _one_line_error(_run('prores_algo.training.deepspeed.loop', ['--config', str(typo)], tmp_path))
     assert ds.startswith(expected)
-    assert ds == _one_line_error(_run('prores_algo.train', [str(typo)], tmp_path))
+    assert ds == _one_line_error(_run('prores_algo.training.composer_train', [str(typo)], tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -98,8 +98,8 @@ def test_misspelt_key_gets_prores_trains_message(override, expected, no_training
     ],
 )
 def test_keys_the_deepspeed_loop_would_drop_are_refused(override, expected, tmp_path):
-    from prores_algo.config import ConfigError
-    from prores_algo.ds_settings import from_yaml, resolve
+    from prores_algo.training.config import ConfigError
+    from prores_algo.training.deepspeed.settings import from_yaml, resolve
 
     path, overrides = QS, [override]
     if override.startswith('scheduler:'):  # a whole section: written into a copy of the YAML
@@ -178,7 +178,9 @@ def test_the_rule_is_in_the_help(capsys):
 
 def test_the_issue_command_does_not_train(tmp_path):
     """`--config yamls/quickstart.yaml --norm post --no_prores` trained a Pre-LN model with ProRes on."""
-    proc = _run('prores_algo.ds_train', ['--config', QS, '--norm', 'post', '--no_prores', *SMALL], tmp_path)
+    proc = _run(
+        'prores_algo.training.deepspeed.loop', ['--config', QS, '--norm', 'post', '--no_prores', *SMALL], tmp_path
+    )
     assert '--norm has no effect with --config' in _one_line_error(proc)
     assert not (tmp_path / 'data').exists()
 
@@ -187,20 +189,22 @@ def test_the_issue_command_does_not_train(tmp_path):
 
 
 def test_missing_deepspeed_json_is_named(tmp_path):
-    proc = _run('prores_algo.ds_train', ['--deepspeed_config', 'nope.json', '--steps', '1'], tmp_path)
+    proc = _run('prores_algo.training.deepspeed.loop', ['--deepspeed_config', 'nope.json', '--steps', '1'], tmp_path)
     line = _one_line_error(proc)
     assert "deepspeed_config: file 'nope.json' does not exist" in line and 'yamls/deepspeed/zero3.json' in line
 
 
 def test_deepspeed_json_that_is_not_json(tmp_path):
     (tmp_path / 'ds.json').write_text('{"train_micro_batch_size_per_gpu": 2,,}')
-    line = _one_line_error(_run('prores_algo.ds_train', ['--deepspeed_config', 'ds.json'], tmp_path))
+    line = _one_line_error(_run('prores_algo.training.deepspeed.loop', ['--deepspeed_config', 'ds.json'], tmp_path))
     assert "deepspeed_config: 'ds.json' is not valid JSON" in line
 
 
 def test_batch_size_conflict_between_yaml_and_json(tmp_path):
     args = ['--config', QS, *SMALL, f'data.path={tmp_path}/d', 'global_train_batch_size=16']
-    line = _one_line_error(_run('prores_algo.ds_train', [*args, '--deepspeed_config', ZERO3_JSON], tmp_path))
+    line = _one_line_error(
+        _run('prores_algo.training.deepspeed.loop', [*args, '--deepspeed_config', ZERO3_JSON], tmp_path)
+    )
     assert 'global_train_batch_size=16 conflicts with the DeepSpeed config' in line
     assert 'make them agree in the JSON or the YAML' in line
     assert not (tmp_path / 'd').exists()
@@ -208,13 +212,15 @@ def test_batch_size_conflict_between_yaml_and_json(tmp_path):
 
 def test_data_source_not_found(tmp_path):
     args = ['--config', QS, *SMALL, f'data.path={tmp_path}/d', 'data.source=/no/such/text', 'global_train_batch_size=4']
-    line = _one_line_error(_run('prores_algo.ds_train', [*args, '--deepspeed_config', ZERO3_JSON], tmp_path))
+    line = _one_line_error(
+        _run('prores_algo.training.deepspeed.loop', [*args, '--deepspeed_config', ZERO3_JSON], tmp_path)
+    )
     assert "data: `source` '/no/such/text' does not exist" in line
 
 
 def test_a_bad_json_value_found_by_the_loop_is_one_line(tmp_path):
     (tmp_path / 'ds.json').write_text(json.dumps({'train_micro_batch_size_per_gpu': 2, 'scheduler': {'type': 'x'}}))
-    line = _one_line_error(_run('prores_algo.ds_train', ['--deepspeed_config', 'ds.json'], tmp_path))
+    line = _one_line_error(_run('prores_algo.training.deepspeed.loop', ['--deepspeed_config', 'ds.json'], tmp_path))
     assert 'remove "scheduler" from the JSON' in line
 
 
@@ -227,20 +233,23 @@ def not_yaml(tmp_path):
 
 
 @pytest.mark.parametrize('name,what', [('script.py', 'a .py file'), ('weights.dat', 'binary'), ('noext', 'binary')])
-@pytest.mark.parametrize('entry', ['prores_algo.ds_train', 'prores_algo.train'])
+@pytest.mark.parametrize('entry', ['prores_algo.training.deepspeed.loop', 'prores_algo.training.composer_train'])
 def test_a_file_that_is_not_a_yaml_config(entry, name, what, not_yaml):
-    args = ['--config', name] if entry == 'prores_algo.ds_train' else [name]
+    args = ['--config', name] if entry == 'prores_algo.training.deepspeed.loop' else [name]
     line = _one_line_error(_run(entry, args, not_yaml))
     assert f'{name}: not a YAML config ({what}' in line, line
 
 
 def test_yaml_syntax_error_is_one_line(tmp_path):
     (tmp_path / 'broken.yaml').write_text('model: [unclosed\nseed: 1\n')
-    for entry, args in (('prores_algo.train', ['broken.yaml']), ('prores_algo.ds_train', ['--config', 'broken.yaml'])):
+    for entry, args in (
+        ('prores_algo.training.composer_train', ['broken.yaml']),
+        ('prores_algo.training.deepspeed.loop', ['--config', 'broken.yaml']),
+    ):
         assert 'broken.yaml: not valid YAML' in _one_line_error(_run(entry, args, tmp_path))
 
 
 def test_the_flat_flags_report_a_mistake_in_one_line(tmp_path):
-    line = _one_line_error(_run('prores_algo.ds_train', ['--steps', '0'], tmp_path))
+    line = _one_line_error(_run('prores_algo.training.deepspeed.loop', ['--steps', '0'], tmp_path))
     assert line == 'config error: steps must be >= 1, got 0'
     assert os.listdir(tmp_path) == []

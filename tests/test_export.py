@@ -8,8 +8,8 @@ import transformers as T
 
 from prores_algo import apply_prores
 from prores_algo.export import fold_prores
-from prores_algo.models.decoder import Decoder
 from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.training.models.decoder import Decoder
 from tests.support.helpers import assert_prores_removed, set_alphas, tiny_config
 
 VOCAB = 64

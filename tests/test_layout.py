@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / 'prores_algo'
 CORE = (
     'prores_algo',
-    'prores_algo.schedules',
+    'prores_algo.alpha_schedules',
     'prores_algo.policies',
     'prores_algo.surgery',
     'prores_algo.scaled_linear',
@@ -18,7 +18,7 @@ CORE = (
     'prores_algo.monitor',
     'prores_algo.paired_stats',
     'prores_algo.export',
-    'prores_algo.models.decoder',
+    'prores_algo.training.models.decoder',
 )
 FRAMEWORKS = ('composer', 'transformers', 'deepspeed', 'streaming')
 

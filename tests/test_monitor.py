@@ -367,8 +367,8 @@ def test_branch_to_stream_ratio_sees_alpha_when_prores_is_attached():
 
 def test_branch_to_stream_ratio_of_the_reference_decoder_follows_its_init():
     """Official N(0, 0.02) at width 64 starts branches far smaller than PyTorch's defaults do."""
-    from prores_algo.models import build_decoder
     from prores_algo.monitor import branch_to_stream_ratio
+    from prores_algo.training.models import build_decoder
 
     ids = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(0))
     ratios = {}

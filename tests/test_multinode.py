@@ -4,7 +4,7 @@ Each simulated node is one launcher process tree, started the way a user starts 
 
     composer --world_size W --nproc P --node_rank R --master_addr 127.0.0.1 --master_port PORT SCRIPT ...
     torchrun --nnodes 2 --nproc_per_node P --node_rank R --master_addr 127.0.0.1 --master_port PORT \\
-        -m prores_algo.ds_train --config YAML ...
+        -m prores_algo.training.deepspeed.loop --config YAML ...
 
 The data is in the object store (moto's S3 server, tests/support/s3_server.py) and every node caches it in a
 local folder of its own (`data.local_cache`). What real machines have apart, the simulated nodes get
@@ -49,7 +49,7 @@ import numpy as np
 import pytest
 import torch
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from tests.support.helpers import DIST_ENV, free_port
 from tests.support.s3_server import MotoS3, moto_available, process_env
 
@@ -94,7 +94,7 @@ needs_namespaces = pytest.mark.skipif(
 def _documents() -> tuple[list[str], list[int]]:
     """Documents of exactly SEQ - 1 bytes: with the byte tokenizer and eos each is exactly one sample, so
     the train split has a known size (N_TRAIN, a multiple of every world size x batch used here)."""
-    from prores_algo.data import _is_val
+    from prores_algo.training.data import _is_val
 
     docs, train = [], []
     i = 0
@@ -113,7 +113,7 @@ def _crc(doc: str) -> int:
 @pytest.fixture(scope='module')
 def store(tmp_path_factory):
     """A moto S3 server (stopped at teardown) holding the dataset, written by `prores-data --out s3://...`."""
-    from prores_algo.data import main
+    from prores_algo.training.data import main
 
     d = tmp_path_factory.mktemp('multinode')
     docs, train = _documents()
@@ -289,7 +289,7 @@ def _check_alphas(ranks: list[dict], batches) -> None:
     for r in ranks[1:]:
         assert r['alphas'] == first, 'α must be identical on every rank at every batch'
     for b in batches:
-        expected = schedules.alphas('linear', LAYERS, b, T_WARMUP)
+        expected = alpha_schedules.alphas('linear', LAYERS, b, T_WARMUP)
         bufs = first[str(b)]
         assert len(bufs) == 2 * LAYERS
         for path, value in bufs.items():
@@ -384,7 +384,7 @@ def _ds_run(store, tmp: Path, name: str, options: list[str], overrides: list[str
                 '--master_port',
                 str(port),
                 '-m',
-                'prores_algo.ds_train',
+                'prores_algo.training.deepspeed.loop',
                 '--config',
                 str(ROOT / 'yamls' / 'quickstart.yaml'),
                 '--deepspeed_config',
@@ -431,7 +431,7 @@ def test_deepspeed_zero3_two_nodes_train_and_exact_resume(store, tmp_path):
         assert 0 < p['local_numel'] < p['total_numel'] and p['visible_numel'] == 0  # ZeRO-3 really partitions
     assert a[0]['alphas'] == a[1]['alphas']
     for t, alphas in enumerate(a[0]['alphas']):
-        assert alphas == schedules.alphas('linear', LAYERS, t, T_WARMUP)
+        assert alphas == alpha_schedules.alphas('linear', LAYERS, t, T_WARMUP)
     _check_epoch(store, [s['samples'] for s in a])
     # ZeRO-3: every rank writes its own partition (model + optimizer states); rank 0 the tag and sidecar
     for tag in ('global_step4', 'global_step8'):

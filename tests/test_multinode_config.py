@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prores_algo.config import ConfigError, load_config
+from prores_algo.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTINODE = {
@@ -21,9 +21,9 @@ MULTINODE = {
 
 @pytest.mark.parametrize('size', sorted(MULTINODE))
 def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
-    from prores_algo.ds_settings import resolve
-    from prores_algo.ds_train import build_model
-    from prores_algo.train import build_model as composer_model
+    from prores_algo.training.composer_train import build_model as composer_model
+    from prores_algo.training.deepspeed.loop import build_model
+    from prores_algo.training.deepspeed.settings import resolve
 
     path, params, layers = MULTINODE[size]
     cfg = load_config(path)
@@ -48,7 +48,7 @@ def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
 
 
 def test_deepspeed_loop_refuses_model_keys_it_would_drop():
-    from prores_algo.ds_settings import resolve
+    from prores_algo.training.deepspeed.settings import resolve
 
     qs = str(ROOT / 'yamls' / 'quickstart.yaml')
     assert resolve(load_config(qs, ['model.d_ffn=96'])).model.d_ffn == 96
@@ -61,7 +61,7 @@ def test_deepspeed_loop_refuses_model_keys_it_would_drop():
 def test_deepspeed_cli_options_reach_the_loop_with_a_yaml(monkeypatch, tmp_path):
     """--micro_batch_size / --grad_accum / --local_cache / --record_samples pass through with --config, and the
     YAML's autoresume is kept unless --autoresume is given."""
-    from prores_algo import ds_train
+    from prores_algo.training.deepspeed import loop as ds_train
 
     seen = {}
 

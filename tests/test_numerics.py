@@ -30,9 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prores_algo import apply_prores, schedules
-from prores_algo.models.decoder import Decoder, DecoderConfig
+from prores_algo import alpha_schedules, apply_prores
 from prores_algo.surgery import ALPHA_BUFFER
+from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
 NORMS = ['pre', 'post', 'sandwich', 'deepnorm']
 MODES = ['bf16_autocast', 'fp16_scaled', 'bf16_model']
@@ -186,7 +186,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize('norm', NORMS)
 def test_intermediate_alpha_within_dtype_precision(norm, mode, mechanism):
     step = 0.3 * W  # linear: α_l = 0.9 / l = 0.9, 0.45, 0.3 -- none representable in bf16/fp16
-    exact = schedules.alphas('linear', L, step, W)
+    exact = alpha_schedules.alphas('linear', L, step, W)
     assert all(0 < a < 1 for a in exact)
 
     model = make_model(norm)
@@ -244,7 +244,7 @@ def test_bf16_model_cast_before_or_after_apply():
     c2.set_step(W)
     assert all(float(b) == 1.0 for b in bufs)
     c2.set_step(W / 3)
-    for b, a in zip(bufs[::2], schedules.alphas('linear', L, W / 3, W)):
+    for b, a in zip(bufs[::2], alpha_schedules.alphas('linear', L, W / 3, W)):
         assert float(b) == float(torch.tensor(a).bfloat16()) and math.isclose(float(b), a, rel_tol=2**-8)
     # both models compute in bf16 without complaint
     c1.set_step(W / 3)

@@ -1,7 +1,7 @@
 """The reference decoder and the paper YAMLs reproduce the paper's official code by default.
 
 `official_forward` below is written from the official `modeling_llama.py` (LLaMA as in transformers
-4.28 plus the ProRes `NORM_TYPE` branches), independently of `prores_algo.models.decoder`: explicit
+4.28 plus the ProRes `NORM_TYPE` branches), independently of `prores_algo.training.models.decoder`: explicit
 softmax attention with an additive causal mask, rotate-half RoPE from `inv_freq`, the official
 RMSNorm (fp32 variance, `weight * x * rsqrt(mean(x^2) + eps)`), SwiGLU, and the official
 `*_prores` residual forms `residual + branch * alpha`. It reads the weights of our model and must
@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 
 from prores_algo import apply_prores
-from prores_algo.models.decoder import Decoder, DecoderConfig, default_deepnet_init
+from prores_algo.training.models.decoder import Decoder, DecoderConfig, default_deepnet_init
 from tests.support.helpers import set_random_alphas
 
 V, D, L, H, S = 64, 32, 3, 4, 16
@@ -159,9 +159,9 @@ def test_deepnorm_init_official_rule():
 
 def test_training_entries_resolve_deepnet_init_from_prores(tmp_path):
     """train.build_model and ds_train.build_model both apply the official rule unless the YAML says."""
-    from prores_algo import ds_train
-    from prores_algo.config import TrainConfig
-    from prores_algo.train import build_model
+    from prores_algo.training.composer_train import build_model
+    from prores_algo.training.config import TrainConfig
+    from prores_algo.training.deepspeed import loop as ds_train
 
     base = dict(
         model=dict(name='reference', vocab_size=V, d_model=D, n_layers=L, n_heads=H, norm='deepnorm'),

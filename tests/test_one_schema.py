@@ -1,7 +1,7 @@
-"""One YAML, two entries: `prores-train` (Composer) and `prores_algo.ds_train` (DeepSpeed) resolve the same
+"""One YAML, two entries: `prores-train` (Composer) and `prores_algo.training.deepspeed.loop` (DeepSpeed) resolve the same
 settings from it, and reject a bad key with the same message. In-process, no training, no data built.
 
-The Composer side is what `prores_algo.train` builds (the model, the optimizer, the LR scheduler, the
+The Composer side is what `prores_algo.training.composer_train` builds (the model, the optimizer, the LR scheduler, the
 ProRes algorithm, the dataset arguments); the DeepSpeed side is what `ds_train.main` passes to its loop,
 resolved to optimizer steps by `ds_settings.resolve`. Compared field by field.
 """
@@ -14,11 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from prores_algo import ds_train, schedules
-from prores_algo import train as composer_entry
-from prores_algo.config import load_config
-from prores_algo.ds_settings import from_flat, resolve
+from prores_algo import alpha_schedules
 from prores_algo.integrations.deepspeed import lr_lambda_from
+from prores_algo.training import composer_train as composer_entry
+from prores_algo.training.config import load_config
+from prores_algo.training.deepspeed import loop as ds_train
+from prores_algo.training.deepspeed.settings import from_flat, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def yaml_path(request, tmp_path) -> str:
 
 
 def _ds_entry(monkeypatch, argv: list[str]):
-    """(TrainConfig, DSOptions) that `python -m prores_algo.ds_train argv` hands to its loop."""
+    """(TrainConfig, DSOptions) that `python -m prores_algo.training.deepspeed.loop argv` hands to its loop."""
     seen = {}
 
     def fake_train(config, options):
@@ -64,7 +65,7 @@ def _ds_entry(monkeypatch, argv: list[str]):
 def _composer_side(cfg, monkeypatch) -> SimpleNamespace:
     """What prores-train builds from `cfg` (no Trainer, no data: ensure_dataset is recorded, not run)."""
     build = {}
-    monkeypatch.setattr('prores_algo.data.ensure_dataset', lambda **kw: build.update(kw))
+    monkeypatch.setattr('prores_algo.training.data.ensure_dataset', lambda **kw: build.update(kw))
     composer_entry._prepare_data(cfg)
     build.pop('progress')
     model = composer_entry.build_model(cfg)
@@ -132,7 +133,7 @@ def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch
 
     # ProRes: on, its schedule, W (Composer's ProRes takes a 'dur' W unrounded) and the LR warmup delay
     p = c.prores
-    assert plan.prores.enabled and schedules.canonical_name(plan.prores.schedule) == p.schedule
+    assert plan.prores.enabled and alpha_schedules.canonical_name(plan.prores.schedule) == p.schedule
     w = p.t_warmup.value * steps if p.t_warmup.unit == TimeUnit.DURATION else _steps_of(p.t_warmup, steps)
     assert plan.t_warmup == pytest.approx(w, abs=1e-9)
     assert plan.lr_warmup_delay == _steps_of(p.lr_warmup_delay, steps)

@@ -1,4 +1,4 @@
-"""Schedule preview CLI: the printed table is schedules.alpha, and the heat map is a real PNG."""
+"""Schedule preview CLI: the printed table is alpha_schedules.alpha, and the heat map is a real PNG."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.preview import main, plot_alpha_heatmap, sample_layers, sample_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def _check(text, schedule, L, W, digits):
     for t, values in rows.items():
         assert len(values) == len(layers)
         for l, v in zip(layers, values):
-            assert v == pytest.approx(schedules.alpha(schedule, l - 1, L, t, W), abs=tol), (t, l)
-        full = schedules.alphas(schedule, L, t, W)
+            assert v == pytest.approx(alpha_schedules.alpha(schedule, l - 1, L, t, W), abs=tol), (t, l)
+        full = alpha_schedules.alphas(schedule, L, t, W)
         assert means[t] == pytest.approx(sum(full) / L, abs=tol)
     return layers, rows
 

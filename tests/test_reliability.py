@@ -7,7 +7,7 @@
   the final name while `latest` still points at the previous one). The *same command* restarted
   finishes with bitwise the same final parameters, the same α at every batch it runs, the same
   train losses and the same final validation metrics as an uninterrupted run launched beside it.
-* DeepSpeed (`prores_algo.ds_train`, ZeRO-3, 2 processes via torchrun): the same, with the restart
+* DeepSpeed (`prores_algo.training.deepspeed.loop`, ZeRO-3, 2 processes via torchrun): the same, with the restart
   adding `--load_dir` (ds_train has no autoresume flag): bitwise the same fp32 parameters
   (consolidated from the ZeRO-3 shards), α, losses and final eval loss.
 * `prores-data` killed while writing leaves nothing that loads as a dataset (a fresh build and an
@@ -37,7 +37,7 @@ import psutil
 import pytest
 import torch
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from tests.support.helpers import env_without_dist, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def _unlink_shm(paths) -> None:
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     out = tmp_path_factory.mktemp('reliability') / 'mds'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=100_000, progress=False)
@@ -209,7 +209,7 @@ def test_composer_kill9_then_autoresume_matches_uninterrupted(data, tmp_path):
         assert a[r]['first_batch'] == 0 and b[r]['first_batch'] == k, 'the restart must resume, not start over'
         assert a[r]['final_batch'] == b[r]['final_batch'] == STEPS
         for t in range(STEPS):  # the reference follows the schedule; from W on no hooked branch is left
-            expected = schedules.alphas('linear', N_LAYERS, t, T_WARMUP) if t < T_WARMUP else []
+            expected = alpha_schedules.alphas('linear', N_LAYERS, t, T_WARMUP) if t < T_WARMUP else []
             got = a[r]['alphas'][str(t)]
             assert len(got) == 2 * len(expected), (t, got)
             for path, value in got.items():
@@ -235,8 +235,8 @@ def test_composer_kill9_then_autoresume_matches_uninterrupted(data, tmp_path):
 def test_autoresume_may_overwrite_only_in_the_runs_own_folder(tmp_path):
     """What lets the restart above overwrite its killed attempt's partial checkpoint, and no more: only
     with autoresume and this folder's own `latest-rank0.pt` (the checkpoint autoresume loads)."""
-    from prores_algo.config import load_config
-    from prores_algo.train import _save_overwrite
+    from prores_algo.training.composer_train import _save_overwrite
+    from prores_algo.training.config import load_config
 
     qs = ROOT / 'yamls' / 'quickstart.yaml'
     base = [f'save_folder={tmp_path}/{{run_name}}/ck', 'autoresume=true', 'run_name=r']
@@ -308,7 +308,7 @@ def test_deepspeed_sidecar_is_written_before_latest_names_the_tag(tmp_path):
     at any moment leaves a resumable checkpoint (the 2-process test above kills right after `latest`
     appears; this pins the order down deterministically)."""
     from prores_algo.integrations.deepspeed import SIDECAR_FILE, attach_prores, check_checkpoint, save_checkpoint
-    from prores_algo.models.decoder import Decoder, DecoderConfig
+    from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
     class Engine:  # DeepSpeed's order: files first, `latest` as the last step of save_checkpoint
         global_steps = 3
@@ -376,7 +376,7 @@ def _data_cmd(out: Path, *extra) -> list[str]:
     return [
         sys.executable,
         '-m',
-        'prores_algo.data',
+        'prores_algo.training.data',
         '--source',
         'stdlib',
         '--out',
@@ -397,7 +397,7 @@ def _tmp_siblings(out: Path) -> list[Path]:
 
 
 def _check_complete(out: Path, max_tokens: int = 2_000_000) -> dict:
-    from prores_algo.data import build_dataloader, read_metadata
+    from prores_algo.training.data import build_dataloader, read_metadata
 
     meta = read_metadata(out)
     assert meta is not None and sum(s['tokens_read'] for s in meta['splits'].values()) == max_tokens
@@ -408,7 +408,7 @@ def _check_complete(out: Path, max_tokens: int = 2_000_000) -> dict:
 
 
 def test_prores_data_kill9_mid_write_never_leaves_a_loadable_partial(tmp_path):
-    from prores_algo.data import build_dataloader, ensure_dataset, read_metadata
+    from prores_algo.training.data import build_dataloader, ensure_dataset, read_metadata
 
     out = tmp_path / 'ds'
     victim = _start(_data_cmd(out), tmp_path / 'd1.log', _env(), tmp_path)

@@ -78,7 +78,7 @@ def test_only_plain_linears_are_scaled_in_the_gemm():
 
 
 def test_controller_uses_the_gemm_for_linear_branches_and_the_hook_elsewhere():
-    from prores_algo.models.decoder import Decoder
+    from prores_algo.training.models.decoder import Decoder
 
     pre = Decoder(tiny_config(norm='pre'))
     c = apply_prores(pre, t_warmup=1000)
@@ -102,7 +102,7 @@ def test_controller_uses_the_gemm_for_linear_branches_and_the_hook_elsewhere():
 
 
 def test_both_mechanisms_give_the_same_training_step():
-    from prores_algo.models.decoder import Decoder
+    from prores_algo.training.models.decoder import Decoder
 
     torch.manual_seed(0)
     a = Decoder(tiny_config(norm='pre'))

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 
 
 def clip(x):
@@ -54,7 +54,7 @@ PAPER_SCHEDULES = [
 
 
 def test_names_cover_design_table():
-    assert set(PAPER_SCHEDULES) <= set(schedules.names())
+    assert set(PAPER_SCHEDULES) <= set(alpha_schedules.names())
 
 
 @pytest.mark.parametrize('name', PAPER_SCHEDULES)
@@ -64,7 +64,7 @@ def test_schedule_matches_formula(name, L, W):
     ts = [0, 1, W / L, W / 2, W - 1, W, W + 1, 10 * W] + [rng.uniform(0, W) for _ in range(40)]
     for t in ts:
         for i in range(L):
-            got = schedules.alpha(name, i, L, t, W)
+            got = alpha_schedules.alpha(name, i, L, t, W)
             assert got == pytest.approx(reference(name, i + 1, L, t, W), abs=1e-12), (name, i, t)
             assert 0.0 <= got <= 1.0
 
@@ -73,21 +73,21 @@ def test_schedule_matches_formula(name, L, W):
 def test_every_schedule_is_exactly_one_at_and_after_warmup(name):
     for L in (1, 3, 12, 24, 120):
         W = 1000 * L
-        assert schedules.alphas(name, L, W, W) == [1.0] * L
-        assert schedules.alphas(name, L, 5 * W, W) == [1.0] * L
+        assert alpha_schedules.alphas(name, L, W, W) == [1.0] * L
+        assert alpha_schedules.alphas(name, L, 5 * W, W) == [1.0] * L
 
 
 def test_paper_default_linear_values():
     # 12 layers, T = 1000: layer 1 done at 1000, layer 12 at 12000
     L, W = 12, 12000
-    assert schedules.alpha('linear', 0, L, 500, W) == 0.5
-    assert schedules.alpha('linear', 0, L, 1000, W) == 1.0
-    assert schedules.alpha('linear', 11, L, 6000, W) == 0.5
-    assert schedules.alpha('linear', 11, L, 0, W) == 0.0
-    assert schedules.alpha('stagewise_0', 1, L, 1000, W) == 0.0  # layer 2 starts at T
-    assert schedules.alpha('stagewise_0', 1, L, 1500, W) == 0.5
-    assert schedules.alpha('staggered', 6, L, 6000, W) == 0.0  # layer 7 starts at 6/12 of W
-    assert schedules.alpha('staggered', 6, L, 9000, W) == 0.5
+    assert alpha_schedules.alpha('linear', 0, L, 500, W) == 0.5
+    assert alpha_schedules.alpha('linear', 0, L, 1000, W) == 1.0
+    assert alpha_schedules.alpha('linear', 11, L, 6000, W) == 0.5
+    assert alpha_schedules.alpha('linear', 11, L, 0, W) == 0.0
+    assert alpha_schedules.alpha('stagewise_0', 1, L, 1000, W) == 0.0  # layer 2 starts at T
+    assert alpha_schedules.alpha('stagewise_0', 1, L, 1500, W) == 0.5
+    assert alpha_schedules.alpha('staggered', 6, L, 6000, W) == 0.0  # layer 7 starts at 6/12 of W
+    assert alpha_schedules.alpha('staggered', 6, L, 9000, W) == 0.5
 
 
 @pytest.mark.parametrize(
@@ -95,22 +95,22 @@ def test_paper_default_linear_values():
     [('linear_equal', 'equal'), ('linear_reverse', 'reverse'), ('sqrt', 'linear_sqrt'), ('square', 'linear_square')],
 )
 def test_official_aliases(alias, canonical):
-    assert schedules.canonical_name(alias) == canonical
-    assert schedules.alphas(alias, 6, 1234, 6000) == schedules.alphas(canonical, 6, 1234, 6000)
+    assert alpha_schedules.canonical_name(alias) == canonical
+    assert alpha_schedules.alphas(alias, 6, 1234, 6000) == alpha_schedules.alphas(canonical, 6, 1234, 6000)
 
 
 def test_custom_schedule_registration():
-    @schedules.register('test_cubic')
+    @alpha_schedules.register('test_cubic')
     def cubic(l, L, t, W):
         return (t / W) ** 3
 
-    assert 'test_cubic' in schedules.names()
-    assert schedules.alpha('test_cubic', 0, 4, 500, 1000) == 0.125
-    assert schedules.alpha('test_cubic', 3, 4, 1000, 1000) == 1.0
+    assert 'test_cubic' in alpha_schedules.names()
+    assert alpha_schedules.alpha('test_cubic', 0, 4, 500, 1000) == 0.125
+    assert alpha_schedules.alpha('test_cubic', 3, 4, 1000, 1000) == 1.0
     with pytest.raises(ValueError, match='already registered'):
-        schedules.register('test_cubic', cubic)
+        alpha_schedules.register('test_cubic', cubic)
     with pytest.raises(ValueError, match='already registered'):
-        schedules.register('sqrt', cubic)  # aliases are taken too
+        alpha_schedules.register('sqrt', cubic)  # aliases are taken too
 
 
 @pytest.mark.parametrize(
@@ -129,12 +129,12 @@ def test_bad_arguments(kwargs, match):
     args = dict(name='linear', layer_index=0, num_layers=4, step=10, warmup_steps=100)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        schedules.alpha(**args)
+        alpha_schedules.alpha(**args)
 
 
 def test_unknown_schedule_lists_accepted_values():
     with pytest.raises(ValueError) as e:
-        schedules.alpha('lineer', 0, 2, 0, 10)
+        alpha_schedules.alpha('lineer', 0, 2, 0, 10)
     assert 'linear' in str(e.value) and 'stagewise_0' in str(e.value)
 
 
@@ -144,7 +144,7 @@ def test_schedules_module_does_not_need_torch():
 
     code = (
         "import sys, importlib.util; sys.modules['torch'] = None; "
-        "spec = importlib.util.spec_from_file_location('s', 'prores_algo/schedules.py'); "
+        "spec = importlib.util.spec_from_file_location('s', 'prores_algo/alpha_schedules.py'); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.alpha('linear', 0, 2, 5, 20))"
     )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)

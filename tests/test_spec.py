@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.spec import ProResSpec, alpha_metrics, check_resume
 from prores_algo.timing import parse_time, to_steps
 
@@ -117,7 +117,7 @@ def test_spec_validates_and_canonicalises():
 )
 def test_warmup_steps(t_warmup, max_steps, expected):
     assert ProResSpec(t_warmup=t_warmup).warmup_steps(3, max_steps) == expected
-    assert schedules.default_warmup(3) == 3000.0  # the paper's 1000 steps per layer
+    assert alpha_schedules.default_warmup(3) == 3000.0  # the paper's 1000 steps per layer
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_attach_scales_the_branches_and_records_the_model():
     spec = ProResSpec('linear', layer_class='Block')
     c = spec.attach(m, 30.0)
     assert c.num_layers == 3 and c.model is m and c.warmup_steps == 30.0
-    assert c.set_step(10) == schedules.alphas('linear', 3, 10, 30.0)
+    assert c.set_step(10) == alpha_schedules.alphas('linear', 3, 10, 30.0)
     scaled = c.scaled_branches()
     assert [(layer.index, name) for layer, name, _, _ in scaled] == [(i, b) for i in range(3) for b in ('attn', 'mlp')]
     assert all(alpha == c.alphas[layer.index] for layer, _, _, alpha in scaled)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prores_algo.config import ConfigError, load_config
-from prores_algo.train import build_model, run
+from prores_algo.training.composer_train import build_model, run
+from prores_algo.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # every YAML of ours (yamls/llmfoundry/ holds llm-foundry's format; tests/test_llmfoundry_plugin.py checks it)
@@ -22,7 +22,7 @@ YAMLS = sorted(p for p in glob.glob(str(ROOT / 'yamls' / '**' / '*.yaml'), recur
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
     """Byte-level MDS shards of the stdlib corpus (the quickstart's data, smaller)."""
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     out = tmp_path_factory.mktemp('data') / 'stdlib-32'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=150_000, progress=False)
@@ -64,13 +64,13 @@ def test_yamls_exist():
 @pytest.mark.parametrize('path', YAMLS, ids=lambda p: Path(p).relative_to(ROOT / 'yamls').as_posix())
 def test_every_yaml_parses_and_builds(path):
     """GPU configs build their model on the meta device; data/tokenizer fields are checked, nothing fetched."""
-    from prores_algo import train
+    from prores_algo.training import composer_train
 
     cfg = load_config(path)
-    train._build_named('algorithms', train._algorithms(), cfg.algorithms)
-    train._build_named('callbacks', train._callbacks(), cfg.callbacks)
-    train._build_named('loggers', train._loggers(), cfg.loggers)
-    train._build_scheduler(cfg)
+    composer_train._build_named('algorithms', composer_train._algorithms(), cfg.algorithms)
+    composer_train._build_named('callbacks', composer_train._callbacks(), cfg.callbacks)
+    composer_train._build_named('loggers', composer_train._loggers(), cfg.loggers)
+    composer_train._build_scheduler(cfg)
     with torch.device('meta'):
         model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
@@ -122,7 +122,7 @@ def _free_port():
 
 
 def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
-    """`composer -n 2 -m prores_algo.train yamls/quickstart.yaml` (DDP over gloo on CPU), a few batches."""
+    """`composer -n 2 -m prores_algo.training.composer_train yamls/quickstart.yaml` (DDP over gloo on CPU), a few batches."""
     composer = Path(sys.executable).parent / 'composer'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     cmd = [
@@ -136,7 +136,7 @@ def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
         '--stderr',
         str(tmp_path / 'err{rank}.txt'),
         '-m',
-        'prores_algo.train',
+        'prores_algo.training.composer_train',
         str(ROOT / 'yamls' / 'quickstart.yaml'),
         *small_overrides(tiny_data, max_duration='4ba'),
     ]
@@ -193,7 +193,7 @@ def test_missing_config_file():
     ],
 )
 def test_build_errors_name_what_to_change(overrides, match, tmp_path):
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     cfg = load_config(QS, [f'data.path={tmp_path}/d', 'model.max_seq_len=128', *overrides])
     with pytest.raises(ValueError, match=match):
@@ -202,7 +202,7 @@ def test_build_errors_name_what_to_change(overrides, match, tmp_path):
 
 
 def test_missing_data_without_source(tmp_path):
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     cfg = load_config(QS, [f'data.path={tmp_path}/missing', 'data.source=null'])
     with pytest.raises(ValueError, match=r'data.path=.*does not exist and data.source is null'):
@@ -210,7 +210,7 @@ def test_missing_data_without_source(tmp_path):
 
 
 def test_empty_corpus_and_seq_len_larger_than_data(tmp_path):
-    from prores_algo.train import build_trainer
+    from prores_algo.training.composer_train import build_trainer
 
     (tmp_path / 'empty').mkdir()
     cfg = load_config(QS, [f'data.path={tmp_path}/d1', f'data.source={tmp_path}/empty'])
@@ -226,7 +226,7 @@ def test_empty_corpus_and_seq_len_larger_than_data(tmp_path):
 
 def test_cli_returns_2_with_message_on_config_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, '-m', 'prores_algo.train', str(QS), 'max_duraton=1ba'],
+        [sys.executable, '-m', 'prores_algo.training.composer_train', str(QS), 'max_duraton=1ba'],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""Integrations with training loops other than Composer's Trainer (Hugging Face, DeepSpeed).
+"""One adapter per training framework: `composer/` (the algorithm and its method card), `hf` and `deepspeed`.
 
-Each submodule imports its framework itself; importing this package imports nothing heavy.
+Each imports its framework itself; importing this package imports nothing heavy.
 """

@@ -87,7 +87,7 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
     """Progressive Residual Warmup for `transformers.Trainer`.
 
     Args:
-        schedule: α schedule name (`prores_algo.schedules.names()`, default 'linear', the paper's).
+        schedule: α schedule name (`prores_algo.alpha_schedules.names()`, default 'linear', the paper's).
         t_warmup: W, in optimizer steps (int, float or 'Nba'), a fraction of `max_steps` ('0.1dur'), or
             'auto': min(1000·L, 0.25·max_steps), resolved at on_train_begin and kept in the checkpoint's
             trainer_state.json, so that a resume with a larger max_steps keeps W.

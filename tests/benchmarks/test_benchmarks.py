@@ -95,8 +95,8 @@ def test_quality_initialisations_span_the_branch_ratio():
     width768 is what its name says: std * sqrt(width) and the embedding std of a 768-wide model."""
     import torch
 
-    from prores_algo.models import build_decoder
     from prores_algo.monitor import branch_to_stream_ratio
+    from prores_algo.training.models import build_decoder
 
     w = quality.init_overrides('width768', 64)
     assert w['init_std'] * math.sqrt(64) == pytest.approx(0.02 * math.sqrt(768))

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prores_algo import data
-from prores_algo.data import (
+from prores_algo.training import data
+from prores_algo.training.data import (
     build_dataloader,
     ensure_dataset,
     iter_documents,
@@ -30,7 +30,7 @@ from prores_algo.data import (
     write_mds,
     writer,
 )
-from prores_algo.tokenizers import ByteTokenizer, load_tokenizer
+from prores_algo.training.tokenizers import ByteTokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 EOS = 256
@@ -288,7 +288,7 @@ def test_shuffle_and_several_loaders_in_one_process(corpus, tmp_path):
 
 RACE_SCRIPT = """
 import sys, time
-from prores_algo.data import TokenDataset
+from prores_algo.training.data import TokenDataset
 path, n, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.001)
@@ -321,7 +321,7 @@ def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_p
 DIST_RACE_SCRIPT = """
 import sys, time
 import torch.distributed as dist
-from prores_algo.data import TokenDataset
+from prores_algo.training.data import TokenDataset
 dist.init_process_group('gloo')
 path, n, start, report = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 while time.time() < start:
@@ -574,7 +574,11 @@ def test_cli_main(corpus, tmp_path, capsys):
 def test_cli_module_help():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
     r = subprocess.run(
-        [sys.executable, '-m', 'prores_algo.data', '--help'], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, '-m', 'prores_algo.training.data', '--help'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert 'usage: prores-data' in r.stdout and '--source' in r.stdout and '--overwrite' in r.stdout
@@ -584,7 +588,7 @@ def test_cli_counts_accept_scientific_notation():
     """The README writes `--max-tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
     import argparse
 
-    from prores_algo.data import _whole_number
+    from prores_algo.training.data import _whole_number
 
     assert _whole_number('2e9') == 2_000_000_000 and _whole_number('150000') == 150_000
     with pytest.raises(argparse.ArgumentTypeError, match='whole number'):

@@ -61,7 +61,7 @@ def s3(server, monkeypatch):
 @pytest.fixture(scope='module')
 def dataset(server, tmp_path_factory):
     """`prores-data --out s3://prores-test/ds --keep-local copy ...`, once for the module."""
-    from prores_algo.data import main
+    from prores_algo.training.data import main
 
     d = tmp_path_factory.mktemp('written')
     saved = dict(os.environ)
@@ -76,7 +76,7 @@ def dataset(server, tmp_path_factory):
 
 def _nothing_loadable(folder: Path) -> None:
     """Nothing under `folder` reads as a complete dataset, or as any split."""
-    from prores_algo.data import read_metadata
+    from prores_algo.training.data import read_metadata
 
     assert read_metadata(folder) is None
     if folder.exists():
@@ -84,7 +84,7 @@ def _nothing_loadable(folder: Path) -> None:
 
 
 def _iterate(url, cache, split='train', batch_size=4):
-    from prores_algo.data import build_dataloader
+    from prores_algo.training.data import build_dataloader
 
     spec = build_dataloader(url, split, batch_size, seq_len=32, local_cache=str(cache))
     return [b['input_ids'] for b in spec.dataloader]
@@ -94,7 +94,7 @@ def _iterate(url, cache, split='train', batch_size=4):
 # writing
 # ---------------------------------------------------------------------------------------------------
 def test_cli_writes_through_streaming_uploader(s3, dataset):
-    from prores_algo.data import HASH_ALGO, META_FILENAME, read_metadata
+    from prores_algo.training.data import HASH_ALGO, META_FILENAME, read_metadata
 
     url, copy = dataset
     keys = s3.keys('ds/')
@@ -122,7 +122,7 @@ def test_cli_writes_through_streaming_uploader(s3, dataset):
 
 
 def test_write_without_local_copy_keeps_nothing_local(s3, tmp_path, monkeypatch):
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))  # where the shards are staged before upload
     meta = write_mds('stdlib', f's3://{s3.bucket}/nolocal', seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
@@ -132,7 +132,7 @@ def test_write_without_local_copy_keeps_nothing_local(s3, tmp_path, monkeypatch)
 
 
 def test_write_refuses_then_overwrites_and_cleans_up(s3):
-    from prores_algo.data import RemoteDataError, write_mds
+    from prores_algo.training.data import RemoteDataError, write_mds
 
     url = f's3://{s3.bucket}/over'
     write_mds('stdlib', url, seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
@@ -153,7 +153,7 @@ def test_write_refuses_then_overwrites_and_cleans_up(s3):
 def test_failed_write_removes_what_it_uploaded(s3, tmp_path):
     """A write that fails after its shards and indexes went up (here: the val split ends up empty) deletes
     them again; the metadata, uploaded last, never went up; the local copy is not left either."""
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     with pytest.raises(ValueError, match="split 'val' got 0 samples"):
         write_mds(
@@ -171,7 +171,7 @@ def test_failed_write_removes_what_it_uploaded(s3, tmp_path):
 
 @pytest.mark.parametrize('case', ['missing-bucket', 'wrong-credentials'])
 def test_write_errors_name_the_url_and_leave_nothing(case, s3, tmp_path, monkeypatch, capsys):
-    from prores_algo.data import main
+    from prores_algo.training.data import main
 
     if case == 'missing-bucket':
         url, expect = 's3://no-such-bucket/ds', r"bucket 'no-such-bucket' does not exist"
@@ -197,7 +197,7 @@ def test_write_errors_name_the_url_and_leave_nothing(case, s3, tmp_path, monkeyp
 # reading
 # ---------------------------------------------------------------------------------------------------
 def test_stream_from_s3_with_local_cache(s3, dataset, tmp_path):
-    from prores_algo.data import CACHE_RECORD, build_dataloader, read_metadata
+    from prores_algo.training.data import CACHE_RECORD, build_dataloader, read_metadata
 
     url, copy = dataset
     batches = _iterate(url, tmp_path / 'cache', batch_size=4)
@@ -214,7 +214,7 @@ def test_stream_from_s3_with_local_cache(s3, dataset, tmp_path):
     'case', ['missing-bucket', 'missing-prefix', 'wrong-credentials', 'unfinished-upload', 'missing-index']
 )
 def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path, monkeypatch):
-    from prores_algo.data import RemoteDataError
+    from prores_algo.training.data import RemoteDataError
 
     url = {
         'missing-bucket': 's3://no-such-bucket/ds',
@@ -252,7 +252,7 @@ def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path,
 
 
 def test_corrupt_shard_fails_its_hash_and_is_not_kept(s3, dataset, tmp_path):
-    from prores_algo.data import RemoteDataError
+    from prores_algo.training.data import RemoteDataError
 
     client = s3.client()
     for key in s3.keys('ds/'):
@@ -269,14 +269,14 @@ def test_corrupt_shard_fails_its_hash_and_is_not_kept(s3, dataset, tmp_path):
     assert not (cache / 'train' / 'shard.00000.mds').exists()  # not taken as present next time
     with pytest.raises(RemoteDataError, match=match):  # so a second run fails the same way
         _iterate(url, cache)
-    from prores_algo.data import build_dataloader
+    from prores_algo.training.data import build_dataloader
 
     with pytest.raises(ValueError, match=r'shard .*shard\.00000\.mds.* is missing'):  # the cache is no dataset
         build_dataloader(str(cache), 'train', 4)
 
 
 def test_a_cache_serves_one_remote(s3, dataset, tmp_path):
-    from prores_algo.data import RemoteDataError
+    from prores_algo.training.data import RemoteDataError
 
     _iterate(dataset[0], tmp_path / 'cache', split='val', batch_size=1)
     with pytest.raises(
@@ -291,7 +291,7 @@ def test_a_cache_serves_one_remote(s3, dataset, tmp_path):
 # prores-train: train, resume, and a second run on the warm cache with the server gone
 # ---------------------------------------------------------------------------------------------------
 def test_prores_train_from_s3_resume_with_warm_cache_and_server_stopped(tmp_path):
-    from prores_algo.data import write_mds
+    from prores_algo.training.data import write_mds
 
     exe = Path(sys.executable).parent / 'prores-train'
     cache, ck_a, ck_b = tmp_path / 'cache', tmp_path / 'ck_a', tmp_path / 'ck_b'

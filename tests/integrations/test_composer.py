@@ -7,7 +7,7 @@ import torch
 from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 
-from prores_algo import ProRes, schedules
+from prores_algo import ProRes, alpha_schedules
 from tests.support.helpers import alpha_buffers, assert_prores_removed, tiny_composer_model, token_loader
 
 
@@ -46,7 +46,7 @@ def test_alpha_follows_schedule_each_batch_is_logged_and_removed_after_warmup():
     trainer.fit()
     for batch, buffers in rec.seen:
         if batch < 8:
-            expected = schedules.alphas('linear', 4, batch, 8)
+            expected = alpha_schedules.alphas('linear', 4, batch, 8)
             assert len(buffers) == 8  # both branches of every layer
             for path, value in buffers.items():
                 layer = int(path.split('blocks.')[1].split('.')[0])
@@ -55,7 +55,7 @@ def test_alpha_follows_schedule_each_batch_is_logged_and_removed_after_warmup():
             assert buffers == {}, 'hooks must be gone once every α is 1 for good'
     assert [b for b, _ in rec.seen] == list(range(12))
     logged = mem.data['prores/alpha/layer_3']
-    assert [v for _, v in logged] == pytest.approx([schedules.alpha('linear', 3, 4, t, 8) for t in range(12)])
+    assert [v for _, v in logged] == pytest.approx([alpha_schedules.alpha('linear', 3, 4, t, 8) for t in range(12)])
     assert algo.controller.removed and algo.controller.num_hooks == 0
     assert assert_prores_removed(trainer.state.model) == 8  # α buffers stay, inert (1.0, no hook)
     assert mem.data['prores/alpha/mean'][0][1] == 0.0
@@ -81,7 +81,7 @@ def test_token_warmup_uses_token_timestamp():
     algo = ProRes(t_warmup='512tok')  # 64 tokens per batch -> done after 8 batches
     make_trainer(algo, max_duration='10ba', callbacks=[rec]).fit()
     for batch, buffers in rec.seen[:8]:
-        expect = schedules.alpha('linear', 1, 4, 64 * batch, 512)
+        expect = alpha_schedules.alpha('linear', 1, 4, 64 * batch, 512)
         assert buffers['model.blocks.1.mlp.down_proj'] == pytest.approx(expect)
     assert rec.seen[8][1] == {}
 
@@ -188,7 +188,7 @@ def test_alpha_updates_do_not_recompile_under_torch_compile():
     from torch._dynamo.testing import CompileCounter
 
     from prores_algo import apply_prores
-    from prores_algo.models.decoder import Decoder
+    from prores_algo.training.models.decoder import Decoder
     from tests.support.helpers import tiny_config
 
     torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""DeepSpeed path: the public helper (prores_algo.integrations.deepspeed) and the thin loop (prores_algo.ds_train).
+"""DeepSpeed path: the public helper (prores_algo.integrations.deepspeed) and the thin loop (prores_algo.training.deepspeed.loop).
 
 The distributed tests are real: `torchrun --nproc_per_node 2` processes running DeepSpeed ZeRO-3 on CPU
 (gloo, OMP_NUM_THREADS=1). Six launches in all: four of a few seconds of training on a tiny decoder
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.integrations.deepspeed import (
     CLIENT_STATE_KEY,
     SIDECAR_FILE,
@@ -35,7 +35,7 @@ from prores_algo.integrations.deepspeed import (
     save_checkpoint,
 )
 from prores_algo.lr_schedules import delayed_time, wsd_multiplier
-from prores_algo.models.decoder import Decoder, DecoderConfig
+from prores_algo.training.models.decoder import Decoder, DecoderConfig
 from tests.support.helpers import DIST_ENV, env_without_dist, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ TINY = [
 ]
 
 
-def _launch(nproc: int, args: list[str], timeout: float = 600, module: str = 'prores_algo.ds_train'):
+def _launch(nproc: int, args: list[str], timeout: float = 600, module: str = 'prores_algo.training.deepspeed.loop'):
     """`torchrun --nproc_per_node nproc -m module args` from the repo root (a CompletedProcess)."""
     env = env_without_dist()
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
@@ -142,7 +142,7 @@ def test_zero3_alpha_identical_on_ranks_and_equal_to_schedule(run_a):
     assert r0['steps'] == r1['steps'] == list(range(STEPS))
     assert r0['alphas'] == r1['alphas']
     for t, alphas in zip(r0['steps'], r0['alphas']):
-        assert alphas == schedules.alphas('linear', N_LAYERS, t, T_WARMUP)  # exact: same float computation
+        assert alphas == alpha_schedules.alphas('linear', N_LAYERS, t, T_WARMUP)  # exact: same float computation
     # the buffers inside the ZeRO-3 (zero.Init-built) model hold the α of the last step, on both ranks
     for s in (r0, r1):
         bufs = s['alpha_buffers_end']
@@ -213,7 +213,7 @@ def test_zero3_resume_matches_uninterrupted(run_a, tmp_path):
 def test_zero3_resume_with_different_prores_config_fails(run_a, no_dist_env):
     """ds_train refuses the 2-process run's checkpoint under another ProRes configuration, before it
     builds a model or a process group (so in-process here); the engine-level guard is tested below."""
-    from prores_algo.ds_train import train
+    from prores_algo.training.deepspeed.loop import train
 
     base = {
         'deepspeed_config': str(ZERO3_JSON),
@@ -275,7 +275,7 @@ def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
     every placement, ProRes on and off, gathers its initial parameters and compares them bitwise with
     the same seed's build without ZeRO-3. DeepNorm without ProRes is the DeepNet (xavier) init, which
     failed on the partitioned (empty, 1-D) parameters before."""
-    from prores_algo.models.decoder import NORM_PLACEMENTS
+    from prores_algo.training.models.decoder import NORM_PLACEMENTS
 
     out = tmp_path / 'init_{rank}.json'
     _ok(_launch(2, [str(out), str(ZERO3_JSON)], module='tests.support.zero3_init_driver'))
@@ -312,7 +312,7 @@ def no_dist_env(monkeypatch):
 
 
 def test_ds_train_batch_conflict_raises(no_dist_env):
-    from prores_algo.ds_train import train
+    from prores_algo.training.deepspeed.loop import train
 
     with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu'):
         train({'deepspeed_config': str(ZERO3_JSON), 'micro_batch_size': 3})
@@ -324,7 +324,7 @@ def test_ds_train_batch_conflict_raises(no_dist_env):
 
 
 def test_ds_train_stage3_required(no_dist_env):
-    from prores_algo.ds_train import train
+    from prores_algo.training.deepspeed.loop import train
 
     cfg = json.loads(ZERO3_JSON.read_text())
     cfg['zero_optimization'] = {'stage': 2}
@@ -333,7 +333,7 @@ def test_ds_train_stage3_required(no_dist_env):
 
 
 def test_ds_train_other_config_errors(no_dist_env):
-    from prores_algo.ds_train import train
+    from prores_algo.training.deepspeed.loop import train
 
     cfg = {**json.loads(ZERO3_JSON.read_text()), 'scheduler': {'type': 'WarmupLR'}}
     with pytest.raises(ValueError, match='`scheduler`'):
@@ -515,7 +515,7 @@ def test_attach_prores_step_engine():
     for t in range(10):
         engine.global_steps = t
         alphas = prores.step(engine)
-        assert alphas == schedules.alphas('linear', 4, t, 8)
+        assert alphas == alpha_schedules.alphas('linear', 4, t, 8)
         if t < 8:
             bufs = [float(b) for n, b in model.named_buffers() if n.endswith('prores_alpha')]
             assert bufs == pytest.approx([a for a in alphas for _ in range(2)], abs=1e-7)
@@ -575,7 +575,7 @@ def test_checkpoint_guard(tmp_path):
     e2 = FakeEngine(model2)
     path, client_state = load_checkpoint(e2, p2, str(tmp_path))  # tag from `latest`
     assert client_state[CLIENT_STATE_KEY] == sidecar and e2.global_steps == 3
-    assert p2.alphas == schedules.alphas('linear', 4, 3, 8)
+    assert p2.alphas == alpha_schedules.alphas('linear', 4, 3, 8)
 
     def refused(prores_b, model_b, *match):
         e = FakeEngine(model_b)

@@ -18,7 +18,7 @@ import torch
 import transformers as T
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
-from prores_algo import schedules
+from prores_algo import alpha_schedules
 from prores_algo.export import fold_prores
 from prores_algo.integrations.hf import ProResCallback, unwrap_model
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
@@ -95,7 +95,7 @@ def check_alphas(seen, warmup, grad_accum):
     for step, alphas in seen:
         if step < warmup:
             assert alphas == {
-                i: pytest.approx(a, abs=1e-7) for i, a in enumerate(schedules.alphas('linear', L, step, warmup))
+                i: pytest.approx(a, abs=1e-7) for i, a in enumerate(alpha_schedules.alphas('linear', L, step, warmup))
             }, step
         else:
             assert alphas == {}, f'hooks must be removed once t >= W (step {step})'
@@ -130,7 +130,7 @@ def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
     assert len(logs) == 9 and all(torch.isfinite(torch.tensor(h['loss'])) for h in logs)
     # log of step n (written after optimizer step n-1) carries the α that step trained with
     for h in logs:
-        assert h['prores/alpha/layer_2'] == pytest.approx(schedules.alpha('linear', 2, L, h['step'] - 1, 6))
+        assert h['prores/alpha/layer_2'] == pytest.approx(alpha_schedules.alpha('linear', 2, L, h['step'] - 1, 6))
     assert cb.controller.removed and cb.controller.num_hooks == 0
     assert not any(has_prores_hook(m) for m in model.modules())
     # the α buffers stay as inert 1.0 (a DDP wrapper keeps finding them, issue 12), outside state_dict
@@ -278,7 +278,7 @@ def test_callback_event_order_gradient_accumulation_without_trainer():
     state, losses = simulated_train(model, [cb, rec], steps=7, grad_accum=3)
     check_alphas(seen, warmup=5, grad_accum=3)
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert state.log_history[2]['prores/alpha/layer_1'] == pytest.approx(schedules.alpha('linear', 1, L, 2, 5))
+    assert state.log_history[2]['prores/alpha/layer_1'] == pytest.approx(alpha_schedules.alpha('linear', 1, L, 2, 5))
     assert cb.controller.removed
 
 
@@ -290,7 +290,9 @@ def test_resume_midway_starts_at_global_step_alpha():
     simulated_train(model, [cb, rec], steps=5, grad_accum=1, start_step=3)
     assert [s for s, _ in seen] == [3, 4]
     for step, alphas in seen:
-        assert alphas == {i: pytest.approx(a) for i, a in enumerate(schedules.alphas('linear_square', L, step, 6))}
+        assert alphas == {
+            i: pytest.approx(a) for i, a in enumerate(alpha_schedules.alphas('linear_square', L, step, 6))
+        }
 
 
 def test_unwrap_compiled_and_fold_through_callback():
@@ -301,7 +303,7 @@ def test_unwrap_compiled_and_fold_through_callback():
     state = TrainerState()
     state.global_step, state.max_steps = 3, 10
     cb.on_train_begin(None, state, TrainerControl(), model=compiled)
-    assert cb.model is model and cb.alphas == pytest.approx(schedules.alphas('linear', L, 3, 8))
+    assert cb.model is model and cb.alphas == pytest.approx(alpha_schedules.alphas('linear', L, 3, 8))
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         hooked = model(input_ids=ids).logits
@@ -339,4 +341,4 @@ def test_second_train_on_same_model_reuses_hooks():
     state.global_step = 4
     cb.on_train_begin(None, state, TrainerControl(), model=model)
     assert cb.controller is first and first.num_hooks == 2 * L
-    assert cb.alphas == pytest.approx(schedules.alphas('linear', L, 4, 10))
+    assert cb.alphas == pytest.approx(alpha_schedules.alphas('linear', L, 4, 10))

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from prores_algo import apply_prores, schedules
+from prores_algo import alpha_schedules, apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 from tests.support.helpers import env_without_dist, free_port
@@ -103,7 +103,7 @@ def test_composer_removal_mid_run_finishes_and_resume_after_removal_is_exact(kin
         assert sorted(map(int, straight['seen'])) == list(range(STEPS))
         for b, (alphas, hooks) in straight['seen'].items():
             b = int(b)
-            expected = schedules.alphas('linear', LAYERS, b, T_WARMUP)
+            expected = alpha_schedules.alphas('linear', LAYERS, b, T_WARMUP)
             assert len(alphas) == 2 * LAYERS, (b, alphas)
             for path, value in alphas.items():
                 layer = int(path.split('blocks.')[1].split('.')[0])

@@ -31,14 +31,14 @@ GiB = 2**30
 
 
 def meta_decoder(size: str):
-    from prores_algo.models.decoder import Decoder, DecoderConfig
+    from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
     with torch.device('meta'):
         return Decoder(DecoderConfig(vocab_size=32000, max_seq_len=1024, **SIZES[size]))
 
 
 def counts(model) -> dict[str, int]:
-    from prores_algo.models.decoder import Block
+    from prores_algo.training.models.decoder import Block
 
     params = {id(p): p.numel() for p in model.parameters()}
     blocks = [m for m in model.modules() if isinstance(m, Block)]

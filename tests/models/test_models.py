@@ -1,4 +1,4 @@
-"""Tests for the reference decoder (prores_algo.models). CPU, tiny sizes."""
+"""Tests for the reference decoder (prores_algo.training.models). CPU, tiny sizes."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from prores_algo.models import NORM_PLACEMENTS, Block, Decoder, DecoderConfig, build_decoder
+from prores_algo.training.models import NORM_PLACEMENTS, Block, Decoder, DecoderConfig, build_decoder
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, max_seq_len=16)
 
@@ -372,15 +372,15 @@ def test_package_import_does_not_import_composer():
     import subprocess
     import sys
 
-    code = 'import sys, prores_algo.models; assert "composer" not in sys.modules'
+    code = 'import sys, prores_algo.training.models; assert "composer" not in sys.modules'
     subprocess.run([sys.executable, '-c', code], check=True)
 
 
 def test_composer_wrapper_loss_and_metrics():
     pytest.importorskip('composer')
-    import prores_algo.models
+    import prores_algo.training.models
 
-    ComposerDecoder = prores_algo.models.ComposerDecoder  # lazy module attribute
+    ComposerDecoder = prores_algo.training.models.ComposerDecoder  # lazy module attribute
 
     torch.manual_seed(0)
     model = ComposerDecoder.from_kwargs(**TINY, norm='pre')

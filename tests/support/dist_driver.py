@@ -12,8 +12,8 @@ from pathlib import Path
 from composer import Callback
 from composer.utils import dist
 
-from prores_algo.config import load_config
-from prores_algo.train import build_trainer
+from prores_algo.training.composer_train import build_trainer
+from prores_algo.training.config import load_config
 
 
 class Record(Callback):

@@ -6,7 +6,7 @@ import socket
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from prores_algo.models.decoder import DecoderConfig
+from prores_algo.training.models.decoder import DecoderConfig
 
 
 class RandomTokens(Dataset):
@@ -67,7 +67,7 @@ def tiny_config(**kw):
 
 
 def tiny_composer_model(seed=0, **kw):
-    from prores_algo.models.composer_decoder import ComposerDecoder
+    from prores_algo.training.models.composer_decoder import ComposerDecoder
 
     torch.manual_seed(seed)
     return ComposerDecoder(tiny_config(**kw))

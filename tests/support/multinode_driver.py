@@ -3,7 +3,7 @@
     composer --world_size W --nproc P --node_rank R --master_addr 127.0.0.1 --master_port PORT \\
         tests/support/multinode_driver.py OUT_DIR CONFIG.yaml [key=value ...]
 
-Trains exactly as `prores-train CONFIG.yaml key=value ...` does (prores_algo.train.build_trainer) and
+Trains exactly as `prores-train CONFIG.yaml key=value ...` does (prores_algo.training.composer_train.build_trainer) and
 writes what this rank saw to OUT_DIR/rank{R}.json: per batch, the α of every hooked branch read from
 the model's buffers just before the forward pass, a CRC-32 of every sample in the batch, and the loss;
 plus the node/rank layout streaming derived from the launcher's environment.
@@ -18,8 +18,8 @@ from pathlib import Path
 from composer import Callback
 from composer.utils import dist
 
-from prores_algo.config import load_config
-from prores_algo.train import build_trainer
+from prores_algo.training.composer_train import build_trainer
+from prores_algo.training.config import load_config
 
 
 class Record(Callback):

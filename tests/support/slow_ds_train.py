@@ -1,4 +1,4 @@
-"""torchrun entry used by tests/test_reliability.py: `prores_algo.ds_train`, optionally slowed down.
+"""torchrun entry used by tests/test_reliability.py: `prores_algo.training.deepspeed.loop`, optionally slowed down.
 
 Env PRORES_TEST_SLEEP=<seconds>: sleep that long before every micro-batch loss, so a test can kill the
 run mid-training. Sleeping changes no number; every other argument goes to ds_train's CLI unchanged.
@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from prores_algo import ds_train
+from prores_algo.training.deepspeed import loop as ds_train
 
 _SLEEP = float(os.environ.get('PRORES_TEST_SLEEP', '0'))
 if _SLEEP:

@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from prores_algo.ds_settings import from_flat, resolve
-from prores_algo.ds_train import _init_distributed, build_model
 from prores_algo.integrations.deepspeed import attach_prores, check_deepspeed_config
-from prores_algo.models.decoder import NORM_PLACEMENTS
+from prores_algo.training.deepspeed.loop import _init_distributed, build_model
+from prores_algo.training.deepspeed.settings import from_flat, resolve
+from prores_algo.training.models.decoder import NORM_PLACEMENTS
 
 TINY = {'n_layers': 2, 'd_model': 32, 'n_heads': 4, 'seq_len': 16, 'vocab': 64, 'steps': 4, 'seed': 7}
 

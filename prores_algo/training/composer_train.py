@@ -1,8 +1,8 @@
-"""Training entry: `python -m prores_algo.train CONFIG.yaml [key=value ...]`.
+"""Training entry: `python -m prores_algo.training.composer_train CONFIG.yaml [key=value ...]`.
 
-Runs under the `composer` launcher (`composer -n N -m prores_algo.train CONFIG.yaml`), torchrun, or
+Runs under the `composer` launcher (`composer -n N -m prores_algo.training.composer_train CONFIG.yaml`), torchrun, or
 plain python; also installed as the console script `prores-train`. The YAML is validated by
-`prores_algo.config`; this module only turns it into Composer objects and runs the Trainer.
+`prores_algo.training.config`; this module only turns it into Composer objects and runs the Trainer.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from prores_algo import recipe
-from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config, report
+from prores_algo.training import recipe
+from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
 __all__ = ['main', 'build_trainer', 'build_model', 'named_class', 'scheduler_class']
 __all__ += ['ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
@@ -96,7 +96,7 @@ def named_class(kind: str, table: dict[str, Any], name: str, kwargs: dict[str, A
     """`table[name]` once the name and every key of `kwargs` are checked (ConfigError, 'did you mean');
     the DeepSpeed entry runs this check too."""
     if name not in table:
-        from prores_algo.config import _suggest
+        from prores_algo.training.config import _suggest
 
         raise ConfigError(f"{kind}: unknown name '{name}'{_suggest(name, table)}; available: {sorted(table)}")
     check_kwargs(f'{kind}.{name}', table[name], kwargs)
@@ -122,7 +122,7 @@ def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
     """The ComposerModel named by `model.name`; checks vocab against the tokenizer and seq_len."""
     if cfg.model.name != 'reference':
         return _build_hf_causal_lm(cfg.model.kwargs, tokenizer_vocab, cfg.data.seq_len)
-    from prores_algo.models.composer_decoder import ComposerDecoder
+    from prores_algo.training.models.composer_decoder import ComposerDecoder
 
     dcfg = recipe.decoder_config(cfg)  # the model the DeepSpeed loop builds from the same YAML
     vocab = dcfg.vocab_size
@@ -201,7 +201,7 @@ def scheduler_class(schedule: recipe.LRSchedule, table: Optional[dict[str, Any]]
     table = _schedulers() if table is None else table
     name = schedule.name
     if name not in table:
-        from prores_algo.config import _suggest
+        from prores_algo.training.config import _suggest
 
         raise ConfigError(
             f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}"
@@ -240,7 +240,7 @@ def _prepare_data(cfg: TrainConfig):
     """Build MDS shards from `data.source` if `data.path` holds none (local rank 0 builds, others wait)."""
     from composer.utils import dist
 
-    from prores_algo.data import ensure_dataset
+    from prores_algo.training.data import ensure_dataset
 
     d = cfg.data
     if recipe.is_url(d.path):
@@ -261,7 +261,7 @@ def _prepare_data(cfg: TrainConfig):
 def _loaders(cfg: TrainConfig, vocab_size: Optional[int]):
     from composer.utils import dist
 
-    from prores_algo.data import build_dataloader
+    from prores_algo.training.data import build_dataloader
 
     world = dist.get_world_size()
     if cfg.global_train_batch_size % world:
@@ -293,7 +293,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from composer.core import Evaluator
     from composer.utils import dist, get_device, reproducibility
 
-    from prores_algo.tokenizers import load_tokenizer
+    from prores_algo.training.tokenizers import load_tokenizer
 
     _require(cfg)
     device = get_device(cfg.device)

@@ -11,8 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from prores_algo.data.layout import COLUMN, DTYPE, FORMAT, FORMAT_VERSION, HASH_ALGO, META_FILENAME, read_metadata
-from prores_algo.data.local_folder import (
+from prores_algo.training.data.layout import (
+    COLUMN,
+    DTYPE,
+    FORMAT,
+    FORMAT_VERSION,
+    HASH_ALGO,
+    META_FILENAME,
+    read_metadata,
+)
+from prores_algo.training.data.local_folder import (
     _check_replaceable,
     _clean_stale_tmp,
     _lock,
@@ -20,11 +28,16 @@ from prores_algo.data.local_folder import (
     _out_path,
     _staging_folder,
 )
-from prores_algo.data.packing import _check_samples, _pack_documents, _Packer
-from prores_algo.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
-from prores_algo.data.settings import _checked_tokenizer, _normalize_tokenizer_name, _requested_settings, _validate_args
-from prores_algo.data.sources import _normalize_source, iter_documents
-from prores_algo.recipe import is_url
+from prores_algo.training.data.packing import _check_samples, _pack_documents, _Packer
+from prores_algo.training.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
+from prores_algo.training.data.settings import (
+    _checked_tokenizer,
+    _normalize_tokenizer_name,
+    _requested_settings,
+    _validate_args,
+)
+from prores_algo.training.data.sources import _normalize_source, iter_documents
+from prores_algo.training.recipe import is_url
 
 
 class _UploadErrors:

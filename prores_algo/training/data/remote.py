@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from prores_algo.data.layout import FORMAT, META_FILENAME, SPLITS
+from prores_algo.training.data.layout import FORMAT, META_FILENAME, SPLITS
 
 
 class RemoteDataError(ValueError):

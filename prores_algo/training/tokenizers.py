@@ -1,6 +1,6 @@
 """Tokenizers for the data layer: a file-free byte tokenizer and a thin Hugging Face wrapper.
 
-Both expose the same small interface used by `prores_algo.data`:
+Both expose the same small interface used by `prores_algo.training.data`:
 
     name: str               what to record in dataset metadata (and pass back to `load_tokenizer`)
     vocab_size: int         number of ids the model's embedding must cover
@@ -9,7 +9,7 @@ Both expose the same small interface used by `prores_algo.data`:
     decode(ids) -> str          special tokens skipped
 
 Note: this module is named `tokenizers` inside the `prores_algo` package; it does not shadow the
-Hugging Face `tokenizers` distribution because imports are absolute (`prores_algo.tokenizers`).
+Hugging Face `tokenizers` distribution because imports are absolute (`prores_algo.training.tokenizers`).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class ProRes(Algorithm):
     """Progressive Residual Warmup (arXiv 2603.05369): `x_{l+1} = x_l + α(l, t)·F(x_l)`, α warming 0 → 1.
 
     Args:
-        schedule: α schedule, one of `prores_algo.schedules.names()` (default 'linear', the paper's).
+        schedule: α schedule, one of `prores_algo.alpha_schedules.names()` (default 'linear', the paper's).
         t_warmup: W, when every α reaches 1: a Time string ('24000ba', '0.2dur', '5e8tok') or an int
             (batches). Default: the paper's 1000 batches per layer (W = 1000·L ba). 'auto':
             W = min(1000·L, 0.25·max_duration) batches (`timing.auto_warmup_steps`), max_duration in

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
-from prores_algo.recipe import is_url
+from prores_algo.training.recipe import is_url
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
 _SOURCE_HELP = (

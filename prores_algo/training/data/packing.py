@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from prores_algo.data.layout import COLUMN, DTYPE
+from prores_algo.training.data.layout import COLUMN, DTYPE
 
 
 def _is_val(doc_index: int, seed: int, val_fraction: float) -> bool:

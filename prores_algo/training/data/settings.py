@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from prores_algo.data.layout import DTYPE
-from prores_algo.data.sources import _normalize_source
-from prores_algo.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from prores_algo.training.data.layout import DTYPE
+from prores_algo.training.data.sources import _normalize_source
+from prores_algo.training.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 # Settings that determine the samples; `ensure_dataset` reuses a dataset only if all of them match.
 # (`compression` is deliberately absent: it changes the bytes on disk, not the samples.)
@@ -48,7 +48,9 @@ def _checked_tokenizer(tokenizer: Any) -> Any:
     if not isinstance(tok, (ByteTokenizer, HFTokenizer)) and not all(
         hasattr(tok, a) for a in ('encode', 'eos_token_id', 'vocab_size', 'name')
     ):
-        raise ValueError(f'`tokenizer` must be a name or a prores_algo.tokenizers tokenizer, got {tokenizer!r}')
+        raise ValueError(
+            f'`tokenizer` must be a name or a prores_algo.training.tokenizers tokenizer, got {tokenizer!r}'
+        )
     if tok.vocab_size > np.iinfo(DTYPE).max:
         raise ValueError(f'`tokenizer` vocab_size {tok.vocab_size} does not fit {DTYPE}')
     return tok

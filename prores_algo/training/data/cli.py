@@ -1,4 +1,4 @@
-"""`prores-data` (also `python -m prores_algo.data`): convert a text source into packed-token MDS shards."""
+"""`prores-data` (also `python -m prores_algo.training.data`): convert a text source into packed-token MDS shards."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Optional
 
-from prores_algo.data.sources import _SOURCE_HELP
-from prores_algo.data.writer import write_mds
+from prores_algo.training.data.sources import _SOURCE_HELP
+from prores_algo.training.data.writer import write_mds
 
 
 def _whole_number(text: str) -> int:

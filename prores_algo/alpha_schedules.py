@@ -92,7 +92,7 @@ def canonical_name(name: str) -> str:
     if name not in _REGISTRY:
         raise ValueError(
             f'unknown schedule {name!r}: set `schedule` to one of {names()} '
-            f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.schedules.register().'
+            f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.alpha_schedules.register().'
         )
     return name
 

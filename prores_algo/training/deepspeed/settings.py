@@ -1,7 +1,7 @@
-"""What the DeepSpeed loop (`prores_algo.ds_train`) runs from: a `TrainConfig` plus `DSOptions`.
+"""What the DeepSpeed loop (`prores_algo.training.deepspeed.loop`) runs from: a `TrainConfig` plus `DSOptions`.
 
 The model, optimizer, LR schedule, ProRes, data and checkpoint settings are a `TrainConfig`, the schema
-`prores-train` reads (`prores_algo.config`); `DSOptions` holds what only this loop has (its DeepSpeed
+`prores-train` reads (`prores_algo.training.config`); `DSOptions` holds what only this loop has (its DeepSpeed
 JSON, micro-batch checks, ZeRO init, synthetic-data sizes, logging). They come from
 
   * a YAML: `--config YAML key=value ...` goes through `load_config` and the name / key checks of
@@ -9,7 +9,7 @@ JSON, micro-batch checks, ZeRO init, synthetic-data sizes, logging). They come f
   * the flat flags (`--n_layers 4 --steps 20 ...`) or the flat dict of `ds_train.train(dict)`:
     `from_flat` maps them onto the same two objects (the one place that knows the flat names).
 
-`resolve(config)` is the loop's view of a `TrainConfig`: what `prores_algo.recipe` builds from it, with
+`resolve(config)` is the loop's view of a `TrainConfig`: what `prores_algo.training.recipe` builds from it, with
 every time turned into optimizer steps, after refusing what the loop cannot honour. `checked_ds_config`
 checks the DeepSpeed JSON against it. Every mistake is a one-line `ConfigError`.
 """
@@ -21,12 +21,12 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from prores_algo import recipe
-from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps, whole_steps
+from prores_algo.training import recipe
+from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config
 
 if TYPE_CHECKING:
-    from prores_algo.models.decoder import DecoderConfig
+    from prores_algo.training.models.decoder import DecoderConfig
 
 __all__ = ['DSOptions', 'DEFAULTS', 'DEFAULT_LR', 'from_flat', 'from_yaml', 'StepPlan', 'resolve', 'checked_ds_config']
 
@@ -176,8 +176,8 @@ def check_keys(config: TrainConfig) -> None:
     """The names and keys under `algorithms` and `scheduler`, checked by prores-train's own checks (the same
     'did you mean' messages). A scheduler name only this loop knows (e.g. `linear_decay_with_warmup`) is
     checked against the arguments of its schedules (`lr_lambda_from`)."""
-    from prores_algo import train as composer_entry
     from prores_algo.lr_schedules import LR_SCHEDULES, lr_lambda_from
+    from prores_algo.training import composer_train as composer_entry
 
     table = composer_entry.ALGORITHMS()
     for name, kwargs in config.algorithms.items():
@@ -299,7 +299,7 @@ class StepPlan:
     data: Optional[str]  # MDS folder / URL, or None: the synthetic token set
     seq_len: int  # data.seq_len
     local_cache: Optional[str]
-    data_build: Optional[dict]  # prores_algo.data.ensure_dataset arguments
+    data_build: Optional[dict]  # prores_algo.training.data.ensure_dataset arguments
     global_train_batch_size: Optional[int]
     eval_every: int
     save_dir: Optional[str]
@@ -313,7 +313,7 @@ _MAPPED = ('n_layers', 'd_model', 'n_heads', 'vocab_size', 'norm', 'final_norm',
 
 def resolve(config: TrainConfig) -> StepPlan:
     """What this loop trains for `config`; ConfigError / ValueError for what it cannot honour."""
-    from prores_algo.models.decoder import DecoderConfig
+    from prores_algo.training.models.decoder import DecoderConfig
 
     if config.model.name != 'reference':
         raise ConfigError(

@@ -3,7 +3,7 @@
 Pipeline::
 
     iter_documents(source)            str documents, deterministic order
-      -> tokenizer.encode + [eos]     (prores_algo.tokenizers)
+      -> tokenizer.encode + [eos]     (prores_algo.training.tokenizers)
       -> split by document            stable hash of (seed, document index) -> train / val
       -> pack                         each split's token stream cut into samples of exactly seq_len
       -> MDSWriter                    out_dir/{train,val}/ shards + index.json, out_dir/prores_data.json
@@ -22,13 +22,13 @@ Modules, one job each:
     loader          build_dataloader, verify_local_split, the remote cache's record
     cli             the `prores-data` command
 
-CLI: ``prores-data --out data/stdlib`` or ``python -m prores_algo.data --help``.
+CLI: ``prores-data --out data/stdlib`` or ``python -m prores_algo.training.data --help``.
 """
 
-# Everything that code, tests and benchmarks import from `prores_algo.data`. A test that patches a name must
-# patch the module that uses it (e.g. prores_algo.data.writer._build), not this re-export.
-from prores_algo.data.cli import _whole_number, main
-from prores_algo.data.layout import (
+# Everything that code, tests and benchmarks import from `prores_algo.training.data`. A test that patches a name must
+# patch the module that uses it (e.g. prores_algo.training.data.writer._build), not this re-export.
+from prores_algo.training.data.cli import _whole_number, main
+from prores_algo.training.data.layout import (
     CACHE_RECORD,
     COLUMN,
     DTYPE,
@@ -39,14 +39,14 @@ from prores_algo.data.layout import (
     SPLITS,
     read_metadata,
 )
-from prores_algo.data.loader import _default_cache_dir, build_dataloader, verify_local_split
-from prores_algo.data.local_folder import _TMP_MARK
-from prores_algo.data.packing import _is_val
-from prores_algo.data.remote import RemoteDataError
-from prores_algo.data.settings import SETTING_FIELDS
-from prores_algo.data.sources import TEXT_SUFFIXES, iter_documents
-from prores_algo.data.token_dataset import SHM_LOCK_TIMEOUT_S, TokenDataset
-from prores_algo.data.writer import ensure_dataset, write_mds
+from prores_algo.training.data.loader import _default_cache_dir, build_dataloader, verify_local_split
+from prores_algo.training.data.local_folder import _TMP_MARK
+from prores_algo.training.data.packing import _is_val
+from prores_algo.training.data.remote import RemoteDataError
+from prores_algo.training.data.settings import SETTING_FIELDS
+from prores_algo.training.data.sources import TEXT_SUFFIXES, iter_documents
+from prores_algo.training.data.token_dataset import SHM_LOCK_TIMEOUT_S, TokenDataset
+from prores_algo.training.data.writer import ensure_dataset, write_mds
 
 __all__ = [
     'TEXT_SUFFIXES',

@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from prores_algo.data.layout import META_FILENAME, SPLITS, read_metadata
-from prores_algo.recipe import is_url
+from prores_algo.training.data.layout import META_FILENAME, SPLITS, read_metadata
+from prores_algo.training.recipe import is_url
 
 _TMP_MARK = '.prores-tmp-'
 

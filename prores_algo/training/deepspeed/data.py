@@ -2,7 +2,7 @@
 
 * `SyntheticTokens` — learnable arithmetic sequences, the same sample k in every run and on every
   rank; `synthetic_loader` splits it over ranks with a `DistributedSampler` (no `data.path`);
-* `mds_loader` — MDS shards through `prores_algo.data.build_dataloader`, which partitions over ranks
+* `mds_loader` — MDS shards through `prores_algo.training.data.build_dataloader`, which partitions over ranks
   itself;
 * `micro_batches` — endless micro-batches from a given position (resume skips what was consumed);
 * `loaders` — the train / eval loaders of a run.
@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 if TYPE_CHECKING:
-    from prores_algo.ds_settings import DSOptions, StepPlan
+    from prores_algo.training.deepspeed.settings import DSOptions, StepPlan
 
 __all__ = ['SyntheticTokens', 'synthetic_loader', 'mds_loader', 'micro_batches', 'loaders']
 
@@ -54,9 +54,11 @@ def mds_loader(
     path: str, split: str, micro: int, *, seq_len: int, vocab: int, seed: int, local_cache: Optional[str], shuffle: bool
 ):
     try:
-        from prores_algo.data import build_dataloader
+        from prores_algo.training.data import build_dataloader
     except ImportError as e:
-        raise ValueError(f'--data needs prores_algo.data.build_dataloader (and mosaicml-streaming): {e}') from e
+        raise ValueError(
+            f'--data needs prores_algo.training.data.build_dataloader (and mosaicml-streaming): {e}'
+        ) from e
     spec = build_dataloader(
         path, split, micro, seq_len=seq_len, shuffle=shuffle, seed=seed, vocab_size=vocab, local_cache=local_cache
     )

@@ -14,10 +14,10 @@ from typing import Any, Optional
 
 import torch
 
-from prores_algo.data.layout import CACHE_RECORD, HASH_ALGO, META_FILENAME, SPLITS, read_metadata
-from prores_algo.data.remote import RemoteDataError, _remote_metadata, _remote_read_error
-from prores_algo.data.token_dataset import TokenDataset
-from prores_algo.recipe import is_url
+from prores_algo.training.data.layout import CACHE_RECORD, HASH_ALGO, META_FILENAME, SPLITS, read_metadata
+from prores_algo.training.data.remote import RemoteDataError, _remote_metadata, _remote_read_error
+from prores_algo.training.data.token_dataset import TokenDataset
+from prores_algo.training.recipe import is_url
 
 
 def _num_tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -146,7 +146,7 @@ def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[s
     if not local_path.is_dir():
         raise FileNotFoundError(
             f'data path {path_or_remote!r} is not a folder; build it with '
-            f'`prores-data --out {path_or_remote}` (or prores_algo.data.ensure_dataset)'
+            f'`prores-data --out {path_or_remote}` (or prores_algo.training.data.ensure_dataset)'
         )
     if not (local_path / split / 'index.json').is_file():
         have = sorted(p.name for p in local_path.iterdir() if (p / 'index.json').is_file())

@@ -1,6 +1,6 @@
 """What a `TrainConfig` asks for, independent of the loop that runs it (Composer or DeepSpeed).
 
-Both training entries read the same YAML schema (`prores_algo.config.TrainConfig`) and take from here
+Both training entries read the same YAML schema (`prores_algo.training.config.TrainConfig`) and take from here
 what it means:
 
   * `decoder_config(cfg)` — the reference decoder's `DecoderConfig` (`max_seq_len` defaults to
@@ -11,12 +11,12 @@ what it means:
   * `optimizer(cfg)` and `param_groups(model, weight_decay)` — lr, betas, eps, weight decay, and weight
     decay on matrices only (the paper);
   * `lr_schedule(cfg)` — the LR scheduler's name and its warmup / decay / final multiplier;
-  * `dataset_build_args(cfg)` — the arguments of `prores_algo.data.ensure_dataset` (None when there is
+  * `dataset_build_args(cfg)` — the arguments of `prores_algo.training.data.ensure_dataset` (None when there is
     nothing to build: no `data.source`, no `data.path`, or a URL);
   * `is_url(path)` — the one test for a remote location (`scheme://...`).
 
 Times stay as the YAML writes them ('600ba', '0.3dur', an int): Composer resolves them itself and the
-DeepSpeed loop turns them into optimizer steps (`prores_algo.ds_settings`). Nothing here imports
+DeepSpeed loop turns them into optimizer steps (`prores_algo.training.deepspeed.settings`). Nothing here imports
 Composer or DeepSpeed.
 """
 
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     import torch
 
-    from prores_algo.config import TrainConfig
-    from prores_algo.models.decoder import DecoderConfig
+    from prores_algo.training.config import TrainConfig
+    from prores_algo.training.models.decoder import DecoderConfig
 
 __all__ = [
     'is_url',
@@ -64,8 +64,8 @@ def prores_enabled(cfg: TrainConfig) -> bool:
 
 def decoder_config(cfg: TrainConfig) -> DecoderConfig:
     """The reference decoder the YAML describes (`model.name: reference`); ConfigError names a bad key."""
-    from prores_algo.config import ConfigError, check_kwargs
-    from prores_algo.models.decoder import DecoderConfig, default_deepnet_init
+    from prores_algo.training.config import ConfigError, check_kwargs
+    from prores_algo.training.models.decoder import DecoderConfig, default_deepnet_init
 
     kwargs = cfg.model.kwargs
     check_kwargs('model (reference)', DecoderConfig, kwargs)
@@ -171,7 +171,7 @@ def lr_schedule(cfg: TrainConfig) -> Optional[LRSchedule]:
 
 
 def dataset_build_args(cfg: TrainConfig) -> Optional[dict[str, Any]]:
-    """Keyword arguments of `prores_algo.data.ensure_dataset` for the YAML's shards, or None when nothing
+    """Keyword arguments of `prores_algo.training.data.ensure_dataset` for the YAML's shards, or None when nothing
     is built here: no `data.source` (prebuilt shards), no `data.path`, or a remote `data.path`."""
     d = cfg.data
     if d.source is None or d.path is None or is_url(d.path):

@@ -74,8 +74,8 @@ def _train(config: str, overrides: list[str], seed: int, variant: str, log_dir: 
     import torch
     from composer.loggers import InMemoryLogger
 
-    from prores_algo.config import load_config
-    from prores_algo.train import run
+    from prores_algo.training.composer_train import run
+    from prores_algo.training.config import load_config
 
     torch.set_num_threads(1)  # `--jobs` processes on as many cores
     cfg = load_config(config, [*overrides, f'seed={seed}'])
@@ -110,7 +110,7 @@ def _settings(config: Path, overrides: list[str]) -> dict:
 
 def _check(config: Path, overrides: list[str]) -> None:
     """Fail fast, in this process, on anything the runs would fail on: the config, and ProRes in it."""
-    from prores_algo.config import ConfigError, load_config
+    from prores_algo.training.config import ConfigError, load_config
 
     cfg = load_config(config, overrides)
     if 'prores' not in cfg.algorithms:
@@ -118,7 +118,7 @@ def _check(config: Path, overrides: list[str]) -> None:
             f'{config}: no algorithms.prores to compare against its baseline: add `algorithms: {{prores: '
             '{t_warmup: ...}}` (or prores=... overrides) to the config'
         )
-    from prores_algo.train import _prepare_data
+    from prores_algo.training.composer_train import _prepare_data
 
     try:
         _prepare_data(cfg)  # built once here, not by every run at once
@@ -264,7 +264,7 @@ def parse_args(argv):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from prores_algo.config import ConfigError, report
+    from prores_algo.training.config import ConfigError, report
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)

@@ -1,4 +1,4 @@
-"""The command line of the DeepSpeed entry (`prores-ds-train`, `python -m prores_algo.ds_train`).
+"""The command line of the DeepSpeed entry (`prores-ds-train`, `python -m prores_algo.training.deepspeed.loop`).
 
 Two ways to describe a run, never mixed:
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional
 
-from prores_algo.config import ConfigError, TrainConfig
-from prores_algo.ds_settings import DEFAULT_LR, DEFAULTS, DSOptions, from_flat, from_yaml
 from prores_algo.timing import is_auto
+from prores_algo.training.config import ConfigError, TrainConfig
+from prores_algo.training.deepspeed.settings import DEFAULT_LR, DEFAULTS, DSOptions, from_flat, from_yaml
 
 __all__ = ['parser', 'parse', 'FLAG_KEYS', 'CONFIG_RULE']
 
@@ -107,7 +107,7 @@ def _warmup_arg(value: str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m prores_algo.ds_train',
+        prog='python -m prores_algo.training.deepspeed.loop',
         description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.',
         epilog=CONFIG_RULE,
     )
@@ -173,7 +173,9 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
         help='do not build the model under deepspeed.zero.Init',
     )
     g = p.add_argument_group('data and loop')
-    g.add_argument('--data', default=None, help='folder/URL of MDS shards (prores_algo.data); default: synthetic')
+    g.add_argument(
+        '--data', default=None, help='folder/URL of MDS shards (prores_algo.training.data); default: synthetic'
+    )
     g.add_argument(
         '--local_cache',
         default=None,

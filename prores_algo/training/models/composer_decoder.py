@@ -15,7 +15,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
-from prores_algo.models.decoder import Decoder, DecoderConfig
+from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
 __all__ = ['ComposerDecoder', 'IGNORE_INDEX']
 

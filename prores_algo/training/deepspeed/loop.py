@@ -1,22 +1,22 @@
 """A thin DeepSpeed training loop for the reference decoder with ProRes (ZeRO-3 ready).
 
-    torchrun --nproc_per_node 2 -m prores_algo.ds_train --deepspeed_config yamls/deepspeed/zero3.json \
+    torchrun --nproc_per_node 2 -m prores_algo.training.deepspeed.loop --deepspeed_config yamls/deepspeed/zero3.json \
         --steps 200 --t_warmup 100 --summary out/summary.json
-    torchrun --nproc_per_node 2 -m prores_algo.ds_train --config yamls/quickstart.yaml [key=value ...]
-    deepspeed --num_gpus 2 --module prores_algo.ds_train ...   (or `composer -n 2 -m prores_algo.ds_train ...`)
+    torchrun --nproc_per_node 2 -m prores_algo.training.deepspeed.loop --config yamls/quickstart.yaml [key=value ...]
+    deepspeed --num_gpus 2 --module prores_algo.training.deepspeed.loop ...   (or `composer -n 2 -m prores_algo.training.deepspeed.loop ...`)
 
 Every launcher sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python -m
-prores_algo.ds_train` runs one process. Backend: gloo on CPU, nccl on CUDA.
+prores_algo.training.deepspeed.loop` runs one process. Backend: gloo on CPU, nccl on CUDA.
 
 A run is a `TrainConfig` (the schema prores-train reads; the flat flags map onto it) plus `DSOptions`
-(`prores_algo.ds_settings`); model, ProRes, optimizer, LR schedule and dataset come from
-`prores_algo.recipe` as for prores-train. What is DeepSpeed's is here (DeepSpeed does the rest from its
+(`prores_algo.training.deepspeed.settings`); model, ProRes, optimizer, LR schedule and dataset come from
+`prores_algo.training.recipe` as for prores-train. What is DeepSpeed's is here (DeepSpeed does the rest from its
 JSON: ZeRO partitioning, gradient accumulation, clipping, bf16):
   * the JSON is checked against the config before any process group exists;
   * the decoder is built under `deepspeed.zero.Init` for stage 3 (unless `zero_init=False`) with the
     same seed on every rank, then `attach_prores`; torch AdamW unless the JSON has an "optimizer"
     block; the LR schedule is a `LambdaLR` from `lr_lambda_from` (WSD by default);
-  * data: a synthetic token set, or MDS shards (`prores_algo.ds_data`);
+  * data: a synthetic token set, or MDS shards (`prores_algo.training.deepspeed.data`);
   * each optimizer step t: `prores.step(engine)` (α(t) from engine.global_steps) before every
     micro-batch forward, `engine.backward`, `engine.step`;
   * checkpoints through `save_checkpoint` / `load_checkpoint` (ProRes configuration guarded); on resume
@@ -43,11 +43,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from prores_algo import recipe, schedules
-from prores_algo.config import ConfigError, TrainConfig, report
-from prores_algo.ds_cli import parse
-from prores_algo.ds_data import SyntheticTokens, loaders, micro_batches
-from prores_algo.ds_settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
+from prores_algo import alpha_schedules
 from prores_algo.integrations.deepspeed import (
     SIDECAR_FILE,
     attach_prores,
@@ -56,10 +52,15 @@ from prores_algo.integrations.deepspeed import (
     lr_scheduler_factory,
     save_checkpoint,
 )
-from prores_algo.models.decoder import Decoder
 from prores_algo.spec import WARMUP_STEPS_METRIC
 from prores_algo.surgery import ALPHA_BUFFER
 from prores_algo.timing import auto_warmup_steps, is_auto
+from prores_algo.training import recipe
+from prores_algo.training.config import ConfigError, TrainConfig, report
+from prores_algo.training.deepspeed.cli import parse
+from prores_algo.training.deepspeed.data import SyntheticTokens, loaders, micro_batches
+from prores_algo.training.deepspeed.settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
+from prores_algo.training.models.decoder import Decoder
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
 
@@ -120,7 +121,7 @@ def _prores_expected(plan: StepPlan) -> dict:
     n_layers = plan.model.n_layers
     return {
         'enabled': True,
-        'schedule': schedules.canonical_name(plan.prores.schedule),
+        'schedule': alpha_schedules.canonical_name(plan.prores.schedule),
         't_warmup': float(plan.t_warmup if plan.t_warmup is not None else 1000 * n_layers),
         'num_layers': n_layers,
         'time_unit': 'steps',
@@ -152,7 +153,7 @@ def _free_port() -> int:
 def _init_distributed() -> tuple[int, int]:
     import deepspeed
 
-    if 'WORLD_SIZE' not in os.environ:  # plain `python -m prores_algo.ds_train`: one process
+    if 'WORLD_SIZE' not in os.environ:  # plain `python -m prores_algo.training.deepspeed.loop`: one process
         os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')
         os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(_free_port()))
@@ -199,7 +200,7 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
     `cfg` is the flat options (DEFAULTS' keys) or a TrainConfig, with `options` (default DSOptions()).
     Per optimizer step i (`steps[i]` = engine.global_steps during its forward = t): `losses[i]` (mean
     over micro-batches and ranks), `lrs[i]` (the LR used), `alphas[i]` (α per layer used, equal to
-    `schedules.alphas(schedule, n_layers, t, t_warmup)`), and `eval` entries {step, loss, perplexity}.
+    `alpha_schedules.alphas(schedule, n_layers, t, t_warmup)`), and `eval` entries {step, loss, perplexity}.
     """
     if isinstance(cfg, TrainConfig):
         config, opts = cfg, options or DSOptions()
@@ -270,7 +271,7 @@ def _prepare(config: TrainConfig, opts: DSOptions):
     )
     ds_config, lr = checked_ds_config(plan, opts, world)
     if plan.data_build is not None:  # shards from the YAML's data.source; safe on every rank
-        from prores_algo.data import ensure_dataset
+        from prores_algo.training.data import ensure_dataset
 
         try:
             ensure_dataset(**plan.data_build, progress=int(os.environ.get('RANK', '0')) == 0)
@@ -420,7 +421,7 @@ def _write_summary(out: dict, path: Optional[str], rank: int) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    """The CLI (`prores_algo.ds_cli`): a user's mistake is one line on stderr and exit status 2."""
+    """The CLI (`prores_algo.training.deepspeed.cli`): a user's mistake is one line on stderr and exit status 2."""
     try:
         config, options = parse(argv)
         summary = train(config, options)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
-from prores_algo.data.layout import COLUMN
-from prores_algo.data.remote import RemoteDataError
+from prores_algo.training.data.layout import COLUMN
+from prores_algo.training.data.remote import RemoteDataError
 
 
 def _shard_seq_len(shards: list[Any]) -> int:
