@@ -354,7 +354,7 @@ def run_deepspeed(args) -> dict:
             str(args.vocab),
             '--steps',
             str(args.ds_steps),
-            '--t_warmup',
+            '--prores_warmup',
             str(1000 * args.n_layers),
             '--lr',
             '3e-4',

@@ -185,7 +185,7 @@ def run(
         try:
             from prores_algo.integrations.composer import ResidualMonitor
 
-            callbacks.append(ResidualMonitor(interval='50ba'))
+            callbacks.append(ResidualMonitor(log_interval='50ba'))
             monitor_on = True
         except ImportError:
             pass
@@ -195,7 +195,7 @@ def run(
         train_dataloader=DataSpec(loader, get_num_tokens_in_batch=_num_tokens),
         max_duration=f'{steps}ba',
         optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-        schedulers=WSDScheduler(t_warmup='0.02dur', t_decay='0.1dur'),
+        schedulers=WSDScheduler(lr_warmup='0.02dur', lr_decay='0.1dur'),
         algorithms=[prores],
         callbacks=callbacks,
         loggers=[discard],

@@ -271,7 +271,7 @@ def overrides(spec: dict, data_path: Path) -> list[str]:
         'model.norm': spec['norm'],
         **{f'model.{k}': v for k, v in init_overrides(spec.get('init', 'official'), spec['d_model']).items()},
         'optimizer.lr': spec['lr'],
-        'scheduler.t_warmup': spec['lr_warmup'],
+        'scheduler.lr_warmup': spec['lr_warmup'],
         'max_duration': f'{spec["steps"]}ba',
         'eval_subset_num_batches': spec['eval_batches'],
         'console_log_interval': f'{max(1, spec["steps"] // 4)}ba',

@@ -8,7 +8,7 @@ for the backward exactly what `F.linear` saves (the input and the weight it was 
 checks that the peak does not move.
 
 How: each variant builds the same reference decoder (same seed) in the same processes, attaches ProRes
-before wrapping (as Composer's INIT and `attach_prores` do), takes 2 warm-up steps, then measures 3 more
+before wrapping (as Composer's INIT and `apply_prores` do), takes 2 warm-up steps, then measures 3 more
 steps (20 at the smoke size) on every rank and keeps the smallest: the peak of live CPU tensor bytes
 above the step's start, replayed from the allocator's `[memory]` profiler events (`benchmarks._common`).
 All-gather and reduce-scatter buffers are CPU tensors here, so they are counted.

@@ -30,7 +30,7 @@ __all__ = [
 
 _LAZY = {
     'ProRes': 'prores_algo.integrations.composer',
-    'WSDScheduler': 'prores_algo.lr_schedules',
+    'WSDScheduler': 'prores_algo.integrations.composer.lr',
     'wsd_multiplier': 'prores_algo.lr_schedules',
     'ResidualMonitor': 'prores_algo.integrations.composer',
     'ProResCallback': 'prores_algo.integrations.hf',

@@ -1,18 +1,18 @@
 """Watch the residual stream while ProRes warms it up: per-layer RMS, gradient norm, update size, spikes.
 
 `ResidualMonitor` (Composer `Callback`) and `ResidualMonitorCallback` (`transformers.TrainerCallback`)
-log, every `interval` optimizer steps, for each transformer layer i (found with
+log, every `log_interval` optimizer steps, for each transformer layer i (found with
 `layers.find_residual_layers`, the same layers ProRes scales):
 
-  monitor/rms/layer_{i}           RMS of the layer's output (the residual stream after layer i) over the
+  residual_monitor/rms/layer_{i}           RMS of the layer's output (the residual stream after layer i) over the
                                   whole batch (all micro-batches; all ranks when distributed)
-  monitor/grad_norm/layer_{i}     L2 norm of the gradient of the layer's parameters after the last
+  residual_monitor/grad_norm/layer_{i}     L2 norm of the gradient of the layer's parameters after the last
                                   backward of the step, before clipping and the optimizer step
-  monitor/update_ratio/layer_{i}  ||θ_after − θ_before|| / ||θ_before|| over the layer's parameters, for
+  residual_monitor/update_ratio/layer_{i}  ||θ_after − θ_before|| / ||θ_before|| over the layer's parameters, for
                                   the optimizer step of that batch
-  monitor/position_cosine/layer_{i}  mean cosine similarity between the positions of each sequence in the
+  residual_monitor/position_cosine/layer_{i}  mean cosine similarity between the positions of each sequence in the
                                   layer's output (1 = every position the same vector: collapse)
-  monitor/collapse                1 once the largest position cosine has stayed >= `collapse_threshold` for
+  residual_monitor/collapse                1 once the largest position cosine has stayed >= `collapse_threshold` for
                                   `collapse_patience` measured steps (then also a warning, once, and a stop
                                   with `stop_on_collapse=True`)
 
@@ -20,7 +20,7 @@ and, counted over every step (OLMo's definition: a value is a spike when it is >
 of the previous `spike_window` values, population std, once that many values exist; with std = 0 the
 value must also exceed the mean):
 
-  monitor/loss_spikes, monitor/grad_spikes   cumulative counts (grad: the global gradient norm)
+  residual_monitor/loss_spikes, residual_monitor/grad_spikes   cumulative counts (grad: the global gradient norm)
 
 Cost: nothing is registered between measured steps except what the spike counters need (Composer:
 the loss it already syncs, one fused norm over the gradients per micro-batch when `grad_norm`; HF: the
@@ -332,9 +332,9 @@ class LayerStats:
 
 
 def _parse_interval(interval: Union[int, str]) -> int:
-    message = f"interval must be a positive number of batches (10 or '10ba'), got {interval!r}"
+    message = f"log_interval must be a positive number of batches (10 or '10ba'), got {interval!r}"
     try:
-        steps = to_steps(interval, 'interval')
+        steps = to_steps(interval, 'log_interval')
     except ValueError:
         raise ValueError(message) from None
     if not steps.is_integer() or steps < 1:
@@ -343,7 +343,7 @@ def _parse_interval(interval: Union[int, str]) -> int:
 
 
 def per_layer_metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]:
-    return {} if values is None else {f'monitor/{prefix}/layer_{i}': float(v) for i, v in enumerate(values)}
+    return {} if values is None else {f'residual_monitor/{prefix}/layer_{i}': float(v) for i, v in enumerate(values)}
 
 
 class MonitorBase:
@@ -353,7 +353,7 @@ class MonitorBase:
 
     def __init__(
         self,
-        interval: Union[int, str] = '10ba',
+        log_interval: Union[int, str] = '10ba',
         rms: bool = True,
         grad_norm: bool = True,
         update_ratio: bool = True,
@@ -366,8 +366,13 @@ class MonitorBase:
         collapse_threshold: float = 0.95,
         collapse_patience: int = 10,
         stop_on_collapse: bool = False,
+        *,
+        interval: Union[int, str, None] = None,
     ):
-        self.interval = _parse_interval(interval)
+        if interval is not None:  # the name of earlier releases
+            warnings.warn('interval= is deprecated: use log_interval=', DeprecationWarning, stacklevel=2)
+            log_interval = interval
+        self.log_interval = _parse_interval(log_interval)
         self.track_cosine = bool(position_cosine)
         if (
             isinstance(collapse_threshold, bool)
@@ -424,7 +429,7 @@ class MonitorBase:
         high = math.isfinite(cos[worst]) and cos[worst] >= self.collapse_threshold
         self._high_cosine_run = self._high_cosine_run + 1 if high else 0
         collapsed = self._high_cosine_run >= self.collapse_patience
-        metrics['monitor/collapse'] = float(collapsed)
+        metrics['residual_monitor/collapse'] = float(collapsed)
         if collapsed and self.collapsed_at is None:
             self.collapsed_at = step
             warnings.warn(
@@ -446,7 +451,10 @@ class MonitorBase:
     def spike_metrics(self) -> dict[str, float]:
         if not self.spikes:
             return {}
-        return {'monitor/loss_spikes': self.loss_spikes.count, 'monitor/grad_spikes': self.grad_spikes.count}
+        return {
+            'residual_monitor/loss_spikes': self.loss_spikes.count,
+            'residual_monitor/grad_spikes': self.grad_spikes.count,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         if not self.spikes:

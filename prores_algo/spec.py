@@ -22,7 +22,7 @@ from prores_algo import alpha_schedules
 from prores_algo.alpha_schedules import default_warmup
 from prores_algo.layers import ResidualLayer, find_residual_layers
 from prores_algo.policies import check_branches
-from prores_algo.surgery import ProResController, warn_if_short_warmup
+from prores_algo.surgery import ProResController, check_mechanism, warn_if_short_warmup
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
 __all__ = [
@@ -60,6 +60,9 @@ class ProResSpec:
             its own clock; `warmup_steps` does it for the loops that count optimizer steps.
         layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
         remove_when_done: remove the hooks once every α is 1 for good.
+        mechanism: 'auto' (α inside the GEMM producing each branch where one can carry it, an output hook
+            elsewhere) or 'hook' (the output hook everywhere). The same numbers either way, so a checkpoint
+            does not record it and a resume may switch.
     """
 
     schedule: str = 'linear'
@@ -68,6 +71,7 @@ class ProResSpec:
     branches: Optional[Sequence[str]] = None
     layer_pattern: Optional[str] = None
     remove_when_done: bool = True
+    mechanism: str = 'auto'
 
     def __post_init__(self) -> None:
         self.schedule = alpha_schedules.canonical_name(self.schedule)
@@ -79,16 +83,17 @@ class ProResSpec:
             raise ValueError('pass either layer_class or layer_pattern, not both')
         if not isinstance(self.remove_when_done, bool):
             raise ValueError(f'remove_when_done must be true or false, got {self.remove_when_done!r}')
+        check_mechanism(self.mechanism)
 
     # --- layers and hooks ------------------------------------------------------------------------------
     def find_layers(self, model: nn.Module) -> list[ResidualLayer]:
         return find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
 
-    def attach(
+    def apply(
         self,
         model: nn.Module,
         warmup_steps: Optional[float],
-        mechanism: str = 'auto',
+        mechanism: Optional[str] = None,
         layers: Optional[list[ResidualLayer]] = None,
     ) -> ProResController:
         """Hook `model`'s branches; `warmup_steps` None leaves W unresolved (every α 0) until it is set."""
@@ -97,12 +102,17 @@ class ProResSpec:
             self.schedule,
             warmup_steps,
             self.remove_when_done,
-            mechanism,
+            self.mechanism if mechanism is None else mechanism,
         )
         controller.model = model  # lets prores_algo.export.fold_prores(controller) find the model
         return controller
 
     # --- W in optimizer steps (Hugging Face, DeepSpeed, plain PyTorch) ----------------------------------
+    def attach(self, *args, **kwargs) -> ProResController:
+        """Deprecated name of `apply` (one release)."""
+        warnings.warn('ProResSpec.attach is deprecated: use ProResSpec.apply', DeprecationWarning, stacklevel=2)
+        return self.apply(*args, **kwargs)
+
     def check_steps_warmup(self) -> None:
         """Validate a W given in optimizer steps now; a 'dur' fraction waits for the run length."""
         if self.t_warmup is not None and not self._is_fraction() and not self.auto:

@@ -191,6 +191,17 @@ def _check_warmup(warmup_steps) -> float:
     return float(warmup_steps)
 
 
+def check_mechanism(mechanism: str) -> str:
+    """`mechanism`, if it is one of MECHANISMS; a ValueError naming the choices otherwise."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(
+            f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
+            'matrix multiplies of the projection producing each branch where it can, and by an output hook '
+            'elsewhere; "hook" uses the output hook everywhere'
+        )
+    return mechanism
+
+
 class ProResController:
     """Owns the hooks of one model; `set_step(t)` moves every α to the schedule's value at t."""
 
@@ -202,14 +213,7 @@ class ProResController:
         remove_when_done: bool = True,
         mechanism: str = 'auto',
     ):
-        if mechanism not in MECHANISMS:
-            raise ValueError(
-                f'mechanism must be one of {MECHANISMS}, got {mechanism!r}: "auto" applies α inside the '
-                'matrix multiplies of the projection producing each branch where it can, and by an output hook '
-                'elsewhere; '
-                '"hook" uses the output hook everywhere'
-            )
-        self.mechanism = mechanism
+        self.mechanism = check_mechanism(mechanism)
         self._warned_short = False  # warn_if_short_warmup warns once per controller
         # the run length (optimizer steps) when W came from t_warmup='auto' (timing.auto_warmup_steps), else None
         self.auto_run_steps: float | None = None

@@ -2,23 +2,27 @@
 
 Durations are written the Composer way in every front end: '24000ba' (batches = optimizer steps),
 '0.1dur' (a fraction of the run), '5e8tok', '1e6sp', '2ep'; a plain int means batches. ProRes' W also
-takes 'auto': `auto_warmup_steps` is the one place its rule is written. `parse_time`
-turns any of them into Composer's `Time` (Composer does the parsing; this module adds errors that name
-the field). `to_steps` serves the loops that count optimizer steps (Hugging Face, DeepSpeed, the
-monitor's interval): it also takes plain numbers and number strings (a command-line flag arrives as
-'200'), resolves a 'dur' fraction against the run length, and refuses units it cannot convert.
+takes 'auto': `auto_warmup_steps` is the one place its rule is written.
 
-Composer is imported lazily, so importing this module costs nothing.
+`parse_duration` reads a duration with Composer's own grammar (`Time.from_timestring`: a number `float()`
+reads, then a unit; every unit but 'dur' needs a whole value) without importing Composer: the core runs
+where no training framework is installed. The Composer side turns the result into a `Time`
+(`integrations.composer.time.parse_time`); `to_steps` serves the loops that count optimizer steps (Hugging
+Face, DeepSpeed, the monitor's interval): it also takes plain numbers and number strings (a command-line
+flag arrives as '200'), resolves a 'dur' fraction against the run length, and refuses units it cannot
+convert.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 __all__ = [
-    'parse_time',
+    'Duration',
+    'parse_duration',
     'to_steps',
     'whole_steps',
     'TIME_EXAMPLES',
@@ -33,29 +37,57 @@ AUTO = 'auto'
 # t_warmup='auto': W = min(T·L, AUTO_RUN_FRACTION · run length); the paper's runs keep W at 12-32% of the run
 AUTO_RUN_FRACTION = 0.25
 _NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
+# Composer's TimeUnit values; its regex is `^(.+)(unit|...)$`, case-insensitive, and the number is `float()`'s
+UNITS = ('iter', 'ep', 'ba', 'sp', 'tok', 'dur', 'sec')
+_TIME_STRING = re.compile(r'^(.+)(' + '|'.join(UNITS) + r')$', re.IGNORECASE)  # units in any case, as Composer
 
 
-def parse_time(value: Any, field: str):
-    """Composer `Time` from a Time, a Time string ('24000ba', '0.1dur', '5e8tok') or an int (batches)."""
-    from composer.core import Time
+@dataclasses.dataclass(frozen=True)
+class Duration:
+    """A parsed duration: `value` (an int for every unit but 'dur') and `unit`, one of `UNITS`."""
 
-    if isinstance(value, Time):
-        return value
+    value: Union[int, float]
+    unit: str
+
+    def __str__(self) -> str:
+        return f'{self.value}{self.unit}'
+
+
+def _bad_string(field: str, value: Any) -> ValueError:
+    return ValueError(
+        f'{field}={value!r} is not a Time string: give a number with a unit, e.g. {TIME_EXAMPLES}; '
+        f'a plain int means batches'
+    )
+
+
+def parse_duration(value: Any, field: str) -> Duration:
+    """A `Duration` from a Time string ('24000ba', '0.1dur', '5e8tok') or an int (batches); an object with
+    `value` and `unit` (Composer's `Time`) is taken as it is. Accepts exactly the strings Composer's
+    `Time.from_timestring` accepts, wall-clock strings ('1h30m') excepted."""
+    unit = getattr(value, 'unit', None)
+    if unit is not None and hasattr(value, 'value'):  # a Composer Time, without importing Composer
+        return Duration(value.value, getattr(unit, 'value', unit))
     if isinstance(value, bool):
         raise ValueError(f'{field} must be a Composer Time string such as "1000ba", got {value!r}')
     if isinstance(value, int):
-        return Time(value, 'ba')
-    if isinstance(value, str):
-        try:
-            return Time.from_timestring(value)
-        except (ValueError, TypeError):
-            raise ValueError(
-                f'{field}={value!r} is not a Time string: give a number with a unit, e.g. {TIME_EXAMPLES}; '
-                f'a plain int means batches'
-            ) from None
-    raise ValueError(
-        f'{field} must be an int (batches) or a Time string like "24000ba", got {type(value).__name__} {value!r}'
-    )
+        return Duration(value, 'ba')
+    if not isinstance(value, str):
+        raise ValueError(
+            f'{field} must be an int (batches) or a Time string like "24000ba", got {type(value).__name__} {value!r}'
+        )
+    match = _TIME_STRING.match(value)
+    if match is None:
+        raise _bad_string(field, value)
+    try:
+        number = float(match.group(1))
+        unit = match.group(2).lower()
+        if unit == 'dur':
+            return Duration(number, 'dur')
+        if int(number) != number:
+            raise _bad_string(field, value)
+        return Duration(int(number), unit)
+    except (ValueError, OverflowError):
+        raise _bad_string(field, value) from None
 
 
 def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float:
@@ -77,8 +109,8 @@ def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float
             return float(text)
         if text.endswith('ba') and _NUMBER.fullmatch(text[:-2]):  # '2.5ba': Composer's Time wants whole batches
             return float(text[:-2])
-    t = parse_time(value, field)
-    unit = t.unit.value
+    t = parse_duration(value, field)
+    unit = t.unit
     if unit == 'ba':
         return float(t.value)
     if unit == 'dur':

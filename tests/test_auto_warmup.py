@@ -70,16 +70,16 @@ def test_apply_prores_auto_needs_total_steps():
 
 @pytest.mark.parametrize('total, expected', [(12, 3), (LONG, 4000)])
 def test_deepspeed_helper_auto(total, expected):
-    from prores_algo.integrations.deepspeed import attach_prores
+    from prores_algo.integrations.deepspeed import apply_prores
 
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        p = attach_prores(tiny_composer_model().model, t_warmup='auto', total_steps=total)
+        p = apply_prores(tiny_composer_model().model, t_warmup='auto', total_steps=total)
     assert p.t_warmup == expected and p.state()['t_warmup'] == float(expected)
     with pytest.raises(ValueError, match='total_steps'):
-        attach_prores(tiny_composer_model().model, t_warmup='auto')
+        apply_prores(tiny_composer_model().model, t_warmup='auto')
     with pytest.raises(ValueError, match="time_unit='steps'"):
-        attach_prores(tiny_composer_model().model, t_warmup='auto', total_steps=total, time_unit='samples')
+        apply_prores(tiny_composer_model().model, t_warmup='auto', total_steps=total, time_unit='samples')
 
 
 # --- the DeepSpeed entry: YAML, flat flag, resume -----------------------------------------------------------
@@ -91,7 +91,7 @@ def test_deepspeed_entry_resolves_auto(steps, expected, tmp_path):
 
     flat = resolve(from_flat({'n_layers': L, 'steps': steps, 't_warmup': 'auto'})[0])
     assert flat.t_warmup == expected
-    cli = resolve(parse(['--n_layers', str(L), '--steps', str(steps), '--t_warmup', 'auto'])[0])
+    cli = resolve(parse(['--n_layers', str(L), '--steps', str(steps), '--prores_warmup', 'auto'])[0])
     assert cli.t_warmup == expected
     yaml = resolve(
         from_yaml(
@@ -111,7 +111,7 @@ def test_deepspeed_flag_rejects_garbage(capsys):
     from prores_algo.training.deepspeed.cli import parse
 
     with pytest.raises(SystemExit) as e:
-        parse(['--t_warmup', 'soon'])
+        parse(['--prores_warmup', 'soon'])
     assert e.value.code == 2
     assert "'auto'" in capsys.readouterr().err
 

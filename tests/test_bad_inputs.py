@@ -559,9 +559,9 @@ def _api():
         ),
         Bad(
             'wsd-scheduler-bad-time',
-            lambda c: WSDScheduler(t_warmup='soon'),
+            lambda c: WSDScheduler(lr_warmup='soon'),
             ValueError,
-            (r"t_warmup='soon'", r'e\.g\. "24000ba"'),
+            (r"lr_warmup='soon'", r'e\.g\. "24000ba"'),
         ),
         Bad(
             'wsd-scheduler-alpha_f',

@@ -126,7 +126,7 @@ def _train_post_ln(data, steps, t_warmup, monitor):
         'eval_batch_size': 16,
         'eval_first': 'false',
         'optimizer.lr': 1.5e-3,
-        'scheduler.t_warmup': '0.1dur',
+        'scheduler.lr_warmup': '0.1dur',
         'console_log_interval': '1000ba',
         'seed': 0,
     }
@@ -154,7 +154,12 @@ def test_post_ln_collapse_is_detected_and_stops_the_run(text_data):
     measurements, and stops the run. Without ProRes the same model only passes through a shorter
     high-cosine phase (8 measurements), which the patience of 12 does not report."""
     prores_monitor = ResidualMonitor(
-        interval=10, grad_norm=False, update_ratio=False, spike_window=0, collapse_patience=12, stop_on_collapse=True
+        log_interval=10,
+        grad_norm=False,
+        update_ratio=False,
+        spike_window=0,
+        collapse_patience=12,
+        stop_on_collapse=True,
     )
     msgs, last = _train_post_ln(text_data, 200, 48, prores_monitor)
     assert sum('steps of alpha warmup per layer' in m for m in msgs) == 1  # the fit-start warning
@@ -164,7 +169,12 @@ def test_post_ln_collapse_is_detected_and_stops_the_run(text_data):
     assert last == prores_monitor.collapsed_at < 199  # stopped at the batch that reported the collapse
 
     baseline_monitor = ResidualMonitor(
-        interval=10, grad_norm=False, update_ratio=False, spike_window=0, collapse_patience=12, stop_on_collapse=True
+        log_interval=10,
+        grad_norm=False,
+        update_ratio=False,
+        spike_window=0,
+        collapse_patience=12,
+        stop_on_collapse=True,
     )
     msgs, last = _train_post_ln(text_data, 150, None, baseline_monitor)
     assert not any('Residual stream collapse' in m for m in msgs)

@@ -70,7 +70,8 @@ def test_misspelt_prores_key_in_a_yaml_file_stops_both_entries(tmp_path):
     [
         ('algorithms.prores.t_wramup=0.3dur', "algorithms.prores: unknown key 't_wramup' (did you mean 't_warmup'?)"),
         ('algorithms.prores.shedule=equal', "algorithms.prores: unknown key 'shedule' (did you mean 'schedule'?)"),
-        ('scheduler.t_wramup=0.05dur', "scheduler (wsd): unknown key 't_wramup' (did you mean 't_warmup'?)"),
+        ('scheduler.lr_wramup=0.05dur', "scheduler (wsd): unknown key 'lr_wramup' (did you mean 'lr_warmup'?)"),
+        ('scheduler.t_warmup=0.05dur', "scheduler (wsd): unknown key 't_warmup': the LR warmup is `lr_warmup`"),
         ('scheduler.alpha=0.1', "scheduler (wsd): unknown key 'alpha' (did you mean 'alpha_f'?)"),
         ('scheduler.name=wsdd', "scheduler.name: unknown scheduler 'wsdd' (did you mean 'wsd'?)"),
         ('algorithms.prorez={}', "algorithms: unknown name 'prorez' (did you mean 'prores'?)"),
@@ -92,8 +93,7 @@ def test_misspelt_key_gets_prores_trains_message(override, expected, no_training
         ('algorithms.prores.remove_when_done=false', r"does not take \['remove_when_done'\]"),
         (
             'scheduler: {name: constant_with_warmup, t_warmup: 2ba, t_max: 1dur}',
-            r'scheduler \(constant_with_warmup\): '
-            r"the DeepSpeed loop does not take \['t_max'\]",
+            r"scheduler \(constant_with_warmup\): unknown key 't_max'; constant_with_warmup takes \['alpha', 'lr_warmup'\]",
         ),
     ],
 )
@@ -110,10 +110,13 @@ def test_keys_the_deepspeed_loop_would_drop_are_refused(override, expected, tmp_
         resolve(from_yaml(str(path), overrides)[0])
 
 
-def test_a_scheduler_name_only_the_deepspeed_loop_knows_is_checked_too(no_training, capsys):
-    override = 'scheduler={name: linear_decay_with_warmup, t_warmpu: 2ba}'
-    assert ds_train.main(['--config', QS, override]) == 2
-    assert "scheduler (linear_decay_with_warmup): unknown key 't_warmpu' (did you mean 't_warmup'?)" in (
+def test_llm_foundry_scheduler_names_are_checked_too(no_training, capsys, tmp_path):
+    path = tmp_path / 'q.yaml'
+    text = Path(QS).read_text()
+    block = 'scheduler: {name: linear_decay_with_warmup, lr_warmpu: 2ba}\n'
+    path.write_text(text[: text.index('scheduler:')] + block + text[text.index('algorithms:') :])
+    assert ds_train.main(['--config', str(path)]) == 2
+    assert "scheduler (linear_decay_with_warmup): unknown key 'lr_warmpu' (did you mean 'lr_warmup'?)" in (
         capsys.readouterr().err
     )
 
@@ -134,14 +137,14 @@ def test_a_scheduler_name_only_the_deepspeed_loop_knows_is_checked_too(no_traini
             'algorithms.prores): remove algorithms.prores from the YAML',
         ),
         (['--steps', '5'], 'give the override max_duration=5ba instead'),
-        (['--t_warmup', '30'], 'give the override algorithms.prores.t_warmup=30ba instead'),
+        (['--prores_warmup', '30'], 'give the override algorithms.prores.t_warmup=30ba instead'),
         (['--schedule', 'equal'], 'give the override algorithms.prores.schedule=equal instead'),
         (['--schedule', 'none'], '--schedule none has no effect with --config'),
         (['--lr', '0.01'], 'give the override optimizer.lr=0.01 instead'),
         (['--n_layers', '3'], 'give the override model.n_layers=3 instead'),
         (['--data', '/x'], 'give the override data.path=/x instead'),
         (['--seed', '3'], 'give the override seed=3 instead'),
-        (['--lr_warmup', '10'], 'give the override scheduler.t_warmup=10ba instead'),
+        (['--lr_warmup', '10'], 'give the override scheduler.lr_warmup=10ba instead'),
         (['--norm', 'pre'], '--norm has no effect'),  # even when it equals the YAML: given, so refused
     ],
 )
@@ -154,10 +157,10 @@ def test_a_flag_the_yaml_sets_stops_the_run(flags, expected, no_training, capsys
 def test_the_deepspeed_flags_still_apply_with_a_yaml(monkeypatch):
     seen = {}
     monkeypatch.setattr(ds_train, 'train', lambda c, o: seen.update(c=c, o=o) or {'rank': 1, 'final_eval_loss': None})
-    argv = ['--config', QS, '--deepspeed_config', ZERO3_JSON, '--summary', 's.json', '--log_every', '5']
+    argv = ['--config', QS, '--deepspeed_config', ZERO3_JSON, '--summary', 's.json', '--log_interval', '5']
     assert ds_train.main([*argv, '--no_zero_init', '--eval_samples', '8', '--verbose', 'max_duration=7ba']) == 0
     o = seen['o']
-    assert (o.deepspeed_config, o.summary, o.log_every, o.zero_init, o.eval_samples, o.verbose) == (
+    assert (o.deepspeed_config, o.summary, o.log_interval, o.zero_init, o.eval_samples, o.verbose) == (
         ZERO3_JSON,
         's.json',
         5,

@@ -8,7 +8,8 @@ from composer.loggers import InMemoryLogger
 from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
 
 from prores_algo import ProRes
-from prores_algo.lr_schedules import WSDScheduler, delayed_time, wsd_multiplier
+from prores_algo.integrations.composer import WSDScheduler
+from prores_algo.lr_schedules import delayed_time, wsd_multiplier
 from tests.support.helpers import tiny_composer_model, token_loader
 
 LR = 1e-2
@@ -55,7 +56,7 @@ def run_lrs(scheduler, delay, max_duration='40ba'):
     [
         lambda: LinearWithWarmupScheduler(t_warmup='8ba', alpha_f=0.0),
         lambda: CosineAnnealingWithWarmupScheduler(t_warmup='8ba', alpha_f=0.1),
-        lambda: WSDScheduler(t_warmup='8ba', t_decay='0.25dur', alpha_f=0.0),
+        lambda: WSDScheduler(lr_warmup='8ba', lr_decay='0.25dur', alpha_f=0.0),
     ],
     ids=['linear', 'cosine', 'wsd'],
 )
@@ -91,7 +92,9 @@ class _FakeState:
 def _delayed_value_at(scheduler, D, t, M):
     from composer.core import Time
 
-    tau = delayed_time(t, D, int(Time.from_timestring(str(scheduler.t_warmup)).value), M)
+    tau = delayed_time(
+        t, D, int(Time.from_timestring(str(getattr(scheduler, 't_warmup', None) or scheduler.lr_warmup)).value), M
+    )
     return scheduler(_FakeState(int(round(tau)), M))
 
 

@@ -118,14 +118,14 @@ def logged(mem, key):
 
 @pytest.mark.parametrize('microbatch', [None, 2])
 def test_composer_values_equal_manual_forward_backward_and_sgd_step(microbatch):
-    monitor = ResidualMonitor(interval='1ba', spike_window=0)
+    monitor = ResidualMonitor(log_interval='1ba', spike_window=0)
     reference, mem = run_composer(monitor, microbatch=microbatch)
     rms, grad, ratio, _ = manual_layer_stats(reference, first_batch(), LR)
     for i in range(4):
-        assert logged(mem, f'monitor/rms/layer_{i}') == [pytest.approx(rms[i], rel=1e-5)]
-        assert logged(mem, f'monitor/grad_norm/layer_{i}') == [pytest.approx(grad[i], rel=1e-4)]
-        assert logged(mem, f'monitor/update_ratio/layer_{i}') == [pytest.approx(ratio[i], rel=1e-4)]
-    assert 'monitor/loss_spikes' not in mem.data
+        assert logged(mem, f'residual_monitor/rms/layer_{i}') == [pytest.approx(rms[i], rel=1e-5)]
+        assert logged(mem, f'residual_monitor/grad_norm/layer_{i}') == [pytest.approx(grad[i], rel=1e-4)]
+        assert logged(mem, f'residual_monitor/update_ratio/layer_{i}') == [pytest.approx(ratio[i], rel=1e-4)]
+    assert 'residual_monitor/loss_spikes' not in mem.data
 
 
 def test_composer_interval_and_hooks_only_on_measured_batches():
@@ -139,7 +139,7 @@ def test_composer_interval_and_hooks_only_on_measured_batches():
             hooks = sum(len(b._forward_hooks) for b in state.model.model.blocks)
             seen.append((int(state.timestamp.batch), hooks, self.monitor.stats.recording))
 
-    monitor = ResidualMonitor(interval='3ba', spike_window=0)
+    monitor = ResidualMonitor(log_interval='3ba', spike_window=0)
     model = tiny_composer_model()
     mem = InMemoryLogger()
     Trainer(
@@ -154,7 +154,7 @@ def test_composer_interval_and_hooks_only_on_measured_batches():
         log_to_console=False,
     ).fit()
     assert [(b, h > 0, r) for b, h, r in seen] == [(b, b % 3 == 0, b % 3 == 0) for b in range(7)]
-    assert len(logged(mem, 'monitor/rms/layer_0')) == 3  # batches 0, 3, 6
+    assert len(logged(mem, 'residual_monitor/rms/layer_0')) == 3  # batches 0, 3, 6
     assert all(len(b._forward_hooks) == 0 for b in model.model.blocks)
 
 
@@ -178,20 +178,20 @@ class Inject(Callback):
 
 def test_composer_spike_counters_count_injected_spikes():
     inject = Inject(loss_at=12, grad_at=14)
-    monitor = ResidualMonitor(interval='4ba', spike_window=8, spike_std=7.0, rms=False, update_ratio=False)
+    monitor = ResidualMonitor(log_interval='4ba', spike_window=8, spike_std=7.0, rms=False, update_ratio=False)
     # lr = 0: parameters never move, so nothing but the injections can spike
     _, mem = run_composer(monitor, max_duration='16ba', lr=0.0, extra_callbacks=[inject])
     assert monitor.loss_spikes.count == reference_spikes(inject.losses, 8, 7.0) == 1
     assert monitor.grad_spikes.count == reference_spikes(inject.gnorms, 8, 7.0) == 1
-    assert logged(mem, 'monitor/loss_spikes') == [0, 0, 0, 1]  # logged at batches 0, 4, 8, 12
-    assert logged(mem, 'monitor/grad_spikes') == [0, 0, 0, 0]  # batch 14's spike is counted at fit end
+    assert logged(mem, 'residual_monitor/loss_spikes') == [0, 0, 0, 1]  # logged at batches 0, 4, 8, 12
+    assert logged(mem, 'residual_monitor/grad_spikes') == [0, 0, 0, 0]  # batch 14's spike is counted at fit end
     assert monitor.state_dict()['grad_spikes']['count'] == 1
 
 
 def test_monitor_with_prores_and_unknown_model_error():
     from prores_algo import ProRes
 
-    monitor = ResidualMonitor(interval=1, spike_window=0)
+    monitor = ResidualMonitor(log_interval=1, spike_window=0)
     model = tiny_composer_model()
     mem = InMemoryLogger()
     Trainer(
@@ -207,13 +207,13 @@ def test_monitor_with_prores_and_unknown_model_error():
         log_to_console=False,
     ).fit()
     # at batch 0 every α is 0: each layer passes its input through, so all RMS equal the embedding RMS
-    r = [logged(mem, f'monitor/rms/layer_{i}')[0] for i in range(4)]
+    r = [logged(mem, f'residual_monitor/rms/layer_{i}')[0] for i in range(4)]
     assert r == pytest.approx([r[0]] * 4, rel=1e-6)
     with pytest.raises(ValueError, match='branches'):
         LayerStats  # noqa: B018  (imported API)
         ResidualMonitor()._find(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match='interval'):
-        ResidualMonitor(interval='10ep')
+        ResidualMonitor(log_interval='10ep')
 
 
 # --- Hugging Face -----------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_hf_callback_values_equal_manual_with_grad_accumulation():
 
     model = tiny_llama()
     reference = copy.deepcopy(model)
-    mon = ResidualMonitorCallback(interval=2, spike_window=0)
+    mon = ResidualMonitorCallback(log_interval=2, spike_window=0)
     state, _ = simulated_train(model, [mon], steps=3, grad_accum=2, lr=1e-2)
     # step 0 is measured: micro-batches are samples (0,1) and (2,3)
     data = Tokens(n=12)
@@ -249,10 +249,10 @@ def test_hf_callback_values_equal_manual_with_grad_accumulation():
     norm = [math.sqrt(sum(p.pow(2).sum().item() for p in l.parameters())) for l in reference.model.layers]
     logs = state.log_history
     for i in range(L):
-        assert logs[0][f'monitor/rms/layer_{i}'] == pytest.approx(rms[i], rel=1e-5)
-        assert logs[0][f'monitor/grad_norm/layer_{i}'] == pytest.approx(grad[i], rel=1e-4)
-        assert logs[0][f'monitor/update_ratio/layer_{i}'] == pytest.approx(1e-2 * grad[i] / norm[i], rel=1e-4)
-    assert 'monitor/rms/layer_0' not in logs[1] and 'monitor/rms/layer_0' in logs[2]  # interval 2
+        assert logs[0][f'residual_monitor/rms/layer_{i}'] == pytest.approx(rms[i], rel=1e-5)
+        assert logs[0][f'residual_monitor/grad_norm/layer_{i}'] == pytest.approx(grad[i], rel=1e-4)
+        assert logs[0][f'residual_monitor/update_ratio/layer_{i}'] == pytest.approx(1e-2 * grad[i] / norm[i], rel=1e-4)
+    assert 'residual_monitor/rms/layer_0' not in logs[1] and 'residual_monitor/rms/layer_0' in logs[2]  # interval 2
     assert not any(l._forward_hooks for l in model.model.layers)
     assert all(
         not p._post_accumulate_grad_hooks
@@ -265,7 +265,7 @@ def test_hf_loss_spikes_from_forward_outputs():
     from tests.integrations.test_hf import simulated_train, tiny_llama
 
     mon = ResidualMonitorCallback(
-        interval=5, spike_window=3, spike_std=7.0, rms=False, grad_norm=False, update_ratio=False
+        log_interval=5, spike_window=3, spike_std=7.0, rms=False, grad_norm=False, update_ratio=False
     )
     model = tiny_llama()
     calls = []
@@ -279,7 +279,7 @@ def test_hf_loss_spikes_from_forward_outputs():
     model.register_forward_hook(bump)  # registered before on_train_begin: runs before the monitor's hook
     state, _ = simulated_train(model, [mon], steps=6, grad_accum=2, lr=0.0)
     assert mon.loss_spikes.count == 1
-    assert state.log_history[5]['monitor/loss_spikes'] == 1
+    assert state.log_history[5]['residual_monitor/loss_spikes'] == 1
 
 
 @pytest.mark.skipif(
@@ -306,20 +306,20 @@ def test_hf_real_trainer_logs_monitor_metrics(tmp_path):
         disable_tqdm=True,
         max_grad_norm=1e-3,
     )
-    mon = ResidualMonitorCallback(interval=2, spike_window=2)
+    mon = ResidualMonitorCallback(log_interval=2, spike_window=2)
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ProResCallback(t_warmup=3), mon])
     trainer.train()
     logs = [h for h in trainer.state.log_history if 'loss' in h]
-    assert 'monitor/rms/layer_2' in logs[0] and 'monitor/rms/layer_2' in logs[2]
-    assert 'monitor/grad_norm/layer_0' not in logs[1]
+    assert 'residual_monitor/rms/layer_2' in logs[0] and 'residual_monitor/rms/layer_2' in logs[2]
+    assert 'residual_monitor/grad_norm/layer_0' not in logs[1]
     # step 0: every α is 0, so no gradient reaches a layer and no layer moves
-    assert all(logs[0][f'monitor/{k}/layer_{i}'] == 0 for k in ('grad_norm', 'update_ratio') for i in range(3))
+    assert all(logs[0][f'residual_monitor/{k}/layer_{i}'] == 0 for k in ('grad_norm', 'update_ratio') for i in range(3))
     h = logs[2]
-    per_layer = math.sqrt(sum(h[f'monitor/grad_norm/layer_{i}'] ** 2 for i in range(3)))
+    per_layer = math.sqrt(sum(h[f'residual_monitor/grad_norm/layer_{i}'] ** 2 for i in range(3)))
     # pre-clipping values (clipping to 1e-3 would cap them far below the Trainer's logged grad_norm)
     assert 1e-2 < per_layer <= h['grad_norm'] * (1 + 1e-5)
-    assert all(h[f'monitor/update_ratio/layer_{i}'] > 0 for i in range(3))
-    assert 'monitor/loss_spikes' in logs[-1] and 'monitor/grad_spikes' in logs[-1]
+    assert all(h[f'residual_monitor/update_ratio/layer_{i}'] > 0 for i in range(3))
+    assert 'residual_monitor/loss_spikes' in logs[-1] and 'residual_monitor/grad_spikes' in logs[-1]
 
 
 # --- branch_to_stream_ratio ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ tokenizer: byte
 data: {source: stdlib, path: DATA, seq_len: 32, max_tokens: 50000, val_fraction: 0.1}
 global_train_batch_size: 8
 optimizer: {name: adamw, lr: 2.0e-3, betas: [0.9, 0.98], eps: 1.0e-8, weight_decay: 0.05}
-scheduler: {name: wsd, t_warmup: 4ba, t_decay: 0.25dur, alpha_f: 0.1}
+scheduler: {name: wsd, lr_warmup: 4ba, lr_decay: 0.25dur, alpha_f: 0.1}
 algorithms:
   prores: {schedule: linear_square, t_warmup: 12ba, lr_warmup_delay: 2ba}
 max_duration: 40ba
@@ -120,13 +120,11 @@ def test_one_yaml_gives_the_same_settings_to_both_entries(yaml_path, monkeypatch
 
     # LR schedule: warmup / decay lengths, final multiplier, and the multiplier at every step
     s = c.scheduler
-    assert type(s).__name__ == 'WSDScheduler' and plan.lr_schedule == 'wsd'
-    assert _steps_of(s.t_warmup, steps) == _steps_of(plan.lr_warmup, steps)
-    assert _steps_of(s.t_decay, steps) == _steps_of(plan.lr_decay, steps)
-    assert s.alpha_f == plan.alpha_f
-    ds_lr = lr_lambda_from(
-        plan.lr_schedule, max_steps=plan.steps, t_warmup=plan.lr_warmup, t_decay=plan.lr_decay, alpha_f=plan.alpha_f
-    )
+    assert type(s).__name__ == 'WSDScheduler' and plan.lr_schedule['name'] == 'wsd'
+    assert _steps_of(s.lr_warmup, steps) == _steps_of(plan.lr_schedule['lr_warmup'], steps)
+    assert _steps_of(s.lr_decay, steps) == _steps_of(plan.lr_schedule['lr_decay'], steps)
+    assert s.alpha_f == plan.lr_schedule.get('alpha_f', 0.0)
+    ds_lr = lr_lambda_from(plan.lr_schedule, max_steps=plan.steps)
     for t in range(steps + 1):
         state = SimpleNamespace(max_duration=Time(steps, 'ba'), timestamp=Timestamp(batch=t), dataloader_len=None)
         assert s(state) == ds_lr(t), t
@@ -192,7 +190,7 @@ def test_the_flat_options_are_the_same_schema():
             },
             'data': {'seq_len': 32, 'source': None},
             'optimizer': {'lr': 2e-3, 'betas': [0.9, 0.98], 'weight_decay': 0.05},
-            'scheduler': {'name': 'wsd', 't_warmup': '4ba', 't_decay': '0.25dur', 'alpha_f': 0.1},
+            'scheduler': {'name': 'wsd', 'lr_warmup': '4ba', 'lr_decay': '0.25dur', 'alpha_f': 0.1},
             'algorithms': {'prores': {'schedule': 'linear_square', 't_warmup': '12ba', 'lr_warmup_delay': '2ba'}},
             'max_duration': '40ba',
             'eval_interval': '10ba',

@@ -269,7 +269,7 @@ DS_ARGS = [
     '64',
     '--steps',
     str(STEPS),
-    '--t_warmup',
+    '--prores_warmup',
     str(T_WARMUP),
     '--lr',
     '1e-2',
@@ -281,7 +281,7 @@ DS_ARGS = [
     '0',
     '--save_interval',
     str(SAVE_EVERY),
-    '--log_every',
+    '--log_interval',
     '100',
 ]
 
@@ -307,7 +307,7 @@ def test_deepspeed_sidecar_is_written_before_latest_names_the_tag(tmp_path):
     """Whenever DeepSpeed's `latest` names a tag, that tag's ProRes record is already on disk, so a kill
     at any moment leaves a resumable checkpoint (the 2-process test above kills right after `latest`
     appears; this pins the order down deterministically)."""
-    from prores_algo.integrations.deepspeed import SIDECAR_FILE, attach_prores, check_checkpoint, save_checkpoint
+    from prores_algo.integrations.deepspeed import SIDECAR_FILE, apply_prores, check_checkpoint, save_checkpoint
     from prores_algo.training.models.decoder import Decoder, DecoderConfig
 
     class Engine:  # DeepSpeed's order: files first, `latest` as the last step of save_checkpoint
@@ -324,7 +324,7 @@ def test_deepspeed_sidecar_is_written_before_latest_names_the_tag(tmp_path):
                 f.write(tag)
 
     model = Decoder(DecoderConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16))
-    prores = attach_prores(model, 'linear', t_warmup=8)
+    prores = apply_prores(model, 'linear', t_warmup=8)
     engine = Engine(model)
     save_checkpoint(engine, prores, str(tmp_path), tag='global_step3')
     assert engine.seen == [True]

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from prores_algo import alpha_schedules
+from prores_algo.integrations.composer.time import parse_time
 from prores_algo.spec import ProResSpec, alpha_metrics, check_resume
-from prores_algo.timing import parse_time, to_steps
+from prores_algo.timing import to_steps
 
 
 class Block(nn.Module):
@@ -79,13 +80,13 @@ def test_every_front_end_refuses_tokens_for_an_optimizer_step_clock_with_the_sam
     errors = []
     for make in (
         lambda: ProResCallback(t_warmup='5e8tok'),
-        lambda: lr_lambda_from('wsd', max_steps=100, t_warmup='5e8tok'),
+        lambda: lr_lambda_from('wsd', max_steps=100, lr_warmup='5e8tok'),
     ):
         with pytest.raises(ValueError) as info:
             make()
         errors.append(str(info.value))
     assert all('counts optimizer steps' in e and '"tok"' in e for e in errors), errors
-    with pytest.raises(ValueError, match=r"interval must be a positive number of batches \(10 or '10ba'\)"):
+    with pytest.raises(ValueError, match=r"log_interval must be a positive number of batches \(10 or '10ba'\)"):
         MonitorBase('5e8tok', True, False, False, 0, 7.0, None, None, None)
 
 
@@ -138,7 +139,7 @@ def test_warmup_steps_errors(t_warmup, max_steps, match):
 def test_attach_scales_the_branches_and_records_the_model():
     m = model()
     spec = ProResSpec('linear', layer_class='Block')
-    c = spec.attach(m, 30.0)
+    c = spec.apply(m, 30.0)
     assert c.num_layers == 3 and c.model is m and c.warmup_steps == 30.0
     assert c.set_step(10) == alpha_schedules.alphas('linear', 3, 10, 30.0)
     scaled = c.scaled_branches()
@@ -169,7 +170,7 @@ def test_alpha_metrics_names():
 
 
 def test_longer_than_run_warning():
-    c = ProResSpec().attach(model(), 100.0)
+    c = ProResSpec().apply(model(), 100.0)
     with pytest.warns(UserWarning, match=r't_warmup \(100 steps\) exceeds max_steps \(50 steps\)'):
         assert ProResSpec.warn_if_longer_than_run(c, 50, 'steps', 'max_steps')
     assert not ProResSpec.warn_if_longer_than_run(c, 100, 'steps', 'max_steps')

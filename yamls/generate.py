@@ -9,7 +9,7 @@ the same LR and LR warmup for every norm placement. ProRes: linear, W = 1000·L 
 
 Deliberate option, not the default: the paper's *text* (not its scripts) gives Post-LN half the LR
 and a 10% LR warmup. To train that variant, override `optimizer.lr=<half>` and
-`scheduler.t_warmup=0.1dur` on the command line.
+`scheduler.lr_warmup=0.1dur` on the command line.
 """
 
 from pathlib import Path
@@ -61,7 +61,7 @@ def base(
         'device_train_microbatch_size': 'auto',
         'eval_batch_size': 32,
         'optimizer': {'name': 'adamw', 'lr': lr, 'betas': [0.9, 0.95], 'eps': 1e-8, 'weight_decay': 0.1},
-        'scheduler': {'name': 'wsd', 't_warmup': lr_warmup, 't_decay': '0.1dur', 'alpha_f': 0.0},
+        'scheduler': {'name': 'wsd', 'lr_warmup': lr_warmup, 'lr_decay': '0.1dur', 'alpha_f': 0.0},
         'algorithms': {'gradient_clipping': {'clipping_type': 'norm', 'clipping_threshold': 1.0}},
         'callbacks': {'lr_monitor': {}, 'speed_monitor': {'window_size': 50}, 'memory_monitor': {}},
         'precision': 'amp_bf16',

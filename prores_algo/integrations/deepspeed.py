@@ -1,8 +1,8 @@
 """ProRes for a DeepSpeed training loop (any ZeRO stage, ZeRO-3 included), in a few lines.
 
-    from prores_algo.integrations.deepspeed import attach_prores, save_checkpoint, load_checkpoint
+    from prores_algo.integrations.deepspeed import apply_prores, save_checkpoint, load_checkpoint
 
-    prores = attach_prores(model, schedule='linear', t_warmup=24000)     # before deepspeed.initialize
+    prores = apply_prores(model, schedule='linear', t_warmup=24000)     # before deepspeed.initialize
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(model=model, ...)
     for batch in loader:
         prores.step(engine)               # α from engine.global_steps; call before the forward
@@ -10,7 +10,7 @@
         engine.backward(loss)
         engine.step()
 
-`attach_prores` works on a model built under `deepspeed.zero.Init` as well: ProRes only adds a forward
+`apply_prores` works on a model built under `deepspeed.zero.Init` as well: ProRes only adds a forward
 hook that multiplies a branch module's *output* by a 0-dim, non-persistent fp32 buffer. It never reads
 or replaces a parameter, so ZeRO-3's partitioning (which only manages parameters) does not touch it,
 and every rank computes the same α from the same `engine.global_steps` (no communication).
@@ -32,18 +32,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 # the LR helpers are plain functions of the step (prores_algo.lr_schedules); re-exported for DeepSpeed loops
 from prores_algo.lr_schedules import LR_SCHEDULES, build_lr_scheduler, lr_lambda_from, lr_scheduler_factory
 from prores_algo.spec import DISABLED_RECORD, ProResSpec, check_resume
-from prores_algo.surgery import ProResController, apply_prores
+from prores_algo.surgery import ProResController
+from prores_algo.surgery import apply_prores as apply_prores_to_module
 
 __all__ = [
     'DeepSpeedProRes',
+    'apply_prores',
     'attach_prores',
     'lr_lambda_from',
     'build_lr_scheduler',
@@ -146,36 +149,51 @@ class DeepSpeedProRes:
         return f'DeepSpeedProRes({self.controller!r}, time_unit={self.time_unit!r})'
 
 
-def attach_prores(
+def apply_prores(
     model: torch.nn.Module,
     schedule: str = 'linear',
     t_warmup: Union[float, str, None] = None,
     *,
+    layer_class: Union[type, str, None] = None,
+    branches: Optional[Sequence[str]] = None,
+    layer_pattern: Optional[str] = None,
+    remove_when_done: bool = True,
+    mechanism: str = 'auto',
     time_unit: str = 'steps',
     total_steps: Optional[int] = None,
-    **apply_prores_kwargs,
 ) -> DeepSpeedProRes:
-    """Attach ProRes to `model` (call before `deepspeed.initialize`; a model built under
+    """Apply ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
 
     `t_warmup` is W in `time_unit` (optimizer steps by default; default W = 1000 steps per layer, the
     paper's T = 1000). `t_warmup='auto'`: W = min(1000·L, 0.25·total_steps), rounded to whole steps
     (`timing.auto_warmup_steps`); it needs `total_steps`, the run length in optimizer steps, and
-    `time_unit='steps'`. Other keyword arguments go to `prores_algo.apply_prores` (`layer_class`,
-    `branches`, `layer_pattern`, `remove_when_done`).
+    `time_unit='steps'`. `layer_class`, `branches`, `layer_pattern`, `remove_when_done` and `mechanism`
+    are `prores_algo.apply_prores`'s.
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
-        model = model.module  # a DeepSpeed engine was passed: attach to the model inside it
-    selection = {
-        k: apply_prores_kwargs[k]
-        for k in ('layer_class', 'branches', 'layer_pattern', 'remove_when_done')
-        if k in apply_prores_kwargs
-    }
-    spec = ProResSpec(schedule, t_warmup, **selection)  # validates before any hook is attached
-    if spec.auto and time_unit != 'steps':
+        model = model.module  # a DeepSpeed engine was passed: apply to the model inside it
+    spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done, mechanism)
+    if spec.auto and time_unit != 'steps':  # validated before any hook is attached
         raise ValueError(f"t_warmup='auto' counts optimizer steps: use time_unit='steps', not {time_unit!r}")
-    controller = apply_prores(model, schedule, t_warmup, total_steps=total_steps, **apply_prores_kwargs)
+    controller = apply_prores_to_module(
+        model,
+        schedule,
+        t_warmup,
+        total_steps=total_steps,
+        layer_class=layer_class,
+        branches=branches,
+        layer_pattern=layer_pattern,
+        remove_when_done=remove_when_done,
+        mechanism=mechanism,
+    )
     return DeepSpeedProRes(controller, time_unit, spec)
+
+
+def attach_prores(*args, **kwargs) -> DeepSpeedProRes:
+    """Deprecated name of `apply_prores` (one release)."""
+    warnings.warn('attach_prores is deprecated: use apply_prores', DeprecationWarning, stacklevel=2)
+    return apply_prores(*args, **kwargs)
 
 
 def prores_state(prores: Optional[DeepSpeedProRes]) -> dict:

@@ -93,22 +93,26 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
             trainer_state.json, so that a resume with a larger max_steps keeps W.
             Default: the paper's 1000 steps per layer (W = 1000·L).
         layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
-        log_alphas: add `prores/alpha/layer_{i}` and `prores/alpha/mean` to every log.
         remove_when_done: remove the hooks once every α is 1 for good (default True).
+        mechanism: 'auto' (α in the GEMM where it can ride, default) or 'hook' (see `apply_prores`).
+        log_alphas: add `prores/alpha/layer_{i}` and `prores/alpha/mean` to every log.
     """
 
     def __init__(
         self,
         schedule: str = 'linear',
         t_warmup: Union[int, float, str, None] = None,
+        *,
         layer_class: Union[type, str, None] = None,
         branches: Optional[Sequence[str]] = None,
-        log_alphas: bool = True,
-        *,
         layer_pattern: Optional[str] = None,
         remove_when_done: bool = True,
+        mechanism: str = 'auto',
+        log_alphas: bool = True,
     ):
-        self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, bool(remove_when_done))
+        self.spec = ProResSpec(
+            schedule, t_warmup, layer_class, branches, layer_pattern, bool(remove_when_done), mechanism
+        )
         self.spec.check_steps_warmup()  # numbers now; a 'dur' fraction once max_steps is known
         self.log_alphas = bool(log_alphas)
         self.controller: Optional[ProResController] = None
@@ -140,7 +144,7 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         layers = self.spec.find_layers(model)
         recorded = self._recorded_warmup(state) if self.spec.auto and step > 0 else None
         w = recorded if recorded is not None else self.spec.warmup_steps(len(layers), max_steps)
-        self.controller = self.spec.attach(model, w, layers=layers)
+        self.controller = self.spec.apply(model, w, layers=layers)
         if self.spec.auto:
             self.controller.auto_run_steps = float(max_steps) if max_steps else None
         self.recorded_warmup_steps = w if self.spec.auto else None
@@ -188,6 +192,7 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
                 'log_alphas': self.log_alphas,
                 'layer_pattern': spec.layer_pattern,
                 'remove_when_done': spec.remove_when_done,
+                'mechanism': spec.mechanism,
             },
             'attributes': {'recorded_warmup_steps': self.recorded_warmup_steps},
         }
@@ -264,7 +269,7 @@ class ResidualMonitorCallback(MonitorBase, _FirstInLine, TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_losses = []
-        if self.stats is None or int(state.global_step) % self.interval != 0:
+        if self.stats is None or int(state.global_step) % self.log_interval != 0:
             return
         self._measured_step = int(state.global_step)  # on_step_end sees global_step already advanced
         self._begin_measure_hf()

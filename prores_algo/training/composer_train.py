@@ -19,8 +19,8 @@ import torch
 from prores_algo.training import recipe
 from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
-__all__ = ['main', 'build_trainer', 'build_model', 'named_class', 'scheduler_class']
-__all__ += ['ALGORITHMS', 'SCHEDULERS', 'CALLBACKS', 'LOGGERS']
+__all__ = ['main', 'build_trainer', 'build_model', 'named_class']
+__all__ += ['ALGORITHMS', 'CALLBACKS', 'LOGGERS']
 
 
 def _snake(name: str) -> str:
@@ -50,23 +50,6 @@ def _algorithms() -> dict[str, Any]:
     return table
 
 
-def _schedulers() -> dict[str, Any]:
-    from composer import optim
-
-    from prores_algo.lr_schedules import WSDScheduler
-
-    return {
-        'wsd': WSDScheduler,
-        'constant': optim.ConstantScheduler,
-        'constant_with_warmup': optim.ConstantWithWarmupScheduler,
-        'linear': optim.LinearScheduler,
-        'linear_with_warmup': optim.LinearWithWarmupScheduler,
-        'cosine_with_warmup': optim.CosineAnnealingWithWarmupScheduler,
-        'cosine': optim.CosineAnnealingScheduler,
-        'polynomial_with_warmup': optim.PolynomialWithWarmupScheduler,
-    }
-
-
 def _callbacks() -> dict[str, Any]:
     import composer.callbacks as cbs
     from composer.core import Callback
@@ -89,7 +72,7 @@ def _loggers() -> dict[str, Any]:
     return {k.removesuffix('_logger') if k.endswith('_logger') else k: v for k, v in table.items()}
 
 
-ALGORITHMS, SCHEDULERS, CALLBACKS, LOGGERS = _algorithms, _schedulers, _callbacks, _loggers
+ALGORITHMS, CALLBACKS, LOGGERS = _algorithms, _callbacks, _loggers
 
 
 def named_class(kind: str, table: dict[str, Any], name: str, kwargs: dict[str, Any]):
@@ -195,26 +178,18 @@ def _build_optimizer(cfg: TrainConfig, model):
     return DecoupledAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
-def scheduler_class(schedule: recipe.LRSchedule, table: Optional[dict[str, Any]] = None):
-    """The class of `scheduler:` once its name and keys are checked (as `named_class`; default table:
-    prores-train's schedulers)."""
-    table = _schedulers() if table is None else table
-    name = schedule.name
-    if name not in table:
-        from prores_algo.training.config import _suggest
-
-        raise ConfigError(
-            f"scheduler.name: unknown scheduler '{name}'{_suggest(name, table)}; available: {sorted(table)}"
-        )
-    check_kwargs(f'scheduler ({name})', table[name], schedule.kwargs)
-    return table[name]
-
-
 def _build_scheduler(cfg: TrainConfig):
+    """The YAML's `scheduler:` as a Composer scheduler (None: a constant LR); one table of names and keys
+    for both entries (`prores_algo.lr_schedules.LR_SCHEDULES`)."""
+    from prores_algo.integrations.composer.lr import composer_scheduler
+
     schedule = recipe.lr_schedule(cfg)
     if schedule is None:
         return None
-    return scheduler_class(schedule)(**schedule.kwargs)
+    try:
+        return composer_scheduler(schedule.name, schedule.kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --- data ---------------------------------------------------------------------------------------------

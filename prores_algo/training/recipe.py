@@ -94,6 +94,7 @@ class ProResSettings:
     schedule: str = 'linear'
     t_warmup: Any = None
     lr_warmup_delay: Any = 0
+    mechanism: str = 'auto'
 
 
 def prores(cfg: TrainConfig) -> ProResSettings:
@@ -105,6 +106,7 @@ def prores(cfg: TrainConfig) -> ProResSettings:
         schedule=kw.get('schedule', 'linear'),
         t_warmup=kw.get('t_warmup'),
         lr_warmup_delay=kw.get('lr_warmup_delay', 0),
+        mechanism=kw.get('mechanism', 'auto'),
     )
 
 
@@ -142,22 +144,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """`scheduler:` as written: its name and every argument (`t_warmup`, `t_decay`, `alpha_f`, ...)."""
+    """`scheduler:` as written: its name (`prores_algo.lr_schedules.LR_SCHEDULES`) and parameters
+    (`lr_warmup`, `lr_decay`, `alpha_f`, ...)."""
 
     name: str
     kwargs: dict
-
-    @property
-    def t_warmup(self) -> Any:
-        return self.kwargs.get('t_warmup')
-
-    @property
-    def t_decay(self) -> Any:
-        return self.kwargs.get('t_decay')
-
-    @property
-    def alpha_f(self) -> Any:
-        return self.kwargs.get('alpha_f')
 
 
 def lr_schedule(cfg: TrainConfig) -> Optional[LRSchedule]:

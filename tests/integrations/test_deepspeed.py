@@ -26,7 +26,7 @@ from prores_algo.integrations.deepspeed import (
     CLIENT_STATE_KEY,
     SIDECAR_FILE,
     DeepSpeedProRes,
-    attach_prores,
+    apply_prores,
     build_lr_scheduler,
     check_deepspeed_config,
     load_checkpoint,
@@ -55,7 +55,7 @@ TINY = [
     '64',
     '--steps',
     str(STEPS),
-    '--t_warmup',
+    '--prores_warmup',
     str(T_WARMUP),
     '--lr',
     '1e-2',
@@ -173,7 +173,7 @@ def test_zero3_loss_falls_and_is_logged(run_a):
     assert r0['final_perplexity'] == pytest.approx(math.exp(r0['final_eval_loss']))
     assert r0['lrs'][0] == 0.0 and r0['lrs'][1] == pytest.approx(1e-2)  # WSD: warmup of 1 step, decay last 10%
     lines = [ln for ln in run_a.stdout.splitlines() if ln.startswith('step ')]
-    assert len(lines) == STEPS and 'loss' in lines[0] and 'lr' in lines[0] and 'alpha_mean' in lines[0]
+    assert len(lines) == STEPS and 'loss' in lines[0] and 'lr' in lines[0] and 'prores/alpha/mean' in lines[0]
     assert (run_a.ckpt / 'global_step4' / SIDECAR_FILE).is_file()
 
 
@@ -422,48 +422,48 @@ def test_check_config_errors_name_the_key():
 # LR schedules
 # ---------------------------------------------------------------------------------------------------
 def test_lr_lambda_wsd_matches_wsd_multiplier():
-    f = lr_lambda_from('wsd', max_steps=100, t_warmup=10, t_decay='0.2dur', alpha_f=0.1)
+    f = lr_lambda_from('wsd', max_steps=100, lr_warmup=10, lr_decay='0.2dur', alpha_f=0.1)
     for t in range(0, 101):
         assert f(t) == wsd_multiplier(t, 100, 10, 20, 0.1)
-    g = lr_lambda_from({'name': 'wsd', 't_warmup': '10ba', 't_decay': '20ba', 'alpha_f': 0.1}, max_steps=100)
+    g = lr_lambda_from({'name': 'wsd', 'lr_warmup': '10ba', 'lr_decay': '20ba', 'alpha_f': 0.1}, max_steps=100)
     assert [g(t) for t in range(101)] == [f(t) for t in range(101)]
 
 
 def test_lr_lambda_linear_cosine_constant():
-    lin = lr_lambda_from('linear_decay_with_warmup', max_steps=110, t_warmup=10, alpha_f=0.0)
+    lin = lr_lambda_from('linear_decay_with_warmup', max_steps=110, lr_warmup=10, alpha_f=0.0)
     assert [lin(t) for t in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1.0, 0.5, 0.0])
-    cos = lr_lambda_from('cosine', max_steps=110, t_warmup='10ba', alpha_f=0.2)
+    cos = lr_lambda_from('cosine_with_warmup', max_steps=110, lr_warmup='10ba', alpha_f=0.2)
     assert [cos(t) for t in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1.0, 0.6, 0.2])
-    const = lr_lambda_from('constant_with_warmup', max_steps=50, t_warmup=0)
+    const = lr_lambda_from('constant_with_warmup', max_steps=50, lr_warmup=0)
     assert {const(t) for t in range(50)} == {1.0}
 
 
 def test_lr_lambda_warmup_delay():
     M, W, D = 100, 10, 20
-    plain = lr_lambda_from('cosine', max_steps=M, t_warmup=W, alpha_f=0.1)
-    f = lr_lambda_from('cosine', max_steps=M, t_warmup=W, alpha_f=0.1, lr_warmup_delay=D)
+    plain = lr_lambda_from('cosine_with_warmup', max_steps=M, lr_warmup=W, alpha_f=0.1)
+    f = lr_lambda_from('cosine_with_warmup', max_steps=M, lr_warmup=W, alpha_f=0.1, lr_warmup_delay=D)
     assert [f(t) for t in range(D + 1)] == [0.0] * (D + 1)  # held at the t = 0 value (0) during the delay
     assert [f(D + k) for k in range(W + 1)] == [plain(k) for k in range(W + 1)]  # full-length warmup from D
     assert f(M) == pytest.approx(plain(M))  # still ends at max_steps
     assert all(f(t) == plain(delayed_time(t, D, W, M)) for t in range(M + 1))
     with pytest.raises(ValueError, match='lr_warmup_delay'):
-        lr_lambda_from('wsd', max_steps=100, t_warmup=10, lr_warmup_delay='0.95dur')
+        lr_lambda_from('wsd', max_steps=100, lr_warmup=10, lr_warmup_delay='0.95dur')
 
 
 def test_lr_lambda_errors_and_lambdalr():
     with pytest.raises(ValueError, match='unknown LR schedule'):
         lr_lambda_from('step', max_steps=10)
     with pytest.raises(ValueError, match='tok'):
-        lr_lambda_from('wsd', max_steps=10, t_warmup='5e8tok')
+        lr_lambda_from('wsd', max_steps=10, lr_warmup='5e8tok')
     with pytest.raises(ValueError, match='warmup'):
-        lr_lambda_from('wsd', max_steps=10, t_warmup=8, t_decay=5)
-    with pytest.raises(ValueError, match='unknown LR schedule key'):
+        lr_lambda_from('wsd', max_steps=10, lr_warmup=8, lr_decay=5)
+    with pytest.raises(ValueError, match="unknown key 'warmup'.*did you mean 'lr_warmup'"):
         lr_lambda_from({'name': 'wsd', 'warmup': 3}, max_steps=10)
-    with pytest.raises(ValueError, match='t_warmup'):
-        lr_scheduler_factory('cosine', max_steps=10, t_warmup=11)  # validated when the factory is made
+    with pytest.raises(ValueError, match='lr_warmup'):
+        lr_scheduler_factory('cosine_with_warmup', max_steps=10, lr_warmup=11)  # validated when the factory is made
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=2.0)
-    sched = build_lr_scheduler(opt, 'wsd', max_steps=10, t_warmup=4, t_decay=2)
+    sched = build_lr_scheduler(opt, 'wsd', max_steps=10, lr_warmup=4, lr_decay=2)
     seen = []
     for _ in range(10):
         seen.append(opt.param_groups[0]['lr'])
@@ -475,7 +475,7 @@ def test_lr_lambda_errors_and_lambdalr():
 
 
 # ---------------------------------------------------------------------------------------------------
-# attach_prores + step(engine), checkpoint guard (single process, a stand-in engine)
+# apply_prores + step(engine), checkpoint guard (single process, a stand-in engine)
 # ---------------------------------------------------------------------------------------------------
 class FakeEngine:
     """What the helpers use of a DeepSpeed engine: the clocks, `module`, save/load_checkpoint."""
@@ -508,7 +508,7 @@ def _tiny_decoder(n_layers=4):
 
 def test_attach_prores_step_engine():
     model = _tiny_decoder()
-    prores = attach_prores(model, 'linear', t_warmup=8)
+    prores = apply_prores(model, 'linear', t_warmup=8)
     assert isinstance(prores, DeepSpeedProRes) and prores.num_layers == 4
     engine = FakeEngine(model)
     ids = torch.randint(0, 64, (2, 16))
@@ -528,19 +528,19 @@ def test_attach_prores_step_engine():
         assert torch.equal(model(ids), ref)
     # samples as the clock; an engine passed instead of the model; not an engine
     model2 = _tiny_decoder()
-    p2 = attach_prores(FakeEngine(model2), 'equal', t_warmup=100, time_unit='samples')
+    p2 = apply_prores(FakeEngine(model2), 'equal', t_warmup=100, time_unit='samples')
     e2 = FakeEngine(model2)
     e2.global_steps, e2.global_samples = 3, 40
     assert p2.step(e2) == [0.4] * 4
     with pytest.raises(TypeError, match='global_steps'):
         prores.step(object())
     with pytest.raises(ValueError, match='time_unit'):
-        attach_prores(_tiny_decoder(), time_unit='tokens')
+        apply_prores(_tiny_decoder(), time_unit='tokens')
 
 
 def test_attach_prores_keeps_alpha_fp32():
     model = _tiny_decoder()
-    prores = attach_prores(model, 'linear', t_warmup=1000)
+    prores = apply_prores(model, 'linear', t_warmup=1000)
     model.bfloat16()  # what older DeepSpeed releases did to the whole module under bf16
     engine = FakeEngine(model)
     engine.global_steps = 7
@@ -552,7 +552,7 @@ def test_attach_prores_keeps_alpha_fp32():
 
 def test_checkpoint_guard(tmp_path):
     model = _tiny_decoder()
-    prores = attach_prores(model, 'linear', t_warmup=8)
+    prores = apply_prores(model, 'linear', t_warmup=8)
     engine = FakeEngine(model)
     engine.global_steps = 3
     tag = save_checkpoint(engine, prores, str(tmp_path), tag='step3')
@@ -571,7 +571,7 @@ def test_checkpoint_guard(tmp_path):
 
     # same configuration (alias spelling accepted): loads and sets α from the restored step
     model2 = _tiny_decoder()
-    p2 = attach_prores(model2, 'linear', t_warmup=8.0)
+    p2 = apply_prores(model2, 'linear', t_warmup=8.0)
     e2 = FakeEngine(model2)
     path, client_state = load_checkpoint(e2, p2, str(tmp_path))  # tag from `latest`
     assert client_state[CLIENT_STATE_KEY] == sidecar and e2.global_steps == 3
@@ -586,28 +586,28 @@ def test_checkpoint_guard(tmp_path):
         assert e.loads == 0  # refused before anything was loaded
 
     m = _tiny_decoder()
-    refused(attach_prores(m, 'linear', t_warmup=16), m, "'t_warmup'", 't_warmup=8.0', 't_warmup=16.0')
+    refused(apply_prores(m, 'linear', t_warmup=16), m, "'t_warmup'", 't_warmup=8.0', 't_warmup=16.0')
     m = _tiny_decoder()
-    refused(attach_prores(m, 'linear_square', t_warmup=8), m, "'schedule'", "'linear_square'")
+    refused(apply_prores(m, 'linear_square', t_warmup=8), m, "'schedule'", "'linear_square'")
     m = _tiny_decoder(n_layers=6)
-    refused(attach_prores(m, 'linear', t_warmup=8), m, "'num_layers'")
+    refused(apply_prores(m, 'linear', t_warmup=8), m, "'num_layers'")
     refused(None, _tiny_decoder(), 'ProRes off')
     m = _tiny_decoder()
-    refused(attach_prores(m, 'linear', t_warmup=8, time_unit='samples'), m, "'time_unit'")
+    refused(apply_prores(m, 'linear', t_warmup=8, time_unit='samples'), m, "'time_unit'")
 
     # a checkpoint saved without ProRes refuses a ProRes run, and vice versa
     engine.global_steps = 5
     save_checkpoint(engine, None, str(tmp_path), tag='plain')
     m = _tiny_decoder()
     with pytest.raises(ValueError, match='ProRes off'):
-        load_checkpoint(FakeEngine(m), attach_prores(m, t_warmup=8), str(tmp_path), tag='plain')
+        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=8), str(tmp_path), tag='plain')
     load_checkpoint(FakeEngine(_tiny_decoder()), None, str(tmp_path), tag='plain')
 
     # the client_state check also works without the sidecar file; strict=False skips a missing record
     (tmp_path / 'step3' / SIDECAR_FILE).unlink()
     m = _tiny_decoder()
     with pytest.raises(ValueError, match='t_warmup'):
-        load_checkpoint(FakeEngine(m), attach_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=False)
+        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=False)
     with pytest.raises(ValueError, match='records no ProRes configuration'):
         load_checkpoint(FakeEngine(m), None, str(tmp_path), tag='step3')
     with pytest.raises(FileNotFoundError, match='not found'):

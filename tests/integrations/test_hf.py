@@ -184,7 +184,7 @@ DS_SCRIPT = textwrap.dedent("""
     model = tiny_llama()
     cb, rec = ProResCallback(t_warmup=4), StepRecorder()
     from prores_algo.integrations.hf import ResidualMonitorCallback
-    mon = ResidualMonitorCallback(interval=2, spike_window=2)
+    mon = ResidualMonitorCallback(log_interval=2, spike_window=2)
     seen = record_forwards(model, rec)
     trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec, mon])
     trainer.train()
@@ -192,9 +192,9 @@ DS_SCRIPT = textwrap.dedent("""
     logs = [h for h in trainer.state.log_history if 'loss' in h]
     print('RESULT ' + json.dumps({'engine': type(engine).__name__, 'stage': engine.zero_optimization_stage(),
                                   'seen': seen, 'removed': cb.controller.removed,
-                                  'rms': [h.get('monitor/rms/layer_2') for h in logs],
-                                  'grad_norm_logged': any('monitor/grad_norm/layer_0' in h for h in logs),
-                                  'loss_spikes': logs[-1].get('monitor/loss_spikes'),
+                                  'rms': [h.get('residual_monitor/rms/layer_2') for h in logs],
+                                  'grad_norm_logged': any('residual_monitor/grad_norm/layer_0' in h for h in logs),
+                                  'loss_spikes': logs[-1].get('residual_monitor/loss_spikes'),
                                   'losses': [h['loss'] for h in trainer.state.log_history if 'loss' in h]}))
 """)
 

@@ -8,7 +8,7 @@ usage:
   torchrun --nproc_per_node 2 tests/support/removal_driver.py ddp OUT     apply_prores + raw torch DDP: set_step past
                                                                  W, then fold_prores mid-run, then re-apply
   torchrun --nproc_per_node 2 tests/support/removal_driver.py hf OUT      transformers.Trainer + ProResCallback (DDP)
-  torchrun --nproc_per_node 2 tests/support/removal_driver.py deepspeed OUT   attach_prores + DeepSpeed ZeRO-3
+  torchrun --nproc_per_node 2 tests/support/removal_driver.py deepspeed OUT   apply_prores + DeepSpeed ZeRO-3
 
 Each rank writes OUT/<mode>_rank{r}.json: what it saw, and the final parameters' bytes (hex digests).
 """
@@ -311,11 +311,11 @@ def run_hf(out: str) -> None:
 def run_deepspeed(out: str) -> None:
     import deepspeed
 
-    from prores_algo.integrations.deepspeed import attach_prores
+    from prores_algo.integrations.deepspeed import apply_prores
 
     deepspeed.init_distributed(dist_backend='gloo')
     model = fresh_model()
-    prores = attach_prores(model, t_warmup=T_WARMUP)  # before deepspeed.initialize, as documented
+    prores = apply_prores(model, t_warmup=T_WARMUP)  # before deepspeed.initialize, as documented
     config = {
         'train_micro_batch_size_per_gpu': 2,
         'gradient_accumulation_steps': 1,

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from prores_algo.integrations.deepspeed import attach_prores, check_deepspeed_config
+from prores_algo.integrations.deepspeed import apply_prores, check_deepspeed_config
 from prores_algo.training.deepspeed.loop import _init_distributed, build_model
 from prores_algo.training.deepspeed.settings import from_flat, resolve
 from prores_algo.training.models.decoder import NORM_PLACEMENTS
@@ -34,7 +34,7 @@ def case(norm: str, prores: bool, ds_config: dict) -> dict:
     plan = resolve(from_flat({**TINY, 'norm': norm, 'prores': prores})[0])
     zero = build_model(plan, ds_config, zero_init=True)
     if plan.prores.enabled:  # as ds_train does (adds hooks and α buffers, no parameters)
-        attach_prores(zero, plan.prores.schedule, plan.t_warmup)
+        apply_prores(zero, plan.prores.schedule, plan.t_warmup)
     partitioned = all(hasattr(p, 'ds_id') and p.numel() == 0 for p in zero.parameters())
     got = gathered_state(zero)
     ref = dict(build_model(plan, zero_init=False).named_parameters())

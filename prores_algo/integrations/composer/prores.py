@@ -21,11 +21,12 @@ import torch
 from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from prores_algo.lr_schedules import delay_lr_warmup
+from prores_algo.integrations.composer.lr import delay_lr_warmup
+from prores_algo.integrations.composer.time import parse_time
 from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
-from prores_algo.timing import auto_warmup_steps, is_auto, parse_time
+from prores_algo.timing import auto_warmup_steps, is_auto
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
@@ -43,25 +44,31 @@ class ProRes(Algorithm):
             (batches). Default: the paper's 1000 batches per layer (W = 1000·L ba). 'auto':
             W = min(1000·L, 0.25·max_duration) batches (`timing.auto_warmup_steps`), max_duration in
             batches or epochs; resolved once at FIT_START and recorded in the checkpoint.
+        layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
+        remove_when_done: remove the hooks once every α is 1 for good (default True).
+        mechanism: 'auto' (α in the GEMM where it can ride, default) or 'hook' (see `apply_prores`).
         lr_warmup_delay: start the LR scheduler's warmup this much later (default '0ba', the paper's).
             With a warmup from 0, no parameter moves during the delay.
         log_interval: log `prores/alpha/layer_{i}` every this many batches (int or 'Nba'); default 1.
-        layer_class, branches, layer_pattern: for models ProRes does not know (see `apply_prores`).
-        remove_when_done: remove the hooks once every α is 1 for good (default True).
+
+    Every front end takes `schedule` and `t_warmup` first, then the same keyword-only arguments in the
+    same order (`ProResCallback`, `integrations.deepspeed.apply_prores`), then its own.
     """
 
     def __init__(
         self,
         schedule: str = 'linear',
         t_warmup: Union[str, int, Time, None] = None,
-        lr_warmup_delay: Union[str, int, Time] = '0ba',
-        log_interval: Union[str, int] = 1,
+        *,
         layer_class: Optional[str] = None,
         branches: Optional[Sequence[str]] = None,
         layer_pattern: Optional[str] = None,
         remove_when_done: bool = True,
+        mechanism: str = 'auto',
+        lr_warmup_delay: Union[str, int, Time] = '0ba',
+        log_interval: Union[str, int] = 1,
     ):
-        self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done)
+        self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done, mechanism)
         self.schedule = self.spec.schedule
         self.auto = is_auto(t_warmup)
         self._auto_w: Optional[float] = None  # W of t_warmup='auto', in batches, once resolved or restored
@@ -111,7 +118,7 @@ class ProRes(Algorithm):
         if self.controller is not None:
             raise ValueError('this ProRes instance was already applied to a model; create a new ProRes() per Trainer')
         # W stays unresolved (every α = 0) until max_duration is known when t_warmup is a 'dur' fraction.
-        self.controller = self.spec.attach(state.model, None)
+        self.controller = self.spec.apply(state.model, None)
         if self._try_resolve_warmup(state):
             self.controller.set_step(self._now(state))
         log.info(
@@ -273,15 +280,15 @@ class ResidualMonitor(MonitorBase, Callback):
     """Composer callback: per-layer residual RMS, gradient norm and update ratio, plus spike counters.
 
     Args:
-        interval: measure every this many batches (optimizer steps): int or 'Nba' (default '10ba').
+        log_interval: measure every this many batches (optimizer steps): int or 'Nba' (default '10ba').
         rms, grad_norm, update_ratio: which per-layer quantities to measure.
         spike_window, spike_std: the spike rule (previous `spike_window` values, `spike_std` std);
             spike_window=0 turns the counters off.
         layer_class, branches, layer_pattern: for models `find_residual_layers` does not know.
-        position_cosine: log `monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
+        position_cosine: log `residual_monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
         collapse_threshold, collapse_patience: a collapse is `collapse_patience` consecutive measured steps
             whose largest per-layer position cosine is >= `collapse_threshold`: logged as
-            `monitor/collapse` = 1 and warned about once. Trained models here sit at 0.4-0.6. Small Post-LN
+            `residual_monitor/collapse` = 1 and warned about once. Trained models here sit at 0.4-0.6. Small Post-LN
             models pass through a short high-cosine phase early in training even without ProRes (8
             measurements at interval 10 for a 16-layer, width-32 baseline), hence the patience.
         stop_on_collapse: also stop training when the collapse is reported.
@@ -300,7 +307,7 @@ class ResidualMonitor(MonitorBase, Callback):
         if self.stats is None:
             self.fit_start(state, logger)
         self._grad_sq = self._total_grad_sq = None
-        if int(state.timestamp.batch) % self.interval == 0:
+        if int(state.timestamp.batch) % self.log_interval == 0:
             self._measured_step = int(state.timestamp.batch)  # BATCH_END sees the timestamp already advanced
             self._begin_measure()
 

@@ -5,7 +5,7 @@ Two ways to describe a run, never mixed:
   * the flat flags (`--n_layers 4 --steps 20 ...`), mapped onto a `TrainConfig` by `ds_settings.from_flat`;
   * `--config YAML key=value ...`: the YAML, read as prores-train reads it, is then the one source of the
     model, data, optimizer, LR schedule, ProRes and loop settings. A flag that would set one of them
-    (`--norm`, `--steps`, `--no_prores`, `--t_warmup`, ...) stops the run with a one-line message naming
+    (`--norm`, `--steps`, `--no_prores`, `--prores_warmup`, ...) stops the run with a one-line message naming
     the `key=value` override that does it (`FLAG_KEYS`); nothing given is silently ignored. The
     DeepSpeed loop's own flags (`DSOptions`: `--deepspeed_config`, `--micro_batch_size`, `--summary`, ...)
     and `--autoresume` / `--local_cache` apply with a YAML too.
@@ -14,6 +14,7 @@ Two ways to describe a run, never mixed:
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Any, Optional
 
 from prores_algo.timing import is_auto
@@ -35,8 +36,8 @@ FLAG_KEYS: dict[str, str] = {
     'lr': 'optimizer.lr',
     'weight_decay': 'optimizer.weight_decay',
     'lr_schedule': 'scheduler.name',
-    'lr_warmup': 'scheduler.t_warmup',
-    'lr_decay': 'scheduler.t_decay',
+    'lr_warmup': 'scheduler.lr_warmup',
+    'lr_decay': 'scheduler.lr_decay',
     'alpha_f': 'scheduler.alpha_f',
     'lr_warmup_delay': 'algorithms.prores.lr_warmup_delay',
     'schedule': 'algorithms.prores.schedule',
@@ -53,7 +54,7 @@ _BATCHES = ('steps', 'lr_warmup', 'lr_decay', 'lr_warmup_delay', 't_warmup', 'ev
 
 CONFIG_RULE = (
     'With --config the YAML sets the model, data, optimizer, LR schedule, ProRes and loop: a flag that would '
-    'set one of them (--norm, --steps, --no_prores, --t_warmup, ...) is an error naming the key=value override '
+    'set one of them (--norm, --steps, --no_prores, --prores_warmup, ...) is an error naming the key=value override '
     'to use instead; the DeepSpeed flags (--deepspeed_config, --micro_batch_size, --grad_accum, --summary, ...) '
     'and --autoresume / --local_cache apply.'
 )
@@ -86,7 +87,28 @@ def _refusal(flag: str, value: Any) -> str:
         )
     if flag in _BATCHES and isinstance(value, (int, float)) and float(value).is_integer():
         value = f'{int(value)}ba'
-    return f'--{flag} has no effect with --config (the YAML sets {key}): give the override {key}={value} instead'
+    spelling = FLAG_SPELLING.get(flag, flag)
+    return f'--{spelling} has no effect with --config (the YAML sets {key}): give the override {key}={value} instead'
+
+
+# flags whose spelling differs from their key (`dest`)
+FLAG_SPELLING = {'t_warmup': 'prores_warmup', 'prores': 'no_prores'}
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old flag spelling: works for one release, with a warning naming the new one."""
+
+    def __init__(self, *args, new: str, convert=None, **kwargs):
+        self.new, self.convert = new, convert
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f'{option_string} is deprecated: use {self.new}', FutureWarning, stacklevel=2)
+        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+
+
+def _deprecated_alias(group, old: str, new: str, dest: str, type) -> None:
+    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, convert=type, help=argparse.SUPPRESS)
 
 
 def _time_arg(value: str):
@@ -94,7 +116,7 @@ def _time_arg(value: str):
 
 
 def _warmup_arg(value: str):
-    """--t_warmup: a number of optimizer steps or 'auto'."""
+    """--prores_warmup: a number of optimizer steps or 'auto'."""
     if is_auto(value):
         return 'auto'
     try:
@@ -107,7 +129,7 @@ def _warmup_arg(value: str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog='python -m prores_algo.training.deepspeed.loop',
+        prog='prores-ds-train',
         description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.',
         epilog=CONFIG_RULE,
     )
@@ -132,7 +154,11 @@ def parser() -> argparse.ArgumentParser:
         '--lr', type=float, default=d['lr'], help=f'peak LR (default {DEFAULT_LR}, or the JSON optimizer lr)'
     )
     g.add_argument('--weight_decay', type=float, default=d['weight_decay'])
-    g.add_argument('--lr_schedule', default=d['lr_schedule'], help='wsd | linear | cosine | constant')
+    g.add_argument(
+        '--lr_schedule',
+        default=d['lr_schedule'],
+        help='an LR schedule: wsd (default), constant, linear, cosine, or *_with_warmup of these, polynomial_with_warmup',
+    )
     g.add_argument('--lr_warmup', type=_time_arg, default=d['lr_warmup'], help='steps, "Nba" or "Xdur"')
     g.add_argument('--lr_decay', type=_time_arg, default=d['lr_decay'], help='WSD decay length')
     g.add_argument('--alpha_f', type=float, default=d['alpha_f'])
@@ -152,11 +178,13 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('ProRes')
     g.add_argument('--schedule', default=d['schedule'], help="ProRes schedule, or 'none' for a baseline")
     g.add_argument(
-        '--t_warmup',
+        '--prores_warmup',
+        dest='t_warmup',
         type=_warmup_arg,
         default=d['t_warmup'],
-        help="W in optimizer steps (default 1000 x n_layers), or 'auto': min(1000 x n_layers, steps / 4)",
+        help="ProRes' W in optimizer steps (default 1000 x n_layers), or 'auto': min(1000 x n_layers, steps / 4)",
     )
+    _deprecated_alias(g, '--t_warmup', '--prores_warmup', dest='t_warmup', type=_warmup_arg)
     g.add_argument('--no_prores', dest='prores', action='store_false')
     _loop_flags(p)
     return p
@@ -195,7 +223,8 @@ def _loop_flags(p: argparse.ArgumentParser) -> None:
         help="resume from --save_dir's latest checkpoint when there is one (restart a killed run as is)",
     )
     g.add_argument('--summary', default=None, help="JSON summary path (rank 0; '{rank}' in it: every rank)")
-    g.add_argument('--log_every', type=int, default=d['log_every'])
+    g.add_argument('--log_interval', type=int, default=d['log_interval'], help='print every N optimizer steps')
+    _deprecated_alias(g, '--log_every', '--log_interval', dest='log_interval', type=int)
     g.add_argument(
         '--record_samples',
         action='store_true',

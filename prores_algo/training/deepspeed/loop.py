@@ -1,7 +1,7 @@
 """A thin DeepSpeed training loop for the reference decoder with ProRes (ZeRO-3 ready).
 
     torchrun --nproc_per_node 2 -m prores_algo.training.deepspeed.loop --deepspeed_config yamls/deepspeed/zero3.json \
-        --steps 200 --t_warmup 100 --summary out/summary.json
+        --steps 200 --prores_warmup 100 --summary out/summary.json
     torchrun --nproc_per_node 2 -m prores_algo.training.deepspeed.loop --config yamls/quickstart.yaml [key=value ...]
     deepspeed --num_gpus 2 --module prores_algo.training.deepspeed.loop ...   (or `composer -n 2 -m prores_algo.training.deepspeed.loop ...`)
 
@@ -14,7 +14,7 @@ A run is a `TrainConfig` (the schema prores-train reads; the flat flags map onto
 JSON: ZeRO partitioning, gradient accumulation, clipping, bf16):
   * the JSON is checked against the config before any process group exists;
   * the decoder is built under `deepspeed.zero.Init` for stage 3 (unless `zero_init=False`) with the
-    same seed on every rank, then `attach_prores`; torch AdamW unless the JSON has an "optimizer"
+    same seed on every rank, then `apply_prores`; torch AdamW unless the JSON has an "optimizer"
     block; the LR schedule is a `LambdaLR` from `lr_lambda_from` (WSD by default);
   * data: a synthetic token set, or MDS shards (`prores_algo.training.deepspeed.data`);
   * each optimizer step t: `prores.step(engine)` (α(t) from engine.global_steps) before every
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from prores_algo import alpha_schedules
 from prores_algo.integrations.deepspeed import (
     SIDECAR_FILE,
-    attach_prores,
+    apply_prores,
     check_checkpoint,
     load_checkpoint,
     lr_scheduler_factory,
@@ -176,7 +176,7 @@ def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, l
         w = plan.t_warmup
         if is_auto(plan.prores.t_warmup) and w == auto_warmup_steps(plan.model.n_layers, plan.steps):
             w = 'auto'  # the same W, through the same rule: its warning names the cap (a resume keeps its W)
-        prores = attach_prores(model, plan.prores.schedule, w, total_steps=plan.steps)
+        prores = apply_prores(model, plan.prores.schedule, w, total_steps=plan.steps, mechanism=plan.prores.mechanism)
     groups = recipe.param_groups(model, plan.optimizer.weight_decay)
     if ds_config.get('optimizer') is None:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(plan.optimizer.betas), eps=plan.optimizer.eps)
@@ -277,14 +277,7 @@ def _prepare(config: TrainConfig, opts: DSOptions):
             ensure_dataset(**plan.data_build, progress=int(os.environ.get('RANK', '0')) == 0)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f'data: {e}') from e
-    lr_factory = lr_scheduler_factory(
-        plan.lr_schedule,
-        max_steps=plan.steps,
-        t_warmup=plan.lr_warmup,
-        t_decay=plan.lr_decay,
-        alpha_f=plan.alpha_f,
-        lr_warmup_delay=plan.lr_warmup_delay,
-    )
+    lr_factory = lr_scheduler_factory(plan.lr_schedule, max_steps=plan.steps, lr_warmup_delay=plan.lr_warmup_delay)
     load_dir = plan.load_dir
     if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
         load_dir = plan.save_dir
@@ -358,12 +351,12 @@ class _Loop:
         out['losses'].append(loss)
         out['lrs'].append(lr_now)
         out['alphas'].append(list(alphas))
-        log_every = self.opts.log_every
-        if self.rank == 0 and log_every and ((t + 1) % log_every == 0 or t + 1 == steps):
+        log_interval = self.opts.log_interval
+        if self.rank == 0 and log_interval and ((t + 1) % log_interval == 0 or t + 1 == steps):
             # one write per line: other ranks share this stdout, and under PYTHONUNBUFFERED print() would
             # issue the text and its newline as two writes that another rank's output can split
             sys.stdout.write(
-                f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} alpha_mean {sum(alphas) / len(alphas):.4f}\n'
+                f'step {t + 1}/{steps} loss {loss:.4f} lr {lr_now:.4e} prores/alpha/mean {sum(alphas) / len(alphas):.4f}\n'
             )
             sys.stdout.flush()
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps, whole_steps
 from prores_algo.training import recipe
-from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config
+from prores_algo.training.config import ConfigError, TrainConfig, load_config
 
 if TYPE_CHECKING:
     from prores_algo.training.models.decoder import DecoderConfig
@@ -47,7 +47,7 @@ class DSOptions:
     eval_samples: int = 64  # synthetic eval samples (0: no evaluation)
     load_tag: Optional[str] = None
     summary: Optional[str] = None  # JSON summary path (rank 0; '{rank}' in it: every rank)
-    log_every: int = 1
+    log_interval: int = 1
     verbose: bool = False  # keep DeepSpeed INFO logs
     # the summary lists, per step, a CRC-32 of every sample this rank trained on (checks data partitioning)
     record_samples: bool = False
@@ -139,12 +139,7 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
         'global_train_batch_size': f['global_train_batch_size'],
         'data': {'path': f['data'], 'source': None, 'seq_len': f['seq_len'], 'local_cache': f['local_cache']},
         'optimizer': {'name': 'adamw', 'lr': f['lr'], 'betas': list(f['betas']), 'weight_decay': f['weight_decay']},
-        'scheduler': {
-            'name': f['lr_schedule'],
-            't_warmup': f['lr_warmup'],
-            't_decay': f['lr_decay'],
-            'alpha_f': f['alpha_f'],
-        },
+        'scheduler': _flat_scheduler(f),
         'algorithms': algorithms,
         'max_duration': f'{steps}ba',
         'eval_interval': f['eval_every'],
@@ -154,6 +149,27 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
         'autoresume': f['autoresume'],
     }
     return load_config(data=raw), DSOptions(**{k: f[k] for k in _OPTION_KEYS})
+
+
+def _flat_scheduler(f: Mapping[str, Any]) -> dict[str, Any]:
+    """`scheduler:` from --lr_schedule and the LR flags its schedule takes; a flag it does not take, set
+    to anything but its default, is an error rather than silently unused."""
+    from prores_algo.lr_schedules import LR_ALIASES, LR_SCHEDULES
+
+    name = f['lr_schedule']
+    block = {'name': name}
+    spec = LR_SCHEDULES.get(LR_ALIASES.get(name, name))
+    if spec is None:
+        return block  # the schedule check names the unknown schedule
+    for flag in ('lr_warmup', 'lr_decay', 'alpha_f'):
+        if flag in spec.params:
+            block[flag] = f[flag]
+        elif f[flag] != DEFAULTS[flag]:
+            raise ConfigError(
+                f'--{flag} has no effect with --lr_schedule {name} (it takes {sorted(spec.params)}): '
+                'remove the flag or choose a schedule that takes it'
+            )
+    return block
 
 
 def from_yaml(
@@ -174,29 +190,24 @@ def from_yaml(
 
 def check_keys(config: TrainConfig) -> None:
     """The names and keys under `algorithms` and `scheduler`, checked by prores-train's own checks (the same
-    'did you mean' messages). A scheduler name only this loop knows (e.g. `linear_decay_with_warmup`) is
-    checked against the arguments of its schedules (`lr_lambda_from`)."""
-    from prores_algo.lr_schedules import LR_SCHEDULES, lr_lambda_from
+    'did you mean' messages; one table of LR schedules for both entries)."""
+    from prores_algo.lr_schedules import lr_schedule_params
     from prores_algo.training import composer_train as composer_entry
 
     table = composer_entry.ALGORITHMS()
     for name, kwargs in config.algorithms.items():
         composer_entry.named_class('algorithms', table, name, dict(kwargs or {}))
     schedule = recipe.lr_schedule(config)
-    if schedule is None:
-        return
-    table = composer_entry.SCHEDULERS()
-    if schedule.name in table or str(schedule.name).lower() not in LR_SCHEDULES:
-        composer_entry.scheduler_class(schedule, table)
-    else:  # a name only this loop knows
-        check_kwargs(f'scheduler ({schedule.name})', lr_lambda_from, schedule.kwargs, skip=_LOOP_ARGS)
+    if schedule is not None:
+        try:
+            lr_schedule_params(schedule.name, schedule.kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
-_LOOP_ARGS = ('schedule', 'max_steps', 'lr_warmup_delay')
 # what the loop takes of `algorithms.prores` and `scheduler` (the rest must be absent or at its default)
-_PRORES_TAKEN = ('schedule', 't_warmup', 'lr_warmup_delay', 'log_interval')
+_PRORES_TAKEN = ('schedule', 't_warmup', 'lr_warmup_delay', 'log_interval', 'mechanism')
 _PRORES_DEFAULTS = {'layer_class': None, 'branches': None, 'layer_pattern': None, 'remove_when_done': True}
-_SCHEDULER_TAKEN = ('t_warmup', 't_decay', 'alpha_f')
 
 
 def _refuse_untaken(config: TrainConfig) -> None:
@@ -207,13 +218,6 @@ def _refuse_untaken(config: TrainConfig) -> None:
         raise ConfigError(
             f'algorithms.prores: the DeepSpeed loop does not take {untaken} (it finds the layers of the reference '
             f'decoder itself and takes {list(_PRORES_TAKEN)}): remove them'
-        )
-    schedule = recipe.lr_schedule(config)
-    untaken = sorted(set(schedule.kwargs) - set(_SCHEDULER_TAKEN)) if schedule is not None else []
-    if untaken:
-        raise ConfigError(
-            f'scheduler ({schedule.name}): the DeepSpeed loop does not take {untaken} (its LR schedules take '
-            f'{list(_SCHEDULER_TAKEN)}): remove them'
         )
 
 
@@ -290,10 +294,7 @@ class StepPlan:
     t_warmup: Optional[float]  # ProRes W in optimizer steps (None: 1000 per layer; 'auto' resolved here)
     lr_warmup_delay: int
     optimizer: recipe.OptimizerSettings
-    lr_schedule: str
-    lr_warmup: Any  # int, "Nba" or "Xdur" (resolved by integrations.deepspeed.lr_lambda_from)
-    lr_decay: Any
-    alpha_f: float
+    lr_schedule: dict[str, Any]  # `scheduler:` as written (name and parameters); constant 1 when the YAML has none
     steps: int
     seed: int
     data: Optional[str]  # MDS folder / URL, or None: the synthetic token set
@@ -355,10 +356,7 @@ def resolve(config: TrainConfig) -> StepPlan:
         else _warmup_steps(prores.t_warmup, 'algorithms.prores.t_warmup', steps, model.n_layers),
         lr_warmup_delay=whole_steps(prores.lr_warmup_delay, 'algorithms.prores.lr_warmup_delay', steps),
         optimizer=recipe.optimizer(config),
-        lr_schedule='constant' if sched is None else sched.name,
-        lr_warmup=0 if sched is None else sched.kwargs.get('t_warmup', DEFAULTS['lr_warmup']),
-        lr_decay=DEFAULTS['lr_decay'] if sched is None else sched.kwargs.get('t_decay', DEFAULTS['lr_decay']),
-        alpha_f=0.0 if sched is None else sched.kwargs.get('alpha_f', 0.0),
+        lr_schedule={'name': 'constant'} if sched is None else {'name': sched.name, **sched.kwargs},
         steps=steps,
         seed=config.seed,
         data=config.data.path,
