@@ -237,13 +237,14 @@ def hook_microbench(d_model: int, batch: int, seq: int, reps: int, seed: int) ->
     The per-branch extra CPU time x the number of hooked branches (2 per layer) / the baseline step's
     CPU time predicts the step-time ratio with far less noise than timing whole steps.
     """
-    from prores_algo.surgery import ALPHA_BUFFER, _scale_branch_output
+    from prores_algo.branch_scaling import scale_branch_output
+    from prores_algo.scaled_linear import ALPHA_BUFFER
 
     torch.manual_seed(seed)
     plain = torch.nn.Linear(d_model, d_model, bias=False)
     hooked = copy.deepcopy(plain)
     hooked.register_buffer(ALPHA_BUFFER, torch.tensor(0.5), persistent=False)
-    hooked.register_forward_hook(_scale_branch_output)
+    hooked.register_forward_hook(scale_branch_output)
     x = torch.randn(batch, seq, d_model, requires_grad=True)
     g = torch.randn(batch, seq, d_model)
 

@@ -29,7 +29,7 @@ def test_yaml_maps_onto_the_deepspeed_loop(tmp_path):
     plan = resolve(from_yaml(str(QS), [f'data.path={tmp_path}/d', *SMALL])[0])
     assert (plan.model.n_layers, plan.model.d_model, plan.model.vocab_size, plan.seq_len) == (3, 32, 257, 32)
     assert (plan.steps, plan.t_warmup, plan.prores.schedule, plan.optimizer.lr) == (6, 4, 'linear', 3e-3)
-    assert (plan.lr_schedule, plan.lr_warmup, plan.lr_decay) == ('wsd', '0.05dur', '0.2dur')
+    assert plan.lr_schedule == {'name': 'wsd', 'lr_warmup': '0.05dur', 'lr_decay': '0.2dur'}
     assert plan.global_train_batch_size == 8 and plan.data == f'{tmp_path}/d'
 
 

@@ -1,5 +1,6 @@
-"""The package's shape: the torch-only core imports no training framework, and no module imports
-another that (directly or not) imports it back, at module level or inside a function."""
+"""The package's shape: the torch-only core (the top-level modules) imports no training framework and
+nothing of the training kit or the integrations, anywhere in its code; no module imports another that
+(directly or not) imports it back; modules and functions stay small enough to read."""
 
 import ast
 import subprocess
@@ -21,6 +22,8 @@ CORE = (
     'prores_algo.training.models.decoder',
 )
 FRAMEWORKS = ('composer', 'transformers', 'deepspeed', 'streaming')
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -75,3 +78,49 @@ def test_core_imports_no_training_framework():
     )
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == '[]', f'the core imported {out}'
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module name `path` imports, at module level or inside a function (absolute imports)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_core_modules_never_import_a_framework_or_the_training_kit():
+    """Not even lazily: the top-level modules (the package's `__init__` aside, which re-exports the
+    integrations' names on first use) run where only torch is installed."""
+    core = sorted(p for p in PACKAGE.glob('*.py') if p.name != '__init__.py')
+    assert {p.stem for p in core} >= {'alpha_schedules', 'surgery', 'spec', 'timing', 'lr_schedules', 'monitor'}
+    for path in core:
+        for name in _imported_names(path):
+            root = name.split('.')[0]
+            assert root not in FRAMEWORKS, f'{path.name} imports {name}'
+            assert not name.startswith(('prores_algo.training', 'prores_algo.integrations')), (
+                f'{path.name} imports {name}'
+            )
+
+
+def test_integrations_do_not_depend_on_the_training_kit():
+    for path in (PACKAGE / 'integrations').rglob('*.py'):
+        for name in _imported_names(path):
+            assert not name.startswith('prores_algo.training'), f'{path.relative_to(PACKAGE)} imports {name}'
+
+
+def test_modules_and_functions_are_small():
+    too_long = []
+    for path in sorted(PACKAGE.rglob('*.py')):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f'{path.relative_to(PACKAGE)}: {lines} lines')
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f'{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines')
+    assert not too_long, f'over {MAX_MODULE_LINES} lines per module / {MAX_FUNCTION_LINES} per function: {too_long}'

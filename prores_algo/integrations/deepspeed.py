@@ -217,6 +217,39 @@ def _pos_int_or_none(value, where: str):
     return value
 
 
+def _batch_with_world(micro, accum, total, world: int):
+    """micro batch, accumulation and train_batch_size made consistent with the world size; ValueError
+    naming the keys when they cannot be."""
+    if micro is not None and accum is not None:
+        product = micro * accum * world
+        if total is not None and total != product:
+            raise ValueError(
+                f'DeepSpeed config `train_batch_size` = {total} but train_micro_batch_size_per_gpu ({micro}) x '
+                f'gradient_accumulation_steps ({accum}) x world_size ({world}) = {product}: set '
+                f'"train_batch_size": {product} (or "auto", or remove it), or change the micro batch size / '
+                f'accumulation so that their product with the world size is {total}.'
+            )
+        total = product
+    elif total is not None:
+        if micro is None and accum is None:
+            accum = 1  # DeepSpeed's default
+        known_key, known = (
+            ('gradient_accumulation_steps', accum) if micro is None else ('train_micro_batch_size_per_gpu', micro)
+        )
+        if total % (known * world):
+            raise ValueError(
+                f'DeepSpeed config `train_batch_size` = {total} is not divisible by {known_key} '
+                f'({known}) x world_size ({world}): set "train_batch_size" to a multiple of '
+                f'{known * world}, or give both train_micro_batch_size_per_gpu and '
+                'gradient_accumulation_steps.'
+            )
+        if micro is None:
+            micro = total // (known * world)
+        else:
+            accum = total // (known * world)
+    return micro, accum, total
+
+
 def check_deepspeed_config(
     ds_config: Mapping,
     *,
@@ -259,33 +292,7 @@ def check_deepspeed_config(
             values[key] = want
     micro, accum, total = (values[k] for k in _BATCH_KEYS)
     if world is not None:
-        if micro is not None and accum is not None:
-            product = micro * accum * world
-            if total is not None and total != product:
-                raise ValueError(
-                    f'DeepSpeed config `train_batch_size` = {total} but train_micro_batch_size_per_gpu ({micro}) x '
-                    f'gradient_accumulation_steps ({accum}) x world_size ({world}) = {product}: set '
-                    f'"train_batch_size": {product} (or "auto", or remove it), or change the micro batch size / '
-                    f'accumulation so that their product with the world size is {total}.'
-                )
-            total = product
-        elif total is not None:
-            if micro is None and accum is None:
-                accum = 1  # DeepSpeed's default
-            known_key, known = (
-                ('gradient_accumulation_steps', accum) if micro is None else ('train_micro_batch_size_per_gpu', micro)
-            )
-            if total % (known * world):
-                raise ValueError(
-                    f'DeepSpeed config `train_batch_size` = {total} is not divisible by {known_key} '
-                    f'({known}) x world_size ({world}): set "train_batch_size" to a multiple of '
-                    f'{known * world}, or give both train_micro_batch_size_per_gpu and '
-                    'gradient_accumulation_steps.'
-                )
-            if micro is None:
-                micro = total // (known * world)
-            else:
-                accum = total // (known * world)
+        micro, accum, total = _batch_with_world(micro, accum, total, world)
     for key, value in zip(_BATCH_KEYS, (micro, accum, total)):
         if value is not None:
             cfg[key] = value
