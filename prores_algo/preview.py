@@ -1,17 +1,17 @@
 """Preview a ProRes schedule: α(l, t) as a table and a heat map, before spending a run on it.
 
-    python -m prores_algo.preview --layers 24 --t-warmup 24000 --schedule linear --duration 30000 \\
-        [--steps 10] [--png alpha.png] [--max-columns 12]
-    python -m prores_algo.preview --layers 24 --t-warmup 0.3dur --max-duration 100000ba
-    python -m prores_algo.preview --layers 24 --t-warmup auto --max-duration 100000ba
+    python -m prores_algo.preview --layers 24 --t_warmup 24000 --schedule linear --duration 30000 \\
+        [--steps 10] [--png alpha.png] [--max_columns 12]
+    python -m prores_algo.preview --layers 24 --t_warmup 0.3dur --max_duration 100000ba
+    python -m prores_algo.preview --layers 24 --t_warmup auto --max_duration 100000ba
 
---t-warmup takes what the trainers take: optimizer steps ('24000' or '24000ba'), a fraction of the run
+--t_warmup takes what the trainers take: optimizer steps ('24000' or '24000ba'), a fraction of the run
 ('0.3dur') or 'auto' (min(1000·L, 0.25·run), `timing.auto_warmup_steps`); the last two need
---max-duration, the run length in optimizer steps. The tool prints W / L and W's share of the run, and
+--max_duration, the run length in optimizer steps. The tool prints W / L and W's share of the run, and
 flags a W / L below `alpha_schedules.MIN_STEPS_PER_LAYER` as the trainers' warning does.
 
 Rows are sampled steps (evenly spaced from 0 to --duration, plus W itself), columns are layers; deep
-models show a subset of layers (always the first and the last) unless --all-layers is given. The values
+models show a subset of layers (always the first and the last) unless --all_layers is given. The values
 are exactly `prores_algo.alpha_schedules.alpha`. Imports only the pure-Python schedules (matplotlib only for
 --png, with the Agg backend: no display needed).
 """
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 from prores_algo import alpha_schedules
+from prores_algo.command_line import CommandParser
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
 
 __all__ = ['alpha_table', 'format_table', 'sample_steps', 'sample_layers', 'plot_alpha_heatmap', 'main']
@@ -141,34 +142,27 @@ def plot_alpha_heatmap(
     return path
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad input: one line on stderr naming the flag and the fix, exit 2 (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog='prores-preview', description='Print / plot a ProRes α(l, t) schedule.')
+    p = CommandParser(prog='prores-preview', description='Print / plot a ProRes α(l, t) schedule.')
     p.add_argument('--layers', type=int, required=True, help='number of transformer layers L')
     p.add_argument(
-        '--t-warmup',
+        '--t_warmup',
         default=None,
         help="W, when every layer reaches α = 1: optimizer steps ('24000', '24000ba'), a fraction of "
-        "--max-duration ('0.3dur') or 'auto' (min(1000·L, 0.25·max-duration)); default: 1000·L, the paper's",
+        "--max_duration ('0.3dur') or 'auto' (min(1000·L, 0.25·max_duration)); default: 1000·L, the paper's",
     )
     p.add_argument(
-        '--max-duration',
+        '--max_duration',
         default=None,
         help="the run length in optimizer steps ('2000ba' or 2000): needed by 'Xdur' and 'auto'; gives W's share",
     )
     p.add_argument('--schedule', default='linear', help=f'one of {alpha_schedules.names()} or an alias')
     p.add_argument(
-        '--duration', type=float, default=None, help='last step shown (default: --max-duration, else 1.25·W)'
+        '--duration', type=float, default=None, help='last step shown (default: --max_duration, else 1.25·W)'
     )
     p.add_argument('--steps', type=int, default=10, help='number of intervals between sampled steps (default 10)')
-    p.add_argument('--max-columns', type=int, default=12, help='layers shown in the table (default 12)')
-    p.add_argument('--all-layers', action='store_true', help='show every layer in the table')
+    p.add_argument('--max_columns', type=int, default=12, help='layers shown in the table (default 12)')
+    p.add_argument('--all_layers', action='store_true', help='show every layer in the table')
     p.add_argument('--digits', type=int, default=4, help='decimals in the table (default 4)')
     p.add_argument('--png', default=None, help='also write a heat map to this file')
     return p
@@ -211,36 +205,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_length(value) -> float | None:
-    """--max-duration in optimizer steps, or None."""
+    """--max_duration in optimizer steps, or None."""
     if value is None:
         return None
     try:
-        run = to_steps(value, '--max-duration')
+        run = to_steps(value, '--max_duration')
     except ValueError:
         run = None
     if run is None or not run > 0 or not float(run).is_integer():
         raise ValueError(
-            f"--max-duration {value!r}: give the run length as a whole number of optimizer steps, e.g. '2000ba' or 2000"
+            f"--max_duration {value!r}: give the run length as a whole number of optimizer steps, e.g. '2000ba' or 2000"
         )
     return run
 
 
 def _warmup(value, num_layers: int, run: float | None) -> float:
-    """--t-warmup in optimizer steps (the default, a number, 'Nba', 'Xdur' or 'auto')."""
+    """--t_warmup in optimizer steps (the default, a number, 'Nba', 'Xdur' or 'auto')."""
     if value is None:
         return alpha_schedules.default_warmup(num_layers)
     needs_run = is_auto(value) or value.strip().endswith('dur')
     if needs_run and run is None:
-        raise ValueError(f"--t-warmup {value!r} is relative to the run: add --max-duration, e.g. '2000ba'")
+        raise ValueError(f"--t_warmup {value!r} is relative to the run: add --max_duration, e.g. '2000ba'")
     if is_auto(value):
         return float(auto_warmup_steps(num_layers, run))
-    fix = "give optimizer steps ('24000' or '24000ba'), a fraction of the run ('0.3dur', with --max-duration) or 'auto'"
+    fix = "give optimizer steps ('24000' or '24000ba'), a fraction of the run ('0.3dur', with --max_duration) or 'auto'"
     try:
-        w = to_steps(value, '--t-warmup', run)
+        w = to_steps(value, '--t_warmup', run)
     except ValueError:
-        raise ValueError(f'--t-warmup {value!r}: {fix}') from None
+        raise ValueError(f'--t_warmup {value!r}: {fix}') from None
     if not w > 0 or (needs_run and w > run):
-        raise ValueError(f'--t-warmup {value!r} must be > 0 (a fraction in (0, 1]): {fix}')
+        raise ValueError(f'--t_warmup {value!r} must be > 0 (a fraction in (0, 1]): {fix}')
     return w
 
 

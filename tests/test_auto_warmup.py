@@ -319,10 +319,10 @@ def _preview(*args):
 @pytest.mark.parametrize(
     'args, per_layer, share, warns',
     [
-        (['--t-warmup', '0.3dur', '--max-duration', '2000ba'], '25', '30% of the run (2000 steps)', True),
-        (['--t-warmup', '24000ba'], '1000', None, False),
-        (['--t-warmup', 'auto', '--max-duration', '2000ba'], '20.8333', '25% of the run', True),
-        (['--t-warmup', 'auto', '--max-duration', '200000'], '1000', '12% of the run', False),
+        (['--t_warmup', '0.3dur', '--max_duration', '2000ba'], '25', '30% of the run (2000 steps)', True),
+        (['--t_warmup', '24000ba'], '1000', None, False),
+        (['--t_warmup', 'auto', '--max_duration', '2000ba'], '20.8333', '25% of the run', True),
+        (['--t_warmup', 'auto', '--max_duration', '200000'], '1000', '12% of the run', False),
     ],
 )
 def test_preview_time_strings_and_auto(args, per_layer, share, warns):
@@ -339,10 +339,10 @@ def test_preview_time_strings_and_auto(args, per_layer, share, warns):
 @pytest.mark.parametrize(
     'args, flag',
     [
-        (['--t-warmup', 'garbage'], '--t-warmup'),
-        (['--t-warmup', 'auto'], '--max-duration'),
-        (['--t-warmup', '0.3dur', '--max-duration', 'soon'], '--max-duration'),
-        (['--t-warmup', '1.5dur', '--max-duration', '100'], '--t-warmup'),
+        (['--t_warmup', 'garbage'], '--t_warmup'),
+        (['--t_warmup', 'auto'], '--max_duration'),
+        (['--t_warmup', '0.3dur', '--max_duration', 'soon'], '--max_duration'),
+        (['--t_warmup', '1.5dur', '--max_duration', '100'], '--t_warmup'),
     ],
 )
 def test_preview_rejects_garbage_in_one_line(args, flag):

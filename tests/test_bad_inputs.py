@@ -174,8 +174,8 @@ def cli(*argv):
         from prores_algo.training.data import main
 
         args = [sub(a, ctx) for a in argv]
-        if '--no-progress' not in args:
-            args.append('--no-progress')
+        if '--no_progress' not in args:
+            args.append('--no_progress')
         main(args)
 
     return fn
@@ -809,7 +809,7 @@ def _data():
             'cli-seq-len-larger-than-data',
             then(
                 write('small.txt', 'tiny corpus ' * 10),
-                cli('--source', '{tmp}/small.txt', '--out', '{tmp}/out', '--seq-len', '4096', '--val-fraction', '0'),
+                cli('--source', '{tmp}/small.txt', '--out', '{tmp}/out', '--seq_len', '4096', '--val_fraction', '0'),
             ),
             SystemExit,
             (r"split 'train' got 0 samples", r'Lower `seq_len`', r'raise `max_tokens`'),
@@ -817,28 +817,28 @@ def _data():
         ),
         Bad(
             'cli-seq-len-not-int',
-            cli('--out', '{tmp}/out', '--seq-len', 'abc'),
+            cli('--out', '{tmp}/out', '--seq_len', 'abc'),
             SystemExit,
-            (r'argument --seq-len: invalid int value', r"'abc'"),
+            (r'argument --seq_len: invalid int value', r"'abc'"),
             out,
         ),
         Bad(
             'cli-seq-len-too-small',
-            cli('--out', '{tmp}/out', '--seq-len', '1'),
+            cli('--out', '{tmp}/out', '--seq_len', '1'),
             SystemExit,
             (r'`seq_len` must be an int >= 2',),
             out,
         ),
         Bad(
             'cli-val-fraction',
-            cli('--out', '{tmp}/out', '--val-fraction', '1'),
+            cli('--out', '{tmp}/out', '--val_fraction', '1'),
             SystemExit,
             (r'`val_fraction` must be in \[0, 1\)', r'0 writes no val split'),
             out,
         ),
         Bad(
             'cli-negative-max-tokens',
-            cli('--out', '{tmp}/out', '--max-tokens', '-5'),
+            cli('--out', '{tmp}/out', '--max_tokens', '-5'),
             SystemExit,
             (r'`max_tokens` must be a positive int or None', r'got -5'),
             out,
@@ -866,7 +866,7 @@ def _data():
         ),
         Bad(
             'cli-out-holds-a-dataset',
-            lambda c: cli('--out', str(c.data_copy()), '--max-tokens', '100')(c),
+            lambda c: cli('--out', str(c.data_copy()), '--max_tokens', '100')(c),
             SystemExit,
             (r'`out_dir` .* already holds a dataset', r'--overwrite'),
             lambda c: loader(lambda c: c.tmp / 'copy', seq_len=32)(c),

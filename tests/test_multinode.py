@@ -132,11 +132,11 @@ def store(tmp_path_factory):
                         f's3://{s3.bucket}/{PREFIX}',
                         '--tokenizer',
                         'byte',
-                        '--seq-len',
+                        '--seq_len',
                         str(SEQ),
-                        '--val-fraction',
+                        '--val_fraction',
                         '0.1',
-                        '--no-progress',
+                        '--no_progress',
                     ]
                 )
                 == 0

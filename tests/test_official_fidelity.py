@@ -206,7 +206,7 @@ def test_paper_yamls_match_official_scripts(size, norm):
         assert m.get('norm_eps', 1e-5) == 1e-5
         # the official scripts: same LR and 2000 LR-warmup steps for every norm type
         assert cfg['optimizer']['lr'] == want['lr'], path.name
-        assert cfg['scheduler']['t_warmup'] == '2000ba', path.name
+        assert cfg['scheduler']['lr_warmup'] == '2000ba', path.name
         assert cfg['max_duration'] == '100000ba' and cfg['global_train_batch_size'] == 512
         if prores:
             assert cfg['algorithms']['prores']['t_warmup'] == f'{want["prores_w"]}ba', path.name

@@ -56,7 +56,7 @@ def test_cli_subprocess_matches_schedule_and_writes_png(tmp_path):
             'prores_algo.preview',
             '--layers',
             '24',
-            '--t-warmup',
+            '--t_warmup',
             '24000',
             '--schedule',
             'linear',
@@ -89,7 +89,7 @@ def test_main_every_layer_exact(schedule, capsys):
             [
                 '--layers',
                 '6',
-                '--t-warmup',
+                '--t_warmup',
                 '600',
                 '--schedule',
                 schedule,
@@ -97,7 +97,7 @@ def test_main_every_layer_exact(schedule, capsys):
                 '700',
                 '--steps',
                 '7',
-                '--all-layers',
+                '--all_layers',
                 '--digits',
                 '7',
             ]

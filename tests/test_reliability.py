@@ -381,13 +381,13 @@ def _data_cmd(out: Path, *extra) -> list[str]:
         'stdlib',
         '--out',
         str(out),
-        '--seq-len',
+        '--seq_len',
         '128',
-        '--max-tokens',
+        '--max_tokens',
         '2000000',
-        '--val-fraction',
+        '--val_fraction',
         '0.05',
-        '--no-progress',
+        '--no_progress',
         *extra,
     ]
 

@@ -85,7 +85,7 @@ def test_every_yaml_parses_and_builds(path):
         if prores:
             assert prores['t_warmup'] == f'{1000 * cfg.model.kwargs["n_layers"]}ba'
         # the official scripts: 2000 LR-warmup steps for every norm placement (test_official_fidelity has the rest)
-        assert cfg.scheduler.kwargs['t_warmup'] == '2000ba'
+        assert cfg.scheduler.kwargs['lr_warmup'] == '2000ba'
     if 'depth' in path and Path(path).stem.endswith('-prores'):
         layers = cfg.model.kwargs['n_layers']
         assert cfg.algorithms['prores']['t_warmup'] == f'{(1000 if layers <= 72 else 500) * layers}ba'

@@ -18,7 +18,6 @@ curves per seed and Δ per seed. `--smoke` shortens the runs (seconds each) to c
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -28,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from prores_algo.command_line import CommandParser
 from prores_algo.paired_stats import summarize_deltas
 
 __all__ = ['main', 'run_pool', 'pair_by_seed', 'compare', 'SENTENCES']
@@ -246,7 +246,7 @@ def print_report(record: dict) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog='prores-compare',
         description='ProRes against its baseline on your own config: paired runs by seed, with statistics.',
         epilog='Overrides (key=value) apply to both runs of every pair, e.g. max_duration=2000ba.',

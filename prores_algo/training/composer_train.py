@@ -396,14 +396,30 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
+_USAGE = 'usage: prores-train CONFIG.yaml [key=value ...]   (e.g. prores-train yamls/quickstart.yaml max_duration=50ba)'
+_KEYS_INTRO = (
+    'Keys of CONFIG.yaml (override any with key=value, nested ones dotted: optimizer.lr=1e-3). '
+    'yamls/quickstart.yaml is an annotated example; scheduler: takes name plus its parameters '
+    "(prores_algo.lr_schedules.LR_SCHEDULES), algorithms.prores takes ProRes' arguments:"
+)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == '--version':
+        from prores_algo import __version__
+
+        print(f'prores-train (prores_algo) {__version__}')
+        return 0
     if not argv or argv[0] in ('-h', '--help'):
-        print(__doc__.strip())
-        print(
-            '\nusage: prores-train CONFIG.yaml [key=value ...]   e.g. prores-train yamls/quickstart.yaml max_duration=50ba'
-        )
+        print(_USAGE)
+        if argv:
+            from prores_algo.training.config import keys_help
+
+            print(f'\n{__doc__.strip()}\n\n{_KEYS_INTRO}\n{keys_help()}')
         return 0 if argv else 2
+    if argv[0].startswith('-'):
+        return report(ConfigError(f'unknown option {argv[0]!r}: {_USAGE}'))
     try:
         cfg = load_config(argv[0], argv[1:])
         run(cfg)

@@ -291,3 +291,31 @@ def check_kwargs(where: str, target, kwargs: dict[str, Any], skip: tuple[str, ..
         if key not in valid:
             raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, valid)}; accepted: {valid}")
     return kwargs
+
+
+def _decoder_fields() -> list[str]:
+    import dataclasses
+
+    from prores_algo.training.models.config import DecoderConfig
+
+    return [f.name for f in dataclasses.fields(DecoderConfig)]
+
+
+def keys_help() -> str:
+    """Every key of the schema with its default ('required' when it has none), for `prores-train --help`."""
+    from pydantic import BaseModel
+
+    def lines(model, prefix: str) -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out += lines(ann, f'{prefix}{name}.')
+                if ann is ModelConfig:
+                    out.append(f"  model.*: the model's arguments; reference: {', '.join(_decoder_fields())}")
+                continue
+            default = 'required' if field.is_required() else repr(field.get_default(call_default_factory=True))
+            out.append(f'  {prefix}{name}: {default}')
+        return out
+
+    return '\n'.join(lines(TrainConfig, ''))

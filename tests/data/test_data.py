@@ -550,15 +550,15 @@ def test_cli_main(corpus, tmp_path, capsys):
             str(root),
             '--out',
             str(out),
-            '--seq-len',
+            '--seq_len',
             '8',
-            '--val-fraction',
+            '--val_fraction',
             '0.25',
             '--seed',
             '3',
             '--compression',
             'zstd',
-            '--no-progress',
+            '--no_progress',
         ]
     )
     assert rc == 0 and 'prores-data: wrote' in capsys.readouterr().out
@@ -566,9 +566,9 @@ def test_cli_main(corpus, tmp_path, capsys):
     assert meta['compression'] == 'zstd' and meta['seq_len'] == 8
     assert read_split(out, 'val')[0] == reference(docs, 8, 0.25, 3)[0]['val']
     with pytest.raises(SystemExit) as e:
-        main(['--source', str(root), '--out', str(out), '--no-progress'])
+        main(['--source', str(root), '--out', str(out), '--no_progress'])
     assert e.value.code == 2 and '`out_dir`' in capsys.readouterr().err
-    assert main(['--source', str(root), '--out', str(out), '--seq-len', '8', '--overwrite', '--no-progress']) == 0
+    assert main(['--source', str(root), '--out', str(out), '--seq_len', '8', '--overwrite', '--no_progress']) == 0
 
 
 def test_cli_module_help():
@@ -585,7 +585,7 @@ def test_cli_module_help():
 
 
 def test_cli_counts_accept_scientific_notation():
-    """The README writes `--max-tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
+    """The README writes `--max_tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
     import argparse
 
     from prores_algo.training.data import _whole_number

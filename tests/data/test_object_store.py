@@ -32,13 +32,13 @@ WRITE = [
     'stdlib',
     '--tokenizer',
     'byte',
-    '--seq-len',
+    '--seq_len',
     '32',
-    '--max-tokens',
+    '--max_tokens',
     '20000',
-    '--val-fraction',
+    '--val_fraction',
     '0.1',
-    '--no-progress',
+    '--no_progress',
 ]
 
 
@@ -60,14 +60,14 @@ def s3(server, monkeypatch):
 
 @pytest.fixture(scope='module')
 def dataset(server, tmp_path_factory):
-    """`prores-data --out s3://prores-test/ds --keep-local copy ...`, once for the module."""
+    """`prores-data --out s3://prores-test/ds --keep_local copy ...`, once for the module."""
     from prores_algo.training.data import main
 
     d = tmp_path_factory.mktemp('written')
     saved = dict(os.environ)
     os.environ.update(server.env)
     try:
-        assert main([*WRITE, '--out', f's3://{server.bucket}/ds', '--keep-local', str(d / 'copy')]) == 0
+        assert main([*WRITE, '--out', f's3://{server.bucket}/ds', '--keep_local', str(d / 'copy')]) == 0
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -182,7 +182,7 @@ def test_write_errors_name_the_url_and_leave_nothing(case, s3, tmp_path, monkeyp
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
     (tmp_path / 'tmp').mkdir()
     with pytest.raises(SystemExit) as info:
-        main([*WRITE, '--out', url, '--keep-local', str(tmp_path / 'copy')])
+        main([*WRITE, '--out', url, '--keep_local', str(tmp_path / 'copy')])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f'cannot write the dataset to {url}' in err

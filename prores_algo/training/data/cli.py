@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional
 
+from prores_algo.command_line import CommandParser
 from prores_algo.training.data.sources import _SOURCE_HELP
 from prores_algo.training.data.writer import write_mds
 
@@ -23,7 +24,7 @@ def _whole_number(text: str) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`prores-data`: convert a text source into packed-token MDS shards (train/val). Returns the exit code."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog='prores-data',
         description='Tokenize a text source and write packed fixed-length samples as MDS shards '
         '(OUT/train, OUT/val, OUT/prores_data.json) for prores_algo training.',
@@ -36,7 +37,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         '(uploaded through streaming; S3_ENDPOINT_URL selects an S3-compatible endpoint)',
     )
     parser.add_argument(
-        '--keep-local',
+        '--keep_local',
         default=None,
         metavar='DIR',
         help='with a URL --out: also keep a complete local copy in DIR (default: none)',
@@ -44,24 +45,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         '--tokenizer', default='byte', help="'byte' (default, no files needed), a local tokenizer folder or a HF hub id"
     )
-    parser.add_argument('--seq-len', type=int, default=128, help='tokens per sample (default: 128)')
+    parser.add_argument('--seq_len', type=int, default=128, help='tokens per sample (default: 128)')
     parser.add_argument(
-        '--val-fraction',
+        '--val_fraction',
         type=float,
         default=0.05,
         help='fraction of documents for the val split; 0: no val split (default: 0.05)',
     )
     parser.add_argument(
-        '--max-tokens',
+        '--max_tokens',
         type=_whole_number,
         default=None,
         help='stop after this many tokens (default: all); 2e9 and 2000000000 both work',
     )
-    parser.add_argument('--max-bytes', type=int, default=None, help='stop after this much text (default: all)')
+    parser.add_argument('--max_bytes', type=int, default=None, help='stop after this much text (default: all)')
     parser.add_argument('--compression', default=None, help='MDS shard compression, e.g. zstd (default: none)')
     parser.add_argument('--seed', type=int, default=0, help='train/val split seed (default: 0)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dataset at --out')
-    parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+    parser.add_argument('--no_progress', action='store_true', help='hide the progress bar')
     args = parser.parse_args(argv)
     try:
         meta = write_mds(

@@ -17,6 +17,7 @@ import argparse
 import warnings
 from typing import Any, Optional
 
+from prores_algo.command_line import CommandParser
 from prores_algo.timing import is_auto
 from prores_algo.training.config import ConfigError, TrainConfig
 from prores_algo.training.deepspeed.settings import DEFAULT_LR, DEFAULTS, DSOptions, from_flat, from_yaml
@@ -128,7 +129,7 @@ def _warmup_arg(value: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog='prores-ds-train',
         description='Thin DeepSpeed (ZeRO-3 ready) training loop: reference decoder + ProRes.',
         epilog=CONFIG_RULE,
