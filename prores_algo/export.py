@@ -153,6 +153,15 @@ def _unwrap_controller(obj):
 
 
 @torch.no_grad()
+def _plain_model(root: nn.Module) -> nn.Module:
+    """The model a user saves: the Hugging Face model inside a wrapper that holds one as `.model`
+    (Composer's HuggingFaceModel), else `root` itself."""
+    inner = getattr(root, 'model', None)
+    if not hasattr(root, 'save_pretrained') and isinstance(inner, nn.Module) and hasattr(inner, 'save_pretrained'):
+        return inner
+    return root
+
+
 def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, model: nn.Module | None = None):
     """Multiply every layer's current α into its branch weights and remove ProRes' hooks.
 
@@ -162,7 +171,9 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
             Composer `ProRes` algorithm, `ProResCallback`).
         model: with a controller, the model to return (optional; also used to name modules in errors).
 
-    Returns the plain model (the same object, modified in place): it computes exactly what the hooked
+    Returns the plain model (the same object, modified in place; the Hugging Face model itself when
+    the model is wrapped, as in Composer's HuggingFaceModel, so `.save_pretrained` works from every
+    front end): it computes exactly what the hooked
     model computed at the current α, with unchanged parameter names, so `save_pretrained` /
     `state_dict` give a checkpoint that plain transformers / plain PyTorch load as is. With a
     controller and no `model=`, returns `controller.model` if the controller records it, else None.
@@ -181,7 +192,7 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
                 plan.append((alpha, _targets(layer.module, layer.path, name, hooked)))
         _apply_plan(plan)
         controller.remove()
-        return root
+        return None if root is None else _plain_model(root)
     if not isinstance(target, nn.Module):
         raise TypeError(f'fold_prores takes a model or a ProResController, got {type(model_or_controller).__name__}')
     root = target
@@ -202,7 +213,7 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
     _apply_plan(plan)
     for _, hooked in _hooked_modules(root):
         unscale(hooked)
-    return root
+    return _plain_model(root)
 
 
 def _apply_plan(plan) -> None:

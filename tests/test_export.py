@@ -287,3 +287,33 @@ def test_fold_refuses_partitioned_parameters_without_touching_anything():
     for k, v in model.state_dict().items():
         if k != 'blocks.2.mlp.down_proj.weight':
             assert torch.equal(v, before[k]), k
+
+
+def test_fold_from_the_composer_algorithm_gives_a_model_that_saves_pretrained(tmp_path):
+    """The README's Composer line: `fold_prores(prores).save_pretrained(...)`, where `prores` is the
+    algorithm and the Trainer's model is Composer's HuggingFaceModel around a transformers model."""
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+
+    from prores_algo import ProRes
+
+    torch.manual_seed(0)
+    hf = _gpt2()
+    prores = ProRes(t_warmup='40ba')
+    batches = [{'input_ids': torch.randint(0, VOCAB, (2, 16)), 'labels': torch.randint(0, VOCAB, (2, 16))}] * 3
+    Trainer(
+        model=HuggingFaceModel(hf), train_dataloader=batches, max_duration='3ba', algorithms=[prores],
+        optimizers=torch.optim.SGD(hf.parameters(), lr=0.1), device='cpu', progress_bar=False,
+        device_train_microbatch_size=2,
+    ).fit()  # fmt: skip
+    x = torch.randint(0, VOCAB, (2, 16))
+    hf.eval()  # no dropout: the two forwards must be comparable
+    with torch.no_grad():
+        hooked = hf(x).logits
+    folded = fold_prores(prores)
+    assert folded is hf  # the transformers model, not the Composer wrapper
+    folded.save_pretrained(tmp_path / 'folded')
+    reloaded = T.GPT2LMHeadModel.from_pretrained(tmp_path / 'folded')
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, hooked, rtol=1e-5, atol=1e-5)
+    assert_prores_removed(hf)
