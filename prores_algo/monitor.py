@@ -40,7 +40,6 @@ callback logs RMS and spikes; per-layer gradient norms and update ratios need th
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -49,6 +48,7 @@ from torch import nn
 from prores_algo.layers import find_residual_layers
 from prores_algo.measures import SpikeCounter, branch_to_stream_ratio, position_cosine
 from prores_algo.timing import to_steps
+from prores_algo.warn import warn_user
 
 __all__ = ['SpikeCounter', 'position_cosine', 'branch_to_stream_ratio', 'LayerStats', 'MonitorBase']
 
@@ -242,7 +242,7 @@ class MonitorBase:
         interval: Union[int, str, None] = None,
     ):
         if interval is not None:  # the name of earlier releases
-            warnings.warn('interval= is deprecated: use log_interval=', DeprecationWarning, stacklevel=2)
+            warn_user('interval= is deprecated: use log_interval=', DeprecationWarning)
             log_interval = interval
         self.log_interval = _parse_interval(log_interval)
         self.track_cosine = bool(position_cosine)
@@ -304,7 +304,7 @@ class MonitorBase:
         metrics['residual_monitor/collapse'] = float(collapsed)
         if collapsed and self.collapsed_at is None:
             self.collapsed_at = step
-            warnings.warn(
+            warn_user(
                 f'Residual stream collapse at step {step}: for {self._high_cosine_run} measured steps the mean cosine '
                 f'similarity between positions has been >= collapse_threshold {self.collapse_threshold:g} (now '
                 f'{cos[worst]:.3f} at layer {worst}), i.e. every position carries nearly the same vector and the model '
@@ -315,8 +315,7 @@ class MonitorBase:
                     '; stopping the run (stop_on_collapse=True).'
                     if self.stop_on_collapse
                     else '; set stop_on_collapse=True to stop such runs automatically.'
-                ),
-                stacklevel=2,
+                )
             )
         return metrics, collapsed and self.collapsed_at == step
 

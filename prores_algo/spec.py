@@ -12,7 +12,6 @@ Torch-only: no training framework is imported here.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
@@ -24,6 +23,7 @@ from prores_algo.layers import ResidualLayer, find_residual_layers
 from prores_algo.policies import check_branches
 from prores_algo.surgery import ProResController, check_mechanism, warn_if_short_warmup
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
+from prores_algo.warn import warn_user
 
 __all__ = [
     'ProResSpec',
@@ -110,7 +110,7 @@ class ProResSpec:
     # --- W in optimizer steps (Hugging Face, DeepSpeed, plain PyTorch) ----------------------------------
     def attach(self, *args, **kwargs) -> ProResController:
         """Deprecated name of `apply` (one release)."""
-        warnings.warn('ProResSpec.attach is deprecated: use ProResSpec.apply', DeprecationWarning, stacklevel=2)
+        warn_user('ProResSpec.attach is deprecated: use ProResSpec.apply', DeprecationWarning)
         return self.apply(*args, **kwargs)
 
     def check_steps_warmup(self) -> None:
@@ -159,11 +159,10 @@ class ProResSpec:
         w = controller.warmup_steps
         if total is None or w is None or not total > 0 or w <= total:
             return False
-        warnings.warn(
+        warn_user(
             f'ProRes t_warmup ({w:g} {unit}) exceeds {limit} ({total:g} {unit}): the deepest layers never '
             'reach α = 1 in this run. Use a shorter t_warmup, e.g. "0.1dur" (the paper used 12-32% of '
-            'training).',
-            stacklevel=3,
+            'training).'
         )
         return True
 

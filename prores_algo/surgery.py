@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -49,6 +48,7 @@ from prores_algo.branch_scaling import (
 from prores_algo.layers import ResidualLayer, find_residual_layers, resolve_branch
 from prores_algo.scaled_linear import ALPHA_BUFFER, install_scaled_forward
 from prores_algo.timing import auto_warmup_steps, is_auto
+from prores_algo.warn import warn_user
 
 # find_residual_layers and ResidualLayer live in prores_algo.layers; re-exported for code that imports them from here
 __all__ = [
@@ -406,5 +406,5 @@ def warn_if_short_warmup(controller: ProResController) -> bool:
     if msg is None:
         return False
     controller._warned_short = True
-    warnings.warn(msg, stacklevel=3)
+    warn_user(msg)
     return True

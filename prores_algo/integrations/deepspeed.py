@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Optional, Sequence, Union
 
@@ -43,6 +42,7 @@ from prores_algo.lr_schedules import LR_SCHEDULES, build_lr_scheduler, lr_lambda
 from prores_algo.spec import DISABLED_RECORD, ProResSpec, check_resume
 from prores_algo.surgery import ProResController
 from prores_algo.surgery import apply_prores as apply_prores_to_module
+from prores_algo.warn import warn_user
 
 __all__ = [
     'DeepSpeedProRes',
@@ -192,7 +192,7 @@ def apply_prores(
 
 def attach_prores(*args, **kwargs) -> DeepSpeedProRes:
     """Deprecated name of `apply_prores` (one release)."""
-    warnings.warn('attach_prores is deprecated: use apply_prores', DeprecationWarning, stacklevel=2)
+    warn_user('attach_prores is deprecated: use apply_prores', DeprecationWarning)
     return apply_prores(*args, **kwargs)
 
 

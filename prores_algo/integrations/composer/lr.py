@@ -9,7 +9,6 @@ checks that each name gives the same multiplier at every step here and there.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -20,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from prores_algo.integrations.composer.time import parse_time
 from prores_algo.lr_schedules import LR_SCHEDULES, delayed_time, lr_schedule_params, wsd_multiplier
+from prores_algo.warn import warn_user
 
 __all__ = ['WSDScheduler', 'composer_scheduler', 'delay_lr_warmup']
 
@@ -44,10 +44,8 @@ class WSDScheduler:
         t_decay: Union[str, int, None] = None,
     ):
         if t_warmup is not None or t_decay is not None:  # the names of earlier releases
-            warnings.warn(
-                'WSDScheduler(t_warmup=, t_decay=) are deprecated: use lr_warmup= and lr_decay=',
-                DeprecationWarning,
-                stacklevel=2,
+            warn_user(
+                'WSDScheduler(t_warmup=, t_decay=) are deprecated: use lr_warmup= and lr_decay=', DeprecationWarning
             )
             lr_warmup = lr_warmup if t_warmup is None else t_warmup
             lr_decay = lr_decay if t_decay is None else t_decay
