@@ -104,6 +104,24 @@ def test_every_norm_placement_trains_with_prores(norm, tiny_data):
     assert alphas[0] == 0.0 and 0 < alphas[2] < 1 and alphas[-1] == 1.0
 
 
+@pytest.mark.parametrize('eval_interval,evals', [('3ba', [0, 3, 6]), ('4ba', [0, 4, 6])])
+def test_the_final_evaluation_runs_once(eval_interval, evals, tiny_data):
+    """When fit ends on an evaluation (the interval divides the run) run() reports it, not a second one."""
+    from composer.core import Callback
+
+    class Evals(Callback):
+        batches: list = []
+
+        def eval_end(self, state, logger):
+            self.batches = [*self.batches, int(state.timestamp.batch)]
+
+    seen = Evals()
+    cfg = load_config(ROOT / 'yamls' / 'quickstart.yaml', small_overrides(tiny_data, eval_interval=eval_interval))
+    result = run(cfg, extra_callbacks=(seen,))
+    assert seen.batches == evals
+    assert result['val_loss'] < result['val_loss_start']
+
+
 def test_hf_causal_lm_family_trains(tiny_data):
     over = small_overrides(tiny_data)
     over = [o for o in over if not o.startswith('model.')] + [
@@ -222,6 +240,17 @@ def test_empty_corpus_and_seq_len_larger_than_data(tmp_path):
     with pytest.raises(ValueError, match='seq_len'):
         build_trainer(cfg)
     assert not (tmp_path / 'd1').exists() and not (tmp_path / 'd2').exists()
+
+
+def test_data_build_errors_are_one_line_from_the_command(tmp_path, capsys):
+    from prores_algo.training.composer_train import main
+
+    (tmp_path / 'small').mkdir()
+    (tmp_path / 'small' / 'a.txt').write_text('tiny corpus ' * 10)
+    assert main([str(QS), f'data.path={tmp_path}/d', f'data.source={tmp_path}/small']) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the progress bar: the error, one line, no traceback
+    assert last.startswith('config error: data: ') and 'seq_len' in last and 'Traceback' not in err
 
 
 def test_cli_returns_2_with_message_on_config_error(tmp_path):

@@ -229,7 +229,10 @@ def _prepare_data(cfg: TrainConfig):
                     '`prores-data` or set data.source (e.g. stdlib, a folder of text, hf:allenai/c4:en)'
                 )
         else:
-            ensure_dataset(**build, progress=dist.get_global_rank() == 0)
+            try:
+                ensure_dataset(**build, progress=dist.get_global_rank() == 0)
+            except (ValueError, FileNotFoundError) as e:  # the YAML's data settings: one line, as prores-ds-train
+                raise ConfigError(f'data: {e}') from None
     dist.barrier()
 
 
@@ -359,6 +362,20 @@ def _parallelism(spec: Optional[dict[str, Any]]):
     return spec
 
 
+def _LastEval():
+    """A callback recording the batch of the last evaluation (Composer evaluates at the end of fit when
+    eval_interval divides the run)."""
+    from composer.core import Callback
+
+    class LastEval(Callback):
+        batch = -1
+
+        def eval_end(self, state, logger) -> None:
+            self.batch = int(state.timestamp.batch)
+
+    return LastEval()
+
+
 def _val_loss(trainer) -> float:
     values = trainer.state.eval_metric_values
     return float(values['LanguageCrossEntropy'])
@@ -367,14 +384,16 @@ def _val_loss(trainer) -> float:
 def run(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()) -> dict[str, float]:
     """Train as configured; returns {'val_loss_start', 'val_loss', 'val_ppl', 'wall_s'} (rank 0 prints them)."""
     t0 = time.time()
-    trainer = build_trainer(cfg, extra_callbacks, extra_loggers)
+    last_eval = _LastEval()
+    trainer = build_trainer(cfg, (*extra_callbacks, last_eval), extra_loggers)
     result: dict[str, float] = {}
     if cfg.eval_first and int(trainer.state.timestamp.batch) == 0:
         trainer.eval()
         result['val_loss_start'] = _val_loss(trainer)
         _say(f'[prores] validation loss before training: {result["val_loss_start"]:.4f}')
     trainer.fit()
-    trainer.eval()
+    if last_eval.batch != int(trainer.state.timestamp.batch):  # else fit ended on an evaluation: not twice
+        trainer.eval()
     result['val_loss'] = _val_loss(trainer)
     result['val_ppl'] = math.exp(result['val_loss'])
     result['wall_s'] = time.time() - t0
