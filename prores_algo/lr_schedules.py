@@ -315,7 +315,3 @@ def lr_scheduler_factory(schedule: Union[str, Mapping] = 'wsd', **kwargs) -> Cal
         return build_lr_scheduler(optimizer, schedule, **kwargs)
 
     return make
-
-
-# ---------------------------------------------------------------------------------------------------
-# DeepSpeed JSON checks
