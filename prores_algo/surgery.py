@@ -349,8 +349,8 @@ class ProResController:
         reads (non-persistent, so `state_dict` is unchanged). A wrapper that recorded the module's buffers
         when it wrapped it must keep finding them: torch's DDP re-reads `named_buffers()` before every
         forward only once its recorded list was non-empty (`will_sync_module_buffers`), so deleting the
-        only buffers of a buffer-free model (MPT, plain transformers) made it broadcast an empty list and
-        crash (issue 12); FSDP1 likewise zips buffers against the dtypes it recorded at wrap time.
+        only buffers of a buffer-free model (MPT, plain transformers) would make it broadcast an empty list
+        and crash; FSDP1 likewise zips buffers against the dtypes it recorded at wrap time.
         Applying ProRes again to the same modules reuses these buffers.
         """
         for _, _, module, handle in self._hooks:

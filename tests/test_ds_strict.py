@@ -1,4 +1,4 @@
-"""Nothing a user writes to the DeepSpeed entry is silently dropped (issue 21, section 1).
+"""Nothing a user writes to the DeepSpeed entry is silently dropped.
 
   * a misspelt key under `algorithms.prores` or `scheduler` is refused with prores-train's own message;
   * with `--config`, a flag that would set what the YAML sets is an error naming the key=value override
