@@ -1,6 +1,6 @@
 """Attach ProRes to a model: scale each residual branch (found by `prores_algo.layers`) by its layer's α.
 
-Mechanism (README, "Mechanism"): every branch-final module gets a 0-dim, non-persistent buffer
+Mechanism (docs/mechanism.md): every branch-final module gets a 0-dim, non-persistent buffer
 `prores_alpha`, updated in place with `fill_`, and its output is scaled by it: inside the GEMMs of an
 `nn.Linear` / Conv1D / FalconLinear (`prores_algo.scaled_linear`, which also keeps α as a Python float for
 the BLAS scalars), or by a forward hook on every other branch end (and everywhere with `mechanism='hook'`).
