@@ -5,7 +5,8 @@ pages listed in PAGES) is checked for
 - commands (code lines and inline code that start with a command): a `prores-*` command is one of
   pyproject's console scripts, `python -m X` (or a launcher's `-m X` / `--module X`) with X in this
   repository names an importable module, every `--flag` given to one of these is listed by that
-  command's `--help`, and every script, YAML or JSON path a command names exists.
+  command's `--help`, and every script, YAML or JSON path a command names exists;
+- dotted names: every `prores_algo.<module>[.<attribute>]` a page names can be imported or looked up.
 
 A renamed flag, module or file then fails here instead of in a reader's shell.
 """
@@ -227,3 +228,31 @@ def test_every_flag_is_one_the_command_accepts():
             if not re.search(re.escape(flag) + r'(?![\w-])', helps[module]):
                 bad.append(f'{page}: {module} has no flag {flag}')
     assert not bad, '\n'.join(bad)
+
+
+def _resolve(dotted: str) -> bool:
+    """Whether `dotted` names a module of this package or an attribute reachable from one."""
+    parts = dotted.split('.')
+    for i in range(len(parts), 0, -1):
+        module = '.'.join(parts[:i])
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_dotted_name_resolves():
+    names = {
+        (_rel(page), name)
+        for page in PAGES
+        for name in re.findall(r'(?<![\w/.])prores_algo(?:\.\w+)+', page.read_text())
+    }
+    assert len(names) >= 10, sorted(names)
+    bad = [f'{page}: {name}' for page, name in sorted(names) if not _resolve(name)]
+    assert not bad, 'names that do not exist:\n' + '\n'.join(bad)
