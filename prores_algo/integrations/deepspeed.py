@@ -10,7 +10,7 @@
         engine.backward(loss)
         engine.step()
 
-`attach_prores` works on a model built under `deepspeed.zero.Init` as well: α is a 0-dim, non-persistent
+`apply_prores` works on a model built under `deepspeed.zero.Init` as well: α is a 0-dim, non-persistent
 fp32 buffer that the branch's GEMM takes as a scalar (or a forward hook multiplies into the branch output
 where no GEMM can carry it). ProRes never replaces or copies a parameter, so ZeRO-3's partitioning (which
 only manages parameters) does not touch it, and every rank computes the same α from the same

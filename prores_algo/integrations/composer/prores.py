@@ -281,10 +281,9 @@ class ResidualMonitor(MonitorBase, Callback):
         position_cosine: log `monitor/position_cosine/layer_{i}` (see `position_cosine`) on measured steps.
         collapse_threshold, collapse_patience: a collapse is `collapse_patience` consecutive measured steps
             whose largest per-layer position cosine is >= `collapse_threshold`: logged as
-            `monitor/collapse` = 1 and warned about once. The quality study's trained models end far below
-            (benchmarks/RESULTS.md, section 1's status line). Small Post-LN models pass through a short
-            high-cosine phase early in training even without ProRes (8 measurements at interval 10 for a
-            16-layer, width-32 baseline), hence the patience.
+            `residual_monitor/collapse` = 1 and warned about once. Small Post-LN
+            models pass through a short high-cosine phase early in training even without ProRes (8
+            measurements at interval 10 for a 16-layer, width-32 baseline), hence the patience.
         stop_on_collapse: also stop training when the collapse is reported.
     """
 
