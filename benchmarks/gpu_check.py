@@ -9,8 +9,8 @@ What it measures, for a ~350M reference decoder (d_model 1024, 24 layers, 16 hea
 seq 1024), bf16 autocast, AdamW, grad clipping:
   * eager, then torch.compile (regional: every Block compiled; identical blocks share one compiled
     graph), each with ProRes off (no hooks) and on with each of its two mechanisms, in interleaved
-    repeats (the order rotates): `hook` multiplies each branch output by α in a forward hook (the
-    mechanism before 2026-11-30), `gemm` (the default, `mechanism='auto'`) applies α inside the branch
+    repeats (the order rotates): `hook` multiplies each branch output by α in a forward hook
+    (`mechanism='hook'`), `gemm` (the default, `mechanism='auto'`) applies α inside the branch
     Linear's matrix multiplies (prores_algo/scaled_linear.py). ProRes runs mid-warmup: linear schedule
     at t = T/2 + i, so every layer's α changes at every step;
   * steady-state step time (median over timed steps after warmup steps), tokens/s, MFU (llm-foundry:

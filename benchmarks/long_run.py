@@ -97,7 +97,7 @@ def branch_modules(model) -> list:
 def hook_report(model) -> dict:
     branches = branch_modules(model)
     return {
-        # α buffers a ProRes hook still reads (removal leaves each buffer as an inert 1.0: issue 12)
+        # α buffers a ProRes hook still reads (removal leaves each buffer as an inert 1.0 for DDP's sake)
         'alpha_buffers': sum(1 for m in model.modules() if ALPHA_BUFFER in m._buffers and has_prores_hook(m)),
         'branch_forward_hooks': sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in branches),
         'all_forward_hooks': sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),

@@ -327,6 +327,38 @@ def gpu_mechanisms(r: dict) -> str:
     )
 
 
+def gpu_hook_check(r: dict) -> str:
+    """ProRes on (output hook on every branch) against off, per file: eager and compiled step-time ratios."""
+    rows = []
+    for name, g in r.items():
+        c = g['config']
+        rows.append(
+            [
+                f'`{name}`',
+                f'{c["seq_len"]} × {c["batch"]}',
+                c['compile'],
+                str(g['model']['prores_hooks']),
+                f'{g["eager"]["step_time_ratio_on_off"]:.4f}',
+                f'{g["compiled"]["step_time_ratio_on_off"]:.4f}',
+                str(g['compiled']['on']['timed_steps']),
+                f'{g["eager"]["peak_mem_ratio_on_off"]:.4f}',
+            ]
+        )
+    return table(
+        [
+            'file (H200, bf16, 369M reference decoder)',
+            'seq × batch',
+            'compiled',
+            'hooked branches',
+            'step-time ratio on / off, eager',
+            'on / off, compiled',
+            'compiled steps timed',
+            'peak memory on / off, eager',
+        ],
+        rows,
+    )
+
+
 def gpu_quality(r: dict) -> str:
     c, rows = r['config'], []
     for spl, s in r['summary'].items():
@@ -393,6 +425,7 @@ GENERATORS = {
     'overhead-mechanisms': ('overhead', overhead_mechanisms),
     'sharded-memory': ('sharded_memory', sharded_memory),
     'gpu-mechanisms': ('gpu_mechanisms', gpu_mechanisms),
+    'gpu-hook-check': ('gpu_hook_check', gpu_hook_check),
     'gpu-quality': ('gpu_quality', gpu_quality),
     'arch-bytes': ('arch_bytes', arch_bytes),
 }
@@ -401,6 +434,13 @@ GPU_MECHANISM_FILES = {
     '369M reference decoder (24 × 1024, seq 1024, batch 16)': 'gpu_check_h200_mechanisms_ref.json',
     "transformers' GPT-2 (24 × 1024, Conv1D + dropout branch ends)": 'gpu_check_h200_mechanisms_gpt2.json',
 }
+
+# the output-hook-only checks of the same decoder, one compile set-up each (benchmarks/gpu_check.sh)
+GPU_HOOK_CHECK_FILES = (
+    'gpu_check_h200_blocks_seq1024.json',
+    'gpu_check_h200_blocks_seq2048.json',
+    'gpu_check_h200_model_seq1024.json',
+)
 
 
 def render(text: str, sources: dict[str, dict]) -> str:
@@ -441,6 +481,12 @@ def main(argv=None) -> str:
     sources['gpu_mechanisms'] = (
         {name: json.loads(path.read_text()) for name, path in gpu.items()}
         if all(p.is_file() for p in gpu.values())
+        else None
+    )
+    hook_files = [HERE / 'results' / f for f in GPU_HOOK_CHECK_FILES]
+    sources['gpu_hook_check'] = (
+        {f'results/{f.name}': json.loads(f.read_text()) for f in hook_files}
+        if all(f.is_file() for f in hook_files)
         else None
     )
     out = Path(args.out)

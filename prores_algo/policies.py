@@ -1,9 +1,9 @@
 """Which modules of a transformer layer produce the branch that enters each residual add.
 
-ProRes scales a layer's residual branches by that layer's α. We do it with a forward hook on the
-*branch-final* module: the last module whose output is added to the residual stream unchanged (up to
-dropout, which commutes with a scalar). Scaling that module's output gives exactly `x + α·F(x)`,
-without touching the layer's forward code.
+ProRes scales a layer's residual branches by that layer's α at the *branch-final* module: the last
+module whose output is added to the residual stream unchanged (up to dropout, which commutes with a
+scalar). Scaling that module's output (inside its GEMM where it is one, else in a forward hook) gives
+exactly `x + α·F(x)`, without touching the layer's forward code.
 
 Layers are recognised by class name (so this table imports nothing and survives library versions in
 which the class moved). A model class of your own can instead carry an attribute `prores_branches`

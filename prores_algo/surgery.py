@@ -1,6 +1,6 @@
 """Apply ProRes to a model: scale each residual branch (found by `prores_algo.layers`) by its layer's α.
 
-Mechanism (README, "Mechanism"): every branch-final module gets a 0-dim, non-persistent buffer
+Mechanism (docs/mechanism.md): every branch-final module gets a 0-dim, non-persistent buffer
 `prores_alpha`, updated in place with `fill_`, and its output is scaled by it: inside the GEMMs of an
 `nn.Linear` / Conv1D / FalconLinear (`prores_algo.scaled_linear`, which also keeps α as a Python float for
 the BLAS scalars), or by a forward hook on every other branch end (and everywhere with `mechanism='hook'`).
@@ -236,8 +236,8 @@ class ProResController:
         reads (non-persistent, so `state_dict` is unchanged). A wrapper that recorded the module's buffers
         when it wrapped it must keep finding them: torch's DDP re-reads `named_buffers()` before every
         forward only once its recorded list was non-empty (`will_sync_module_buffers`), so deleting the
-        only buffers of a buffer-free model (MPT, plain transformers) made it broadcast an empty list and
-        crash (issue 12); FSDP1 likewise zips buffers against the dtypes it recorded at wrap time.
+        only buffers of a buffer-free model (MPT, plain transformers) would make it broadcast an empty list
+        and crash; FSDP1 likewise zips buffers against the dtypes it recorded at wrap time.
         Applying ProRes again to the same modules reuses these buffers.
         """
         for _, _, module, handle in self._hooks:

@@ -7,7 +7,7 @@
 #
 # Stages (each prints PASS/FAIL in the summary at the end; the exit status is 0 only if all pass):
 #   venv       python -m venv + pip install llm-foundry==0.22.0 (skipped if that venv already has it)
-#   install    pip install --no-deps <this repo>  (the README's command), then foundry's own algorithm
+#   install    pip install --no-deps <this repo>  (docs/llm-foundry.md), then foundry's own algorithm
 #              registry must resolve `prores` through our `llmfoundry_algorithms` entry point
 #   tokenizer  a 512-token byte-level BPE trained with `tokenizers` on local text, saved as a HF folder
 #   data       `llmfoundry data_prep convert_text_to_mds` on Python standard-library sources (train, val)

@@ -397,7 +397,7 @@ def test_state_dict_keys_and_remove(arch):
         ctrl.remove()
         assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, **EXACT)
     assert list(model.state_dict().keys()) == keys
-    # the α buffers stay, inert: 1.0 and read by no hook (a DDP wrapper keeps finding them, issue 12)
+    # the α buffers stay, inert: 1.0 and read by no hook (a DDP wrapper keeps finding them)
     assert len(_alpha_buffers(model)) == 2 * N_LAYERS
     assert all(float(b) == 1.0 for n, b in model.named_buffers() if n.endswith(ALPHA_BUFFER))
     assert all(not m._forward_hooks for m in model.modules())

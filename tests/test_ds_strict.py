@@ -1,4 +1,4 @@
-"""Nothing a user writes to the DeepSpeed entry is silently dropped (issue 21, section 1).
+"""Nothing a user writes to the DeepSpeed entry is silently dropped.
 
   * a misspelt key under `algorithms.prores` or `scheduler` is refused with prores-train's own message;
   * with `--config`, a flag that would set what the YAML sets is an error naming the key=value override
@@ -56,7 +56,7 @@ def no_training(monkeypatch):
 
 
 def test_misspelt_prores_key_in_a_yaml_file_stops_both_entries(tmp_path):
-    """The issue's case: `t_wramup: 0.3dur` in the file; prores-ds-train trained with the default W."""
+    """A misspelt key, `t_wramup: 0.3dur`, must stop prores-ds-train instead of training with the default W."""
     typo = tmp_path / 'typo.yaml'
     typo.write_text(Path(QS).read_text().replace('t_warmup: 0.3dur', 't_wramup: 0.3dur'))
     expected = "config error: algorithms.prores: unknown key 't_wramup' (did you mean 't_warmup'?)"

@@ -1,4 +1,4 @@
-"""Issue 22: α inside the GEMM for every architecture, not only for branches ending in a plain nn.Linear.
+"""α inside the GEMM for every architecture, not only for branches ending in a plain nn.Linear.
 
 GPT-2 (Conv1D, then a dropout), GPT-NeoX (Linear, then a dropout), Falcon (FalconLinear), Mixtral and
 Qwen2-MoE (weighted sum of experts) and transformers' MPT carry α in the GEMM of the projection producing

@@ -103,7 +103,7 @@ def test_logits_equal_official_forward_without_prores(norm):
 
 @pytest.mark.parametrize('norm', ['post', 'deepnorm'])
 def test_final_norm_false_is_the_documented_option_and_differs(norm):
-    """final_norm=False (the earlier behaviour, kept as an option) drops only the last RMSNorm."""
+    """final_norm=False (an option) drops only the last RMSNorm."""
     official = randomized(norm)
     no_final = randomized(norm, final_norm=False)
     assert official.final_norm is not None and no_final.final_norm is None

@@ -220,7 +220,7 @@ def test_composer_kill9_then_autoresume_matches_uninterrupted(data, tmp_path):
         for run in (a[r], b[r]):
             assert run['final_alphas'] == [1.0] * N_LAYERS and run['removed']
             assert run['num_hooks'] == 0 and run['prores_hooks_end'] == 0
-            # the α buffers stay as inert 1.0 that no hook reads (a DDP wrapper keeps finding them, issue 12)
+            # the α buffers stay as inert 1.0 that no hook reads (a DDP wrapper keeps finding them)
             assert run['alpha_buffers_end'] == 2 * N_LAYERS and run['alpha_values_end'] == [1.0]
         assert b[r]['eval'] == a[r]['eval'] and 'LanguageCrossEntropy' in a[r]['eval']
     final_a = _model_state(a_ck / f'ep0-ba{STEPS}-rank0.pt')

@@ -10,10 +10,11 @@
         engine.backward(loss)
         engine.step()
 
-`apply_prores` works on a model built under `deepspeed.zero.Init` as well: ProRes only adds a forward
-hook that multiplies a branch module's *output* by a 0-dim, non-persistent fp32 buffer. It never reads
-or replaces a parameter, so ZeRO-3's partitioning (which only manages parameters) does not touch it,
-and every rank computes the same α from the same `engine.global_steps` (no communication).
+`apply_prores` works on a model built under `deepspeed.zero.Init` as well: α is a 0-dim, non-persistent
+fp32 buffer that the branch's GEMM takes as a scalar (or a forward hook multiplies into the branch output
+where no GEMM can carry it). ProRes never replaces or copies a parameter, so ZeRO-3's partitioning (which
+only manages parameters) does not touch it, and every rank computes the same α from the same
+`engine.global_steps` (no communication).
 
 `t` is `engine.global_steps`, the number of optimizer steps taken so far (it advances once per
 gradient-accumulation boundary), so the batch of optimizer step t trains with α(t), as in the Composer

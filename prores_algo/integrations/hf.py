@@ -19,8 +19,8 @@ callback first, so that they see α too.
 
 Evaluation and generation during warmup use the current α (the model *is* that function at step t).
 Save a mid-warmup model for plain `from_pretrained` with `prores_algo.export.fold_prores(callback)`.
-Works with `deepspeed=` (ZeRO-3 included): ProRes only scales module outputs by a non-persistent
-buffer, which ZeRO never partitions. `ResidualMonitorCallback` (per-layer residual RMS, gradient norm,
+Works with `deepspeed=` (ZeRO-3 included): α is a non-persistent buffer, which ZeRO never partitions,
+and ProRes never replaces a parameter. `ResidualMonitorCallback` (per-layer residual RMS, gradient norm,
 update size, position cosine, spike counters) is the monitor's callback for the same Trainer.
 """
 

@@ -585,7 +585,7 @@ def test_cli_module_help():
 
 
 def test_cli_counts_accept_scientific_notation():
-    """The README writes `--max_tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
+    """docs/training.md writes `--max_tokens 2e9`: whole numbers in scientific notation parse, fractions do not."""
     import argparse
 
     from prores_algo.training.data import _whole_number

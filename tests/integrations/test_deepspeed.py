@@ -3,7 +3,7 @@
 The distributed tests are real: `torchrun --nproc_per_node 2` processes running DeepSpeed ZeRO-3 on CPU
 (gloo, OMP_NUM_THREADS=1). Six launches in all: four of a few seconds of training on a tiny decoder
 (4 layers, d_model 32, seq 16, 8 optimizer steps), one that builds the decoder under zero.Init for
-every norm placement, and the DeepNorm CLI run of issue 24; most of their wall time is interpreter +
+every norm placement, and a DeepNorm CLI run under zero.Init; most of their wall time is interpreter +
 DeepSpeed start-up. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's small shm-comm C++ op (about
 1.5 minutes, cached under ~/.cache/torch_extensions afterwards), hence the generous timeouts.
 """
@@ -268,7 +268,7 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Initialisation under zero.Init: every norm placement, DeepNorm's xavier init included (issue 24 §4)
+# Initialisation under zero.Init: every norm placement, DeepNorm's xavier init included
 # ---------------------------------------------------------------------------------------------------
 def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
     """One 2-process launch (tests/support/zero3_init_driver.py) builds the decoder under zero.Init for
@@ -291,7 +291,7 @@ def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
 
 
 def test_deepnorm_zero3_cli_runs(tmp_path):
-    """The command of issue 24 §4 (2 steps instead of 4): DeepNorm, ProRes off, model under zero.Init."""
+    """A user's DeepNorm command (2 steps instead of 4): DeepNorm, ProRes off, model under zero.Init."""
     summary = tmp_path / 'summary_{rank}.json'
     args = ['--deepspeed_config', str(ZERO3_JSON), '--require_stage3', '--norm', 'deepnorm', '--no_prores']
     _ok(_launch(2, [*args, '--steps', '2', '--eval_samples', '8', '--summary', str(summary)]))

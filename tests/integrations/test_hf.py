@@ -133,7 +133,7 @@ def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
         assert h['prores/alpha/layer_2'] == pytest.approx(alpha_schedules.alpha('linear', 2, L, h['step'] - 1, 6))
     assert cb.controller.removed and cb.controller.num_hooks == 0
     assert not any(has_prores_hook(m) for m in model.modules())
-    # the α buffers stay as inert 1.0 (a DDP wrapper keeps finding them, issue 12), outside state_dict
+    # the α buffers stay as inert 1.0 (a DDP wrapper keeps finding them), outside state_dict
     assert all(float(b) == 1.0 for n, b in model.named_buffers() if n.endswith(ALPHA_BUFFER))
     assert not any(k.endswith(ALPHA_BUFFER) for k in model.state_dict())
 

@@ -183,7 +183,7 @@ def test_registered_policy_replaces_the_builtin_variants(foundry):
             'norm_attn_norm.resid_attn_dropout'
         ] * N_LAYERS
         register_policy('MPTBlock', ('norm_attn_norm.attn.out_proj', 'ffn.down_proj'), overwrite=True)
-        for fuse in (False, True):  # the user's branches now hold for every configuration
+        for fuse in (False, True):  # the user's branches hold for every configuration
             model = build(foundry, fuse)
             if not fuse:
                 with pytest.raises(ValueError, match="branch 'norm_attn_norm.attn.out_proj' not found"):

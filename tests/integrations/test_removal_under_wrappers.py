@@ -1,10 +1,10 @@
-"""Issue 12: ProRes removing itself (every α = 1) under a wrapper, on a model with NO buffers of its own.
+"""ProRes removing itself (every α = 1) under a wrapper, on a model with NO buffers of its own.
 
 torch 2.7's DDP records the module's buffers when it wraps it (`_assign_modules_buffers`, from
 `_build_params_for_reducer`). Before every forward it checks `will_sync_module_buffers()` against that
-recorded list, then `_sync_buffers()` re-reads `named_buffers()` and broadcasts what it finds. When
-ProRes' α buffers were the only buffers and removal deleted them, DDP broadcast an empty list:
-`RuntimeError: !tensors.empty() INTERNAL ASSERT FAILED at .../c10d/reducer.cpp:2138`. Removal now
+recorded list, then `_sync_buffers()` re-reads `named_buffers()` and broadcasts what it finds. Were
+ProRes' α buffers the only buffers and deleted at removal, DDP would broadcast an empty list:
+`RuntimeError: !tensors.empty() INTERNAL ASSERT FAILED at .../c10d/reducer.cpp:2138`. Removal therefore
 leaves each α buffer in place as an inert 1.0 (no hook reads it), so the buffer set never changes.
 
 The model here (tests/support/removal_driver.py's PlainLM) is a tiny decoder with learned positions and no
@@ -180,7 +180,7 @@ def test_removal_keeps_the_buffer_set_a_ddp_wrapper_recorded(one_rank_group):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for t, ids in enumerate(batches(STEPS, 0)):
         controller.set_step(t)
-        _step(ddp, ids, opt)  # crashed at t = T_WARMUP before the fix (empty broadcast list)
+        _step(ddp, ids, opt)  # t = T_WARMUP: would crash if removal deleted the buffers
     assert controller.removed and controller.num_hooks == 0
     after = {n: b for n, b in model.named_buffers()}
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before), 'same buffer objects'
@@ -217,7 +217,7 @@ def test_fold_mid_run_and_attach_after_wrap_under_ddp(one_rank_group):
     fold_prores(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hooked_out, rtol=1e-5, atol=1e-5)
-    _step(ddp, ids)  # crashed here before the fix: fold deleted the only buffers DDP had recorded
+    _step(ddp, ids)  # would crash here if fold deleted the only buffers DDP recorded
     _step(ddp, ids)
     assert not any(has_prores_hook(m) for m in model.modules())
     assert len(dict(model.named_buffers())) == 2 * LAYERS  # inert, so the wrapper keeps finding them

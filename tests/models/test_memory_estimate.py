@@ -4,7 +4,7 @@ The models are built on the meta device (no memory, no init cost) from the same 
 use; their parameter counts feed DeepSpeed's own ZeRO-3 estimator
 (`deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`, the function behind
 `estimate_zero3_model_states_mem_needs_all_cold`) and, for Composer FSDP, the same accounting written
-out (below). The table in README.md ("Memory per GPU") must be exactly what this test computes.
+out (below). The table in docs/multi-node.md ("Memory per GPU") must be exactly what this test computes.
 
 DeepSpeed's `..._all_live(model)` cannot take a meta model: it de-duplicates shared parameters by
 `data_ptr()`, which is 0 for every meta tensor, so it counts one tensor (65.5M instead of 1.36B for the
@@ -115,11 +115,11 @@ def test_deepspeed_all_live_estimator_miscounts_meta_models():
     assert model_to_params(model)[0] == 32000 * 2048 < counts(model)['total']
 
 
-def test_readme_memory_table_is_computed():
-    text = (ROOT / 'README.md').read_text()
+def test_docs_memory_table_is_computed():
+    text = (ROOT / 'docs' / 'multi-node.md').read_text()
     m = re.search(r'<!-- memory-table:start -->\n(.*?)\n<!-- memory-table:end -->', text, re.S)
-    assert m, 'README.md lost its memory table markers'
-    assert m.group(1).strip() == table(), f'README memory table is stale; it should read:\n{table()}'
+    assert m, 'docs/multi-node.md lost its memory table markers'
+    assert m.group(1).strip() == table(), f'docs/multi-node.md memory table is stale; it should read:\n{table()}'
 
 
 def test_zero3_numbers_follow_deepspeeds_formula():

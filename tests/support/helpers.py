@@ -88,7 +88,7 @@ def alpha_buffers(model):
 def assert_prores_removed(model):
     """What ProRes leaves once removed or folded: no hook of its own on any module; every α buffer left is
     an inert 0-dim 1.0 that nothing reads (kept so that a DDP / FSDP wrapper keeps finding the buffers it
-    recorded, issue 12); no α in `state_dict`. Returns how many α buffers are left."""
+    recorded); no α in `state_dict`. Returns how many α buffers are left."""
     from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 
     assert not any(has_prores_hook(m) for m in model.modules()), 'ProRes hooks left behind'
