@@ -416,11 +416,6 @@ def _say(msg: str) -> None:
 
 
 _USAGE = 'usage: prores-train CONFIG.yaml [key=value ...]   (e.g. prores-train yamls/quickstart.yaml max_duration=50ba)'
-_KEYS_INTRO = (
-    'Keys of CONFIG.yaml (override any with key=value, nested ones dotted: optimizer.lr=1e-3). '
-    'yamls/quickstart.yaml is an annotated example; scheduler: takes name plus its parameters '
-    "(prores_algo.lr_schedules.LR_SCHEDULES), algorithms.prores takes ProRes' arguments:"
-)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -435,7 +430,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if argv:
             from prores_algo.training.config import keys_help
 
-            print(f'\n{__doc__.strip()}\n\n{_KEYS_INTRO}\n{keys_help()}')
+            print(f'\n{__doc__.strip()}\n\n{keys_help()}')
         return 0 if argv else 2
     if argv[0].startswith('-'):
         return report(ConfigError(f'unknown option {argv[0]!r}: {_USAGE}'))

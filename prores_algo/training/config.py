@@ -318,4 +318,9 @@ def keys_help() -> str:
             out.append(f'  {prefix}{name}: {default}')
         return out
 
-    return '\n'.join(lines(TrainConfig, ''))
+    intro = (
+        'Keys of CONFIG.yaml (override any with key=value, nested ones dotted: optimizer.lr=1e-3). '
+        'yamls/quickstart.yaml is an annotated example; scheduler: takes name plus its parameters '
+        "(prores_algo.lr_schedules.LR_SCHEDULES), algorithms.prores takes ProRes' arguments:"
+    )
+    return '\n'.join([intro, *lines(TrainConfig, '')])
