@@ -857,7 +857,7 @@ def _data():
             (r'unsupported suffix', r"'\.csv'", r'\.txt'),
             out,
         ),
-        # writing to s3:// works now (tests/test_object_store.py); without a reachable store the error names the URL
+        # writing to s3:// works (tests/data/test_object_store.py); without a reachable store the error names the URL
         Bad(
             'cli-out-is-a-url',
             cli('--out', 's3://bucket/ds'),

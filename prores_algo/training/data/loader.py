@@ -203,7 +203,7 @@ def _open_dataset(
         raise RuntimeError(
             f'{e}: another process on this machine registered streaming shared memory under the same '
             'name at the same moment. Several simulated nodes on one machine need a /dev/shm each '
-            "(README: 'Two nodes on one machine')."
+            "(docs/multi-node.md, 'Two nodes on one machine')."
         ) from e
     except Exception as e:
         remote_side = type(e).__module__.split('.')[0] in (
