@@ -5,6 +5,9 @@ imported as `tests.support.<module>` (the repository root is on the path: pyproj
 
 import pytest
 
+# the bad-input matrix's session fixtures (a small dataset, a 2-batch checkpoint), for its files
+pytest_plugins = ['tests.support.bad_inputs']
+
 
 @pytest.fixture(autouse=True)
 def _no_process_group_left_behind(request):

@@ -33,6 +33,7 @@ def test_yaml_maps_onto_the_deepspeed_loop(tmp_path):
     assert plan.global_train_batch_size == 8 and plan.data == f'{tmp_path}/d'
 
 
+@pytest.mark.slow
 def test_yaml_trains_under_two_process_zero3(tmp_path):
     out = tmp_path / 'summary_{rank}.json'
     proc = _launch(

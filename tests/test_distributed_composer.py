@@ -85,6 +85,7 @@ def model_state(ckpt):
     return {k: v for k, v in sd.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
 def test_two_process_training_and_exact_resume(kind, data, tmp_path):
     yaml = ROOT / 'yamls' / ('quickstart.yaml' if kind == 'ddp' else 'sharding/fsdp2-cpu.yaml')

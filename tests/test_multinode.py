@@ -313,6 +313,7 @@ def _model_state(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Composer
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_namespaces
 def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
     ck_a, ck_b = tmp_path / 'ck_a', tmp_path / 'ck_b'  # the "shared filesystem" both nodes see
@@ -349,6 +350,7 @@ def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_composer_two_nodes_of_two_processes(store, tmp_path):
     """2 nodes x 2 processes: streaming sees 2 nodes of 2 ranks; the data split and α hold on all 4 ranks."""
@@ -418,6 +420,7 @@ def _ds_fp32_partitions(folder: Path, rank: int) -> list[torch.Tensor]:
     return list(sd['fp32_flat_groups'])
 
 
+@pytest.mark.slow
 @needs_namespaces
 def test_deepspeed_zero3_two_nodes_train_and_exact_resume(store, tmp_path):
     ck = tmp_path / 'ckpt'  # the shared filesystem DeepSpeed checkpoints need

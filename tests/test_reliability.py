@@ -177,6 +177,7 @@ def _model_state(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=False)['state']['model']
 
 
+@pytest.mark.slow
 def test_composer_kill9_then_autoresume_matches_uninterrupted(data, tmp_path):
     a_out, b_out = tmp_path / 'a', tmp_path / 'b'
     a_out.mkdir()
@@ -337,6 +338,7 @@ def _fp32_params(save: Path, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(save), tag=tag)
 
 
+@pytest.mark.slow
 def test_deepspeed_kill9_then_resume_matches_uninterrupted(tmp_path):
     a_ck, b_ck = tmp_path / 'ck_a', tmp_path / 'ck_b'
     straight = _start(ds_cmd(a_ck), tmp_path / 'a.log', _env(), ROOT)

@@ -139,6 +139,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
     """`composer -n 2 -m prores_algo.training.composer_train yamls/quickstart.yaml` (DDP over gloo on CPU), a few batches."""
     composer = Path(sys.executable).parent / 'composer'

@@ -335,6 +335,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, tmp_path):
     # Two 2-rank jobs plus two single-process jobs at the same moment. In a 2-rank job every rank scans
     # for the prefix; a non-leader must not scan before its leader holds the machine lock, or another

@@ -177,6 +177,7 @@ def test_zero3_loss_falls_and_is_logged(run_a):
     assert (run_a.ckpt / 'global_step4' / SIDECAR_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_zero3_resume_matches_uninterrupted(run_a, tmp_path):
     """Save at step 4 -> new processes load it -> steps 4..7 reproduce the uninterrupted run exactly.
 
@@ -235,6 +236,7 @@ def test_zero3_resume_with_different_prores_config_fails(run_a, no_dist_env):
         train({**base, 't_warmup': T_WARMUP, 'n_layers': 6})
 
 
+@pytest.mark.slow
 def test_single_vs_two_process_zero3(run_a, tmp_path):
     """One process with micro 4 x accum 2 sees the same global batch per step as 2 x (micro 2 x accum 2)
     (DistributedSampler interleaves one permutation over ranks), and is built without zero.Init.
@@ -270,6 +272,7 @@ def test_single_vs_two_process_zero3(run_a, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Initialisation under zero.Init: every norm placement, DeepNorm's xavier init included
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
     """One 2-process launch (tests/support/zero3_init_driver.py) builds the decoder under zero.Init for
     every placement, ProRes on and off, gathers its initial parameters and compares them bitwise with
@@ -290,6 +293,7 @@ def test_deepnorm_zero3_init_matches_plain_build(tmp_path):
         assert 'xavier' not in cases['deepnorm', True]['kinds']  # official: DeepNorm + ProRes is normal()
 
 
+@pytest.mark.slow
 def test_deepnorm_zero3_cli_runs(tmp_path):
     """A user's DeepNorm command (2 steps instead of 4): DeepNorm, ProRes off, model under zero.Init."""
     summary = tmp_path / 'summary_{rank}.json'

@@ -94,6 +94,7 @@ def _inert(alphas: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------- Composer, 2 ranks
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['ddp', 'fsdp2'])
 def test_composer_removal_mid_run_finishes_and_resume_after_removal_is_exact(kind, tmp_path):
     ranks = _launch('composer', tmp_path, *(['fsdp2'] if kind == 'fsdp2' else []), launcher='composer')
@@ -119,6 +120,7 @@ def test_composer_removal_mid_run_finishes_and_resume_after_removal_is_exact(kin
 
 
 # ------------------------------------------------------------------------------------- functional API, raw DDP
+@pytest.mark.slow
 def test_functional_api_under_raw_ddp_removal_fold_reapply_and_attach_after_wrap(tmp_path):
     ranks = _launch('ddp', tmp_path)
     for r in ranks:
@@ -133,6 +135,7 @@ def test_functional_api_under_raw_ddp_removal_fold_reapply_and_attach_after_wrap
 
 
 # ------------------------------------------------------------------------------------- HF Trainer callback
+@pytest.mark.slow
 def test_hf_trainer_callback_removal_under_a_ddp_that_saw_alpha(tmp_path):
     ranks = _launch('hf', tmp_path)
     for r in ranks:
@@ -143,6 +146,7 @@ def test_hf_trainer_callback_removal_under_a_ddp_that_saw_alpha(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+@pytest.mark.slow
 def test_deepspeed_zero3_removal_on_buffer_free_model(tmp_path):
     pytest.importorskip('deepspeed')
     ranks = _launch('deepspeed', tmp_path)
