@@ -16,6 +16,7 @@ from streaming import StreamingDataset
 
 from prores_algo.training.data.layout import COLUMN
 from prores_algo.training.data.remote import RemoteDataError
+from prores_algo.training.data.versions import dataset_root
 
 
 def _shard_seq_len(shards: list[Any]) -> int:
@@ -133,6 +134,7 @@ class TokenDataset(StreamingDataset):
             folder = os.path.join(stream.local, stream.split)
             names = [info.basename for pair in shard.file_pairs for info in pair if info is not None]
             url = f'{stream.remote}/{stream.split}/{names[-1]}' if stream.remote else os.path.join(folder, names[0])
+            root = dataset_root(stream.remote or '')
             if 'Checksum failure' in str(e):
                 for name in names:
                     with contextlib.suppress(OSError):
@@ -140,8 +142,8 @@ class TokenDataset(StreamingDataset):
                 msg = (
                     f'shard {url} failed its {stream.validate_hash} check: the bytes downloaded are not the ones '
                     f'its index.json lists (a corrupt or replaced object). The bad copy was deleted from '
-                    f'{folder!r}. Rebuild the dataset at {stream.remote} (prores-data --out {stream.remote} '
-                    '--overwrite ...) or restore the object.'
+                    f'{folder!r}. Rebuild the dataset at {root} (prores-data --out {root} --overwrite ...) or '
+                    'restore the object.'
                 )
             else:
                 msg = f'could not fetch shard {url} into {folder!r}: {type(e).__name__}: {e}'
