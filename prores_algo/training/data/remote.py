@@ -245,3 +245,14 @@ def _remote_metadata(remote: str) -> dict[str, Any]:
     except ValueError as e:
         raise RemoteDataError(f'cannot read the dataset at {remote}: {e}') from None
     return meta
+
+
+def _remote_metadata_if_any(remote: str) -> Optional[dict[str, Any]]:
+    """The metadata the pointer at `remote` names, or None if nothing there is complete (an empty prefix,
+    or only the debris of an unfinished write); RemoteDataError if the store cannot be used."""
+    dest = _RemoteOut(remote)  # checks the bucket and the credentials
+    try:
+        present = META_FILENAME in dest.keys()
+    finally:
+        dest.close()
+    return _remote_metadata(remote) if present else None

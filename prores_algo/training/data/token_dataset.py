@@ -15,7 +15,7 @@ import torch
 from streaming import StreamingDataset
 
 from prores_algo.training.data.layout import COLUMN
-from prores_algo.training.data.remote import RemoteDataError
+from prores_algo.training.data.remote import RemoteDataError, _error_code
 from prores_algo.training.data.versions import dataset_root
 
 
@@ -40,6 +40,7 @@ def _shard_seq_len(shards: list[Any]) -> int:
 
 
 SHM_LOCK_TIMEOUT_S = 120.0
+_NOT_FOUND = ('404', 'NoSuchKey', 'NotFound')
 # Shared-memory names are machine-wide, so the lock must be too: /dev/shm itself where it exists (the
 # temp dir can differ between jobs through TMPDIR).
 _SHM_LOCK_DIR = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else tempfile.gettempdir()
@@ -147,6 +148,11 @@ class TokenDataset(StreamingDataset):
                 )
             else:
                 msg = f'could not fetch shard {url} into {folder!r}: {type(e).__name__}: {e}'
+                if root != stream.remote and (isinstance(e, FileNotFoundError) or _error_code(e) in _NOT_FOUND):
+                    msg += (
+                        f'. This version of {root} was probably removed by a later write (a write keeps the '
+                        'current and the previous version): a new loader reads the current one'
+                    )
             self._shard_states[shard_id] = _ShardState.REMOTE
             self._shard_error = RemoteDataError(msg)
             # streaming's end of epoch waits for its download threads to report their exit, which a thread

@@ -30,7 +30,13 @@ from prores_algo.training.data.local_folder import (
     _staging_folder,
 )
 from prores_algo.training.data.packing import _check_samples, _pack_documents, _Packer
-from prores_algo.training.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
+from prores_algo.training.data.remote import (
+    RemoteDataError,
+    _remote_metadata_if_any,
+    _remote_write_error,
+    _RemoteOut,
+    _split_url,
+)
 from prores_algo.training.data.settings import (
     _checked_tokenizer,
     _normalize_tokenizer_name,
@@ -260,6 +266,15 @@ def _build(
         raise
 
 
+def _remote_url(out_dir: Any) -> Optional[str]:
+    """`out_dir` without a trailing slash if it is a URL (None: a local folder); ValueError if it has no bucket."""
+    if not (isinstance(out_dir, str) and is_url(out_dir)):
+        return None
+    if not _split_url(out_dir)[1]:
+        raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
+    return out_dir.rstrip('/')
+
+
 def write_mds(
     source: str,
     out_dir: str | os.PathLike,
@@ -293,10 +308,8 @@ def write_mds(
     Returns the metadata dict also written to `out_dir/prores_data.json`.
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    if isinstance(out_dir, str) and is_url(out_dir):
-        remote = out_dir.rstrip('/')
-        if not _split_url(remote)[1]:
-            raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
+    remote = _remote_url(out_dir)
+    if remote is not None:
         if keep_local is None:
             return _build(
                 source,
@@ -354,22 +367,29 @@ def ensure_dataset(
 
     Raises ValueError listing the differing fields if `out_dir` holds a dataset built differently
     (never silently rebuilds: a training run must not change data under a checkpoint's feet).
-    Safe to call from every rank at once: builders serialize on a file lock beside out_dir.
+    A local `out_dir` is safe to call from every rank at once: builders serialize on a file lock beside
+    it. A URL is checked against the metadata its pointer names (the current version) and, if it holds
+    no dataset, built by this process: call it from one process only (no lock spans machines).
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    out = _out_path(out_dir)
+    remote = _remote_url(out_dir)
+    out = None if remote is not None else _out_path(out_dir)
     want = _requested_settings(source, tokenizer, seq_len, val_fraction, max_tokens, max_bytes, seed)
 
     def check(meta: dict[str, Any]) -> dict[str, Any]:
         diff = [f'{k}: dataset has {meta.get(k)!r}, requested {v!r}' for k, v in want.items() if meta.get(k) != v]
         if diff:
             raise ValueError(
-                f'`out_dir` {str(out)!r} holds a dataset built with different settings '
+                f'`out_dir` {remote or str(out)!r} holds a dataset built with different settings '
                 f'({"; ".join(diff)}). Use another out_dir, or rebuild it with '
                 'write_mds(..., overwrite=True) / prores-data --overwrite.'
             )
         return meta
 
+    args = (source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, False, progress)
+    if remote is not None:
+        meta = _remote_metadata_if_any(remote)
+        return check(meta) if meta is not None else _build(*args, remote=remote)
     # Lock-free fast path: datasets appear atomically, so a complete one can be read without the
     # lock (which also lets a prebuilt dataset live in a read-only folder).
     meta = read_metadata(out)
@@ -379,6 +399,4 @@ def ensure_dataset(
         meta = read_metadata(out)  # another process may have built it while we waited
         if meta is not None:
             return check(meta)
-        return _build(
-            source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, False, progress
-        )
+        return _build(*args)
