@@ -254,7 +254,7 @@ def _open_dataset(
         if remote is None or not remote_side:
             raise
         # e.g. the split's index.json is missing remotely, or the store went away since the metadata
-        raise _remote_read_error(remote, f'{remote}/{split}/index.json', e) from e
+        raise _remote_read_error(where, f'{remote}/{split}/index.json', e) from e
     return dataset
 
 
@@ -278,9 +278,11 @@ def build_dataloader(
     (local=path, remote=None); a URL (s3://, gs://, oci://, hf://, https://, ...) is streamed into
     `local_cache` (default: a deterministic folder under the system temp dir). For a URL the
     dataset's prores_data.json must be there (it is uploaded last: no metadata, no complete dataset;
-    RemoteDataError names the URL and the cause), shards are checked against the hashes in index.json
-    as they are downloaded, and the metadata is recorded in the cache (CACHE_RECORD), so a warm cache
-    makes no request to the store at all.
+    RemoteDataError names the URL and the cause); it names the version to read (versions.py), which is
+    streamed into its own subfolder of the cache, and in a distributed job rank 0 resolves it for every
+    rank. Shards are checked against the hashes in index.json as they are downloaded, and the metadata
+    is recorded in the cache (CACHE_RECORD), so a warm cache makes no request to the store at all (and
+    keeps reading the version it recorded).
     `seq_len` / `vocab_size`, when given, are checked against the dataset before training starts.
 
     Shared memory (streaming 0.13): every StreamingDataset registers shared memory under a fresh

@@ -300,12 +300,14 @@ def write_mds(
 
     `out_dir` may be an object-store URL (`s3://bucket/prefix`; S3_ENDPOINT_URL selects an
     S3-compatible store): streaming's uploader sends each shard up as it is written. The bucket and
-    credentials are checked before any tokenizing; `prores_data.json` is uploaded last, so a remote
-    dataset is complete exactly when it is there; a failed write deletes what it uploaded. With
-    `keep_local` (a folder) a complete local copy is also kept, written atomically as above;
-    without it the shards are staged in a temporary folder and dropped once uploaded.
+    credentials are checked before any tokenizing. The write goes under a new version prefix and
+    `prores_data.json`, the pointer to it, is uploaded last in one PUT, so readers see the old dataset
+    or the new one, whole (versions.py); a failed write deletes what it uploaded. With `keep_local`
+    (a folder) a complete local copy is also kept, written atomically as above; without it the shards
+    are staged in a temporary folder and dropped once uploaded.
 
-    Returns the metadata dict also written to `out_dir/prores_data.json`.
+    Returns the metadata dict also written to `out_dir/prores_data.json` (for a URL, the pointer: it
+    adds the `version` written).
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
     remote = _remote_url(out_dir)
