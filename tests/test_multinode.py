@@ -330,7 +330,7 @@ def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
     cold = _dataset_requests(store.log, start)
     assert any('/train/shard.' in q for q in cold) and any('/prores_data.json' in q for q in cold)
     for node in (0, 1):
-        assert list((tmp_path / 'caches' / f'node{node}' / 'train').glob('shard.*.mds'))
+        assert list((tmp_path / 'caches' / f'node{node}').glob('v-*/train/shard.*.mds'))  # the version's folder
     # DDP checkpoints: global rank 0 writes the whole state; no other rank writes a file
     assert sorted(p.name for p in ck_a.iterdir()) == ['ep0-ba4-rank0.pt', 'ep0-ba8-rank0.pt', 'latest-rank0.pt']
 
