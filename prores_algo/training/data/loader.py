@@ -278,11 +278,10 @@ def build_dataloader(
     (local=path, remote=None); a URL (s3://, gs://, oci://, hf://, https://, ...) is streamed into
     `local_cache` (default: a deterministic folder under the system temp dir). For a URL the
     dataset's prores_data.json must be there (it is uploaded last: no metadata, no complete dataset;
-    RemoteDataError names the URL and the cause); it names the version to read (versions.py), which is
-    streamed into its own subfolder of the cache, and in a distributed job rank 0 resolves it for every
-    rank. Shards are checked against the hashes in index.json as they are downloaded, and the metadata
-    is recorded in the cache (CACHE_RECORD), so a warm cache makes no request to the store at all (and
-    keeps reading the version it recorded).
+    RemoteDataError names the URL and the cause) and names the version to read (versions.py; rank 0
+    resolves it for every rank), cached in a subfolder of its own. Shards are checked against the hashes
+    in index.json as they are downloaded; the metadata is recorded in the cache (CACHE_RECORD), so a warm
+    cache makes no request to the store at all (and keeps reading the version it recorded).
     `seq_len` / `vocab_size`, when given, are checked against the dataset before training starts.
 
     Shared memory (streaming 0.13): every StreamingDataset registers shared memory under a fresh
@@ -304,26 +303,16 @@ def build_dataloader(
     cached = True
     if is_url(path_or_remote):
         remote, local, meta, cached = _remote_source(path_or_remote, local_cache)
-        where = remote
-        stream_remote, stream_local = stream_paths(remote, local, meta)  # the version the pointer names
+        where, stream = remote, stream_paths(remote, local, meta)  # the version the pointer names
     else:
         local, meta = _local_source(path_or_remote, split)
-        remote, where = None, local
-        stream_remote, stream_local = None, local
+        remote, where, stream = None, local, (local, None)
     if meta is not None:
         _check_meta(meta, where, seq_len, vocab_size)
     if remote is not None and isinstance(meta.get('splits'), dict) and split not in meta['splits']:
         raise FileNotFoundError(f'split {split!r} not found at {remote} (splits present: {sorted(meta["splits"])})')
     dataset = _open_dataset(
-        stream_local,
-        stream_remote,
-        where,
-        split,
-        meta,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        seq_len=seq_len,
+        *stream, where, split, meta, batch_size=batch_size, shuffle=shuffle, seed=seed, seq_len=seq_len
     )
     if not cached:
         _write_cache_record(local, remote, meta)

@@ -46,12 +46,12 @@ def version_of(meta: dict[str, Any]) -> Optional[str]:
 
 
 def stream_paths(remote: str, local: str, meta: dict[str, Any]) -> tuple[str, str]:
-    """(remote, local) for StreamingDataset: the version's prefix and a cache folder of its own, so shards
-    and index files of two versions never meet in one folder."""
+    """(local, remote) for StreamingDataset: a cache folder of the version's own, so shards and index files
+    of two versions never meet in one folder, and the version's prefix."""
     version = version_of(meta)
     if version is None:
-        return remote, local
-    return f'{remote}/{version}', os.path.join(local, version)
+        return local, remote
+    return os.path.join(local, version), f'{remote}/{version}'
 
 
 def dataset_root(url: str) -> str:

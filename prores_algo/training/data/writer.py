@@ -161,10 +161,9 @@ def _metadata(
 
 
 def _publish_remote(dest: _RemoteOut, version: str, meta: dict[str, Any], found: list[str], keep: set[str]) -> None:
-    """The version's own metadata, then the pointer to it, in one PUT: from that moment readers resolve the
-    new version. Then delete what was found before the write and is no longer kept (older versions,
-    debris of interrupted writes); if that fails the dataset is still complete: warn."""
-    dest.put_json(f'{version}/{META_FILENAME}', meta)
+    """The pointer to the complete `version`, in one PUT: from that moment readers resolve the new version.
+    Then delete what was found before the write and is no longer kept (older versions, debris of
+    interrupted writes); if that fails the dataset is still complete: warn."""
     dest.put_json(META_FILENAME, {**meta, VERSION_KEY: version})
     stale = stale_keys(found, keep)
     try:
@@ -176,9 +175,11 @@ def _publish_remote(dest: _RemoteOut, version: str, meta: dict[str, Any], found:
 def _remote_write(
     remote: str, overwrite: bool, write: Callable[[Optional[str], dict[str, Any]], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Write a new version of the dataset at `remote`: `write(url, writers)` writes and uploads the splits
-    under `url` (the version's prefix), filling `writers` as they open, and returns the metadata; then the pointer moves to it. On failure before the
-    pointer moved, the version's objects are deleted (the current dataset was never touched)."""
+    """Write a new version of the dataset at `remote`, then move the pointer to it. `write(url, writers)`
+    writes and uploads the splits under `url` (the version's prefix), filling `writers` as they open,
+    and returns the metadata. If the version cannot be completed its objects are deleted (the current
+    dataset was never touched); once the pointer upload has been tried, nothing of the version is (the
+    store may have taken it), and a later write removes what is not current."""
     dest = _RemoteOut(remote)  # checks the bucket and the credentials before any tokenizing
     version = new_version()
     writers: dict[str, Any] = {}
@@ -186,6 +187,7 @@ def _remote_write(
         found, keep = dest.prepare(overwrite)
         try:
             meta = write(f'{remote}/{version}', writers)
+            dest.put_json(f'{version}/{META_FILENAME}', meta)  # the version is a complete dataset of its own
         except BaseException as e:
             with contextlib.suppress(Exception):
                 dest.delete([k for k in dest.keys() if k.startswith(f'{version}/')])
