@@ -144,8 +144,14 @@ def store(tmp_path_factory):
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        pointer = s3.client().get_object(Bucket=s3.bucket, Key=f'{PREFIX}/prores_data.json')['Body'].read()
         yield SimpleNamespace(
-            s3=s3, dir=d, url=f's3://{s3.bucket}/{PREFIX}', train={_crc(docs[i]) for i in train}, log=d / 'moto.log'
+            s3=s3,
+            dir=d,
+            url=f's3://{s3.bucket}/{PREFIX}',
+            train={_crc(docs[i]) for i in train},
+            log=d / 'moto.log',
+            version=json.loads(pointer)['version'],  # the version the dataset's pointer names
         )
 
 
@@ -322,7 +328,8 @@ def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
     assert [(r['rank'], r['node_rank'], r['local_rank'], r['world_size']) for r in a] == [(0, 0, 0, 2), (1, 1, 0, 2)]
     for r in a:  # streaming sees two nodes of one rank each, and each node used its own cache and temp dir
         assert (r['streaming_nodes'], r['streaming_node'], r['num_canonical_nodes']) == (2, r['node_rank'], 2)
-        assert r['cache'] == str(tmp_path / 'caches' / f'node{r["node_rank"]}')
+        # the version the pointer named, in its own folder of the node's cache
+        assert r['cache'] == str(tmp_path / 'caches' / f'node{r["node_rank"]}' / store.version)
         assert r['tmpdir'] == str(tmp_path / 'a' / f'node{r["node_rank"]}' / 'tmp')
         assert r['dataset_len'] == N_TRAIN // 2
     _check_alphas(a, range(STEPS))
@@ -331,7 +338,7 @@ def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
     cold = _dataset_requests(store.log, start)
     assert any('/train/shard.' in q for q in cold) and any('/prores_data.json' in q for q in cold)
     for node in (0, 1):
-        assert list((tmp_path / 'caches' / f'node{node}' / 'train').glob('shard.*.mds'))
+        assert list((tmp_path / 'caches' / f'node{node}').glob('v-*/train/shard.*.mds'))  # the version's folder
     # DDP checkpoints: global rank 0 writes the whole state; no other rank writes a file
     assert sorted(p.name for p in ck_a.iterdir()) == ['ep0-ba4-rank0.pt', 'ep0-ba8-rank0.pt', 'latest-rank0.pt']
 

@@ -97,20 +97,24 @@ def test_cli_writes_through_streaming_uploader(s3, dataset):
     from prores_algo.training.data import HASH_ALGO, META_FILENAME, read_metadata
 
     url, copy = dataset
+    client = s3.client()
+    pointer = json.loads(client.get_object(Bucket=s3.bucket, Key='ds/prores_data.json')['Body'].read())
+    v = pointer['version']  # the write went under its own version prefix; the pointer names it
     keys = s3.keys('ds/')
     assert keys == [
         'ds/prores_data.json',
-        'ds/train/index.json',
-        'ds/train/shard.00000.mds',
-        'ds/val/index.json',
-        'ds/val/shard.00000.mds',
+        f'ds/{v}/prores_data.json',
+        f'ds/{v}/train/index.json',
+        f'ds/{v}/train/shard.00000.mds',
+        f'ds/{v}/val/index.json',
+        f'ds/{v}/val/shard.00000.mds',
     ]
-    meta = read_metadata(copy)  # the local copy is complete, and is the same bytes as the remote
+    meta = read_metadata(copy)  # the local copy is complete, and is the same bytes as the version
     assert meta is not None and meta['hashes'] == [HASH_ALGO]
-    client = s3.client()
-    for key in keys:
+    for key in keys[1:]:
         body = client.get_object(Bucket=s3.bucket, Key=key)['Body'].read()
-        assert body == (copy / key.split('/', 1)[1]).read_bytes(), key
+        assert body == (copy / key.split('/', 2)[2]).read_bytes(), key
+    assert pointer == {**meta, 'version': v}
     assert json.loads((copy / META_FILENAME).read_text()) == meta
     index = json.loads((copy / 'train' / 'index.json').read_text())
     import hashlib
@@ -128,7 +132,8 @@ def test_write_without_local_copy_keeps_nothing_local(s3, tmp_path, monkeypatch)
     meta = write_mds('stdlib', f's3://{s3.bucket}/nolocal', seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
     assert meta['splits']['train']['samples'] > 0
     assert list(tmp_path.iterdir()) == []
-    assert f'nolocal/{"prores_data.json"}' in s3.keys('nolocal/')
+    assert 'nolocal/prores_data.json' in s3.keys('nolocal/')
+    assert f'nolocal/{meta["version"]}/train/index.json' in s3.keys('nolocal/')
 
 
 def test_write_refuses_then_overwrites_and_cleans_up(s3):
@@ -140,9 +145,11 @@ def test_write_refuses_then_overwrites_and_cleans_up(s3):
         write_mds('stdlib', url, seq_len=32, max_tokens=5000, val_fraction=0, progress=False)
     client = s3.client()
     client.put_object(Bucket=s3.bucket, Key='over/train/shard.00007.mds', Body=b'left by an older dataset')
+    client.put_object(Bucket=s3.bucket, Key='over/v-0123456789abcdef/train/index.json', Body=b'an unfinished write')
     meta = write_mds('stdlib', url, seq_len=16, max_tokens=4000, val_fraction=0, progress=False, overwrite=True)
     assert meta['seq_len'] == 16
-    assert 'over/train/shard.00007.mds' not in s3.keys('over/')  # what the new indexes do not list is removed
+    keys = s3.keys('over/')  # neither the current nor the previous version: removed
+    assert 'over/train/shard.00007.mds' not in keys and 'over/v-0123456789abcdef/train/index.json' not in keys
     assert json.loads(client.get_object(Bucket=s3.bucket, Key='over/prores_data.json')['Body'].read())['seq_len'] == 16
     client.put_object(Bucket=s3.bucket, Key='over/notes.txt', Body=b'not ours')
     with pytest.raises(RemoteDataError, match=rf'`out_dir` {url} holds other objects.*notes\.txt'):
@@ -206,7 +213,9 @@ def test_stream_from_s3_with_local_cache(s3, dataset, tmp_path):
         map(tuple, torch.cat([b['input_ids'] for b in local.dataloader]).tolist())
     )
     record = json.loads((tmp_path / 'cache' / CACHE_RECORD).read_text())
+    version = record['meta'].pop('version')  # the cache records which version it holds, in its own folder
     assert record['remote'] == url and record['meta'] == read_metadata(copy)
+    assert (tmp_path / 'cache' / version / 'train' / 'index.json').is_file()
     assert read_metadata(tmp_path / 'cache') is None  # a cache never passes for a complete local dataset
 
 
@@ -229,7 +238,7 @@ def test_read_errors_name_the_url_and_leave_nothing(case, s3, dataset, tmp_path,
         'wrong-credentials': r'access to bucket .* was denied \(403\).*check the credentials',
         'unfinished-upload': rf'{url}/prores_data\.json does not exist: the upload of this dataset did not '
         r'complete',
-        'missing-index': rf'{url}/train/index\.json does not exist',
+        'missing-index': rf'{url}/v-[0-9a-f]{{16}}/train/index\.json does not exist',
     }[case]
     if case == 'wrong-credentials':
         monkeypatch.setenv('AWS_ACCESS_KEY_ID', 'AKIAWRONGWRONGWRONG0')
@@ -259,20 +268,22 @@ def test_corrupt_shard_fails_its_hash_and_is_not_kept(s3, dataset, tmp_path):
         client.copy_object(
             Bucket=s3.bucket, Key='corrupt/' + key.split('/', 1)[1], CopySource={'Bucket': s3.bucket, 'Key': key}
         )
-    body = bytearray(client.get_object(Bucket=s3.bucket, Key='corrupt/train/shard.00000.mds')['Body'].read())
+    v = json.loads(client.get_object(Bucket=s3.bucket, Key='corrupt/prores_data.json')['Body'].read())['version']
+    body = bytearray(client.get_object(Bucket=s3.bucket, Key=f'corrupt/{v}/train/shard.00000.mds')['Body'].read())
     body[-5] ^= 0xFF  # same size: only the hash can tell
-    client.put_object(Bucket=s3.bucket, Key='corrupt/train/shard.00000.mds', Body=bytes(body))
+    client.put_object(Bucket=s3.bucket, Key=f'corrupt/{v}/train/shard.00000.mds', Body=bytes(body))
     url, cache = f's3://{s3.bucket}/corrupt', tmp_path / 'cache'
-    match = rf'shard {url}/train/shard\.00000\.mds failed its sha1 check.*deleted'
+    match = rf'shard {url}/{v}/train/shard\.00000\.mds failed its sha1 check.*deleted.*Rebuild the dataset at {url} '
     with pytest.raises(RemoteDataError, match=match):
         _iterate(url, cache)
-    assert not (cache / 'train' / 'shard.00000.mds').exists()  # not taken as present next time
+    assert (cache / v / 'train' / 'index.json').is_file()  # the version's own cache folder
+    assert not (cache / v / 'train' / 'shard.00000.mds').exists()  # not taken as present next time
     with pytest.raises(RemoteDataError, match=match):  # so a second run fails the same way
         _iterate(url, cache)
     from prores_algo.training.data import build_dataloader
 
     with pytest.raises(ValueError, match=r'shard .*shard\.00000\.mds.* is missing'):  # the cache is no dataset
-        build_dataloader(str(cache), 'train', 4)
+        build_dataloader(str(cache / v), 'train', 4)
 
 
 def test_a_cache_serves_one_remote(s3, dataset, tmp_path):

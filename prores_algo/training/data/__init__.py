@@ -17,6 +17,7 @@ Modules, one job each:
     layout          on-disk names and format; read_metadata (is a folder a complete dataset?)
     local_folder    the local output folder: lock, temporary sibling, replace rules, atomic move
     remote          object stores: URL test, error diagnosis (RemoteDataError), uploads, remote metadata
+    versions        a remote dataset's versions and the pointer to the current one (atomic overwrite)
     writer          write_mds, ensure_dataset
     token_dataset   TokenDataset (StreamingDataset) and the shared-memory registration lock
     loader          build_dataloader, verify_local_split, the remote cache's record

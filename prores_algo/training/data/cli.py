@@ -84,8 +84,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parts = ', '.join(
         f'{s} {v["samples"]} samples ({v["tokens"]} tokens, {v["documents"]} docs)' for s, v in meta['splits'].items()
     )
+    version = f' (version {meta["version"]})' if meta.get('version') else ''
     print(
-        f'prores-data: wrote {args.out}: {parts}; seq_len={meta["seq_len"]} tokenizer={meta["tokenizer"]} '
+        f'prores-data: wrote {args.out}{version}: {parts}; seq_len={meta["seq_len"]} tokenizer={meta["tokenizer"]} '
         f'vocab_size={meta["vocab_size"]}'
     )
     return 0

@@ -4,7 +4,8 @@
     out_dir/{train,val}/index.json     MDS index of each split (SPLITS), listing every shard and its hash
     out_dir/{train,val}/shard.*.mds    samples: one column COLUMN of DTYPE, exactly seq_len tokens each
 
-`read_metadata` says whether a folder holds a complete dataset.
+`read_metadata` says whether a folder holds a complete dataset. A remote dataset holds this layout under
+a version prefix, named by a pointer at its URL (versions.py).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import torch
 from prores_algo.training.data.layout import CACHE_RECORD, HASH_ALGO, META_FILENAME, SPLITS, read_metadata
 from prores_algo.training.data.remote import RemoteDataError, _remote_metadata, _remote_read_error
 from prores_algo.training.data.token_dataset import TokenDataset
+from prores_algo.training.data.versions import stream_paths
 from prores_algo.training.recipe import is_url
 
 
@@ -130,14 +131,49 @@ def verify_local_split(path: str | os.PathLike, split: str) -> int:
 
 
 def _remote_source(path_or_remote: str, local_cache: Optional[str]) -> tuple[str, str, dict[str, Any], bool]:
-    """A URL's remote, its local cache folder, the dataset's metadata, and whether that came from a warm cache."""
+    """A URL's remote, its local cache folder, the dataset's metadata (the same on every rank, naming the
+    version to read), and whether this process's cache had already recorded exactly that."""
     remote = path_or_remote.rstrip('/')
     local = os.path.abspath(os.path.expanduser(local_cache)) if local_cache else _default_cache_dir(remote)
-    meta = _cache_record(local, remote)  # a warm cache needs no request to the store at all
-    cached = meta is not None
-    if meta is None:
-        meta = _remote_metadata(remote)
-    return remote, local, meta, cached
+    try:
+        own, failed = _cache_record(local, remote), None  # a warm cache needs no request to the store at all
+    except RemoteDataError as e:
+        own, failed = None, e
+
+    def resolve() -> dict[str, Any]:
+        if failed is not None:
+            raise failed
+        return own if own is not None else _remote_metadata(remote)
+
+    meta = _agree_on_meta(resolve)  # every rank takes part before any raises, so none waits forever
+    if failed is not None:
+        raise failed
+    return remote, local, meta, own == meta
+
+
+def _agree_on_meta(resolve: Any) -> dict[str, Any]:
+    """`resolve()` (the dataset's metadata, naming its version) on global rank 0, the same answer on every
+    rank: ranks that each read the pointer could straddle an overwrite and read two different versions.
+    An error on rank 0 is raised on every rank (as RemoteDataError naming it), so none waits forever."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return resolve()
+    box: list[Any] = [None]
+    error: Optional[BaseException] = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ('ok', resolve())
+        except Exception as e:
+            error = e
+            box[0] = ('error', f'{type(e).__name__}: {e}')
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == 'ok':
+        return value
+    if error is not None:
+        raise error
+    raise RemoteDataError(f'rank 0 could not read the dataset: {value}')
 
 
 def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[str, Any]]]:
@@ -218,7 +254,7 @@ def _open_dataset(
         if remote is None or not remote_side:
             raise
         # e.g. the split's index.json is missing remotely, or the store went away since the metadata
-        raise _remote_read_error(remote, f'{remote}/{split}/index.json', e) from e
+        raise _remote_read_error(where, f'{remote}/{split}/index.json', e) from e
     return dataset
 
 
@@ -242,9 +278,10 @@ def build_dataloader(
     (local=path, remote=None); a URL (s3://, gs://, oci://, hf://, https://, ...) is streamed into
     `local_cache` (default: a deterministic folder under the system temp dir). For a URL the
     dataset's prores_data.json must be there (it is uploaded last: no metadata, no complete dataset;
-    RemoteDataError names the URL and the cause), shards are checked against the hashes in index.json
-    as they are downloaded, and the metadata is recorded in the cache (CACHE_RECORD), so a warm cache
-    makes no request to the store at all.
+    RemoteDataError names the URL and the cause) and names the version to read (versions.py; rank 0
+    resolves it for every rank), cached in a subfolder of its own. Shards are checked against the hashes
+    in index.json as they are downloaded; the metadata is recorded in the cache (CACHE_RECORD), so a warm
+    cache makes no request to the store at all (and keeps reading the version it recorded).
     `seq_len` / `vocab_size`, when given, are checked against the dataset before training starts.
 
     Shared memory (streaming 0.13): every StreamingDataset registers shared memory under a fresh
@@ -266,16 +303,16 @@ def build_dataloader(
     cached = True
     if is_url(path_or_remote):
         remote, local, meta, cached = _remote_source(path_or_remote, local_cache)
-        where = remote
+        where, stream = remote, stream_paths(remote, local, meta)  # the version the pointer names
     else:
         local, meta = _local_source(path_or_remote, split)
-        remote, where = None, local
+        remote, where, stream = None, local, (local, None)
     if meta is not None:
         _check_meta(meta, where, seq_len, vocab_size)
     if remote is not None and isinstance(meta.get('splits'), dict) and split not in meta['splits']:
         raise FileNotFoundError(f'split {split!r} not found at {remote} (splits present: {sorted(meta["splits"])})')
     dataset = _open_dataset(
-        local, remote, where, split, meta, batch_size=batch_size, shuffle=shuffle, seed=seed, seq_len=seq_len
+        *stream, where, split, meta, batch_size=batch_size, shuffle=shuffle, seed=seed, seq_len=seq_len
     )
     if not cached:
         _write_cache_record(local, remote, meta)

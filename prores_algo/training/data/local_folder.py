@@ -75,7 +75,12 @@ def _staging_folder(out: Optional[Path]) -> Path:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the complete `tmp` to `out`, replacing an earlier dataset there."""
+    """Rename the complete `tmp` to `out`, replacing an earlier dataset there.
+
+    A reader that opens `out` afterwards sees the new dataset whole; between the two renames `out` is
+    briefly absent (such a reader fails with 'not a folder', never reads a mix). A reader that is still
+    reading the old dataset's shards reads them by name, so it would get the new files: local folders
+    give no protection to readers in flight (a remote dataset keeps its previous version for them)."""
     if out.exists():
         # Move the old folder aside first (rename onto a non-empty folder fails), then drop it.
         trash = out.parent / f'.{out.name}{_TMP_MARK}old-{uuid.uuid4().hex[:8]}'

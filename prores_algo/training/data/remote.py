@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from prores_algo.training.data.layout import FORMAT, META_FILENAME, SPLITS
+from prores_algo.training.data.versions import ours, version_of
 
 
 class RemoteDataError(ValueError):
@@ -124,18 +126,24 @@ def _remote_write_error(remote: str, e: BaseException) -> RemoteDataError:
 
 class _RemoteOut:
     """The remote side of a write: streaming's own uploader for `url` (which checks the bucket when it is
-    created), plus listing and, on S3, deletion. `staging` is the local folder uploads are read from."""
+    created), plus listing and, on S3, deletion. Small objects (the metadata) are staged in a private
+    temporary folder; `close()` removes it."""
 
-    def __init__(self, url: str, staging: Path):
+    def __init__(self, url: str):
         from streaming.base.storage import CloudUploader
 
         self.url = url
         self.scheme, self.bucket, prefix = _split_url(url)
         self.base = f'{prefix}/' if prefix else ''
+        self.staging = tempfile.mkdtemp(prefix='prores-data-meta-')
         try:
-            self.uploader = CloudUploader.get((str(staging), url), keep_local=True, exist_ok=True)
+            self.uploader = CloudUploader.get((self.staging, url), keep_local=True, exist_ok=True)
         except Exception as e:
+            self.close()
             raise _remote_write_error(url, e) from None
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def keys(self) -> list[str]:
         """Object names under the URL, relative to it."""
@@ -145,30 +153,43 @@ class _RemoteOut:
             raise _remote_write_error(self.url, e) from None
         return sorted(n[len(self.base) :] for n in names if n.startswith(self.base))
 
-    def prepare(self, overwrite: bool) -> list[str]:
-        """Refuse a prefix that holds anything but (the debris of) one of our datasets, or a complete dataset
-        unless `overwrite`; when overwriting, first delete its metadata, so from then on the old dataset
-        is incomplete and no mix of old and new objects ever looks complete. Returns the names found."""
+    def prepare(self, overwrite: bool) -> tuple[list[str], set[str]]:
+        """Refuse a prefix that holds anything but our datasets' objects, or a complete dataset unless
+        `overwrite`. Touches nothing: the new version goes under a new prefix, and the current dataset
+        stays readable until the pointer moves. Returns the names found and the first path parts to keep
+        after the pointer moves: the version the pointer names now (the split folders of a flat dataset),
+        or, if the pointer cannot be read, everything (what readers use is then unknown)."""
         keys = self.keys()
-        foreign = [k for k in keys if k != META_FILENAME and k.split('/', 1)[0] not in SPLITS]
+        foreign = [k for k in keys if not ours(k)]
         if foreign:
             raise RemoteDataError(
                 f'`out_dir` {self.url} holds other objects ({foreign[:5]}); refusing to write a '
                 'dataset there (even with overwrite): choose an empty or new prefix'
             )
-        if META_FILENAME in keys:
-            if not overwrite:
-                raise RemoteDataError(
-                    f'`out_dir` {self.url} already holds a dataset; pass overwrite=True '
-                    '(--overwrite) to replace it, or choose another prefix'
-                )
-            self.delete([META_FILENAME])
-        elif keys and self.scheme != 's3':
+        if keys and self.scheme != 's3':
             raise RemoteDataError(
-                f'`out_dir` {self.url} holds the objects of an unfinished write; delete them first '
-                f'(replacing objects is implemented for s3:// only)'
+                f'`out_dir` {self.url} is not empty; writing over objects is implemented for s3:// only '
+                '(old versions must be deleted): delete them first, or choose a new prefix'
             )
-        return keys
+        if META_FILENAME not in keys:
+            return keys, set()
+        if not overwrite:
+            raise RemoteDataError(
+                f'`out_dir` {self.url} already holds a dataset; pass overwrite=True '
+                '(--overwrite) to replace it, or choose another prefix'
+            )
+        try:
+            previous = version_of(_remote_metadata(self.url))
+        except ValueError:
+            return keys, {k.split('/', 1)[0] for k in keys}
+        return keys, {previous} if previous else set(SPLITS)
+
+    def put_json(self, name: str, obj: Any) -> None:
+        """Upload `obj` as the object `name` in one PUT (a small object is never uploaded in parts)."""
+        local = Path(self.staging, name)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(obj, indent=2) + '\n')
+        self.upload(name)
 
     def upload(self, name: str) -> None:
         try:
@@ -219,4 +240,19 @@ def _remote_metadata(remote: str) -> dict[str, Any]:
             f'cannot read the dataset at {remote}: {url} is not the metadata of a prores_algo '
             f'dataset (format {meta.get("format") if isinstance(meta, dict) else None!r})'
         )
+    try:
+        version_of(meta)
+    except ValueError as e:
+        raise RemoteDataError(f'cannot read the dataset at {remote}: {e}') from None
     return meta
+
+
+def _remote_metadata_if_any(remote: str) -> Optional[dict[str, Any]]:
+    """The metadata the pointer at `remote` names, or None if nothing there is complete (an empty prefix,
+    or only the debris of an unfinished write); RemoteDataError if the store cannot be used."""
+    dest = _RemoteOut(remote)  # checks the bucket and the credentials
+    try:
+        present = META_FILENAME in dest.keys()
+    finally:
+        dest.close()
+    return _remote_metadata(remote) if present else None

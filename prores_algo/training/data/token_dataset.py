@@ -15,7 +15,8 @@ import torch
 from streaming import StreamingDataset
 
 from prores_algo.training.data.layout import COLUMN
-from prores_algo.training.data.remote import RemoteDataError
+from prores_algo.training.data.remote import RemoteDataError, _error_code
+from prores_algo.training.data.versions import dataset_root
 
 
 def _shard_seq_len(shards: list[Any]) -> int:
@@ -39,6 +40,7 @@ def _shard_seq_len(shards: list[Any]) -> int:
 
 
 SHM_LOCK_TIMEOUT_S = 120.0
+_NOT_FOUND = ('404', 'NoSuchKey', 'NotFound')
 # Shared-memory names are machine-wide, so the lock must be too: /dev/shm itself where it exists (the
 # temp dir can differ between jobs through TMPDIR).
 _SHM_LOCK_DIR = '/dev/shm' if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK) else tempfile.gettempdir()
@@ -133,6 +135,7 @@ class TokenDataset(StreamingDataset):
             folder = os.path.join(stream.local, stream.split)
             names = [info.basename for pair in shard.file_pairs for info in pair if info is not None]
             url = f'{stream.remote}/{stream.split}/{names[-1]}' if stream.remote else os.path.join(folder, names[0])
+            root = dataset_root(stream.remote or '')
             if 'Checksum failure' in str(e):
                 for name in names:
                     with contextlib.suppress(OSError):
@@ -140,11 +143,16 @@ class TokenDataset(StreamingDataset):
                 msg = (
                     f'shard {url} failed its {stream.validate_hash} check: the bytes downloaded are not the ones '
                     f'its index.json lists (a corrupt or replaced object). The bad copy was deleted from '
-                    f'{folder!r}. Rebuild the dataset at {stream.remote} (prores-data --out {stream.remote} '
-                    '--overwrite ...) or restore the object.'
+                    f'{folder!r}. Rebuild the dataset at {root} (prores-data --out {root} --overwrite ...) or '
+                    'restore the object.'
                 )
             else:
                 msg = f'could not fetch shard {url} into {folder!r}: {type(e).__name__}: {e}'
+                if root != stream.remote and (isinstance(e, FileNotFoundError) or _error_code(e) in _NOT_FOUND):
+                    msg += (
+                        f'. This version of {root} was probably removed by a later write (a write keeps the '
+                        'current and the previous version): a new loader reads the current one'
+                    )
             self._shard_states[shard_id] = _ShardState.REMOTE
             self._shard_error = RemoteDataError(msg)
             # streaming's end of epoch waits for its download threads to report their exit, which a thread

@@ -8,8 +8,9 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from prores_algo.training.data.layout import (
     COLUMN,
@@ -29,7 +30,13 @@ from prores_algo.training.data.local_folder import (
     _staging_folder,
 )
 from prores_algo.training.data.packing import _check_samples, _pack_documents, _Packer
-from prores_algo.training.data.remote import RemoteDataError, _remote_write_error, _RemoteOut, _split_url
+from prores_algo.training.data.remote import (
+    RemoteDataError,
+    _remote_metadata_if_any,
+    _remote_write_error,
+    _RemoteOut,
+    _split_url,
+)
 from prores_algo.training.data.settings import (
     _checked_tokenizer,
     _normalize_tokenizer_name,
@@ -37,6 +44,7 @@ from prores_algo.training.data.settings import (
     _validate_args,
 )
 from prores_algo.training.data.sources import _normalize_source, iter_documents
+from prores_algo.training.data.versions import VERSION_KEY, new_version, stale_keys
 from prores_algo.training.recipe import is_url
 
 
@@ -152,22 +160,45 @@ def _metadata(
     }
 
 
-def _publish_remote(dest: _RemoteOut, writers: dict[str, Any], splits: tuple[str, ...], found: list[str]) -> None:
-    # The remote dataset is complete once its metadata is up: upload it last, then drop what an
-    # earlier dataset or an unfinished write left under the prefix that the new indexes do not list.
-    dest.upload(META_FILENAME)
-    keep = (
-        {META_FILENAME}
-        | {f'{s}/index.json' for s in splits}
-        | {
-            f'{s}/{shard[k]["basename"]}'
-            for s in splits
-            for shard in writers[s].shards
-            for k in ('raw_data', 'zip_data')
-            if shard.get(k)
-        }
-    )
-    dest.delete([k for k in found if k not in keep])
+def _publish_remote(dest: _RemoteOut, version: str, meta: dict[str, Any], found: list[str], keep: set[str]) -> None:
+    """The pointer to the complete `version`, in one PUT: from that moment readers resolve the new version.
+    Then delete what was found before the write and is no longer kept (older versions, debris of
+    interrupted writes); if that fails the dataset is still complete: warn."""
+    dest.put_json(META_FILENAME, {**meta, VERSION_KEY: version})
+    stale = stale_keys(found, keep)
+    try:
+        dest.delete(stale)
+    except RemoteDataError as e:
+        warnings.warn(f'wrote {dest.url} (version {version}) but could not delete {len(stale)} old objects: {e}')
+
+
+def _remote_write(
+    remote: str, overwrite: bool, write: Callable[[Optional[str], dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """Write a new version of the dataset at `remote`, then move the pointer to it. `write(url, writers)`
+    writes and uploads the splits under `url` (the version's prefix), filling `writers` as they open,
+    and returns the metadata. If the version cannot be completed its objects are deleted (the current
+    dataset was never touched); once the pointer upload has been tried, nothing of the version is (the
+    store may have taken it), and a later write removes what is not current."""
+    dest = _RemoteOut(remote)  # checks the bucket and the credentials before any tokenizing
+    version = new_version()
+    writers: dict[str, Any] = {}
+    try:
+        found, keep = dest.prepare(overwrite)
+        try:
+            meta = write(f'{remote}/{version}', writers)
+            dest.put_json(f'{version}/{META_FILENAME}', meta)  # the version is a complete dataset of its own
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                dest.delete([k for k in dest.keys() if k.startswith(f'{version}/')])
+            failed = next((w.upload_error for w in writers.values() if w.upload_error is not None), None)
+            if failed is not None and not isinstance(e, RemoteDataError):
+                raise _remote_write_error(remote, failed) from e
+            raise
+        _publish_remote(dest, version, meta, found, keep | {version})
+        return {**meta, VERSION_KEY: version}
+    finally:
+        dest.close()
 
 
 def _build(
@@ -186,36 +217,29 @@ def _build(
 ) -> dict[str, Any]:
     """Write the dataset; caller holds the lock (of `out`) and has validated the arguments.
 
-    `remote` (a URL): the shards go there through streaming's uploader, as they are written, and
-    `out` is an optional complete local copy (None: staged in a temporary folder, deleted as uploaded).
+    `remote` (a URL): a new version goes there through streaming's uploader, shard by shard as they are
+    written, then the pointer to it (see versions.py); `out` is an optional complete local copy (None:
+    staged in a temporary folder, deleted as uploaded).
     """
     if out is not None:
         _check_replaceable(out, overwrite, '`keep_local`' if remote else '`out_dir`')
         _clean_stale_tmp(out)
     tok = _checked_tokenizer(tokenizer)
-
-    docs = iter_documents(source, max_bytes=max_bytes)
+    docs = iter_documents(source, max_bytes=max_bytes)  # checks the source before anything is written
+    splits = ('train', 'val') if val_fraction > 0 else ('train',)
     # Everything is written into a hidden sibling and renamed into place only when complete: MDSWriter's
     # __exit__ calls finish() even while an exception propagates, which would otherwise leave a
     # valid-looking index.json over a partial dataset at out_dir.
     tmp = _staging_folder(out)
-    splits = ('train', 'val') if val_fraction > 0 else ('train',)
-    dest: Optional[_RemoteOut] = None
-    writers: dict[str, Any] = {}
-    started = False
-    try:
-        found = []
-        if remote is not None:
-            dest = _RemoteOut(remote, tmp)  # checks the bucket and the credentials before any tokenizing
-            found = dest.prepare(overwrite)
-        started = True
+
+    def write(url: Optional[str], writers: dict[str, Any]) -> dict[str, Any]:
         summary = _write_splits(
             docs,
             tok,
             tmp,
             splits,
             writers,
-            remote=remote,
+            remote=url,
             keep_local=out is not None,
             seq_len=seq_len,
             val_fraction=val_fraction,
@@ -229,25 +253,28 @@ def _build(
         meta = _metadata(source, tok, seq_len, val_fraction, max_tokens, max_bytes, seed, compression, summary)
         # Metadata last: its presence (plus the index files) is what read_metadata calls complete.
         (tmp / META_FILENAME).write_text(json.dumps(meta, indent=2) + '\n')
-        if dest is not None:
-            _publish_remote(dest, writers, splits, found)
+        return meta
+
+    try:
+        meta = write(None, {}) if remote is None else _remote_write(remote, overwrite, write)
         if out is None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             _move_into_place(tmp, out)
         return meta
-    except BaseException as e:
+    except BaseException:
         # Includes KeyboardInterrupt. A hard kill leaves `tmp`; the next run's _clean_stale_tmp removes it.
         shutil.rmtree(tmp, ignore_errors=True)
-        if dest is None or not started:  # never delete what was there before we began writing
-            raise
-        # Remote: nothing there is complete (the metadata goes up last); remove the partial splits too.
-        with contextlib.suppress(Exception):
-            dest.delete([k for k in dest.keys() if k != META_FILENAME])
-        failed = next((w.upload_error for w in writers.values() if w.upload_error is not None), None)
-        if failed is not None and not isinstance(e, RemoteDataError):
-            raise _remote_write_error(remote, failed) from e
         raise
+
+
+def _remote_url(out_dir: Any) -> Optional[str]:
+    """`out_dir` without a trailing slash if it is a URL (None: a local folder); ValueError if it has no bucket."""
+    if not (isinstance(out_dir, str) and is_url(out_dir)):
+        return None
+    if not _split_url(out_dir)[1]:
+        raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
+    return out_dir.rstrip('/')
 
 
 def write_mds(
@@ -275,18 +302,18 @@ def write_mds(
 
     `out_dir` may be an object-store URL (`s3://bucket/prefix`; S3_ENDPOINT_URL selects an
     S3-compatible store): streaming's uploader sends each shard up as it is written. The bucket and
-    credentials are checked before any tokenizing; `prores_data.json` is uploaded last, so a remote
-    dataset is complete exactly when it is there; a failed write deletes what it uploaded. With
-    `keep_local` (a folder) a complete local copy is also kept, written atomically as above;
-    without it the shards are staged in a temporary folder and dropped once uploaded.
+    credentials are checked before any tokenizing. The write goes under a new version prefix and
+    `prores_data.json`, the pointer to it, is uploaded last in one PUT, so readers see the old dataset
+    or the new one, whole (versions.py); a failed write deletes what it uploaded. With `keep_local`
+    (a folder) a complete local copy is also kept, written atomically as above; without it the shards
+    are staged in a temporary folder and dropped once uploaded.
 
-    Returns the metadata dict also written to `out_dir/prores_data.json`.
+    Returns the metadata dict also written to `out_dir/prores_data.json` (for a URL, the pointer: it
+    adds the `version` written).
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    if isinstance(out_dir, str) and is_url(out_dir):
-        remote = out_dir.rstrip('/')
-        if not _split_url(remote)[1]:
-            raise ValueError(f'`out_dir` {out_dir!r}: a URL needs a bucket, e.g. s3://bucket/prefix')
+    remote = _remote_url(out_dir)
+    if remote is not None:
         if keep_local is None:
             return _build(
                 source,
@@ -344,22 +371,29 @@ def ensure_dataset(
 
     Raises ValueError listing the differing fields if `out_dir` holds a dataset built differently
     (never silently rebuilds: a training run must not change data under a checkpoint's feet).
-    Safe to call from every rank at once: builders serialize on a file lock beside out_dir.
+    A local `out_dir` is safe to call from every rank at once: builders serialize on a file lock beside
+    it. A URL is checked against the metadata its pointer names (the current version) and, if it holds
+    no dataset, built by this process: call it from one process only (no lock spans machines).
     """
     _validate_args(seq_len, val_fraction, max_tokens, compression, seed)
-    out = _out_path(out_dir)
+    remote = _remote_url(out_dir)
+    out = None if remote is not None else _out_path(out_dir)
     want = _requested_settings(source, tokenizer, seq_len, val_fraction, max_tokens, max_bytes, seed)
 
     def check(meta: dict[str, Any]) -> dict[str, Any]:
         diff = [f'{k}: dataset has {meta.get(k)!r}, requested {v!r}' for k, v in want.items() if meta.get(k) != v]
         if diff:
             raise ValueError(
-                f'`out_dir` {str(out)!r} holds a dataset built with different settings '
+                f'`out_dir` {remote or str(out)!r} holds a dataset built with different settings '
                 f'({"; ".join(diff)}). Use another out_dir, or rebuild it with '
                 'write_mds(..., overwrite=True) / prores-data --overwrite.'
             )
         return meta
 
+    args = (source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, False, progress)
+    if remote is not None:
+        meta = _remote_metadata_if_any(remote)
+        return check(meta) if meta is not None else _build(*args, remote=remote)
     # Lock-free fast path: datasets appear atomically, so a complete one can be read without the
     # lock (which also lets a prebuilt dataset live in a read-only folder).
     meta = read_metadata(out)
@@ -369,6 +403,4 @@ def ensure_dataset(
         meta = read_metadata(out)  # another process may have built it while we waited
         if meta is not None:
             return check(meta)
-        return _build(
-            source, out, tokenizer, seq_len, val_fraction, max_tokens, compression, seed, max_bytes, False, progress
-        )
+        return _build(*args)
