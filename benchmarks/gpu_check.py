@@ -350,7 +350,7 @@ def run_deepspeed(args) -> dict:
             str(args.n_heads),
             '--seq_len',
             str(args.seq_len),
-            '--vocab',
+            '--vocab_size',
             str(args.vocab),
             '--steps',
             str(args.ds_steps),

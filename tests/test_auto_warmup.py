@@ -134,7 +134,7 @@ def test_deepspeed_entry_resume_keeps_recorded_auto_warmup(tmp_path, no_dist_env
     (ckpt / 'latest').write_text('global_step4')
     record = {'enabled': True, 'schedule': 'linear', 't_warmup': 3.0, 'num_layers': L, 'time_unit': 'steps'}
     (ckpt / 'global_step4' / 'prores.json').write_text(json.dumps(record))
-    base = {'deepspeed_config': str(ZERO3_JSON), 'n_layers': L, 'd_model': 32, 'seq_len': 16, 'vocab': 64}
+    base = {'deepspeed_config': str(ZERO3_JSON), 'n_layers': L, 'd_model': 32, 'seq_len': 16, 'vocab_size': 64}
     plan = _prepare(*from_flat({**base, 'steps': 40, 't_warmup': 'auto', 'load_dir': str(ckpt)}))[0]
     assert plan.t_warmup == 3.0
     with pytest.raises(ValueError, match='different ProRes configuration'):

@@ -60,7 +60,7 @@ def _resume():
                         'n_layers': 4,
                         'd_model': 32,
                         'seq_len': 16,
-                        'vocab': 64,
+                        'vocab_size': 64,
                         'steps': 8,
                         't_warmup': 16,
                         'load_dir': '{tmp}/ds_ckpt',

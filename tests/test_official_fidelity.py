@@ -175,7 +175,15 @@ def test_training_entries_resolve_deepnet_init_from_prores(tmp_path):
     assert build_model(TrainConfig(**base)).model.config.deepnet_init is True
     explicit = TrainConfig(**{**base, 'model': {**base['model'], 'deepnet_init': True}}, algorithms={'prores': {}})
     assert build_model(explicit).model.config.deepnet_init is True
-    cfg = {**ds_train.DEFAULTS, 'norm': 'deepnorm', 'n_layers': L, 'd_model': D, 'n_heads': H, 'vocab': V, 'seq_len': S}
+    cfg = {
+        **ds_train.DEFAULTS,
+        'norm': 'deepnorm',
+        'n_layers': L,
+        'd_model': D,
+        'n_heads': H,
+        'vocab_size': V,
+        'seq_len': S,
+    }
     assert ds_train.build_model({**cfg, 'prores': True}).config.deepnet_init is False
     assert ds_train.build_model({**cfg, 'prores': False}).config.deepnet_init is True
 

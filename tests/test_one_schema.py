@@ -159,7 +159,7 @@ def test_the_flat_options_are_the_same_schema():
             'd_model': 32,
             'n_heads': 4,
             'seq_len': 32,
-            'vocab': 257,
+            'vocab_size': 257,
             'norm': 'post',
             'steps': 40,
             'lr': 2e-3,

@@ -266,7 +266,7 @@ DS_ARGS = [
     '4',
     '--seq_len',
     '16',
-    '--vocab',
+    '--vocab_size',
     '64',
     '--steps',
     str(STEPS),

@@ -51,7 +51,7 @@ TINY = [
     '4',
     '--seq_len',
     '16',
-    '--vocab',
+    '--vocab_size',
     '64',
     '--steps',
     str(STEPS),
@@ -221,7 +221,7 @@ def test_zero3_resume_with_different_prores_config_fails(run_a, no_dist_env):
         'n_layers': N_LAYERS,
         'd_model': 32,
         'seq_len': 16,
-        'vocab': 64,
+        'vocab_size': 64,
         'steps': STEPS,
         'load_dir': str(run_a.ckpt),
     }

@@ -17,7 +17,7 @@ from prores_algo.training.deepspeed.loop import _init_distributed, build_model
 from prores_algo.training.deepspeed.settings import from_flat, resolve
 from prores_algo.training.models.decoder import NORM_PLACEMENTS
 
-TINY = {'n_layers': 2, 'd_model': 32, 'n_heads': 4, 'seq_len': 16, 'vocab': 64, 'steps': 4, 'seed': 7}
+TINY = {'n_layers': 2, 'd_model': 32, 'n_heads': 4, 'seq_len': 16, 'vocab_size': 64, 'steps': 4, 'seed': 7}
 
 
 def gathered_state(model) -> dict[str, torch.Tensor]:

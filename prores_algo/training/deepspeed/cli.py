@@ -30,7 +30,7 @@ FLAG_KEYS: dict[str, str] = {
     'd_model': 'model.d_model',
     'n_heads': 'model.n_heads',
     'seq_len': 'data.seq_len',
-    'vocab': 'model.vocab_size',
+    'vocab_size': 'model.vocab_size',
     'd_ffn': 'model.d_ffn',
     'norm': 'model.norm',
     'steps': 'max_duration',
@@ -145,8 +145,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument('overrides', nargs='*', help='key=value overrides of --config')  # passed by the deepspeed launcher
     g = p.add_argument_group('model')
-    for k in ('n_layers', 'd_model', 'n_heads', 'seq_len', 'vocab'):
+    for k in ('n_layers', 'd_model', 'n_heads', 'seq_len', 'vocab_size'):  # the YAML's model keys
         g.add_argument(f'--{k}', type=int, default=d[k])
+    _deprecated_alias(g, '--vocab', '--vocab_size', dest='vocab_size', type=int)
     g.add_argument('--d_ffn', type=int, default=d['d_ffn'], help='FFN width (default: 8/3 x d_model, rounded)')
     g.add_argument('--norm', default=d['norm'], choices=('pre', 'post', 'sandwich', 'deepnorm', 'lns'))
     g = p.add_argument_group('optimisation')

@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     'd_model': 64,
     'n_heads': 4,
     'seq_len': 64,
-    'vocab': 256,
+    'vocab_size': 256,
     'norm': 'pre',
     'd_ffn': None,  # None: DecoderConfig's default (SwiGLU 8/3 x d_model, rounded); the paper's 1.3B sets 5632
     'final_norm': True,
@@ -111,7 +111,7 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
         raise ConfigError(f'steps must be >= 1, got {steps}')
     model = {
         'name': 'reference',
-        'vocab_size': f['vocab'],
+        'vocab_size': f['vocab_size'],
         'd_model': f['d_model'],
         'n_layers': f['n_layers'],
         'n_heads': f['n_heads'],
