@@ -210,32 +210,15 @@ def test_composer_auto_resume_with_longer_max_duration_keeps_w_and_alpha(tmp_pat
 
 
 # --- Hugging Face: the callback in a real Trainer -----------------------------------------------------------
-def _hf_args(tmp_path, max_steps, **kw):
-    import transformers as T
-
-    return T.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        max_steps=max_steps,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        learning_rate=1e-3,
-        disable_tqdm=True,
-        seed=0,
-        **kw,
-    )
-
-
 def test_hf_trainer_auto_short_run_warns_once_and_logs(tmp_path):
     import transformers as T
 
     from prores_algo.integrations.hf import ProResCallback
-    from tests.integrations.test_hf import L as HF_L
-    from tests.integrations.test_hf import Tokens, tiny_llama
+    from tests.support.hf import NUM_LAYERS as HF_L
+    from tests.support.hf import hf_args, hf_tokens, tiny_llama
 
     cb = ProResCallback(t_warmup='auto')
-    trainer = T.Trainer(model=tiny_llama(), args=_hf_args(tmp_path, 8, save_strategy='no'), train_dataset=Tokens())
+    trainer = T.Trainer(model=tiny_llama(), args=hf_args(tmp_path, 8, save_strategy='no'), train_dataset=hf_tokens())
     cb.install(trainer)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter('always')
@@ -251,8 +234,8 @@ def test_hf_callback_auto_long_run_no_warning():
     from transformers.trainer_callback import TrainerControl, TrainerState
 
     from prores_algo.integrations.hf import ProResCallback
-    from tests.integrations.test_hf import L as HF_L
-    from tests.integrations.test_hf import tiny_llama
+    from tests.support.hf import NUM_LAYERS as HF_L
+    from tests.support.hf import tiny_llama
 
     state = TrainerState()
     state.global_step, state.max_steps = 0, LONG
@@ -271,7 +254,7 @@ def test_hf_trainer_auto_resume_with_larger_max_steps_keeps_w(tmp_path):
     import transformers as T
 
     from prores_algo.integrations.hf import ProResCallback
-    from tests.integrations.test_hf import StepRecorder, Tokens, record_forwards, tiny_llama
+    from tests.support.hf import StepRecorder, hf_args, hf_tokens, record_forwards, tiny_llama
 
     class StopAtStep(T.TrainerCallback):
         def __init__(self, step):
@@ -281,19 +264,19 @@ def test_hf_trainer_auto_resume_with_larger_max_steps_keeps_w(tmp_path):
             if state.global_step >= self.step:
                 control.should_training_stop = True
 
-    args = _hf_args(tmp_path, 16, save_strategy='steps', save_steps=2)  # W = 4
+    args = hf_args(tmp_path, 16, save_strategy='steps', save_steps=2)  # W = 4
     cb = ProResCallback(t_warmup='auto')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        T.Trainer(model=tiny_llama(), args=args, train_dataset=Tokens(), callbacks=[cb, StopAtStep(2)]).train()
+        T.Trainer(model=tiny_llama(), args=args, train_dataset=hf_tokens(), callbacks=[cb, StopAtStep(2)]).train()
     assert cb.controller.warmup_steps == 4
     cb2, rec = ProResCallback(t_warmup='auto'), StepRecorder()
     model2 = tiny_llama()
     seen = record_forwards(model2, rec)
-    args2 = _hf_args(tmp_path, 32, save_strategy='no')  # alone: W = 8
+    args2 = hf_args(tmp_path, 32, save_strategy='no')  # alone: W = 8
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        T.Trainer(model=model2, args=args2, train_dataset=Tokens(), callbacks=[cb2, rec, StopAtStep(3)]).train(
+        T.Trainer(model=model2, args=args2, train_dataset=hf_tokens(), callbacks=[cb2, rec, StopAtStep(3)]).train(
             resume_from_checkpoint=str(tmp_path / 'checkpoint-2')
         )
     assert cb2.controller.warmup_steps == 4

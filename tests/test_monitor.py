@@ -220,14 +220,14 @@ def test_monitor_with_prores_and_unknown_model_error():
 
 
 def test_hf_callback_values_equal_manual_with_grad_accumulation():
-    from tests.integrations.test_hf import Tokens, simulated_train, tiny_llama
+    from tests.support.hf import hf_tokens, simulated_train, tiny_llama
 
     model = tiny_llama()
     reference = copy.deepcopy(model)
     mon = ResidualMonitorCallback(log_interval=2, spike_window=0)
     state, _ = simulated_train(model, [mon], steps=3, grad_accum=2, lr=1e-2)
     # step 0 is measured: micro-batches are samples (0,1) and (2,3)
-    data = Tokens(n=12)
+    data = hf_tokens(n=12)
     outs = []
     handles = [
         l.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
@@ -262,7 +262,7 @@ def test_hf_callback_values_equal_manual_with_grad_accumulation():
 
 
 def test_hf_loss_spikes_from_forward_outputs():
-    from tests.integrations.test_hf import simulated_train, tiny_llama
+    from tests.support.hf import simulated_train, tiny_llama
 
     mon = ResidualMonitorCallback(
         log_interval=5, spike_window=3, spike_std=7.0, rms=False, grad_norm=False, update_ratio=False
@@ -290,24 +290,12 @@ def test_hf_real_trainer_logs_monitor_metrics(tmp_path):
     import transformers as T
 
     from prores_algo.integrations.hf import ProResCallback
-    from tests.integrations.test_hf import Tokens, tiny_llama
+    from tests.support.hf import hf_args, hf_tokens, tiny_llama
 
     model = tiny_llama()
-    args = T.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        max_steps=4,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_strategy='no',
-        learning_rate=1e-3,
-        disable_tqdm=True,
-        max_grad_norm=1e-3,
-    )
+    args = hf_args(tmp_path, 4, gradient_accumulation_steps=2, max_grad_norm=1e-3)
     mon = ResidualMonitorCallback(log_interval=2, spike_window=2)
-    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[ProResCallback(t_warmup=3), mon])
+    trainer = T.Trainer(model=model, args=args, train_dataset=hf_tokens(), callbacks=[ProResCallback(t_warmup=3), mon])
     trainer.train()
     logs = [h for h in trainer.state.log_history if 'loss' in h]
     assert 'residual_monitor/rms/layer_2' in logs[0] and 'residual_monitor/rms/layer_2' in logs[2]

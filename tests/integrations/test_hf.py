@@ -16,76 +16,31 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+from transformers.trainer_callback import TrainerControl, TrainerState
 
 from prores_algo import alpha_schedules
 from prores_algo.export import fold_prores
 from prores_algo.integrations.hf import ProResCallback, unwrap_model
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
 from tests.support.helpers import free_port
+from tests.support.hf import (
+    NUM_LAYERS as L,
+)
+from tests.support.hf import (
+    StepRecorder,
+    alpha_by_layer,
+    hf_args,
+    hf_tokens,
+    record_forwards,
+    simulated_train,
+    tiny_llama,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_ACCELERATE = importlib.util.find_spec('accelerate') is not None
 needs_accelerate = pytest.mark.skipif(
     not HAVE_ACCELERATE, reason='transformers.Trainer requires the `accelerate` package (not installed here)'
 )
-L = 3
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    return T.LlamaForCausalLM(
-        T.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=L,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-        )
-    )
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=48, seq=8, seed=0):
-        self.x = torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {'input_ids': self.x[i], 'labels': self.x[i]}
-
-
-def alpha_by_layer(model):
-    """{layer index: α} read from the buffers the forward pass uses (both branches must agree); the inert
-    1.0 buffers a removal leaves behind are read by no hook and are not counted."""
-    out = {}
-    for name, module in model.named_modules():
-        if ALPHA_BUFFER in module._buffers and has_prores_hook(module):
-            layer = int(name.split('layers.')[1].split('.')[0])
-            buf = module._buffers[ALPHA_BUFFER]
-            assert out.setdefault(layer, float(buf)) == float(buf)
-    return out
-
-
-class StepRecorder(T.TrainerCallback):
-    """Remembers the optimizer step at which each forward pass runs (Trainer events only)."""
-
-    def __init__(self):
-        self.step = None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-
-def record_forwards(model, recorder):
-    seen = []
-    model.register_forward_pre_hook(
-        lambda m, a: seen.append((recorder.step, alpha_by_layer(m))) if m.training else None
-    )
-    return seen
 
 
 def check_alphas(seen, warmup, grad_accum):
@@ -109,20 +64,8 @@ def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
     model = tiny_llama()
     cb, rec = ProResCallback(t_warmup=6), StepRecorder()
     seen = record_forwards(model, rec)
-    args = T.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        max_steps=9,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_strategy='no',
-        learning_rate=1e-3,
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec])
+    args = hf_args(tmp_path, 9, gradient_accumulation_steps=2)
+    trainer = T.Trainer(model=model, args=args, train_dataset=hf_tokens(), callbacks=[cb, rec])
     trainer.train()
     assert [s for s, _ in seen][::2] == list(range(9))
     check_alphas(seen, warmup=6, grad_accum=2)
@@ -141,21 +84,9 @@ def test_real_trainer_gradient_accumulation_alpha_per_optimizer_step(tmp_path):
 @needs_accelerate
 def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_alpha(tmp_path):
     model = tiny_llama()
-    args = T.TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to=[],
-        max_steps=4,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        save_strategy='steps',
-        save_steps=2,
-        learning_rate=1e-3,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = hf_args(tmp_path, 4, save_strategy='steps', save_steps=2)
     cb = ProResCallback(t_warmup='1.0dur')
-    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens())
+    trainer = T.Trainer(model=model, args=args, train_dataset=hf_tokens())
     cb.install(trainer)
     assert trainer.callback_handler.callbacks[0] is cb
     trainer.train()
@@ -163,7 +94,7 @@ def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_al
     # resume from the step-2 checkpoint with a fresh model and callback: α continues from step 2
     model2, cb2, rec = tiny_llama(), ProResCallback(t_warmup='1.0dur'), StepRecorder()
     seen = record_forwards(model2, rec)
-    trainer2 = T.Trainer(model=model2, args=args, train_dataset=Tokens(), callbacks=[cb2, rec])
+    trainer2 = T.Trainer(model=model2, args=args, train_dataset=hf_tokens(), callbacks=[cb2, rec])
     trainer2.train(resume_from_checkpoint=str(tmp_path / 'checkpoint-2'))
     assert [s for s, _ in seen] == [2, 3]
     check_alphas(seen, warmup=4, grad_accum=1)
@@ -173,7 +104,8 @@ DS_SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
     import torch, transformers as T
     sys.path.insert(0, sys.argv[1])
-    from tests.integrations.test_hf import ProResCallback, StepRecorder, Tokens, record_forwards, tiny_llama
+    from prores_algo.integrations.hf import ProResCallback
+    from tests.support.hf import StepRecorder, hf_tokens, record_forwards, tiny_llama
     ds_config = {'train_micro_batch_size_per_gpu': 'auto', 'gradient_accumulation_steps': 'auto',
                  'train_batch_size': 'auto', 'gradient_clipping': 'auto',
                  'zero_optimization': {'stage': 3, 'stage3_param_persistence_threshold': 0},
@@ -186,7 +118,7 @@ DS_SCRIPT = textwrap.dedent("""
     from prores_algo.integrations.hf import ResidualMonitorCallback
     mon = ResidualMonitorCallback(log_interval=2, spike_window=2)
     seen = record_forwards(model, rec)
-    trainer = T.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb, rec, mon])
+    trainer = T.Trainer(model=model, args=args, train_dataset=hf_tokens(), callbacks=[cb, rec, mon])
     trainer.train()
     engine = trainer.model_wrapped
     logs = [h for h in trainer.state.log_history if 'loss' in h]
@@ -235,40 +167,6 @@ def test_real_trainer_deepspeed_zero3_cpu_single_process(tmp_path):
 
 
 # --- Trainer-free: transformers' CallbackHandler driven in Trainer.train's event order ------------------
-
-
-def simulated_train(model, callbacks, steps, grad_accum, start_step=0, lr=1e-2):
-    """A faithful copy of the event order of Trainer._inner_training_loop (no accelerate needed)."""
-    args = None  # TrainingArguments itself needs accelerate; the callbacks here do not read it
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    handler = CallbackHandler(callbacks, model, None, opt, None)
-    state, control = TrainerState(), TrainerControl()
-    state.global_step, state.max_steps = start_step, steps
-    data = Tokens(n=steps * grad_accum * 2)
-    control = handler.on_train_begin(args, state, control)
-    losses = []
-    for step in range(start_step, steps):
-        for micro in range(grad_accum):
-            if micro == 0:
-                control = handler.on_step_begin(args, state, control)
-            i = (step * grad_accum + micro) * 2
-            batch = {k: torch.stack([data[j][k] for j in (i, i + 1)]) for k in ('input_ids', 'labels')}
-            loss = model(**batch).loss / grad_accum
-            loss.backward()
-            losses.append(float(loss))
-            if micro < grad_accum - 1:
-                control = handler.on_substep_end(args, state, control)
-        control = handler.on_pre_optimizer_step(args, state, control)
-        opt.step()
-        control = handler.on_optimizer_step(args, state, control)
-        model.zero_grad()
-        state.global_step += 1
-        control = handler.on_step_end(args, state, control)
-        logs = {'loss': losses[-1]}
-        state.log_history.append({**logs, 'step': state.global_step})
-        control = handler.on_log(args, state, control, logs)
-    handler.on_train_end(args, state, control)
-    return state, losses
 
 
 def test_callback_event_order_gradient_accumulation_without_trainer():

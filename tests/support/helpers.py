@@ -10,17 +10,19 @@ from prores_algo.training.models.decoder import DecoderConfig
 
 
 class RandomTokens(Dataset):
-    """Deterministic random token sequences: sample i is the same in every run."""
+    """Deterministic random token sequences: sample i is the same in every run. `labels=True` adds the
+    `labels` a transformers model computes its loss from (the inputs themselves)."""
 
-    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0):
+    def __init__(self, n: int = 48, seq_len: int = 8, vocab: int = 64, seed: int = 0, labels: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.data = torch.randint(0, vocab, (n, seq_len), generator=g)
+        self.labels = labels
 
     def __len__(self):
         return len(self.data)
 
     def __getitem__(self, i):
-        return {'input_ids': self.data[i]}
+        return {'input_ids': self.data[i], 'labels': self.data[i]} if self.labels else {'input_ids': self.data[i]}
 
 
 def token_loader(n=64, seq_len=16, vocab=64, batch_size=4, seed=0):

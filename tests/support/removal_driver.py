@@ -244,10 +244,11 @@ def run_ddp(out: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ HF Trainer
 def run_hf(out: str) -> None:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from prores_algo.integrations.hf import ProResCallback
     from tests.support.helpers import RandomTokens
+    from tests.support.hf import hf_args
 
     class HFWrap(nn.Module):
         def __init__(self):
@@ -259,20 +260,7 @@ def run_hf(out: str) -> None:
             return {'loss': lm_loss(logits, input_ids), 'logits': logits}
 
     def fit(max_steps, model, callback):
-        args = TrainingArguments(
-            output_dir=f'{out}/hf',
-            max_steps=max_steps,
-            per_device_train_batch_size=2,
-            learning_rate=1e-2,
-            report_to=[],
-            save_strategy='no',
-            logging_steps=1,
-            use_cpu=True,
-            ddp_backend='gloo',
-            disable_tqdm=True,
-            seed=0,
-            dataloader_num_workers=0,
-        )
+        args = hf_args(f'{out}/hf', max_steps, learning_rate=1e-2, ddp_backend='gloo', dataloader_num_workers=0)
         trainer = Trainer(
             model=model, args=args, train_dataset=RandomTokens(64, SEQ, VOCAB, seed=0), callbacks=[callback]
         )
