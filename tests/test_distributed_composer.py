@@ -4,14 +4,13 @@ step equals the schedule, FSDP2 really shards, and N batches straight == N/2 + c
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from prores_algo import alpha_schedules
-from tests.support.helpers import free_port
+from tests.support.helpers import composer_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / 'tests' / 'support' / 'dist_driver.py'
@@ -27,7 +26,6 @@ def data(tmp_path_factory):
 
 
 def launch(yaml, out, data, *overrides):
-    composer = Path(sys.executable).parent / 'composer'
     base = [
         f'data.path={data}',
         'data.source=null',
@@ -45,22 +43,7 @@ def launch(yaml, out, data, *overrides):
         'console_log_interval=100ba',
         'data.shuffle=false',
     ]
-    cmd = [
-        str(composer),
-        '-n',
-        '2',
-        '--master_port',
-        str(free_port()),
-        '--stdout',
-        f'{out}/stdout{{rank}}.txt',
-        '--stderr',
-        f'{out}/stderr{{rank}}.txt',
-        str(DRIVER),
-        str(out),
-        str(yaml),
-        *base,
-        *overrides,
-    ]
+    cmd = composer_launch(2, out, str(DRIVER), str(out), str(yaml), *base, *overrides)
     Path(out).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         cmd, env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=600, cwd=out

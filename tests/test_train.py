@@ -3,7 +3,6 @@ launcher, and bad input gets a message that names what to change."""
 
 import glob
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from prores_algo.training.composer_train import build_model, run
 from prores_algo.training.config import ConfigError, load_config
+from tests.support.helpers import composer_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 # every YAML of ours (yamls/llmfoundry/ holds llm-foundry's format; tests/test_llmfoundry_plugin.py checks it)
@@ -133,39 +133,25 @@ def test_hf_causal_lm_family_trains(tiny_data):
     assert result['val_loss'] < result['val_loss_start']
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_quickstart_under_composer_launcher_ddp(tiny_data, tmp_path):
     """`composer -n 2 -m prores_algo.training.composer_train yamls/quickstart.yaml` (DDP over gloo on CPU), a few batches."""
-    composer = Path(sys.executable).parent / 'composer'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    cmd = [
-        str(composer),
-        '-n',
-        '2',
-        '--master_port',
-        str(_free_port()),
-        '--stdout',
-        str(tmp_path / 'out{rank}.txt'),
-        '--stderr',
-        str(tmp_path / 'err{rank}.txt'),
+    cmd = composer_launch(
+        2,
+        tmp_path,
         '-m',
         'prores_algo.training.composer_train',
         str(ROOT / 'yamls' / 'quickstart.yaml'),
         *small_overrides(tiny_data, max_duration='4ba'),
-    ]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     # the launcher streams rank 0 to its own stdout and the other ranks to --stdout files
     out0 = proc.stdout
     assert proc.returncode == 0, out0[-3000:] + proc.stderr[-3000:]
     assert 'validation loss after 4 batches' in out0
     assert 'prores/num_layers: 3' in out0 + proc.stderr  # ProRes was applied (its hyperparameters are logged)
-    log1 = (tmp_path / 'out1.txt').read_text()
+    log1 = (tmp_path / 'stdout1.txt').read_text()
     assert 'Train time/batch: 4' in log1 or 'batch=4/4' in log1 or log1 == '' or 'validation loss' not in log1
 
 

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from prores_algo import alpha_schedules, apply_prores
 from prores_algo.export import fold_prores
 from prores_algo.surgery import ALPHA_BUFFER, has_prores_hook
-from tests.support.helpers import env_without_dist, free_port
+from tests.support.helpers import composer_launch, env_without_dist, free_port
 from tests.support.removal_driver import LAYERS, STEPS, T_WARMUP, batches, fresh_model, lm_loss
 
 pytestmark = pytest.mark.filterwarnings('ignore:ProRes t_warmup')  # W = 4 steps is short on purpose
@@ -54,21 +54,7 @@ def _env() -> dict:
 def _launch(mode: str, out: Path, *extra: str, launcher: str = 'torchrun') -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     if launcher == 'composer':
-        cmd = [
-            str(BIN / 'composer'),
-            '-n',
-            '2',
-            '--master_port',
-            str(free_port()),
-            '--stdout',
-            f'{out}/stdout{{rank}}.txt',
-            '--stderr',
-            f'{out}/stderr{{rank}}.txt',
-            str(DRIVER),
-            mode,
-            str(out),
-            *extra,
-        ]
+        cmd = composer_launch(2, out, str(DRIVER), mode, str(out), *extra)
     else:
         cmd = [
             str(BIN / 'torchrun'),

@@ -2,6 +2,8 @@
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -109,3 +111,22 @@ def set_random_alphas(controller, seed=1):
     """A different α in [0.05, 0.95) per layer, so a per-layer comparison catches a mix-up of layers."""
     g = torch.Generator().manual_seed(seed)
     return set_alphas(controller, (0.05 + 0.9 * torch.rand(controller.num_layers, generator=g)).tolist())
+
+
+def composer_launch(nproc: int, log_dir, *target: str) -> list[str]:
+    """The command `composer -n NPROC ... TARGET` (Composer's launcher, this environment's), on a free
+    port, with each rank's stdout / stderr in LOG_DIR/stdout{rank}.txt and stderr{rank}.txt (the
+    launcher itself streams rank 0 to its own stdout too). TARGET: a script and its arguments, or
+    '-m', a module and its arguments."""
+    return [
+        str(Path(sys.executable).parent / 'composer'),
+        '-n',
+        str(nproc),
+        '--master_port',
+        str(free_port()),
+        '--stdout',
+        f'{log_dir}/stdout{{rank}}.txt',
+        '--stderr',
+        f'{log_dir}/stderr{{rank}}.txt',
+        *target,
+    ]
