@@ -288,7 +288,7 @@ class Runner:
         res['step_time_ratio'] = {n: res[n]['median_step_s'] / res['off']['median_step_s'] for n in names if n != 'off'}
         # per repeat: the variant's segment median over the baseline's in the same repeat (the spread)
         res['step_time_ratio_per_repeat'] = {
-            n: [a / b for a, b in zip(res[n]['segment_medians_s'], res['off']['segment_medians_s'])]
+            n: [a / b for a, b in zip(res[n]['segment_medians_s'], res['off']['segment_medians_s'], strict=True)]
             for n in names
             if n != 'off'
         }
@@ -386,7 +386,7 @@ def run_deepspeed(args) -> dict:
         'zero_stage': s['zero_stage'],
         'train_batch_size': s['train_batch_size'],
     }
-    ok = all(a == b for a, b in zip(s['alphas'][-1], _core_alphas(args, s['steps'][-1])))
+    ok = all(a == b for a, b in zip(s['alphas'][-1], _core_alphas(args, s['steps'][-1]), strict=True))
     out['alphas_match_schedule'] = ok
     print(
         f'[deepspeed] ZeRO-3 bf16 single GPU: {len(s["losses"])} steps in {wall:.1f}s, losses '

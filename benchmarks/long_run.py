@@ -143,7 +143,7 @@ def slope_per_1k(xs, ys) -> float:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    return 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return 1000.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
 
 
 def theil_sen_per_1k(xs, ys) -> float:

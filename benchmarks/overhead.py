@@ -48,8 +48,10 @@ Writes benchmarks/results/overhead.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
+import itertools
 import math
 import os
 import random
@@ -163,7 +165,7 @@ class Variant:
             return True
         a = self.alphas_seen
         inside = all(0.0 < v < 1.0 for row in a for v in row)
-        moving = all(x != y for r1, r2 in zip(a, a[1:]) for x, y in zip(r1, r2))
+        moving = all(x != y for r1, r2 in itertools.pairwise(a) for x, y in zip(r1, r2, strict=True))
         return bool(a) and inside and moving
 
 
@@ -178,7 +180,7 @@ def _q(xs, q):
 
 
 def _ratios(per_round: dict, k: str) -> dict:
-    ratios = [a / b for a, b in zip(per_round[k], per_round['baseline'])]
+    ratios = [a / b for a, b in zip(per_round[k], per_round['baseline'], strict=True)]
     return {'ratio_median': statistics.median(ratios), 'ratio_q25': _q(ratios, 0.25), 'ratio_q75': _q(ratios, 0.75)}
 
 
@@ -602,7 +604,7 @@ def print_table(results: dict) -> None:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        print('  '.join(c.ljust(w) for c, w in zip(r, widths)))
+        print('  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             print('  '.join('-' * w for w in widths))
     print(
@@ -682,10 +684,8 @@ def main(argv=None) -> dict:
         results['models'][name] = bench_model(name, args, dims)
     results['mechanisms'] = mechanism_comparison(args)
     results['wall_s'] = time.time() - t0
-    try:
+    with contextlib.suppress(OSError):  # no load average on this platform
         results['machine']['loadavg_at_end'] = os.getloadavg()
-    except OSError:  # pragma: no cover
-        pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, results, indent=2)

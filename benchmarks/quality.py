@@ -498,7 +498,7 @@ def _plot_factors(plt, results: dict):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
     inits = list(f)
-    for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN')):
+    for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN'), strict=True):
         ticks = sorted({float(x) for init in inits for x in f[init][norm]})
         for j, init in enumerate(inits):
             shift = 1 + 0.06 * (j - (len(inits) - 1) / 2)  # side by side on the log axis
@@ -540,7 +540,7 @@ def _plot_ratio(plt, results: dict):
         for init, pts in f.items()
         for norm, by_spl in pts.items()
         for x, p in by_spl.items()
-        for r, d in zip(p['init_ratio'], p['per_seed'])
+        for r, d in zip(p['init_ratio'], p['per_seed'], strict=True)
         if r is not None
     ]
     if not rows:
@@ -548,11 +548,17 @@ def _plot_ratio(plt, results: dict):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     spls = sorted({x for _, x, *_ in rows})
     cmap = plt.get_cmap('viridis')
-    for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN')):
+    for ax, norm, title in zip(axes, ('pre', 'post'), ('Pre-LN', 'Post-LN'), strict=True):
         for i, x in enumerate(spls):
             sel = [(r, d) for n, xx, r, d, _ in rows if n == norm and xx == x]
             if sel:
-                ax.scatter(*zip(*sel), color=cmap(i / max(1, len(spls) - 1)), s=16, alpha=0.7, label=f'W / L = {x:g}')
+                ax.scatter(
+                    *zip(*sel, strict=True),
+                    color=cmap(i / max(1, len(spls) - 1)),
+                    s=16,
+                    alpha=0.7,
+                    label=f'W / L = {x:g}',
+                )
         ax.axhline(0, color='gray', lw=1)
         ax.set_xscale('log')
         ax.set_xlabel('branch-to-stream RMS ratio at initialisation (median over branches)')

@@ -13,7 +13,7 @@ formed before the division, so T·L never rounds below W), which is what lets th
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
     'alpha',

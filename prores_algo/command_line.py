@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ['CommandParser']
 
@@ -21,7 +22,7 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
-    def parse_known_args(self, args: Optional[Sequence[str]] = None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):
         args = [self._one_spelling(a) for a in (sys.argv[1:] if args is None else args)]
         return super().parse_known_args(args, namespace)
 

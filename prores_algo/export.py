@@ -23,7 +23,6 @@ Torch only; no Composer or transformers import.
 from __future__ import annotations
 
 import fnmatch
-from typing import Union
 
 import torch
 from torch import nn
@@ -162,7 +161,7 @@ def _plain_model(root: nn.Module) -> nn.Module:
     return root
 
 
-def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, model: nn.Module | None = None):
+def fold_prores(model_or_controller: nn.Module | ProResController, *, model: nn.Module | None = None):
     """Multiply every layer's current α into its branch weights and remove ProRes' hooks.
 
     Args:
@@ -219,7 +218,7 @@ def fold_prores(model_or_controller: Union[nn.Module, ProResController], *, mode
 def _apply_plan(plan) -> None:
     """Check everything first (no half-folded model on error), then scale each parameter exactly once."""
     owner: dict[int, tuple[int, str]] = {}
-    for alpha, targets in plan:
+    for _alpha, targets in plan:
         for name, module in targets:
             _check_materialised(module, name)
             for p in module.parameters(recurse=False):

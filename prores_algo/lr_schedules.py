@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -79,7 +79,7 @@ def _warming(t: float, warmup: float) -> bool:
 
 
 def _after_warmup(t: float, warmup: float, M: float) -> float:
-    return min(1.0, (t - warmup) / (M - warmup)) if M > warmup else 0.0
+    return min(1.0, (t - warmup) / (M - warmup)) if warmup < M else 0.0
 
 
 def _cosine(frac: float, alpha_f: float) -> float:
@@ -178,7 +178,7 @@ def _check_number(key: str, value: Any, field: str) -> float:
     return float(value)
 
 
-def lr_schedule_params(name: Any, kwargs: Optional[Mapping[str, Any]] = None, field: str = 'scheduler'):
+def lr_schedule_params(name: Any, kwargs: Mapping[str, Any] | None = None, field: str = 'scheduler'):
     """(canonical name, every parameter with its value or default) for a schedule written as `name` plus
     `kwargs`; a ValueError naming the key and the fix for an unknown name or key or a missing value."""
     canonical = _canonical(name, f'{field}.name')
@@ -202,7 +202,7 @@ def lr_schedule_params(name: Any, kwargs: Optional[Mapping[str, Any]] = None, fi
 
 
 def lr_lambda_from(
-    schedule: Union[str, Mapping] = 'wsd',
+    schedule: str | Mapping = 'wsd',
     *,
     max_steps: int,
     lr_warmup_delay: Any = 0,
@@ -250,12 +250,12 @@ def lr_lambda_from(
     return lr_lambda
 
 
-def build_lr_scheduler(optimizer, schedule: Union[str, Mapping] = 'wsd', **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer, schedule: str | Mapping = 'wsd', **kwargs) -> torch.optim.lr_scheduler.LambdaLR:
     """`LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_from(schedule, **kwargs))
 
 
-def lr_scheduler_factory(schedule: Union[str, Mapping] = 'wsd', **kwargs) -> Callable:
+def lr_scheduler_factory(schedule: str | Mapping = 'wsd', **kwargs) -> Callable:
     """A callable `optimizer -> LambdaLR` for `deepspeed.initialize(lr_scheduler=...)`: DeepSpeed calls it
     with the optimizer it built (or the one you passed). The schedule is validated now, not then."""
     lr_lambda_from(schedule, **kwargs)  # fail early

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
 # --- branch size at initialisation --------------------------------------------------------------------
 
 
-def _first_tensor(value) -> Optional[torch.Tensor]:
+def _first_tensor(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):

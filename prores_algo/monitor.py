@@ -40,7 +40,8 @@ callback logs RMS and spikes; per-layer gradient norms and update ratios need th
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,7 +80,7 @@ def sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.float() for n in norms]).square().sum()
 
 
-def _mean_over_ranks(sums: list[torch.Tensor], counts: list[int]) -> Optional[list[float]]:
+def _mean_over_ranks(sums: list[torch.Tensor], counts: list[int]) -> list[float] | None:
     """Per layer: sum over ranks of `sums` / sum over ranks of `counts` (one all-reduce); None if nothing
     was recorded here, NaN for a layer nothing was recorded for on any rank."""
     if not counts or not any(counts):
@@ -92,13 +93,13 @@ def _mean_over_ranks(sums: list[torch.Tensor], counts: list[int]) -> Optional[li
         torch.distributed.all_reduce(packed)
     n = len(sums)
     totals, ns = packed[:n].tolist(), packed[n:].tolist()
-    return [t / c if c else float('nan') for t, c in zip(totals, ns)]
+    return [t / c if c else float('nan') for t, c in zip(totals, ns, strict=True)]
 
 
 class LayerStats:
     """Framework-free measurements over the residual layers of one model (shared by both callbacks)."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], sharded: Optional[bool] = None):
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], sharded: bool | None = None):
         self.model = model
         self.layers = list(layers)
         self.params = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
@@ -110,7 +111,7 @@ class LayerStats:
         self.track_cosine = False  # also accumulate position_cosine of each layer's output in the same hook
         self._cos_sum: list[torch.Tensor] = []
         self._cos_n: list[int] = []
-        self._snapshot: Optional[list[list[torch.Tensor]]] = None
+        self._snapshot: list[list[torch.Tensor]] | None = None
 
     # RMS of each layer's output ----------------------------------------------------------------------
     def start_rms(self) -> None:
@@ -149,19 +150,19 @@ class LayerStats:
             h.remove()
         self._rms_handles = []
 
-    def rms(self) -> Optional[list[float]]:
+    def rms(self) -> list[float] | None:
         """RMS per layer over everything recorded since start_rms (None if no forward was recorded)."""
         self.stop_rms()
         means = _mean_over_ranks(self._sumsq, self._count)
         return None if means is None else [math.sqrt(m) for m in means]
 
-    def cosines(self) -> Optional[list[float]]:
+    def cosines(self) -> list[float] | None:
         """position_cosine per layer, averaged over the sequences recorded since start_rms (all ranks)."""
         self.stop_rms()
         return _mean_over_ranks(self._cos_sum, self._cos_n)
 
     # gradient norms --------------------------------------------------------------------------------
-    def grad_norms_sq(self) -> Optional[torch.Tensor]:
+    def grad_norms_sq(self) -> torch.Tensor | None:
         """Squared gradient norm per layer (a device tensor, no sync); None if no parameter has a grad."""
         rows, any_grad = [], False
         for ps in self.params:
@@ -185,25 +186,25 @@ class LayerStats:
         self._snapshot = [[local_tensor(p.detach())[0].clone() for p in ps] for ps in self.params]
 
     @torch.no_grad()
-    def update_ratios(self) -> Optional[list[float]]:
+    def update_ratios(self) -> list[float] | None:
         if self._snapshot is None:
             return None
         before, self._snapshot = self._snapshot, None
         diff_sq, base_sq = [], []
-        for ps, olds in zip(self.params, before):
+        for ps, olds in zip(self.params, before, strict=True):
             news = [local_tensor(p.detach())[0] for p in ps]
-            if any(n.shape != o.shape for n, o in zip(news, olds)):
+            if any(n.shape != o.shape for n, o in zip(news, olds, strict=True)):
                 return None  # parameters were re-partitioned in between (ZeRO-3): cannot compare
-            diff_sq.append(sum_squares([n.float() - o.float() for n, o in zip(news, olds)]))
+            diff_sq.append(sum_squares([n.float() - o.float() for n, o in zip(news, olds, strict=True)]))
             base_sq.append(sum_squares(olds))
         device = next((d.device for d in diff_sq if d.device.type != 'cpu'), torch.device('cpu'))
         packed = self.reduce_sharded(torch.stack([d.to(device) for d in diff_sq + base_sq]))
         n = len(self.layers)
         d, b = packed[:n].tolist(), packed[n:].tolist()
-        return [math.sqrt(x) / math.sqrt(y) if y > 0 else float('nan') for x, y in zip(d, b)]
+        return [math.sqrt(x) / math.sqrt(y) if y > 0 else float('nan') for x, y in zip(d, b, strict=True)]
 
 
-def _parse_interval(interval: Union[int, str]) -> int:
+def _parse_interval(interval: int | str) -> int:
     message = f"log_interval must be a positive number of batches (10 or '10ba'), got {interval!r}"
     try:
         steps = to_steps(interval, 'log_interval')
@@ -214,7 +215,7 @@ def _parse_interval(interval: Union[int, str]) -> int:
     return int(steps)
 
 
-def per_layer_metrics(prefix: str, values: Optional[Sequence[float]]) -> dict[str, float]:
+def per_layer_metrics(prefix: str, values: Sequence[float] | None) -> dict[str, float]:
     return {} if values is None else {f'residual_monitor/{prefix}/layer_{i}': float(v) for i, v in enumerate(values)}
 
 
@@ -225,21 +226,21 @@ class MonitorBase:
 
     def __init__(
         self,
-        log_interval: Union[int, str] = '10ba',
+        log_interval: int | str = '10ba',
         rms: bool = True,
         grad_norm: bool = True,
         update_ratio: bool = True,
         spike_window: int = 100,
         spike_std: float = 7.0,
-        layer_class: Optional[str] = None,
-        branches: Optional[Sequence[str]] = None,
-        layer_pattern: Optional[str] = None,
+        layer_class: str | None = None,
+        branches: Sequence[str] | None = None,
+        layer_pattern: str | None = None,
         position_cosine: bool = True,
         collapse_threshold: float = 0.95,
         collapse_patience: int = 10,
         stop_on_collapse: bool = False,
         *,
-        interval: Union[int, str, None] = None,
+        interval: int | str | None = None,
     ):
         if interval is not None:  # the name of earlier releases
             warn_user('interval= is deprecated: use log_interval=', DeprecationWarning)
@@ -261,20 +262,20 @@ class MonitorBase:
         self.collapse_threshold, self.stop_on_collapse = float(collapse_threshold), stop_on_collapse
         self.collapse_patience = collapse_patience
         self._high_cosine_run = 0  # consecutive measured steps at or above the threshold
-        self.collapsed_at: Optional[int] = None  # the step at which the collapse was reported
+        self.collapsed_at: int | None = None  # the step at which the collapse was reported
         self.track_rms, self.track_grad_norm, self.track_update_ratio = bool(rms), bool(grad_norm), bool(update_ratio)
         self.spikes = spike_window is not None and spike_window > 0
         self.loss_spikes = SpikeCounter(spike_window, spike_std) if self.spikes else None
         self.grad_spikes = SpikeCounter(spike_window, spike_std) if self.spikes else None
         self.layer_class, self.branches, self.layer_pattern = layer_class, branches, layer_pattern
-        self.stats: Optional[LayerStats] = None
+        self.stats: LayerStats | None = None
         self.measuring = False
         self._init_loop_state()
 
     def _init_loop_state(self) -> None:
         """Per-framework state of a subclass (called at the end of `__init__`)."""
 
-    def _find(self, model: nn.Module, sharded: Optional[bool] = None) -> LayerStats:
+    def _find(self, model: nn.Module, sharded: bool | None = None) -> LayerStats:
         layers = find_residual_layers(model, self.layer_class, self.branches, self.layer_pattern)
         stats = LayerStats(model, [l.module for l in layers], sharded=sharded)
         stats.track_cosine = self.track_cosine

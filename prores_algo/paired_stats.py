@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ['sign_test_p', 'bootstrap_ci', 'summarize_deltas', 'verdict']
 

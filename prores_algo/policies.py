@@ -13,7 +13,7 @@ Checked on transformers 4.57: tests/test_architectures.py verifies every entry n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     'LAYER_POLICIES',

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from prores_algo import alpha_schedules
 from prores_algo.command_line import CommandParser
@@ -84,7 +84,7 @@ def format_table(
         'step'.rjust(step_w) + ' ' + ' '.join(f'l={i + 1}'.rjust(width) for i in layers) + ' ' + 'mean'.rjust(width)
     )
     lines.append(header)
-    for t, row in zip(steps, rows):
+    for t, row in zip(steps, rows, strict=True):
         cells = ' '.join(f'{row[i]:.{digits}f}'.rjust(width) for i in layers)
         lines.append(f'{t:g}'.rjust(step_w) + ' ' + cells + ' ' + f'{sum(row) / len(row):.{digits}f}'.rjust(width))
     return '\n'.join(lines)

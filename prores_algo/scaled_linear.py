@@ -83,10 +83,7 @@ class ScaledLinearFunction(torch.autograd.Function):
                 w, b = weight, bias
             x2 = x.reshape(-1, x.shape[-1])
             wt = w if transposed else w.t()  # (in, out)
-            if b is not None:
-                y = torch.addmm(b, x2, wt, beta=alpha, alpha=alpha)
-            else:
-                y = _scaled_mm(x2, wt, alpha)
+            y = torch.addmm(b, x2, wt, beta=alpha, alpha=alpha) if b is not None else _scaled_mm(x2, wt, alpha)
         ctx.save_for_backward(x, w)
         ctx.alpha, ctx.has_bias, ctx.transposed = alpha, bias is not None, transposed
         ctx.weight_dtype = weight.dtype

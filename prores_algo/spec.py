@@ -11,9 +11,10 @@ Torch-only: no training framework is imported here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -68,8 +69,8 @@ class ProResSpec:
     schedule: str = 'linear'
     t_warmup: Any = None
     layer_class: Any = None
-    branches: Optional[Sequence[str]] = None
-    layer_pattern: Optional[str] = None
+    branches: Sequence[str] | None = None
+    layer_pattern: str | None = None
     remove_when_done: bool = True
     mechanism: str = 'auto'
 
@@ -92,9 +93,9 @@ class ProResSpec:
     def apply(
         self,
         model: nn.Module,
-        warmup_steps: Optional[float],
-        mechanism: Optional[str] = None,
-        layers: Optional[list[ResidualLayer]] = None,
+        warmup_steps: float | None,
+        mechanism: str | None = None,
+        layers: list[ResidualLayer] | None = None,
     ) -> ProResController:
         """Hook `model`'s branches; `warmup_steps` None leaves W unresolved (every α 0) until it is set."""
         controller = ProResController(
@@ -118,7 +119,7 @@ class ProResSpec:
         if self.t_warmup is not None and not self._is_fraction() and not self.auto:
             self.warmup_steps(1)
 
-    def warmup_steps(self, num_layers: int, max_steps: Optional[float] = None) -> float:
+    def warmup_steps(self, num_layers: int, max_steps: float | None = None) -> float:
         """W in optimizer steps: the default, a number, 'Nba', or a fraction of `max_steps` ('0.1dur')."""
         if self.t_warmup is None:
             return default_warmup(num_layers)
@@ -154,7 +155,7 @@ class ProResSpec:
 
     # --- warnings ----------------------------------------------------------------------------------------
     @staticmethod
-    def warn_if_longer_than_run(controller: ProResController, total: Optional[float], unit: str, limit: str) -> bool:
+    def warn_if_longer_than_run(controller: ProResController, total: float | None, unit: str, limit: str) -> bool:
         """Warn when W exceeds the run (`total` in `unit`; `limit` names the setting, e.g. 'max_steps')."""
         w = controller.warmup_steps
         if total is None or w is None or not total > 0 or w <= total:
@@ -171,7 +172,7 @@ class ProResSpec:
         return warn_if_short_warmup(controller)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def record(self, num_layers: Optional[int], **clock: Any) -> dict[str, Any]:
+    def record(self, num_layers: int | None, **clock: Any) -> dict[str, Any]:
         """What a checkpoint keeps about this configuration; `clock` adds the front end's time fields
         (W as resolved or as written, its unit, the LR-warmup delay)."""
         layer_class = self.layer_class
@@ -191,10 +192,8 @@ class ProResSpec:
 def _normalised(record: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(record)
     if out.get('schedule') is not None:
-        try:
+        with contextlib.suppress(ValueError):
             out['schedule'] = alpha_schedules.canonical_name(out['schedule'])
-        except ValueError:
-            pass
     if isinstance(out.get('t_warmup'), (int, float)) and not isinstance(out.get('t_warmup'), bool):
         out['t_warmup'] = float(out['t_warmup'])
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -176,7 +176,7 @@ class ProResController:
             )
         self.step = float(step)
         new = self.alphas_at(step)
-        for i, (old, a) in enumerate(zip(self._alphas, new)):
+        for i, (old, a) in enumerate(zip(self._alphas, new, strict=True)):
             if a != old:
                 self._fill(i, a)
         self._alphas = new

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Optional, Union
+from typing import Any
 
 __all__ = [
     'Duration',
@@ -46,7 +46,7 @@ _TIME_STRING = re.compile(r'^(.+)(' + '|'.join(UNITS) + r')$', re.IGNORECASE)  #
 class Duration:
     """A parsed duration: `value` (an int for every unit but 'dur') and `unit`, one of `UNITS`."""
 
-    value: Union[int, float]
+    value: int | float
     unit: str
 
     def __str__(self) -> str:
@@ -90,7 +90,7 @@ def parse_duration(value: Any, field: str) -> Duration:
         raise _bad_string(field, value) from None
 
 
-def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float:
+def to_steps(value: Any, field: str, max_steps: float | None = None) -> float:
     """Optimizer steps (a float) from a number, a number string, 'Nba', or 'Xdur' (X · max_steps).
 
     Range checks (positive, whole) are the caller's: what is valid differs between a warmup length and
@@ -126,7 +126,7 @@ def to_steps(value: Any, field: str, max_steps: Optional[float] = None) -> float
     )
 
 
-def whole_steps(value: Any, field: str, max_steps: Optional[float] = None) -> int:
+def whole_steps(value: Any, field: str, max_steps: float | None = None) -> int:
     """`to_steps` for counts that must be whole and >= 0 (intervals, delays, run lengths): a 'dur' fraction
     of the run is floored, as Composer does; any other non-integer is refused."""
     steps = to_steps(value, field, max_steps)

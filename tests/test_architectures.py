@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -340,11 +340,11 @@ def test_layer_matches_hand_written_reference(arch, alphas):
     x = torch.randn(BATCH, SEQ, HIDDEN, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ctx = arch.ctx(ref, x)
-        for i, (layer, ref_layer, a) in enumerate(zip(arch.layers(model), arch.layers(ref), alphas)):
+        for i, (layer, ref_layer, a) in enumerate(zip(arch.layers(model), arch.layers(ref), alphas, strict=True)):
             # The reference itself is right: at α = 1 it is the HF layer's own forward.
             assert_close(arch.ref(ref_layer, x, 1.0, ctx), _first(ref_layer(x, **ctx)), **TOL)
             got = _first(layer(x, **ctx))
-            assert_close(got, arch.ref(ref_layer, x, a, ctx), **TOL, msg=lambda m: f'layer {i}, α={a}: {m}')
+            assert_close(got, arch.ref(ref_layer, x, a, ctx), **TOL, msg=lambda m, i=i, a=a: f'layer {i}, α={a}: {m}')
             if 0.0 < a < 1.0:  # the check can fail: α really changes the layer
                 assert (got - _first(ref_layer(x, **ctx))).abs().max() > 1e-3
 
@@ -373,7 +373,7 @@ def test_whole_model_alpha_one_zero_and_intermediate(arch):
         h = ref.base_model(input_ids=ids, output_hidden_states=True).hidden_states[0]
         assert_close(hs[0], h, **EXACT)  # embeddings are untouched
         for k, ref_layer in enumerate(arch.layers(ref)):
-            assert_close(hs[k], h, **EXACT, msg=lambda m: f'input of layer {k}: {m}')
+            assert_close(hs[k], h, **EXACT, msg=lambda m, k=k: f'input of layer {k}: {m}')
             h = _layer_alpha0_post_ln(ref_layer, h) if arch.post_ln else h
         assert_close(out.last_hidden_state, arch.final_norm(ref.base_model)(h), **EXACT)
         assert (out.last_hidden_state - ref.base_model(input_ids=ids).last_hidden_state).abs().max() > 1e-3
@@ -424,7 +424,7 @@ def test_optimizer_built_before_surgery_and_zero_alpha_grads(arch):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    for k, (layer, a) in enumerate(zip(arch.layers(model), MIXED_ALPHAS)):
+    for k, (layer, a) in enumerate(zip(arch.layers(model), MIXED_ALPHAS, strict=True)):
         for w in arch.branch_weights:
             changed = not torch.equal(layer.get_parameter(w), before[k][w])
             # Adam with zero gradient and no weight decay does not move a weight: α = 0 freezes the branch.
@@ -522,7 +522,7 @@ def test_activation_checkpointing_same_loss_and_grads(use_reentrant):
     grads = dict(ckpt.named_parameters())
     for n, p in plain.named_parameters():
         assert grads[n].grad is not None, n
-        assert_close(grads[n].grad, p.grad, **TOL, msg=lambda m: f'{n}: {m}')
+        assert_close(grads[n].grad, p.grad, **TOL, msg=lambda m, n=n: f'{n}: {m}')
 
 
 # ------------------------------------------------------------------------------------- 7. custom models
@@ -556,7 +556,7 @@ class MyNet(nn.Module):
 
 def _my_net_by_hand(net, x, alphas):
     x = net.embed(x)
-    for b, a in zip(net.blocks, alphas):
+    for b, a in zip(net.blocks, alphas, strict=True):
         x = x + a * b.attn_out(torch.tanh(b.attn_in(b.norm1(x))))
         x = x + a * b.mlp_out(F.gelu(b.mlp_in(b.norm2(x))))
     return net.head(x)

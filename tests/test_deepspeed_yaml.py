@@ -53,7 +53,7 @@ def test_yaml_trains_under_two_process_zero3(tmp_path):
     _ok(proc)
     ranks = [json.loads((tmp_path / f'summary_{r}.json').read_text()) for r in (0, 1)]
     assert ranks[0]['alphas'] == ranks[1]['alphas']
-    for t, alphas in zip(ranks[0]['steps'], ranks[0]['alphas']):
+    for t, alphas in zip(ranks[0]['steps'], ranks[0]['alphas'], strict=True):
         assert alphas == pytest.approx(alpha_schedules.alphas('linear', 3, t, 4))
     assert ranks[0]['losses'][-1] < ranks[0]['losses'][0]
     assert ranks[0]['final_eval_loss'] is not None

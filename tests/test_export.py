@@ -112,7 +112,7 @@ def _randomise(model, seed=0):
     """Non-trivial norm weights and biases, so that a wrong fold rule cannot pass by accident."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
 
@@ -222,7 +222,7 @@ def test_fold_after_warmup_is_a_no_op_and_composer_algorithm_accepted():
     holder = Holder()
     holder.controller = controller
     assert fold_prores(holder, model=model) is model
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -88,7 +88,7 @@ def manual_layer_stats(composer_model, batch, lr):
     rms = [o.detach().pow(2).mean().sqrt().item() for o in outputs]
     grad = [math.sqrt(sum(p.grad.pow(2).sum().item() for p in b.parameters())) for b in dec.blocks]
     norm = [math.sqrt(sum(p.pow(2).sum().item() for p in b.parameters())) for b in dec.blocks]
-    return rms, grad, [lr * g / n for g, n in zip(grad, norm)], loss.item()
+    return rms, grad, [lr * g / n for g, n in zip(grad, norm, strict=True)], loss.item()
 
 
 def run_composer(monitor, max_duration='1ba', lr=LR, microbatch=None, extra_callbacks=(), seed=0):

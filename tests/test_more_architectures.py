@@ -257,7 +257,7 @@ def build(case, seed=0):
     # Norm weights default to constants (0 for Gemma's 1+w, 1 elsewhere): randomise them so that a
     # misplaced α (e.g. scaling before a post-norm) could not cancel out.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model
@@ -292,9 +292,9 @@ def test_hooked_layer_equals_x_plus_alpha_f(case):
     assert len(seen) == 3
     ref_layers = find_residual_layers(reference)
     with torch.no_grad():
-        for i, ((x, kw, out), a) in enumerate(zip(seen, alphas)):
+        for i, ((x, kw, out), a) in enumerate(zip(seen, alphas, strict=True)):
             expected = manual(ref_layers[i].module, x, kw, a)
-            torch.testing.assert_close(out, expected, **TOL, msg=lambda m: f'{case} layer {i}: {m}')
+            torch.testing.assert_close(out, expected, **TOL, msg=lambda m, i=i: f'{case} layer {i}: {m}')
     assert not torch.allclose(hooked_logits, plain_logits, atol=1e-3), 'α < 1 must change the model'
     # α = 1 everywhere and removal both give back exactly the plain model
     controller.remove()

@@ -169,7 +169,7 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
     on a failure or the timeout, stop every node. Asserts that all exit 0."""
     procs = []
     try:
-        for cmd, nd in zip(commands, node_dirs):
+        for cmd, nd in zip(commands, node_dirs, strict=True):
             (nd / 'tmp').mkdir(parents=True, exist_ok=True)
             env = process_env(extra_env)
             for k in DIST_ENV:
@@ -181,7 +181,7 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
                 PYTHONUNBUFFERED='1',
                 PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests' / 'support'), env.get('PYTHONPATH', '')]),
             )
-            out = open(nd / 'launcher.log', 'ab')
+            out = open(nd / 'launcher.log', 'ab')  # noqa: SIM115 (the launcher's log, open while it runs)
             procs.append(
                 subprocess.Popen(
                     [*NODE_WRAPPER, *cmd],
@@ -214,7 +214,7 @@ def _run_nodes(commands: list[list[str]], node_dirs: list[Path], extra_env: dict
     codes = [p.returncode for p in procs]
     if codes != [0] * len(procs):
         logs = '\n'.join(
-            f'--- node {i} (exit {c}) ---\n' + _tail(nd) for i, (c, nd) in enumerate(zip(codes, node_dirs))
+            f'--- node {i} (exit {c}) ---\n' + _tail(nd) for i, (c, nd) in enumerate(zip(codes, node_dirs, strict=True))
         )
         pytest.fail(f'nodes exited with {codes}\n{logs}')
 
@@ -347,7 +347,7 @@ def test_composer_two_nodes_train_and_exact_resume(store, tmp_path):
     b = _composer_run(store, tmp_path, 'b', 1, [f'save_folder={ck_b}', f'load_path={ck_a}/ep0-ba4-rank0.pt'])
     assert _dataset_requests(store.log, start) == []
     assert sorted(b[0]['alphas'], key=int) == [str(i) for i in range(4, STEPS)]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert {k: ra['alphas'][k] for k in rb['alphas']} == rb['alphas']
         assert {k: ra['samples'][k] for k in rb['samples']} == rb['samples'], 'the resumed run must see the same data'
         assert {k: ra['losses'][k] for k in rb['losses']} == rb['losses']
@@ -458,7 +458,7 @@ def test_deepspeed_zero3_two_nodes_train_and_exact_resume(store, tmp_path):
         store, tmp_path, 'b', ['--load_tag', 'global_step4'], [f'save_folder={tmp_path / "ckpt_b"}', f'load_path={ck}']
     )
     assert _dataset_requests(store.log, start) == []  # warm caches on both nodes
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         assert sb['start_step'] == 4 and sb['resumed_from']
         for key in ('steps', 'alphas', 'losses', 'lrs', 'samples'):
             assert sb[key] == sa[key][4:], key
@@ -466,4 +466,4 @@ def test_deepspeed_zero3_two_nodes_train_and_exact_resume(store, tmp_path):
     for r in (0, 1):  # bitwise: the fp32 master partitions and the Adam state of every rank
         pa = _ds_fp32_partitions(ck / 'global_step8', r)
         pb = _ds_fp32_partitions(tmp_path / 'ckpt_b' / 'global_step8', r)
-        assert len(pa) == len(pb) > 0 and all(torch.equal(x, y) for x, y in zip(pa, pb))
+        assert len(pa) == len(pb) > 0 and all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))

@@ -244,7 +244,7 @@ def test_bf16_model_cast_before_or_after_apply():
     c2.set_step(W)
     assert all(float(b) == 1.0 for b in bufs)
     c2.set_step(W / 3)
-    for b, a in zip(bufs[::2], alpha_schedules.alphas('linear', L, W / 3, W)):
+    for b, a in zip(bufs[::2], alpha_schedules.alphas('linear', L, W / 3, W), strict=True):
         assert float(b) == float(torch.tensor(a).bfloat16()) and math.isclose(float(b), a, rel_tol=2**-8)
     # both models compute in bf16 without complaint
     c1.set_step(W / 3)

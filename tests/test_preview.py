@@ -39,7 +39,7 @@ def _check(text, schedule, L, W, digits):
     assert rows, text
     for t, values in rows.items():
         assert len(values) == len(layers)
-        for l, v in zip(layers, values):
+        for l, v in zip(layers, values, strict=True):
             assert v == pytest.approx(alpha_schedules.alpha(schedule, l - 1, L, t, W), abs=tol), (t, l)
         full = alpha_schedules.alphas(schedule, L, t, W)
         assert means[t] == pytest.approx(sum(full) / L, abs=tol)

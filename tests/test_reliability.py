@@ -24,6 +24,7 @@ had mapped, so repeated test runs do not fill /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -98,15 +99,11 @@ def kill_group_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 3
     # starts every worker with start_new_session=True; the composer launcher keeps them in its group).
     groups = {proc.pid}
     for p in members:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             groups.add(os.getpgid(p.pid))
-        except ProcessLookupError:
-            pass
     for g in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(g, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait(timeout=60)
     gone, alive = psutil.wait_procs(members, timeout=10)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
@@ -116,10 +113,8 @@ def kill_group_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 3
 
 def _unlink_shm(paths) -> None:
     for p in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-        except FileNotFoundError:
-            pass
 
 
 @pytest.fixture(scope='module')

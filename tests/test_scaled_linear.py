@@ -41,7 +41,7 @@ def test_equals_alpha_times_linear(bias, alpha):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     got = _fwd_bwd(lin, x)
     want = _fwd_bwd(ref, x, alpha)
-    for g, w, what in zip(got, want, ('output', 'grad x', 'grad W', 'grad b')):
+    for g, w, what in zip(got, want, ('output', 'grad x', 'grad W', 'grad b'), strict=True):
         if w is None:
             continue
         if alpha in (0.0, 1.0):  # exact: BLAS skips the product at 0, multiplies by 1 exactly
@@ -115,7 +115,7 @@ def test_both_mechanisms_give_the_same_training_step():
         logits = m(ids)
         torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids.reshape(-1)).backward()
     torch.testing.assert_close(a(ids), b(ids), rtol=1e-6, atol=1e-6)
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
@@ -157,7 +157,7 @@ def test_conv1d_and_falcon_linear_scaled_like_their_own_forward(which, alpha):
     install_scaled_forward(module, alpha)
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     got, want = _fwd_bwd(module, x), _fwd_bwd(ref, x, alpha)
-    for g, w, what in zip(got, want, ('output', 'grad x', 'grad W', 'grad b')):
+    for g, w, what in zip(got, want, ('output', 'grad x', 'grad W', 'grad b'), strict=True):
         if w is None:
             continue
         if alpha == 1.0:

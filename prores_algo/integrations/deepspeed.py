@@ -33,8 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Mapping
-from typing import Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -77,7 +76,7 @@ class DeepSpeedProRes:
     `engine.global_samples`; `t_warmup` is in that unit.
     """
 
-    def __init__(self, controller: ProResController, time_unit: str = 'steps', spec: Optional[ProResSpec] = None):
+    def __init__(self, controller: ProResController, time_unit: str = 'steps', spec: ProResSpec | None = None):
         if time_unit not in _TIME_UNITS:
             raise ValueError(f'time_unit must be one of {_TIME_UNITS}, got {time_unit!r}')
         self.controller = controller
@@ -153,15 +152,15 @@ class DeepSpeedProRes:
 def apply_prores(
     model: torch.nn.Module,
     schedule: str = 'linear',
-    t_warmup: Union[float, str, None] = None,
+    t_warmup: float | str | None = None,
     *,
-    layer_class: Union[type, str, None] = None,
-    branches: Optional[Sequence[str]] = None,
-    layer_pattern: Optional[str] = None,
+    layer_class: type | str | None = None,
+    branches: Sequence[str] | None = None,
+    layer_pattern: str | None = None,
     remove_when_done: bool = True,
     mechanism: str = 'auto',
     time_unit: str = 'steps',
-    total_steps: Optional[int] = None,
+    total_steps: int | None = None,
 ) -> DeepSpeedProRes:
     """Apply ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
@@ -197,7 +196,7 @@ def attach_prores(*args, **kwargs) -> DeepSpeedProRes:
     return apply_prores(*args, **kwargs)
 
 
-def prores_state(prores: Optional[DeepSpeedProRes]) -> dict:
+def prores_state(prores: DeepSpeedProRes | None) -> dict:
     """What a checkpoint records about ProRes (`{'enabled': False}` for a run without it)."""
     if prores is None:
         return dict(DISABLED_RECORD)
@@ -254,9 +253,9 @@ def _batch_with_world(micro, accum, total, world: int):
 def check_deepspeed_config(
     ds_config: Mapping,
     *,
-    train_micro_batch_size_per_gpu: Optional[int] = None,
-    gradient_accumulation_steps: Optional[int] = None,
-    world_size: Optional[int] = None,
+    train_micro_batch_size_per_gpu: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    world_size: int | None = None,
     require_stage3: bool = False,
 ) -> dict:
     """Check a DeepSpeed config against the training config; return a copy with the batch keys filled.
@@ -294,7 +293,7 @@ def check_deepspeed_config(
     micro, accum, total = (values[k] for k in _BATCH_KEYS)
     if world is not None:
         micro, accum, total = _batch_with_world(micro, accum, total, world)
-    for key, value in zip(_BATCH_KEYS, (micro, accum, total)):
+    for key, value in zip(_BATCH_KEYS, (micro, accum, total), strict=True):
         if value is not None:
             cfg[key] = value
         elif cfg.get(key) == 'auto':
@@ -338,7 +337,7 @@ def _compare(saved: Mapping, current: Mapping, where: str) -> None:
     check_resume(saved, current, where, _RESUME_HINT)
 
 
-def _read_latest(load_dir: str) -> Optional[str]:
+def _read_latest(load_dir: str) -> str | None:
     path = os.path.join(load_dir, 'latest')
     if os.path.isfile(path):
         with open(path) as f:
@@ -348,10 +347,10 @@ def _read_latest(load_dir: str) -> Optional[str]:
 
 def save_checkpoint(
     engine,
-    prores: Optional[DeepSpeedProRes],
+    prores: DeepSpeedProRes | None,
     save_dir: str,
-    tag: Optional[str] = None,
-    client_state: Optional[dict] = None,
+    tag: str | None = None,
+    client_state: dict | None = None,
     **kwargs,
 ) -> str:
     """`engine.save_checkpoint` with the ProRes configuration in `client_state['prores']` (and in
@@ -375,7 +374,7 @@ def save_checkpoint(
 
 
 def check_checkpoint(
-    load_dir: str, prores: Union[DeepSpeedProRes, Mapping, None], tag: Optional[str] = None, *, strict: bool = True
+    load_dir: str, prores: DeepSpeedProRes | Mapping | None, tag: str | None = None, *, strict: bool = True
 ) -> str:
     """Check, without loading anything, that checkpoint `<load_dir>/<tag>` (tag default: `latest`) was
     saved under the same ProRes configuration as `prores` (a `DeepSpeedProRes`, None for ProRes off,
@@ -407,9 +406,9 @@ def check_checkpoint(
 
 def load_checkpoint(
     engine,
-    prores: Optional[DeepSpeedProRes],
+    prores: DeepSpeedProRes | None,
     load_dir: str,
-    tag: Optional[str] = None,
+    tag: str | None = None,
     *,
     strict: bool = True,
     **kwargs,

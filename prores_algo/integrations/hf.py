@@ -26,7 +26,7 @@ update size, position cosine, spike counters) is the monitor's callback for the 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -101,11 +101,11 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
     def __init__(
         self,
         schedule: str = 'linear',
-        t_warmup: Union[int, float, str, None] = None,
+        t_warmup: int | float | str | None = None,
         *,
-        layer_class: Union[type, str, None] = None,
-        branches: Optional[Sequence[str]] = None,
-        layer_pattern: Optional[str] = None,
+        layer_class: type | str | None = None,
+        branches: Sequence[str] | None = None,
+        layer_pattern: str | None = None,
         remove_when_done: bool = True,
         mechanism: str = 'auto',
         log_alphas: bool = True,
@@ -115,9 +115,9 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         )
         self.spec.check_steps_warmup()  # numbers now; a 'dur' fraction once max_steps is known
         self.log_alphas = bool(log_alphas)
-        self.controller: Optional[ProResController] = None
-        self.model: Optional[nn.Module] = None
-        self.recorded_warmup_steps: Optional[float] = None  # W of an 'auto' run, from a checkpoint
+        self.controller: ProResController | None = None
+        self.model: nn.Module | None = None
+        self.recorded_warmup_steps: float | None = None  # W of an 'auto' run, from a checkpoint
         self._log_warmup = False
 
     @property
@@ -167,7 +167,7 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         _add_to_log(state, logs, metrics)
 
     # --- checkpoints: an 'auto' W travels in trainer_state.json (`stateful_callbacks`) ------------------
-    def _recorded_warmup(self, state) -> Optional[float]:
+    def _recorded_warmup(self, state) -> float | None:
         if self.recorded_warmup_steps is not None:  # restore_callback_states_from_checkpoint=True set it
             return float(self.recorded_warmup_steps)
         saved = (getattr(state, 'stateful_callbacks', None) or {}).get(type(self).__name__)

@@ -23,9 +23,10 @@ import json
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from prores_algo.command_line import CommandParser
 from prores_algo.paired_stats import summarize_deltas
@@ -127,7 +128,7 @@ def _check(config: Path, overrides: list[str]) -> None:
 
 
 def compare(
-    config: str, seeds: int = 6, jobs: int = 2, out: Optional[str] = None, overrides: Optional[list[str]] = None
+    config: str, seeds: int = 6, jobs: int = 2, out: str | None = None, overrides: list[str] | None = None
 ) -> dict:
     """Run (or resume) the paired comparison; returns the results record written to OUT/compare.json."""
     config_path = Path(config)
@@ -182,7 +183,7 @@ def summarize(runs: dict) -> dict:
         **summarize_deltas(deltas),
         'per_seed': [
             {'seed': b['seed'], 'baseline': b['val_loss'], 'prores': p['val_loss'], 'delta': d}
-            for (b, p), d in zip(pairs, deltas)
+            for (b, p), d in zip(pairs, deltas, strict=True)
         ],
         'failed_runs': sorted(k for k, r in runs.items() if 'error' in r),
     }
@@ -202,9 +203,9 @@ def plot(record: dict, path: Path) -> str:
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.get_cmap('tab10')
-    for key, r in sorted(record['runs'].items()):
+    for _key, r in sorted(record['runs'].items()):
         if 'curve' in r and r['curve']:
-            x, y = zip(*r['curve'])
+            x, y = zip(*r['curve'], strict=True)
             style = '--' if r['variant'] == 'baseline' else '-'
             ax.plot(x, y, style, color=colors(r['seed'] % 10), lw=1, label=f'seed {r["seed"]} {r["variant"]}')
     ax.set_xlabel('optimizer step')
@@ -263,7 +264,7 @@ def parse_args(argv):
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from prores_algo.training.config import ConfigError, report
 
     args = parse_args(sys.argv[1:] if argv is None else argv)

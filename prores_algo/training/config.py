@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -40,20 +40,20 @@ class ModelConfig(BaseModel):
 class DataConfig(_Strict):
     # MDS folder (built from `source` if missing) or a remote URL of prebuilt shards. Required by
     # prores-train; absent (None), the DeepSpeed loop trains on its synthetic token set.
-    path: Optional[str] = None
-    source: Optional[str] = 'stdlib'  # text to build shards from: 'stdlib', a local path, 'hf:NAME[:CONFIG]'
+    path: str | None = None
+    source: str | None = 'stdlib'  # text to build shards from: 'stdlib', a local path, 'hf:NAME[:CONFIG]'
     seq_len: int = 128
-    max_tokens: Optional[int] = None
-    max_bytes: Optional[int] = None
+    max_tokens: int | None = None
+    max_bytes: int | None = None
     val_fraction: float = 0.05
     num_workers: int = 0
     shuffle: bool = True
-    local_cache: Optional[str] = None
+    local_cache: str | None = None
 
 
 class OptimizerConfig(_Strict):
     name: Literal['adamw', 'decoupled_adamw'] = 'adamw'
-    lr: Optional[float] = None  # required by prores-train; absent, the DeepSpeed loop takes its JSON's lr
+    lr: float | None = None  # required by prores-train; absent, the DeepSpeed loop takes its JSON's lr
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -90,36 +90,36 @@ class SchedulerConfig(BaseModel):
 
 
 class TrainConfig(_Strict):
-    run_name: Optional[str] = None
+    run_name: str | None = None
     seed: int = 17
     model: ModelConfig
     tokenizer: str = 'byte'
     data: DataConfig
-    global_train_batch_size: Optional[int] = None  # required by prores-train; the DeepSpeed loop: from its JSON
-    device_train_microbatch_size: Union[int, Literal['auto'], None] = None
-    eval_batch_size: Optional[int] = None
+    global_train_batch_size: int | None = None  # required by prores-train; the DeepSpeed loop: from its JSON
+    device_train_microbatch_size: int | Literal['auto'] | None = None
+    eval_batch_size: int | None = None
     optimizer: OptimizerConfig
-    scheduler: Optional[SchedulerConfig] = None
-    algorithms: dict[str, Optional[dict[str, Any]]] = {}
-    callbacks: dict[str, Optional[dict[str, Any]]] = {}
-    loggers: dict[str, Optional[dict[str, Any]]] = {}
+    scheduler: SchedulerConfig | None = None
+    algorithms: dict[str, dict[str, Any] | None] = {}
+    callbacks: dict[str, dict[str, Any] | None] = {}
+    loggers: dict[str, dict[str, Any] | None] = {}
     precision: Literal['fp32', 'amp_bf16', 'amp_fp16', 'amp_fp8'] = 'fp32'
-    device: Optional[Literal['cpu', 'gpu']] = None
+    device: Literal['cpu', 'gpu'] | None = None
     max_duration: str
-    eval_interval: Union[str, int] = '500ba'
+    eval_interval: str | int = '500ba'
     eval_subset_num_batches: int = -1
     eval_first: bool = True
-    save_folder: Optional[str] = None
-    save_interval: Union[str, int] = '1000ba'
+    save_folder: str | None = None
+    save_interval: str | int = '1000ba'
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
     autoresume: bool = False
-    load_path: Optional[str] = None
+    load_path: str | None = None
     load_weights_only: bool = False  # with load_path: take only the weights (e.g. to start a new ProRes config)
-    console_log_interval: Union[str, int] = '50ba'
+    console_log_interval: str | int = '50ba'
     progress_bar: bool = False
     compile: bool = False
-    parallelism: Optional[dict[str, Any]] = None  # {'fsdp': {...FSDP/FSDP2 config...}}
+    parallelism: dict[str, Any] | None = None  # {'fsdp': {...FSDP/FSDP2 config...}}
     dist_timeout: float = 300.0
 
     @field_validator('global_train_batch_size')
@@ -186,7 +186,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(
-    path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None, data: Optional[dict[str, Any]] = None
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Load a YAML file (or a dict) and apply `key=value` overrides (OmegaConf dot-list syntax)."""
     import yaml  # a dependency of omegaconf

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ __all__ = [
 _URL_RE = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
-def is_url(path: Optional[str]) -> bool:
+def is_url(path: str | None) -> bool:
     """True for a remote location such as 's3://bucket/x' or 'gs://...'; False for a local path (or None)."""
     return path is not None and bool(_URL_RE.match(str(path)))
 
@@ -116,7 +116,7 @@ def prores(cfg: TrainConfig) -> ProResSettings:
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
     name: str
-    lr: Optional[float]  # None only from the DeepSpeed loop's flat options: its JSON's lr, else its default
+    lr: float | None  # None only from the DeepSpeed loop's flat options: its JSON's lr, else its default
     betas: tuple[float, float]
     eps: float
     weight_decay: float
@@ -151,7 +151,7 @@ class LRSchedule:
     kwargs: dict
 
 
-def lr_schedule(cfg: TrainConfig) -> Optional[LRSchedule]:
+def lr_schedule(cfg: TrainConfig) -> LRSchedule | None:
     """The YAML's LR schedule, or None for a constant LR (no `scheduler:`)."""
     if cfg.scheduler is None:
         return None
@@ -161,7 +161,7 @@ def lr_schedule(cfg: TrainConfig) -> Optional[LRSchedule]:
 # --- data -------------------------------------------------------------------------------------------
 
 
-def dataset_build_args(cfg: TrainConfig) -> Optional[dict[str, Any]]:
+def dataset_build_args(cfg: TrainConfig) -> dict[str, Any] | None:
     """Keyword arguments of `prores_algo.training.data.ensure_dataset` for the YAML's shards, or None when nothing
     is built here: no `data.source` (prebuilt shards), no `data.path`, or a remote `data.path`."""
     d = cfg.data

@@ -15,7 +15,8 @@ Hugging Face `tokenizers` distribution because imports are absolute (`prores_alg
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 

@@ -314,7 +314,7 @@ def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_p
         for _ in range(5)
     ]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and 'constructed 8' in out, err[-2000:]
 
 
@@ -373,7 +373,7 @@ def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, 
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     constructed = [Path(report.format(rank=rank)).read_text() for report in reports for rank in range(2)]
     assert constructed == ['constructed 6'] * 4

@@ -141,7 +141,7 @@ def test_zero3_alpha_identical_on_ranks_and_equal_to_schedule(run_a):
     r0, r1 = run_a.ranks
     assert r0['steps'] == r1['steps'] == list(range(STEPS))
     assert r0['alphas'] == r1['alphas']
-    for t, alphas in zip(r0['steps'], r0['alphas']):
+    for t, alphas in zip(r0['steps'], r0['alphas'], strict=True):
         assert alphas == alpha_schedules.alphas('linear', N_LAYERS, t, T_WARMUP)  # exact: same float computation
     # the buffers inside the ZeRO-3 (zero.Init-built) model hold the α of the last step, on both ranks
     for s in (r0, r1):
@@ -611,7 +611,7 @@ def test_checkpoint_guard(tmp_path):
     (tmp_path / 'step3' / SIDECAR_FILE).unlink()
     m = _tiny_decoder()
     with pytest.raises(ValueError, match='t_warmup'):
-        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=False)
+        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=True)
     with pytest.raises(ValueError, match='records no ProRes configuration'):
         load_checkpoint(FakeEngine(m), None, str(tmp_path), tag='step3')
     with pytest.raises(FileNotFoundError, match='not found'):

@@ -146,9 +146,9 @@ def test_mpt_block_equals_x_plus_alpha_f(foundry, fuse):
     assert len(seen) == N_LAYERS
     ref_layers = find_residual_layers(reference)
     with torch.no_grad():
-        for i, ((inp, out), a) in enumerate(zip(seen, alphas)):
+        for i, ((inp, out), a) in enumerate(zip(seen, alphas, strict=True)):
             torch.testing.assert_close(
-                out, mpt_block(ref_layers[i].module, inp, a), rtol=0, atol=1e-6, msg=lambda m: f'layer {i}: {m}'
+                out, mpt_block(ref_layers[i].module, inp, a), rtol=0, atol=1e-6, msg=lambda m, i=i: f'layer {i}: {m}'
             )
     assert not torch.allclose(hooked, plain, atol=1e-3), 'α < 1 must change the output'
     controller.remove()

@@ -183,7 +183,7 @@ def test_torch_init_under_meta_device_matches():
     ref = build_decoder(**TINY, init='torch', embed_std=0.3)
     torch.manual_seed(7)
     ref.init_weights()
-    for (n, p), (_, q) in zip(meta_model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(meta_model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 
@@ -243,7 +243,7 @@ def test_meta_device_build(tie):
     torch.manual_seed(123)
     ref.init_weights()
     # init_weights is a function of the RNG state only: same parameters and same RoPE tables.
-    for (n, p), (_, q) in zip(meta_model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(meta_model.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), n
     assert torch.equal(meta_model.rope.cos, ref.rope.cos) and torch.equal(meta_model.rope.sin, ref.rope.sin)
     if tie:

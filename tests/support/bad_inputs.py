@@ -15,9 +15,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ class Bad:
     fn: Callable[[Ctx], Any]
     exc: type
     must: tuple  # regexes that must all occur in the message
-    after: Optional[Callable[[Ctx], None]] = None
+    after: Callable[[Ctx], None] | None = None
 
 
 def tiny(n_layers=2):

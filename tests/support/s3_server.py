@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tests.support.helpers import free_port
 
@@ -58,23 +58,23 @@ def moto_available() -> bool:
 class MotoS3:
     """moto_server as a context manager; `bucket` is created, `env` reaches it with valid credentials."""
 
-    def __init__(self, bucket: str = 'prores-test', startup_timeout: float = 60.0, log: Optional[Path] = None):
+    def __init__(self, bucket: str = 'prores-test', startup_timeout: float = 60.0, log: Path | None = None):
         self.bucket = bucket
         self.startup_timeout = startup_timeout
         self.log = log
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.port = 0
         self.url = ''
         self.key_id = self.secret = ''
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def start(self) -> 'MotoS3':
+    def start(self) -> MotoS3:
         exe = shutil.which('moto_server', path=str(Path(sys.executable).parent)) or shutil.which('moto_server')
         if exe is None:
             raise RuntimeError("moto_server not found: pip install 'moto[server]' (the dev extra)")
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
-        out = open(self.log, 'ab') if self.log else subprocess.DEVNULL
+        out = open(self.log, 'ab') if self.log else subprocess.DEVNULL  # noqa: SIM115 (the server's log, open while it runs)
         env = {k: v for k, v in os.environ.items() if k not in AWS_ENV}
         self.proc = subprocess.Popen(
             [exe, '-H', '127.0.0.1', '-p', str(self.port)],
@@ -95,7 +95,9 @@ class MotoS3:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f'moto_server did not answer on {self.url} in {self.startup_timeout:.0f} s')
+                    raise RuntimeError(
+                        f'moto_server did not answer on {self.url} in {self.startup_timeout:.0f} s'
+                    ) from None
                 time.sleep(0.1)
         try:
             self._set_up()
@@ -138,14 +140,14 @@ class MotoS3:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> 'MotoS3':
+    def __enter__(self) -> MotoS3:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
     # -- clients and environment --------------------------------------------------------------------------
-    def env_with(self, key_id: Optional[str] = None, secret: Optional[str] = None) -> dict[str, str]:
+    def env_with(self, key_id: str | None = None, secret: str | None = None) -> dict[str, str]:
         """What a process needs to reach the server: S3_ENDPOINT_URL (streaming and Composer honour it)
         and credentials (valid ones unless given). No IMDS probe, no ~/.aws files."""
         return {

@@ -14,6 +14,7 @@ after it, so the server holds an unfinished request that never completes.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -33,17 +34,15 @@ class StallProxy:
         self._sockets: list[socket.socket] = []
         self._closed = False
 
-    def __enter__(self) -> 'StallProxy':
+    def __enter__(self) -> StallProxy:
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._closed = True
         for s in [self._server, *self._sockets]:
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while not self._closed:

@@ -9,8 +9,8 @@ checks that each name gives the same multiplier at every step here and there.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from composer import optim
 from composer.core import TimeUnit
@@ -36,12 +36,12 @@ class WSDScheduler:
 
     def __init__(
         self,
-        lr_warmup: Union[str, int] = '0.02dur',
-        lr_decay: Union[str, int] = '0.1dur',
+        lr_warmup: str | int = '0.02dur',
+        lr_decay: str | int = '0.1dur',
         alpha_f: float = 0.0,
         *,
-        t_warmup: Union[str, int, None] = None,
-        t_decay: Union[str, int, None] = None,
+        t_warmup: str | int | None = None,
+        t_decay: str | int | None = None,
     ):
         if t_warmup is not None or t_decay is not None:  # the names of earlier releases
             warn_user(
@@ -73,7 +73,7 @@ class WSDScheduler:
         return f'WSDScheduler(lr_warmup={self.lr_warmup}, lr_decay={self.lr_decay}, alpha_f={self.alpha_f})'
 
 
-def composer_scheduler(name: str, kwargs: Optional[Mapping[str, Any]] = None, field: str = 'scheduler'):
+def composer_scheduler(name: str, kwargs: Mapping[str, Any] | None = None, field: str = 'scheduler'):
     """The Composer scheduler of `LR_SCHEDULES[name]` with the YAML's parameters (`lr_warmup` is handed to
     Composer's classes as their `t_warmup`); a ValueError naming the key for anything else."""
     canonical, params = lr_schedule_params(name, kwargs, field)
@@ -96,7 +96,7 @@ def _composer_scheduler_of(lr_lambda: Callable):
     cells = getattr(lr_lambda, '__closure__', None)
     if code is None or cells is None:
         return None
-    free = dict(zip(code.co_freevars, cells))
+    free = dict(zip(code.co_freevars, cells, strict=True))
     cell = free.get('scheduler')
     return cell.cell_contents if cell is not None else None
 
@@ -145,7 +145,7 @@ def delay_lr_warmup(state, delay) -> int:
     # The optimizer's LR was set from the undelayed lambda when the scheduler was built: recompute it.
     for lr_scheduler in state.schedulers:
         for group, base_lr, fn in zip(
-            lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas
+            lr_scheduler.optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=False
         ):
             group['lr'] = base_lr * fn(lr_scheduler.last_epoch)
     return count

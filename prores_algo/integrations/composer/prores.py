@@ -15,7 +15,8 @@ Events:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
@@ -58,20 +59,20 @@ class ProRes(Algorithm):
     def __init__(
         self,
         schedule: str = 'linear',
-        t_warmup: Union[str, int, Time, None] = None,
+        t_warmup: str | int | Time | None = None,
         *,
-        layer_class: Optional[str] = None,
-        branches: Optional[Sequence[str]] = None,
-        layer_pattern: Optional[str] = None,
+        layer_class: str | None = None,
+        branches: Sequence[str] | None = None,
+        layer_pattern: str | None = None,
         remove_when_done: bool = True,
         mechanism: str = 'auto',
-        lr_warmup_delay: Union[str, int, Time] = '0ba',
-        log_interval: Union[str, int] = 1,
+        lr_warmup_delay: str | int | Time = '0ba',
+        log_interval: str | int = 1,
     ):
         self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done, mechanism)
         self.schedule = self.spec.schedule
         self.auto = is_auto(t_warmup)
-        self._auto_w: Optional[float] = None  # W of t_warmup='auto', in batches, once resolved or restored
+        self._auto_w: float | None = None  # W of t_warmup='auto', in batches, once resolved or restored
         self.t_warmup = None if t_warmup is None or self.auto else parse_time(t_warmup, 't_warmup')
         if self.t_warmup is not None:
             if self.t_warmup.unit not in (*_UNIT_FIELD, TimeUnit.DURATION):
@@ -98,8 +99,8 @@ class ProRes(Algorithm):
         self.branches = self.spec.branches
         self.layer_pattern = layer_pattern
         self.remove_when_done = remove_when_done
-        self.controller: Optional[ProResController] = None
-        self._unit: Optional[TimeUnit] = None
+        self.controller: ProResController | None = None
+        self._unit: TimeUnit | None = None
         self._warned_long = False  # the "W exceeds the run" warning, once per instance
 
     # --- Composer plumbing -------------------------------------------------------------------------
@@ -162,7 +163,7 @@ class ProRes(Algorithm):
     def _now(self, state: State) -> float:
         return float(state.timestamp.get(self._unit).value)
 
-    def _run_batches(self, state: State) -> Optional[float]:
+    def _run_batches(self, state: State) -> float | None:
         """max_duration in batches (optimizer steps), converted as a 'dur' fraction is; None if unknown."""
         max_duration = state.max_duration
         if max_duration is None:
@@ -295,8 +296,8 @@ class ResidualMonitor(MonitorBase, Callback):
     """
 
     def _init_loop_state(self) -> None:
-        self._grad_sq: Optional[torch.Tensor] = None  # per layer, from the last backward of the batch
-        self._total_grad_sq: Optional[torch.Tensor] = None
+        self._grad_sq: torch.Tensor | None = None  # per layer, from the last backward of the batch
+        self._total_grad_sq: torch.Tensor | None = None
         self._pending_grad: list[torch.Tensor] = []  # global grad norms awaiting the spike counter
 
     def fit_start(self, state, logger) -> None:

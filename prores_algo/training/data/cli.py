@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 from prores_algo.command_line import CommandParser
 from prores_algo.training.data.sources import _SOURCE_HELP
@@ -22,7 +21,7 @@ def _whole_number(text: str) -> int:
     return int(value)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`prores-data`: convert a text source into packed-token MDS shards (train/val). Returns the exit code."""
     parser = CommandParser(
         prog='prores-data',

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 META_FILENAME = 'prores_data.json'
 FORMAT = 'prores_algo/mds-tokens'
@@ -29,7 +29,7 @@ HASH_ALGO = 'sha1'
 CACHE_RECORD = 'prores_remote.json'
 
 
-def read_metadata(path: str | os.PathLike) -> Optional[dict[str, Any]]:
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     """The metadata of a *complete* dataset at `path`, or None if there is none.
 
     Complete means: prores_data.json parses, has our format tag, and every split it lists has an

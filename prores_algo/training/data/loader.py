@@ -8,9 +8,8 @@ import json
 import os
 import tempfile
 import uuid
-import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -19,6 +18,7 @@ from prores_algo.training.data.remote import RemoteDataError, _remote_metadata, 
 from prores_algo.training.data.token_dataset import TokenDataset
 from prores_algo.training.data.versions import stream_paths
 from prores_algo.training.recipe import is_url
+from prores_algo.warn import warn_user
 
 
 def _num_tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
@@ -32,7 +32,7 @@ def _default_cache_dir(remote: str) -> str:
     return os.path.join(tempfile.gettempdir(), 'prores_algo_streaming', key)
 
 
-def _cache_record(local: str, remote: str) -> Optional[dict[str, Any]]:
+def _cache_record(local: str, remote: str) -> dict[str, Any] | None:
     """The metadata a warm `local` cache recorded for `remote` (None when cold). A cache that belongs to
     another remote is an error: streaming would serve that remote's cached shards as this one's."""
     try:
@@ -48,7 +48,7 @@ def _cache_record(local: str, remote: str) -> Optional[dict[str, Any]]:
         return record['meta']
     stray = [s for s in SPLITS if os.path.exists(os.path.join(local, s, 'index.json'))]
     if stray:
-        warnings.warn(
+        warn_user(
             f'`local_cache` {local!r} holds {stray} index files but no {CACHE_RECORD}: assuming they are '
             f'a cache of {remote!r} (an earlier run stopped before recording it)'
         )
@@ -65,7 +65,7 @@ def _write_cache_record(local: str, remote: str, meta: dict[str, Any]) -> None:
     os.replace(tmp, os.path.join(local, CACHE_RECORD))
 
 
-def _check_meta(meta: dict[str, Any], where: str, seq_len: Optional[int], vocab_size: Optional[int]) -> None:
+def _check_meta(meta: dict[str, Any], where: str, seq_len: int | None, vocab_size: int | None) -> None:
     if seq_len is not None and meta.get('seq_len') is not None and seq_len != meta['seq_len']:
         raise ValueError(
             f'`seq_len` {seq_len} does not match the dataset at {where!r}, built with '
@@ -130,7 +130,7 @@ def verify_local_split(path: str | os.PathLike, split: str) -> int:
     return len(shards)
 
 
-def _remote_source(path_or_remote: str, local_cache: Optional[str]) -> tuple[str, str, dict[str, Any], bool]:
+def _remote_source(path_or_remote: str, local_cache: str | None) -> tuple[str, str, dict[str, Any], bool]:
     """A URL's remote, its local cache folder, the dataset's metadata (the same on every rank, naming the
     version to read), and whether this process's cache had already recorded exactly that."""
     remote = path_or_remote.rstrip('/')
@@ -160,7 +160,7 @@ def _agree_on_meta(resolve: Any) -> dict[str, Any]:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return resolve()
     box: list[Any] = [None]
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     if dist.get_rank() == 0:
         try:
             box[0] = ('ok', resolve())
@@ -176,7 +176,7 @@ def _agree_on_meta(resolve: Any) -> dict[str, Any]:
     raise RemoteDataError(f'rank 0 could not read the dataset: {value}')
 
 
-def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[str, Any]]]:
+def _local_source(path_or_remote: str, split: str) -> tuple[str, dict[str, Any] | None]:
     """A local folder, checked to hold `split` with all its shards, and its metadata (None: incomplete)."""
     local_path = Path(path_or_remote).expanduser().resolve()
     if not local_path.is_dir():
@@ -192,21 +192,21 @@ def _local_source(path_or_remote: str, split: str) -> tuple[str, Optional[dict[s
     verify_local_split(local_path, split)
     meta = read_metadata(local_path)
     if meta is None:
-        warnings.warn(f'{str(local_path)!r} has no complete {META_FILENAME}; skipping the vocab_size check')
+        warn_user(f'{str(local_path)!r} has no complete {META_FILENAME}; skipping the vocab_size check')
     return str(local_path), meta
 
 
 def _open_dataset(
     local: str,
-    remote: Optional[str],
+    remote: str | None,
     where: str,
     split: str,
-    meta: Optional[dict[str, Any]],
+    meta: dict[str, Any] | None,
     *,
     batch_size: int,
     shuffle: bool,
     seed: int,
-    seq_len: Optional[int],
+    seq_len: int | None,
 ) -> TokenDataset:
     """The TokenDataset, with construction errors that say what to do (a reused cache, a shared-memory
     race, a remote that cannot be read)."""
@@ -263,13 +263,13 @@ def build_dataloader(
     split: str,
     batch_size: int,
     *,
-    seq_len: Optional[int] = None,
+    seq_len: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
     num_workers: int = 0,
-    local_cache: Optional[str] = None,
+    local_cache: str | None = None,
     drop_last: bool = True,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
 ):
     """A composer `DataSpec` over `path_or_remote/split`; batches are {'input_ids': LongTensor (B, seq_len)}.
 

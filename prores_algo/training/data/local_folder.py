@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prores_algo.training.data.layout import META_FILENAME, SPLITS, read_metadata
 from prores_algo.training.recipe import is_url
@@ -67,7 +67,7 @@ def _check_replaceable(out: Path, overwrite: bool, name: str) -> None:
             )
 
 
-def _staging_folder(out: Optional[Path]) -> Path:
+def _staging_folder(out: Path | None) -> Path:
     """Where a build is written: a hidden sibling of `out`, or (no local copy kept) a new temporary folder."""
     if out is not None:
         return out.parent / f'.{out.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}'

@@ -4,7 +4,8 @@ samples of exactly seq_len tokens."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def _pack_documents(
     tok: Any,
     packers: dict[str, _Packer],
     bar: Any,
-    max_tokens: Optional[int],
+    max_tokens: int | None,
     seed: int,
     val_fraction: float,
 ) -> None:
@@ -78,8 +79,8 @@ def _pack_documents(
 def _check_samples(
     summary: dict[str, dict[str, int]],
     seq_len: int,
-    max_tokens: Optional[int],
-    max_bytes: Optional[int],
+    max_tokens: int | None,
+    max_bytes: int | None,
     val_fraction: float,
 ) -> None:
     """ValueError naming the settings to change if a split got no sample (its tokens are fewer than seq_len)."""

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prores_algo.training.data.layout import FORMAT, META_FILENAME, SPLITS
 from prores_algo.training.data.versions import ours, version_of
@@ -53,7 +53,7 @@ def _s3_endpoint() -> str:
     return f'the S3 endpoint {ep} (S3_ENDPOINT_URL)' if ep else 'AWS S3 (S3_ENDPOINT_URL is not set)'
 
 
-def _s3_diagnosis(url: str, check_prefix: bool) -> Optional[str]:
+def _s3_diagnosis(url: str, check_prefix: bool) -> str | None:
     """Why s3://bucket/prefix cannot be used, from the store's own answers (None: no cause found).
 
     Uses the same endpoint rule as streaming's S3 uploader and downloader (S3_ENDPOINT_URL).
@@ -89,7 +89,7 @@ def _s3_diagnosis(url: str, check_prefix: bool) -> Optional[str]:
     return None
 
 
-def _diagnose(url: str, check_prefix: bool) -> Optional[str]:
+def _diagnose(url: str, check_prefix: bool) -> str | None:
     if _split_url(url)[0] != 's3':
         return None
     try:
@@ -247,12 +247,12 @@ def _remote_metadata(remote: str) -> dict[str, Any]:
     return meta
 
 
-def _remote_metadata_if_any(remote: str) -> Optional[dict[str, Any]]:
+def _remote_metadata_if_any(remote: str) -> dict[str, Any] | None:
     """The metadata the pointer at `remote` names, or None if nothing there is complete (an empty prefix,
     or only the debris of an unfinished write); RemoteDataError if the store cannot be used."""
     dest = _RemoteOut(remote)  # checks the bucket and the credentials
     try:
-        present = META_FILENAME in dest.keys()
+        present = META_FILENAME in dest
     finally:
         dest.close()
     return _remote_metadata(remote) if present else None

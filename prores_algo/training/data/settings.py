@@ -4,7 +4,7 @@ recorded so that the same tokenizer compares equal), and the settings that ident
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -61,8 +61,8 @@ def _requested_settings(
     tokenizer: Any,
     seq_len: int,
     val_fraction: float,
-    max_tokens: Optional[int],
-    max_bytes: Optional[int],
+    max_tokens: int | None,
+    max_bytes: int | None,
     seed: int,
 ) -> dict[str, Any]:
     name = tokenizer if isinstance(tokenizer, str) else tokenizer.name

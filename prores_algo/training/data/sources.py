@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from prores_algo.training.recipe import is_url
+from prores_algo.warn import warn_user
 
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst', '.jsonl')
 _SOURCE_HELP = (
@@ -24,7 +24,7 @@ _SOURCE_HELP = (
 )
 
 
-def iter_documents(source: str = 'stdlib', *, max_bytes: Optional[int] = None) -> Iterator[str]:
+def iter_documents(source: str = 'stdlib', *, max_bytes: int | None = None) -> Iterator[str]:
     """Yield the documents of `source` as strings, in a deterministic order.
 
     Args:
@@ -59,7 +59,7 @@ def iter_documents(source: str = 'stdlib', *, max_bytes: Optional[int] = None) -
     return _checked(docs, source, max_bytes)
 
 
-def _checked(docs: Iterator[str], source: str, max_bytes: Optional[int]) -> Iterator[str]:
+def _checked(docs: Iterator[str], source: str, max_bytes: int | None) -> Iterator[str]:
     """Skip blank documents, apply the byte cap, and raise 'empty corpus' if nothing came out."""
     n_docs = 0
     remaining = max_bytes
@@ -118,11 +118,11 @@ def _folder_documents(root: Path) -> Iterator[str]:
     skipped = []
     for path in _sorted_files(root, TEXT_SUFFIXES):
         try:
-            yield from _file_documents(path, strict=False)
+            yield from _file_documents(path, strict=True)
         except (OSError, UnicodeDecodeError) as e:
             skipped.append(f'{path}: {type(e).__name__}')
     if skipped:
-        warnings.warn(f'skipped {len(skipped)} unreadable file(s) under {str(root)!r}: {skipped[:5]}')
+        warn_user(f'skipped {len(skipped)} unreadable file(s) under {str(root)!r}: {skipped[:5]}')
 
 
 def _file_documents(path: Path, strict: bool) -> Iterator[str]:

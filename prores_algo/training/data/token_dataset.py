@@ -7,8 +7,8 @@ import contextlib
 import os
 import re
 import tempfile
-import warnings
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from streaming import StreamingDataset
 from prores_algo.training.data.layout import COLUMN
 from prores_algo.training.data.remote import RemoteDataError, _error_code
 from prores_algo.training.data.versions import dataset_root
+from prores_algo.warn import warn_user
 
 
 def _shard_seq_len(shards: list[Any]) -> int:
@@ -74,7 +75,7 @@ def _shm_registration_lock():
         try:
             lock.acquire(timeout=SHM_LOCK_TIMEOUT_S)
         except Timeout:
-            warnings.warn(
+            warn_user(
                 f'could not take {lock.lock_file} in {SHM_LOCK_TIMEOUT_S:g} s; registering the '
                 "dataset's shared memory without it"
             )
@@ -95,9 +96,9 @@ class TokenDataset(StreamingDataset):
     plus `seq_len` which, if given, must match the shards.
     """
 
-    _shard_error: Optional[BaseException] = None
+    _shard_error: BaseException | None = None
 
-    def __init__(self, *, seq_len: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(self, *, seq_len: int | None = None, **kwargs: Any) -> None:
         with _shm_registration_lock():
             super().__init__(**kwargs)
         self.seq_len = _shard_seq_len(self.shards)

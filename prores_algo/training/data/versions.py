@@ -20,7 +20,8 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from prores_algo.training.data.layout import META_FILENAME, SPLITS
 
@@ -36,7 +37,7 @@ def is_version(name: str) -> bool:
     return _VERSION_RE.fullmatch(name) is not None
 
 
-def version_of(meta: dict[str, Any]) -> Optional[str]:
+def version_of(meta: dict[str, Any]) -> str | None:
     """The version a pointer names (None: a flat dataset); ValueError if the field is not a version name,
     which would otherwise let the pointer send readers anywhere under the bucket."""
     version = meta.get(VERSION_KEY)

@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import sys
-import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 from prores_algo.training.data.layout import (
     COLUMN,
@@ -46,13 +46,14 @@ from prores_algo.training.data.settings import (
 from prores_algo.training.data.sources import _normalize_source, iter_documents
 from prores_algo.training.data.versions import VERSION_KEY, new_version, stale_keys
 from prores_algo.training.recipe import is_url
+from prores_algo.warn import warn_user
 
 
 class _UploadErrors:
     """Mixin for streaming's MDSWriter that keeps the first upload error (streaming only logs it and then
     raises a bare 'One of the threads failed')."""
 
-    upload_error: Optional[BaseException] = None
+    upload_error: BaseException | None = None
 
     def exception_callback(self, future: Any) -> None:
         if future.exception() is not None and self.upload_error is None:
@@ -80,12 +81,12 @@ def _write_splits(
     splits: tuple[str, ...],
     writers: dict[str, Any],
     *,
-    remote: Optional[str],
+    remote: str | None,
     keep_local: bool,
     seq_len: int,
     val_fraction: float,
-    max_tokens: Optional[int],
-    compression: Optional[str],
+    max_tokens: int | None,
+    compression: str | None,
     seed: int,
     progress: bool,
     desc: str,
@@ -132,10 +133,10 @@ def _metadata(
     tok: Any,
     seq_len: int,
     val_fraction: float,
-    max_tokens: Optional[int],
-    max_bytes: Optional[int],
+    max_tokens: int | None,
+    max_bytes: int | None,
     seed: int,
-    compression: Optional[str],
+    compression: str | None,
     summary: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
     """What prores_data.json records: the format, the settings that determine the samples, and each split's counts."""
@@ -169,11 +170,11 @@ def _publish_remote(dest: _RemoteOut, version: str, meta: dict[str, Any], found:
     try:
         dest.delete(stale)
     except RemoteDataError as e:
-        warnings.warn(f'wrote {dest.url} (version {version}) but could not delete {len(stale)} old objects: {e}')
+        warn_user(f'wrote {dest.url} (version {version}) but could not delete {len(stale)} old objects: {e}')
 
 
 def _remote_write(
-    remote: str, overwrite: bool, write: Callable[[Optional[str], dict[str, Any]], dict[str, Any]]
+    remote: str, overwrite: bool, write: Callable[[str | None, dict[str, Any]], dict[str, Any]]
 ) -> dict[str, Any]:
     """Write a new version of the dataset at `remote`, then move the pointer to it. `write(url, writers)`
     writes and uploads the splits under `url` (the version's prefix), filling `writers` as they open,
@@ -190,7 +191,7 @@ def _remote_write(
             dest.put_json(f'{version}/{META_FILENAME}', meta)  # the version is a complete dataset of its own
         except BaseException as e:
             with contextlib.suppress(Exception):
-                dest.delete([k for k in dest.keys() if k.startswith(f'{version}/')])
+                dest.delete([k for k in dest if k.startswith(f'{version}/')])
             failed = next((w.upload_error for w in writers.values() if w.upload_error is not None), None)
             if failed is not None and not isinstance(e, RemoteDataError):
                 raise _remote_write_error(remote, failed) from e
@@ -203,17 +204,17 @@ def _remote_write(
 
 def _build(
     source: str,
-    out: Optional[Path],
+    out: Path | None,
     tokenizer: Any,
     seq_len: int,
     val_fraction: float,
-    max_tokens: Optional[int],
-    compression: Optional[str],
+    max_tokens: int | None,
+    compression: str | None,
     seed: int,
-    max_bytes: Optional[int],
+    max_bytes: int | None,
     overwrite: bool,
     progress: bool,
-    remote: Optional[str] = None,
+    remote: str | None = None,
 ) -> dict[str, Any]:
     """Write the dataset; caller holds the lock (of `out`) and has validated the arguments.
 
@@ -232,7 +233,7 @@ def _build(
     # valid-looking index.json over a partial dataset at out_dir.
     tmp = _staging_folder(out)
 
-    def write(url: Optional[str], writers: dict[str, Any]) -> dict[str, Any]:
+    def write(url: str | None, writers: dict[str, Any]) -> dict[str, Any]:
         summary = _write_splits(
             docs,
             tok,
@@ -268,7 +269,7 @@ def _build(
         raise
 
 
-def _remote_url(out_dir: Any) -> Optional[str]:
+def _remote_url(out_dir: Any) -> str | None:
     """`out_dir` without a trailing slash if it is a URL (None: a local folder); ValueError if it has no bucket."""
     if not (isinstance(out_dir, str) and is_url(out_dir)):
         return None
@@ -283,14 +284,14 @@ def write_mds(
     tokenizer: str = 'byte',
     seq_len: int = 128,
     val_fraction: float = 0.05,
-    max_tokens: Optional[int] = None,
-    compression: Optional[str] = None,
+    max_tokens: int | None = None,
+    compression: str | None = None,
     seed: int = 0,
     *,
-    max_bytes: Optional[int] = None,
+    max_bytes: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    keep_local: Optional[str | os.PathLike] = None,
+    keep_local: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Tokenize `source`, pack into samples of exactly `seq_len` tokens, write `out_dir/{train,val}` MDS shards.
 
@@ -360,11 +361,11 @@ def ensure_dataset(
     tokenizer: str = 'byte',
     seq_len: int = 128,
     val_fraction: float = 0.05,
-    max_tokens: Optional[int] = None,
-    compression: Optional[str] = None,
+    max_tokens: int | None = None,
+    compression: str | None = None,
     seed: int = 0,
     *,
-    max_bytes: Optional[int] = None,
+    max_bytes: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Reuse the dataset at `out_dir` if it was built with the same settings, else build it.

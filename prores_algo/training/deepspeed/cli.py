@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from prores_algo.command_line import CommandParser
 from prores_algo.timing import is_auto
@@ -61,7 +61,7 @@ CONFIG_RULE = (
 )
 
 
-def parse(argv: Optional[list[str]] = None) -> tuple[TrainConfig, DSOptions]:
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DSOptions]:
     """The run `argv` describes; ConfigError (one line) for a flag that has no effect with --config."""
     p = parser()
     args = vars(p.parse_args(argv))

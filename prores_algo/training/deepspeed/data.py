@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -51,7 +52,7 @@ def synthetic_loader(n: int, seq_len: int, vocab: int, micro: int, rank: int, wo
 
 
 def mds_loader(
-    path: str, split: str, micro: int, *, seq_len: int, vocab: int, seed: int, local_cache: Optional[str], shuffle: bool
+    path: str, split: str, micro: int, *, seq_len: int, vocab: int, seed: int, local_cache: str | None, shuffle: bool
 ):
     try:
         from prores_algo.training.data import build_dataloader

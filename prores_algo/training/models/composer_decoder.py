@@ -7,7 +7,8 @@ labels at i + 1, as in Composer's `HuggingFaceModel(shift_labels=True)`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ class ComposerDecoder(ComposerModel):
         self.val_metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(), 'LanguagePerplexity': LanguagePerplexity()}
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> 'ComposerDecoder':
+    def from_kwargs(cls, **kwargs) -> ComposerDecoder:
         return cls(DecoderConfig(**kwargs))
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -60,7 +61,7 @@ class ComposerDecoder(ComposerModel):
         targets = shifted_targets(batch)
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
-    def eval_forward(self, batch: Mapping[str, Any], outputs: Optional[Any] = None) -> torch.Tensor:
+    def eval_forward(self, batch: Mapping[str, Any], outputs: Any | None = None) -> torch.Tensor:
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 __all__ = ['NORM_PLACEMENTS', 'INIT_SCHEMES', 'DecoderConfig', 'default_d_ffn', 'default_deepnet_init']
 
@@ -41,7 +40,7 @@ class DecoderConfig:
     d_model: int
     n_layers: int
     n_heads: int
-    d_ffn: Optional[int] = None  # None -> default_d_ffn(d_model); resolved in __post_init__
+    d_ffn: int | None = None  # None -> default_d_ffn(d_model); resolved in __post_init__
     max_seq_len: int = 1024
     norm: str = 'pre'  # one of NORM_PLACEMENTS
     rope_theta: float = 10000.0
@@ -51,7 +50,7 @@ class DecoderConfig:
     final_norm: bool = True  # official: a final norm for every placement; False only drops it for post/deepnorm
     deepnet_init: bool = True  # DeepNorm only: DeepNet init (True) or plain normal(0, init_std) (False)
     init: str = 'official'  # one of INIT_SCHEMES: the official code's normal(0, init_std), or PyTorch's defaults
-    embed_std: Optional[float] = None  # token-embedding std; None: init_std * sqrt(d_model) (official), 1 (torch)
+    embed_std: float | None = None  # token-embedding std; None: init_std * sqrt(d_model) (official), 1 (torch)
 
     def __post_init__(self):
         for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len'):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +75,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 
 
-def _set_init(module: nn.Module, kind: str, value: Optional[float]) -> nn.Module:
+def _set_init(module: nn.Module, kind: str, value: float | None) -> nn.Module:
     module._init_spec = (kind, value)
     return module
 
@@ -108,11 +107,11 @@ def _rms_norm(config: DecoderConfig, init_value: float = 1.0) -> nn.RMSNorm:
     return _set_init(nn.RMSNorm(config.d_model, eps=config.norm_eps), 'const', init_value)
 
 
-def _linear_init(config: DecoderConfig) -> tuple[str, Optional[float]]:
+def _linear_init(config: DecoderConfig) -> tuple[str, float | None]:
     return ('normal', config.init_std) if config.init == 'official' else ('torch', None)
 
 
-def _embed_init(config: DecoderConfig) -> tuple[str, Optional[float]]:
+def _embed_init(config: DecoderConfig) -> tuple[str, float | None]:
     if config.embed_std is not None:
         return ('normal', config.embed_std)
     if config.init == 'torch':
@@ -271,7 +270,7 @@ class Decoder(nn.Module):
         # Pre-LN, Sandwich and LNS leave the residual stream un-normalised, so they need a final norm.
         # Post-LN and DeepNorm end every block with a norm, yet the official code applies one more
         # (with its own learned weight) for every placement, and the paper's numbers come from that.
-        self.final_norm: Optional[nn.RMSNorm] = _rms_norm(config) if config.final_norm else None
+        self.final_norm: nn.RMSNorm | None = _rms_norm(config) if config.final_norm else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -326,7 +325,7 @@ class Decoder(nn.Module):
             self._apply_init_spec(module, kind, value)
 
     @staticmethod
-    def _apply_init_spec(module: nn.Module, kind: str, value: Optional[float]) -> None:
+    def _apply_init_spec(module: nn.Module, kind: str, value: float | None) -> None:
         if kind == 'torch':  # PyTorch's own default (kaiming-uniform Linear, N(0, 1) embedding)
             module.reset_parameters()
             return
