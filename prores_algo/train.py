@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from prores_algo import recipe
+from prores_algo.checkpoint_store import check_composer_locations, composer_latest_is_stored, prompt_latest
 from prores_algo.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
 __all__ = ['main', 'build_trainer', 'build_model', 'named_class', 'scheduler_class']
@@ -296,6 +297,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from prores_algo.tokenizers import load_tokenizer
 
     _require(cfg)
+    check_composer_locations(cfg.save_folder, cfg.load_path)  # the store answers before anything is built
     device = get_device(cfg.device)
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=cfg.dist_timeout)
@@ -344,6 +346,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         parallelism_config=parallelism,
         dist_timeout=cfg.dist_timeout,
     )
+    prompt_latest(trainer)
     return trainer
 
 
@@ -359,8 +362,10 @@ def _save_overwrite(cfg: TrainConfig) -> bool:
     """
     if cfg.save_overwrite:
         return True
-    if not (cfg.autoresume and cfg.save_folder) or recipe.is_url(cfg.save_folder):
+    if not (cfg.autoresume and cfg.save_folder):
         return False
+    if recipe.is_url(cfg.save_folder):  # the same rule, for the store's `latest`
+        return composer_latest_is_stored(cfg.save_folder, cfg.run_name)
     from composer.utils import format_name_with_dist
 
     folder = format_name_with_dist(cfg.save_folder, cfg.run_name)
