@@ -60,6 +60,8 @@ def check_store(url: str, field: str, require_object: bool = False) -> None:
                 raise
             cause = f'no object {key!r} in bucket {bucket!r}: check the path (a checkpoint file the run saved)'
     if cause is not None:
+        if cause.startswith(f'bucket {bucket!r} does not exist'):
+            cause += ': create it, or fix the bucket name'
         raise ConfigError(f'{field}={url!r}: {cause}')
 
 
