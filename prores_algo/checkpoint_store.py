@@ -13,9 +13,9 @@ into a local staging folder (one per node; ZeRO-3 writes one file per rank), the
 
 `latest` therefore only ever names a checkpoint whose every file is in the store: a job killed, or a
 server lost, between the shard uploads and the pointer leaves the previous checkpoint in use. A failed
-upload is reported and the run goes on; its local copy stays in the staging folder. A resume reads
-`latest`, downloads that tag's files (checked against the manifest) into the staging folder, and loads
-them from there.
+upload is reported and the run goes on; its local copy stays in the staging folder (an uploaded one is
+removed from it). A resume reads `latest`, downloads that tag's files (checked against the manifest)
+into the staging folder, and loads them from there.
 
 The endpoint is S3_ENDPOINT_URL when set (as for streaming and Composer), credentials boto3's own chain.
 """
@@ -214,8 +214,9 @@ def save_to_store(engine, prores, store: CheckpointStore, tag: str) -> bool:
     rank = dist.get_rank()
     save_checkpoint(engine, prores, store.staging, tag=tag)
     dist.barrier()  # every rank's files are written before anyone lists the folder
+    mine = store.own_files(tag, rank)
     try:
-        report = (store.upload(tag, store.own_files(tag, rank)), None)
+        report = (store.upload(tag, mine), None)
     except (StoreError, OSError) as e:
         report = (None, f'rank {rank}: {e}')
     reports = [None] * dist.get_world_size()
@@ -230,6 +231,9 @@ def save_to_store(engine, prores, store: CheckpointStore, tag: str) -> bool:
     outcome = [errors]
     dist.broadcast_object_list(outcome, src=0)
     errors = outcome[0]
+    if not errors:  # in the store for good: the staged copy would only fill this node's disk
+        for name in mine:
+            os.remove(os.path.join(store.staging, tag, name))
     if rank == 0:
         if errors:
             print(

@@ -234,3 +234,35 @@ def test_object_store_checkpoint_load_path_naming_no_object(s3, data, tmp_path):
     _one_line(proc, rf"load_path='s3://{s3.bucket}/x/nothing\.pt': no object 'x/nothing\.pt' in bucket '{s3.bucket}'")
     proc = _deepspeed(f's3://{s3.bucket}/x/b', s3.env, tmp_path, '--load_dir', f's3://{s3.bucket}/x/none')
     _one_line(proc, rf"load_path \(--load_dir\)='s3://{s3.bucket}/x/none': no checkpoint there \(no `latest` object\)")
+
+
+def test_object_store_checkpoint_download_checks_the_manifest(s3, tmp_path):
+    """What a DeepSpeed resume downloads: only a published tag, every file checked against its sha256."""
+    from prores_algo.checkpoint_store import CheckpointStore, StoreError
+
+    url = f's3://{s3.bucket}/manifest'
+    writer = CheckpointStore(url, staging=str(tmp_path / 'w'))
+    (tmp_path / 'w' / 'step1').mkdir(parents=True)
+    for name, body in (('zero_pp_rank_0_x.pt', b'rank0' * 100), ('zero_pp_rank_1_x.pt', b'rank1' * 100)):
+        (tmp_path / 'w' / 'step1' / name).write_bytes(body)
+    (tmp_path / 'w' / 'step1' / 'prores.json').write_text('{}')
+    assert writer.own_files('step1', 0) == ['prores.json', 'zero_pp_rank_0_x.pt']
+    assert writer.own_files('step1', 1) == ['zero_pp_rank_1_x.pt']
+    files = {**writer.upload('step1', writer.own_files('step1', 0)), **writer.upload('step1', ['zero_pp_rank_1_x.pt'])}
+    reader = CheckpointStore(url, staging=str(tmp_path / 'r'))
+    assert reader.latest() is None  # uploaded, not published: no checkpoint to resume from
+    with pytest.raises(StoreError, match=r"checkpoint 'step1' is not complete in .*no manifest\.json"):
+        reader.download('step1')
+    writer.publish('step1', files)
+    assert reader.latest() == 'step1'
+    reader.download('step1')
+    for name in files:
+        assert (tmp_path / 'r' / 'step1' / name).read_bytes() == (tmp_path / 'w' / 'step1' / name).read_bytes()
+    # a stored file damaged after its upload (same size): refused by name, nothing kept in its place
+    body = bytearray((tmp_path / 'w' / 'step1' / 'zero_pp_rank_1_x.pt').read_bytes())
+    body[7] ^= 0xFF
+    s3.client().put_object(Bucket=s3.bucket, Key='manifest/step1/zero_pp_rank_1_x.pt', Body=bytes(body))
+    fresh = CheckpointStore(url, staging=str(tmp_path / 'f'))
+    with pytest.raises(StoreError, match=rf'{url}/step1/zero_pp_rank_1_x\.pt does not match its sha256'):
+        fresh.download('step1')
+    assert sorted(p.name for p in (tmp_path / 'f' / 'step1').iterdir()) == ['prores.json', 'zero_pp_rank_0_x.pt']
