@@ -15,6 +15,7 @@ tests/integrations/test_deepspeed_object_store_checkpoint.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,16 @@ def s3(server, monkeypatch):
     for k, v in server.env.items():  # this process reads the store too
         monkeypatch.setenv(k, v)
     return server
+
+
+@pytest.fixture
+def reaper():
+    """Runs a test leaves behind when it fails are killed, every process of them."""
+    procs = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            kill_group_when(proc, lambda: True, Path(os.devnull))
 
 
 def _overrides(data: Path, url: str, *extra) -> list[str]:
@@ -110,9 +121,10 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_composer_object_store_checkpoint_kill9_autoresume_bitwise(s3, data, tmp_path):
+def test_composer_object_store_checkpoint_kill9_autoresume_bitwise(s3, reaper, data, tmp_path):
     url_a, url_b = f's3://{s3.bucket}/kill/a', f's3://{s3.bucket}/kill/b'
     straight = _start(_overrides(data, url_a), tmp_path / 'a', s3.env, tmp_path / 'a.log')
+    reaper(straight)
     # Composer uploads from worker processes it spawns, and writes `latest` once a checkpoint's files are
     # in the store (processes that take a minute to start on a loaded 2-core machine): slow batches leave
     # that time before the end of the run
@@ -132,6 +144,7 @@ def test_composer_object_store_checkpoint_kill9_autoresume_bitwise(s3, data, tmp
 
     # the same command on a fresh node: nothing local, the checkpoint comes from the store
     resumed = _start(_overrides(data, url_b), tmp_path / 'b2', s3.env, tmp_path / 'b2.log')
+    reaper(resumed)
     _finish(resumed, tmp_path / 'b2.log')
     _finish(straight, tmp_path / 'a.log')
     a = json.loads((tmp_path / 'a' / 'out.json').read_text())
@@ -153,6 +166,7 @@ def test_composer_object_store_checkpoint_kill9_autoresume_bitwise(s3, data, tmp
     )
 
 
+@pytest.mark.slow
 def test_composer_object_store_checkpoint_load_path_starts_a_fresh_run(s3, data, tmp_path):
     url = f's3://{s3.bucket}/load/a'
     first = _start(_overrides(data, url), tmp_path / 'a', s3.env, tmp_path / 'a.log', module=True)

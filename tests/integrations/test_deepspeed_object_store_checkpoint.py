@@ -16,6 +16,7 @@ staged and must download the checkpoint from the store.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -52,6 +53,16 @@ def s3(tmp_path, monkeypatch):
         for k, v in server.env.items():  # this process reads the store too
             monkeypatch.setenv(k, v)
         yield server
+
+
+@pytest.fixture
+def reaper():
+    """Runs a test leaves behind when it fails are killed, every process of them."""
+    procs = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            kill_group_when(proc, lambda: True, Path(os.devnull))
 
 
 def _cmd(url: str, summary: Path, *extra) -> list[str]:
@@ -114,9 +125,10 @@ def _assert_same_params(pa: dict, pb: dict) -> None:
         assert torch.equal(pa[name], pb[name]), name
 
 
-def test_deepspeed_object_store_checkpoint_kill9_resume_bitwise(s3, tmp_path):
+def test_deepspeed_object_store_checkpoint_kill9_resume_bitwise(s3, reaper, tmp_path):
     url_a, url_b = f's3://{s3.bucket}/a', f's3://{s3.bucket}/b'
     straight = _start(_cmd(url_a, tmp_path / 'a'), tmp_path, 'a', s3.env)
+    reaper(straight)
     victim_cmd = _cmd(url_b, tmp_path / 'b', '--autoresume')
     victim = _start(victim_cmd, tmp_path, 'b1', {**s3.env, 'PRORES_TEST_SLEEP': '0.15'})
     poll = s3.client()
@@ -137,6 +149,7 @@ def test_deepspeed_object_store_checkpoint_kill9_resume_bitwise(s3, tmp_path):
     client.delete_object(Bucket=s3.bucket, Key=f'b/{cut}/manifest.json')
 
     resumed = _start(victim_cmd, tmp_path, 'b2', s3.env)  # the same command, on a fresh node-local disk
+    reaper(resumed)
     _finish(resumed, tmp_path / 'b2.log')
     _finish(straight, tmp_path / 'a.log')
     for a, b in zip(_summaries(tmp_path / 'a'), _summaries(tmp_path / 'b')):
