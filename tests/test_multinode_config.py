@@ -33,12 +33,12 @@ def test_multinode_yamls_build_the_documented_models_for_both_entries(size):
     assert cfg.algorithms['prores']['t_warmup'] == f'{1000 * layers}ba'
     with torch.device('meta'):
         assert sum(p.numel() for p in composer_model(cfg).parameters()) == params
-    # DeepSpeed: the same YAML (checkpoints on a shared filesystem), the same model, d_ffn included
-    with pytest.raises(ConfigError, match=r"save_folder='s3://.*shared filesystem"):
-        resolve(cfg)
-    ds = resolve(load_config(path, ['save_folder=/shared/runs/x']))
+    # DeepSpeed: the same YAML (checkpoints in the same object store), the same model, d_ffn included
+    with pytest.raises(ConfigError, match=r"save_folder='gs://.*a folder or in an s3:// object store"):
+        resolve(load_config(path, ['save_folder=gs://bucket/runs/x']))
+    ds = resolve(cfg)
     assert (ds.save_dir, ds.autoresume, ds.data, ds.local_cache) == (
-        '/shared/runs/x',
+        cfg.save_folder,
         True,
         cfg.data.path,
         cfg.data.local_cache,

@@ -231,7 +231,7 @@ def test_composer_kill9_then_autoresume_matches_uninterrupted(data, tmp_path):
 def test_autoresume_may_overwrite_only_in_the_runs_own_folder(tmp_path):
     """What lets the restart above overwrite its killed attempt's partial checkpoint, and no more: only
     with autoresume and this folder's own `latest-rank0.pt` (the checkpoint autoresume loads)."""
-    from prores_algo.training.composer_train import _save_overwrite
+    from prores_algo.training.checkpoint_store import save_overwrite as _save_overwrite
     from prores_algo.training.config import load_config
 
     qs = ROOT / 'yamls' / 'quickstart.yaml'

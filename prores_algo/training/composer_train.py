@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from prores_algo.training import recipe
+from prores_algo.training.checkpoint_store import check_composer_locations, prompt_latest, save_overwrite
 from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
 __all__ = ['main', 'build_trainer', 'build_model', 'named_class']
@@ -274,6 +275,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     from prores_algo.training.tokenizers import load_tokenizer
 
     _require(cfg)
+    check_composer_locations(cfg.save_folder, cfg.load_path)  # the store answers before anything is built
     device = get_device(cfg.device)
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(device, timeout=cfg.dist_timeout)
@@ -310,7 +312,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=_save_overwrite(cfg),
+        save_overwrite=save_overwrite(cfg),
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
         load_weights_only=cfg.load_weights_only,
@@ -322,27 +324,8 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         parallelism_config=parallelism,
         dist_timeout=cfg.dist_timeout,
     )
+    prompt_latest(trainer)
     return trainer
-
-
-def _save_overwrite(cfg: TrainConfig) -> bool:
-    """`save_overwrite`, or True when autoresume finds this run's own `latest` checkpoint in a local save_folder.
-
-    Composer writes a checkpoint file in place and points `latest-rank0.pt` at it only once it is written,
-    so a run killed during a save leaves a partial file for a later batch than `latest`. Restarted with
-    autoresume, it resumes from `latest`, but Composer's guard against overwriting *another* run's
-    checkpoints then refuses to start ("... may conflict with a future checkpoint of the current run").
-    When `latest` is there, the folder is this run's own: the resumed run may overwrite what its killed
-    attempt left behind. (A fresh run in a folder with no `latest` keeps Composer's guard.)
-    """
-    if cfg.save_overwrite:
-        return True
-    if not (cfg.autoresume and cfg.save_folder) or recipe.is_url(cfg.save_folder):
-        return False
-    from composer.utils import format_name_with_dist
-
-    folder = format_name_with_dist(cfg.save_folder, cfg.run_name)
-    return os.path.islink(os.path.join(folder, 'latest-rank0.pt'))
 
 
 def _parallelism(spec: Optional[dict[str, Any]]):

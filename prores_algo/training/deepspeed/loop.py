@@ -56,6 +56,7 @@ from prores_algo.spec import WARMUP_STEPS_METRIC
 from prores_algo.surgery import ALPHA_BUFFER
 from prores_algo.timing import auto_warmup_steps, is_auto
 from prores_algo.training import recipe
+from prores_algo.training.checkpoint_store import fetch_staged, save_to_store, store_locations
 from prores_algo.training.config import ConfigError, TrainConfig, report
 from prores_algo.training.deepspeed.cli import parse
 from prores_algo.training.deepspeed.data import SyntheticTokens, loaders, micro_batches
@@ -210,7 +211,7 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
         config, opts = from_flat(cfg)
     t_start = time.time()
     try:
-        plan, ds_config, lr, lr_factory, load_dir = _prepare(config, opts)
+        plan, ds_config, lr, lr_factory, (load_dir, load_tag, store) = _prepare(config, opts)
     except ConfigError:
         raise
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # the user's settings: one-line errors
@@ -222,11 +223,13 @@ def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOption
     rank, world = _init_distributed()
     engine, prores, zero_init = _build_engine(plan, opts, ds_config, lr, lr_factory)
     partition_init = _partition_stats(engine)
-    resumed_from = load_checkpoint(engine, prores, load_dir, tag=opts.load_tag)[0] if load_dir else None
+    if load_dir:
+        fetch_staged(plan, load_dir, load_tag)  # a checkpoint from an object store: its files, on every node
+    resumed_from = load_checkpoint(engine, prores, load_dir, tag=load_tag)[0] if load_dir else None
     start = engine.global_steps
     micro, accum = ds_config['train_micro_batch_size_per_gpu'], ds_config['gradient_accumulation_steps']
     train_loader, sampler, eval_loader = loaders(plan, opts, micro, accum, rank, world)
-    loop = _Loop(plan, opts, engine, prores, eval_loader, rank, accum)
+    loop = _Loop(plan, opts, engine, prores, eval_loader, rank, accum, store)
     loop.run(micro_batches(train_loader, sampler, start * accum))
     out = loop.out
     last = out['eval'][-1] if out['eval'] else {}
@@ -278,23 +281,23 @@ def _prepare(config: TrainConfig, opts: DSOptions):
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f'data: {e}') from e
     lr_factory = lr_scheduler_factory(plan.lr_schedule, max_steps=plan.steps, lr_warmup_delay=plan.lr_warmup_delay)
-    load_dir = plan.load_dir
+    store, load_dir, load_tag = store_locations(plan, opts.load_tag)
     if plan.autoresume and not load_dir and plan.save_dir and os.path.exists(os.path.join(plan.save_dir, 'latest')):
         load_dir = plan.save_dir
     if load_dir and plan.prores.enabled and is_auto(plan.prores.t_warmup):
-        recorded = _recorded_warmup(load_dir, opts.load_tag)
+        recorded = _recorded_warmup(load_dir, load_tag)
         if recorded is not None:  # t_warmup='auto': the checkpoint's W, whatever the new run length
             plan = dataclasses.replace(plan, t_warmup=recorded)
     if load_dir:  # refuse a resume under another ProRes configuration before building anything
-        check_checkpoint(load_dir, _prores_expected(plan), opts.load_tag)
-    return plan, ds_config, lr, lr_factory, load_dir
+        check_checkpoint(load_dir, _prores_expected(plan), load_tag)
+    return plan, ds_config, lr, lr_factory, (load_dir, load_tag, store)
 
 
 class _Loop:
     """The optimizer steps from engine.global_steps to plan.steps, with evaluation and checkpoints."""
 
-    def __init__(self, plan: StepPlan, opts: DSOptions, engine, prores, eval_loader, rank: int, accum: int):
-        self.plan, self.opts, self.engine, self.prores = plan, opts, engine, prores
+    def __init__(self, plan: StepPlan, opts: DSOptions, engine, prores, eval_loader, rank: int, accum: int, store):
+        self.plan, self.opts, self.engine, self.prores, self.store = plan, opts, engine, prores, store
         self.eval_loader, self.rank, self.accum = eval_loader, rank, accum
         self.device = (
             torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
@@ -302,6 +305,7 @@ class _Loop:
             else torch.device('cpu')
         )
         self.out: dict[str, Any] = {'steps': [], 'losses': [], 'lrs': [], 'alphas': [], 'eval': [], 'saved': []}
+        self.out['upload_failed'] = []  # tags whose upload to the object store failed (kept locally)
         if opts.record_samples:
             self.out['samples'] = []
 
@@ -368,9 +372,13 @@ class _Loop:
                 print(f'eval step {step} loss {loss:.4f} perplexity {ppl:.3f}', flush=True)
 
     def save(self) -> None:
-        save_dir = self.plan.save_dir
-        tag = save_checkpoint(self.engine, self.prores, save_dir, tag=f'global_step{self.engine.global_steps}')
-        self.out['saved'].append(os.path.join(save_dir, tag))
+        save_dir, tag = self.plan.save_dir, f'global_step{self.engine.global_steps}'
+        if self.store is not None:
+            if not save_to_store(self.engine, self.prores, self.store, tag):
+                self.out['upload_failed'].append(tag)
+        else:
+            save_checkpoint(self.engine, self.prores, save_dir, tag=tag)
+        self.out['saved'].append(f'{save_dir.rstrip("/")}/{tag}')
 
 
 def _all_mean(values: list[float], device) -> list[float]:

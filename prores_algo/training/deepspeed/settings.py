@@ -330,10 +330,10 @@ def resolve(config: TrainConfig) -> StepPlan:
             'them or leave them at their defaults'
         )
     for key, value in (('save_folder', config.save_folder), ('load_path', config.load_path)):
-        if value and recipe.is_url(value):
+        if value and recipe.is_url(value) and not str(value).startswith('s3://'):
             raise ConfigError(
-                f'{key}={value!r}: DeepSpeed reads and writes checkpoints as files; on several nodes '
-                'use a folder every node can reach (a shared filesystem), not an object-store URL'
+                f'{key}={value!r}: the DeepSpeed loop keeps checkpoints in a folder or in an s3:// object '
+                'store (S3_ENDPOINT_URL for other S3-compatible servers)'
             )
     unknown_algos = set(config.algorithms) - {'prores', 'gradient_clipping'}
     if unknown_algos:
