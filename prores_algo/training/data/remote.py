@@ -145,7 +145,7 @@ class _RemoteOut:
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    def keys(self) -> list[str]:
+    def object_keys(self) -> list[str]:
         """Object names under the URL, relative to it."""
         try:
             names = self.uploader.list_objects() or []
@@ -159,7 +159,7 @@ class _RemoteOut:
         stays readable until the pointer moves. Returns the names found and the first path parts to keep
         after the pointer moves: the version the pointer names now (the split folders of a flat dataset),
         or, if the pointer cannot be read, everything (what readers use is then unknown)."""
-        keys = self.keys()
+        keys = self.object_keys()
         foreign = [k for k in keys if not ours(k)]
         if foreign:
             raise RemoteDataError(
@@ -252,7 +252,7 @@ def _remote_metadata_if_any(remote: str) -> dict[str, Any] | None:
     or only the debris of an unfinished write); RemoteDataError if the store cannot be used."""
     dest = _RemoteOut(remote)  # checks the bucket and the credentials
     try:
-        present = META_FILENAME in dest
+        present = META_FILENAME in dest.object_keys()
     finally:
         dest.close()
     return _remote_metadata(remote) if present else None

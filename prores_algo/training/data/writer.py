@@ -191,7 +191,7 @@ def _remote_write(
             dest.put_json(f'{version}/{META_FILENAME}', meta)  # the version is a complete dataset of its own
         except BaseException as e:
             with contextlib.suppress(Exception):
-                dest.delete([k for k in dest if k.startswith(f'{version}/')])
+                dest.delete([k for k in dest.object_keys() if k.startswith(f'{version}/')])
             failed = next((w.upload_error for w in writers.values() if w.upload_error is not None), None)
             if failed is not None and not isinstance(e, RemoteDataError):
                 raise _remote_write_error(remote, failed) from e
