@@ -82,7 +82,7 @@ def _commands(store, tmp: Path, name: str, url: str) -> tuple[list[list[str]], l
 
 def _spawn(commands, dirs, extra: dict) -> list[subprocess.Popen]:
     procs = []
-    for cmd, nd in zip(commands, dirs):
+    for cmd, nd in zip(commands, dirs, strict=True):
         env = process_env(extra)
         for k in DIST_ENV:
             env.pop(k, None)
@@ -92,7 +92,7 @@ def _spawn(commands, dirs, extra: dict) -> list[subprocess.Popen]:
             PYTHONUNBUFFERED='1',
             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / 'tests' / 'support')]),
         )
-        log = open(nd / 'launcher.log', 'ab')
+        log = open(nd / 'launcher.log', 'ab')  # noqa: SIM115 (the launcher's log, open while it runs)
         procs.append(
             subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         )
@@ -155,7 +155,7 @@ def test_multinode_object_store_checkpoint_node_killed_then_job_restarted(_store
     commands, dirs = _commands(store, tmp_path, 'b2', url_b)  # the same commands, on fresh node-local disks
     _wait_all(_spawn(commands, dirs, s3.env), dirs)
     b = [json.loads((tmp_path / 'b2' / f'summary_{r}.json').read_text()) for r in (0, 1)]
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         assert sb['start_step'] == k and sb['resumed_from'] and sb['world_size'] == 2
         for key in ('steps', 'alphas', 'losses', 'lrs'):
             assert sb[key] == sa[key][k:], key

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import tempfile
-from typing import Optional
 
 from prores_algo.training.config import ConfigError
 from prores_algo.training.data.remote import _error_code, _s3_diagnosis, _split_url
@@ -91,7 +90,7 @@ def _sha256(path: str) -> str:
 class CheckpointStore:
     """The checkpoints under `url` (s3://bucket/prefix), staged in `staging` (default: `staging_folder`)."""
 
-    def __init__(self, url: str, staging: Optional[str] = None):
+    def __init__(self, url: str, staging: str | None = None):
         scheme, self.bucket, prefix = _split_url(url)
         if scheme != 's3' or not self.bucket:
             raise ConfigError(f'{url!r}: checkpoints in an object store need an s3://bucket/prefix URL')
@@ -113,7 +112,7 @@ class CheckpointStore:
         return StoreError(f'{what} {self.url}: {type(e).__name__}: {e}')
 
     # -- the pointer and the manifest ---------------------------------------------------------------------
-    def latest(self) -> Optional[str]:
+    def latest(self) -> str | None:
         """The tag `latest` names (a complete checkpoint), or None when the store holds none yet."""
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self._key(LATEST))['Body'].read()
@@ -170,7 +169,7 @@ class CheckpointStore:
                 raise self._fail(f'cannot upload {tag}/{name} to', e) from None
         return entries
 
-    def download(self, tag: str, names: Optional[list[str]] = None) -> str:
+    def download(self, tag: str, names: list[str] | None = None) -> str:
         """Fetch files of complete checkpoint `tag` (all, or `names`) into the staging folder, each checked
         against the manifest (a staged file that already matches is kept). Returns the staging folder."""
         files = self.manifest(tag)
@@ -247,7 +246,7 @@ def save_to_store(engine, prores, store: CheckpointStore, tag: str) -> bool:
     return not errors
 
 
-def resume_source(store: CheckpointStore, tag: Optional[str], field: str) -> tuple[Optional[str], Optional[str]]:
+def resume_source(store: CheckpointStore, tag: str | None, field: str) -> tuple[str | None, str | None]:
     """(staging folder, tag) to resume from `store` -- `tag`, or the one `latest` names -- with the
     manifest and the ProRes sidecar already fetched (for the checks made before any process group
     exists); (None, None) when the store holds no checkpoint yet and no tag is asked for."""
@@ -263,7 +262,7 @@ def resume_source(store: CheckpointStore, tag: Optional[str], field: str) -> tup
         raise ConfigError(f'{field}={store.url!r}: {e}') from None
 
 
-def store_locations(plan, load_tag: Optional[str]):
+def store_locations(plan, load_tag: str | None):
     """(store for saving or None, load_dir, load_tag) of a DeepSpeed `StepPlan` once every s3:// location
     answers: the save store (with autoresume, its `latest` checkpoint) and a load_path store resolve to
     their local staging folder and the tag to load, its ProRes record already fetched."""
@@ -313,7 +312,7 @@ def fetch_for_resume(store: CheckpointStore, tag: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # the Composer entry (Composer uploads and resumes itself: RemoteUploaderDownloader, autoresume)
 # ---------------------------------------------------------------------------------------------------
-def check_composer_locations(save_folder: Optional[str], load_path: Optional[str]) -> None:
+def check_composer_locations(save_folder: str | None, load_path: str | None) -> None:
     """Before anything is built: the store of `save_folder` answers, and `load_path` is a stored object."""
     from prores_algo.training.recipe import is_url
 
@@ -323,7 +322,7 @@ def check_composer_locations(save_folder: Optional[str], load_path: Optional[str
         check_store(load_path, 'load_path', require_object=True)
 
 
-def composer_latest_is_stored(save_folder: str, run_name: Optional[str]) -> bool:
+def composer_latest_is_stored(save_folder: str, run_name: str | None) -> bool:
     """True when `save_folder` (s3://) holds this run's `latest-rank0.pt.symlink`, the object Composer
     writes once a checkpoint's every file is uploaded and autoresume reads."""
     from composer.utils import format_name_with_dist

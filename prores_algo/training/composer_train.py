@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -87,7 +87,7 @@ def named_class(kind: str, table: dict[str, Any], name: str, kwargs: dict[str, A
     return table[name]
 
 
-def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict[str, Any]]]) -> list[Any]:
+def _build_named(kind: str, table: dict[str, Any], spec: dict[str, dict[str, Any] | None]) -> list[Any]:
     objs = []
     for name, kwargs in spec.items():
         kwargs = dict(kwargs or {})
@@ -102,7 +102,7 @@ def _build_named(kind: str, table: dict[str, Any], spec: dict[str, Optional[dict
 # --- models -------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
+def build_model(cfg: TrainConfig, tokenizer_vocab: int | None = None):
     """The ComposerModel named by `model.name`; checks vocab against the tokenizer and seq_len."""
     if cfg.model.name != 'reference':
         return _build_hf_causal_lm(cfg.model.kwargs, tokenizer_vocab, cfg.data.seq_len)
@@ -118,7 +118,7 @@ def build_model(cfg: TrainConfig, tokenizer_vocab: Optional[int] = None):
     return ComposerDecoder(dcfg)
 
 
-def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: Optional[int], seq_len: int):
+def _build_hf_causal_lm(kwargs: dict[str, Any], tokenizer_vocab: int | None, seq_len: int):
     """A transformers causal LM built from a config (no download), wrapped in Composer's HuggingFaceModel."""
     import transformers
     from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
@@ -237,7 +237,7 @@ def _prepare_data(cfg: TrainConfig):
     dist.barrier()
 
 
-def _loaders(cfg: TrainConfig, vocab_size: Optional[int]):
+def _loaders(cfg: TrainConfig, vocab_size: int | None):
     from composer.utils import dist
 
     from prores_algo.training.data import build_dataloader
@@ -328,7 +328,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
     return trainer
 
 
-def _parallelism(spec: Optional[dict[str, Any]]):
+def _parallelism(spec: dict[str, Any] | None):
     """`parallelism: {fsdp: {...}}` is Composer's FSDP (v1, or v2 under FSDP_VERSION=2);
     `parallelism: {fsdp2: {...}}` asks for FSDP2 (fully_shard, runs on CPU too) without the env var."""
     if not spec:
@@ -401,7 +401,7 @@ def _say(msg: str) -> None:
 _USAGE = 'usage: prores-train CONFIG.yaml [key=value ...]   (e.g. prores-train yamls/quickstart.yaml max_duration=50ba)'
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == '--version':
         from prores_algo import __version__

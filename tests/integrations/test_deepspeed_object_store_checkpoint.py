@@ -152,7 +152,7 @@ def test_deepspeed_object_store_checkpoint_kill9_resume_bitwise(s3, reaper, tmp_
     reaper(resumed)
     _finish(resumed, tmp_path / 'b2.log')
     _finish(straight, tmp_path / 'a.log')
-    for a, b in zip(_summaries(tmp_path / 'a'), _summaries(tmp_path / 'b')):
+    for a, b in zip(_summaries(tmp_path / 'a'), _summaries(tmp_path / 'b'), strict=True):
         _assert_same_tail(a, b, k)
         assert b['upload_failed'] == [] and a['upload_failed'] == []
     assert _latest(s3, 'a') == _latest(s3, 'b') == f'global_step{STEPS}'
@@ -196,7 +196,7 @@ def test_deepspeed_object_store_checkpoint_server_lost_mid_upload(s3, tmp_path):
 
     resumed = _start(_cmd(url, tmp_path / 'b', '--autoresume'), tmp_path, 'b', s3.env)  # the server is back
     _finish(resumed, tmp_path / 'b.log')
-    for ra, rb in zip(a, _summaries(tmp_path / 'b')):
+    for ra, rb in zip(a, _summaries(tmp_path / 'b'), strict=True):
         _assert_same_tail(ra, rb, SAVE_EVERY)
     assert _latest(s3, 'run') == f'global_step{STEPS}'
     # the resumed run's final parameters equal those the first run kept locally (its upload failed)

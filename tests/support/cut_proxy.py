@@ -14,14 +14,14 @@ contain the pattern's text), across chunk boundaries.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
-from typing import Optional
 
 
 class CutProxy:
-    def __init__(self, target_port: int, cut_at: Optional[bytes] = None, nth: int = 1):
+    def __init__(self, target_port: int, cut_at: bytes | None = None, nth: int = 1):
         self.target_port = target_port
         self.pattern = re.compile(cut_at) if cut_at else None
         self.nth = nth
@@ -35,7 +35,7 @@ class CutProxy:
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> 'CutProxy':
+    def __enter__(self) -> CutProxy:
         self._thread.start()
         return self
 
@@ -53,10 +53,8 @@ class CutProxy:
         with self._lock:
             socks, self._socks = list(self._socks), set()
         for s in socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def _accept(self) -> None:
@@ -99,7 +97,5 @@ class CutProxy:
             self._drop_all()
         else:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

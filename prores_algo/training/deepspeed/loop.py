@@ -38,7 +38,8 @@ import socket
 import sys
 import time
 import zlib
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_m
 # model
 # ---------------------------------------------------------------------------------------------------
 def build_model(
-    cfg: Union[StepPlan, TrainConfig, Mapping[str, Any]], ds_config: Optional[dict] = None, zero_init: bool = False
+    cfg: StepPlan | TrainConfig | Mapping[str, Any], ds_config: dict | None = None, zero_init: bool = False
 ) -> Decoder:
     """The reference decoder of `cfg` (a StepPlan, a TrainConfig or the flat options), seeded with its
     seed; under `deepspeed.zero.Init` if `zero_init`.
@@ -129,7 +130,7 @@ def _prores_expected(plan: StepPlan) -> dict:
     }
 
 
-def _recorded_warmup(load_dir: str, tag: Optional[str]) -> Optional[float]:
+def _recorded_warmup(load_dir: str, tag: str | None) -> float | None:
     """W (`t_warmup`) recorded in the checkpoint's ProRes sidecar, or None when there is none."""
     if tag is None:
         latest = os.path.join(load_dir, 'latest')
@@ -195,7 +196,7 @@ def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, l
 # ---------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------
-def train(cfg: Union[Mapping[str, Any], TrainConfig], options: Optional[DSOptions] = None) -> dict:
+def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None) -> dict:
     """Train; returns a summary dict (identical keys on every rank; rank-local `partition` stats).
 
     `cfg` is the flat options (DEFAULTS' keys) or a TrainConfig, with `options` (default DSOptions()).
@@ -410,7 +411,7 @@ def _summary_config(plan: StepPlan, opts: DSOptions) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
-def _write_summary(out: dict, path: Optional[str], rank: int) -> None:
+def _write_summary(out: dict, path: str | None, rank: int) -> None:
     if path and ('{rank}' in path or rank == 0):
         path = path.format(rank=rank)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -421,7 +422,7 @@ def _write_summary(out: dict, path: Optional[str], rank: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The CLI (`prores_algo.training.deepspeed.cli`): a user's mistake is one line on stderr and exit status 2."""
     try:
         config, options = parse(argv)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps, whole_steps
 from prores_algo.training import recipe
@@ -39,14 +40,14 @@ class DSOptions:
 
     deepspeed_config: Any = 'yamls/deepspeed/zero3.json'  # path or dict
     # None: take it from the DeepSpeed JSON; a value must agree with it (fills it if absent / "auto")
-    micro_batch_size: Optional[int] = None
-    grad_accum: Optional[int] = None
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
     require_stage3: bool = False
     zero_init: bool = True  # build the model under deepspeed.zero.Init (stage 3)
-    num_samples: Optional[int] = None  # synthetic train samples (default: one epoch of the run)
+    num_samples: int | None = None  # synthetic train samples (default: one epoch of the run)
     eval_samples: int = 64  # synthetic eval samples (0: no evaluation)
-    load_tag: Optional[str] = None
-    summary: Optional[str] = None  # JSON summary path (rank 0; '{rank}' in it: every rank)
+    load_tag: str | None = None
+    summary: str | None = None  # JSON summary path (rank 0; '{rank}' in it: every rank)
     log_interval: int = 1
     verbose: bool = False  # keep DeepSpeed INFO logs
     # the summary lists, per step, a CRC-32 of every sample this rank trained on (checks data partitioning)
@@ -173,7 +174,7 @@ def _flat_scheduler(f: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_yaml(
-    path: str, overrides: Optional[list[str]] = None, flags: Optional[Mapping[str, Any]] = None
+    path: str, overrides: list[str] | None = None, flags: Mapping[str, Any] | None = None
 ) -> tuple[TrainConfig, DSOptions]:
     """`--config YAML key=value ...`: the YAML through `load_config` (as prores-train reads it), DSOptions
     from the flags. `--autoresume` and `--local_cache`, when given, win over the YAML."""
@@ -291,21 +292,21 @@ def checked_ds_config(plan: StepPlan, opts: DSOptions, world: int) -> tuple[dict
 class StepPlan:
     model: DecoderConfig
     prores: recipe.ProResSettings  # as written; t_warmup / lr_warmup_delay below are in steps
-    t_warmup: Optional[float]  # ProRes W in optimizer steps (None: 1000 per layer; 'auto' resolved here)
+    t_warmup: float | None  # ProRes W in optimizer steps (None: 1000 per layer; 'auto' resolved here)
     lr_warmup_delay: int
     optimizer: recipe.OptimizerSettings
     lr_schedule: dict[str, Any]  # `scheduler:` as written (name and parameters); constant 1 when the YAML has none
     steps: int
     seed: int
-    data: Optional[str]  # MDS folder / URL, or None: the synthetic token set
+    data: str | None  # MDS folder / URL, or None: the synthetic token set
     seq_len: int  # data.seq_len
-    local_cache: Optional[str]
-    data_build: Optional[dict]  # prores_algo.training.data.ensure_dataset arguments
-    global_train_batch_size: Optional[int]
+    local_cache: str | None
+    data_build: dict | None  # prores_algo.training.data.ensure_dataset arguments
+    global_train_batch_size: int | None
     eval_every: int
-    save_dir: Optional[str]
+    save_dir: str | None
     save_interval: int
-    load_dir: Optional[str]
+    load_dir: str | None
     autoresume: bool
 
 
