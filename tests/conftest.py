@@ -5,8 +5,9 @@ imported as `tests.support.<module>` (the repository root is on the path: pyproj
 
 import pytest
 
-# the bad-input matrix's session fixtures (a small dataset, a 2-batch checkpoint), for its files
-pytest_plugins = ['tests.support.bad_inputs']
+# shared fixtures: the bad-input matrix's dataset and checkpoint, `reaper` (kills what a failed run leaves),
+# `s3_server` / `s3` (a real S3-compatible server per module)
+pytest_plugins = ['tests.support.bad_inputs', 'tests.support.processes', 'tests.support.s3_fixtures']
 
 
 @pytest.fixture(autouse=True)

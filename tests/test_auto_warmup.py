@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 from composer import Callback
@@ -288,11 +289,10 @@ def test_hf_trainer_auto_resume_with_larger_max_steps_keeps_w(tmp_path):
 
 # --- prores-preview ------------------------------------------------------------------------------------------
 def _preview(*args):
-    from tests.test_preview import REPO
 
     return subprocess.run(
         [sys.executable, '-m', 'prores_algo.preview', '--layers', '24', '--steps', '2', *args],
-        cwd=REPO,
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=120,

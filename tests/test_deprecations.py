@@ -1,17 +1,10 @@
 """Old public names work for one release, each with a warning that names its replacement."""
 
 import pytest
-import torch
 
 import prores_algo
 from prores_algo.spec import ProResSpec
-from prores_algo.training.models.decoder import Decoder
-from tests.support.helpers import tiny_config
-
-
-def tiny_decoder():
-    torch.manual_seed(0)
-    return Decoder(tiny_config())
+from tests.support.helpers import tiny_decoder
 
 
 def test_old_module_name_of_the_alpha_schedules():

@@ -10,7 +10,7 @@ from prores_algo.integrations.hf import ProResCallback
 from prores_algo.training import composer_train
 from prores_algo.training.config import load_config
 from prores_algo.training.deepspeed.settings import resolve
-from tests.support.helpers import tiny_composer_model, token_loader
+from tests.support.helpers import tiny_composer_model, tiny_decoder, token_loader
 
 STEPS = 6
 
@@ -48,8 +48,6 @@ def test_yaml_takes_mechanism_in_both_entries():
 
 
 def test_hf_callback_and_deepspeed_helper_take_mechanism_hook():
-    from tests.test_deprecations import tiny_decoder
-
     callback = ProResCallback(t_warmup=10, mechanism='hook')
     assert callback.spec.mechanism == 'hook' and callback.state()['args']['mechanism'] == 'hook'
     assert ProResCallback(**callback.state()['args']).spec.mechanism == 'hook'  # a resumed Trainer rebuilds it

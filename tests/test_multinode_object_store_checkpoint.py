@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.support.helpers import DIST_ENV, free_port
+from tests.support.processes import kill_group_when
 from tests.support.s3_server import AWS_ENV, process_env
 from tests.test_multinode import (
     BIN,
@@ -32,7 +33,6 @@ from tests.test_multinode import (
     needs_namespaces,
 )
 from tests.test_multinode import store as _store  # noqa: F401  (the `store` fixture: the dataset in the store)
-from tests.test_reliability import kill_group_when
 
 pytestmark = pytest.mark.slow
 SAVE_EVERY = 2

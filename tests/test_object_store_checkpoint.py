@@ -15,7 +15,6 @@ tests/integrations/test_deepspeed_object_store_checkpoint.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,9 @@ import pytest
 import torch
 
 from prores_algo import alpha_schedules
-from tests.support.s3_server import AWS_ENV, MotoS3, moto_available, process_env
-from tests.test_reliability import _unlink_shm, kill_group_when
+from tests.support.processes import kill_group_when
+from tests.support.processes import unlink_shm as _unlink_shm
+from tests.support.s3_server import moto_available, process_env
 
 pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 server: pip install 'moto[server]'")
 
@@ -42,31 +42,6 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp('store') / 'mds'
     write_mds('stdlib', out, tokenizer='byte', seq_len=32, val_fraction=0.05, max_tokens=100_000, progress=False)
     return out
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    with MotoS3(log=tmp_path_factory.mktemp('moto') / 'moto.log') as s3:
-        yield s3
-
-
-@pytest.fixture
-def s3(server, monkeypatch):
-    for k in AWS_ENV:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in server.env.items():  # this process reads the store too
-        monkeypatch.setenv(k, v)
-    return server
-
-
-@pytest.fixture
-def reaper():
-    """Runs a test leaves behind when it fails are killed, every process of them."""
-    procs = []
-    yield procs.append
-    for proc in procs:
-        if proc.poll() is None:
-            kill_group_when(proc, lambda: True, Path(os.devnull))
 
 
 def _overrides(data: Path, url: str, *extra) -> list[str]:

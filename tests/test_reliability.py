@@ -24,29 +24,26 @@ had mapped, so repeated test runs do not fill /dev/shm.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from prores_algo import alpha_schedules
 from tests.support.helpers import env_without_dist, free_port
+from tests.support.processes import finish as _finish
+from tests.support.processes import kill_group_when
+from tests.support.processes import start_in_session as _start
+from tests.support.processes import unlink_shm as _unlink_shm
+from tests.support.small_runs import DS_ARGS, DS_ENTRY, N_LAYERS, SAVE_EVERY, STEPS, T_WARMUP
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DRIVER = ROOT / 'tests' / 'support' / 'reliability_driver.py'
-DS_ENTRY = ROOT / 'tests' / 'support' / 'slow_ds_train.py'
-ZERO3_JSON = ROOT / 'yamls' / 'deepspeed' / 'zero3.json'
-N_LAYERS, T_WARMUP, STEPS, SAVE_EVERY = 3, 8, 12, 3
 
 
 def _env(**extra) -> dict:
@@ -54,67 +51,6 @@ def _env(**extra) -> dict:
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     env.update(extra)
     return env
-
-
-def _start(cmd, log: Path, env: dict, cwd: Path) -> subprocess.Popen:
-    # A new session: the launcher and every rank share one process group we can kill at once.
-    return subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=open(log, 'w'), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert rc == 0, f'exit {rc}\n{log.read_text()[-6000:]}'
-
-
-def _shm_mapped(procs) -> set[str]:
-    paths = set()
-    for p in procs:
-        try:
-            paths |= {m.path for m in p.memory_maps(grouped=True) if m.path.startswith('/dev/shm/')}
-            paths |= {f.path for f in p.open_files() if f.path.startswith('/dev/shm/')}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return paths
-
-
-def kill_group_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 300) -> dict:
-    """Poll until `ready()`; then SIGKILL the whole process group. Returns what was killed."""
-    t0 = time.time()
-    while not ready():
-        assert proc.poll() is None, (
-            f'the run ended (rc {proc.returncode}) before it could be killed:\n' + log.read_text()[-4000:]
-        )
-        assert time.time() - t0 < timeout, 'timed out waiting for the kill point'
-        time.sleep(0.01)
-    assert proc.poll() is None, 'the run ended before it could be killed'
-    members = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    shm = _shm_mapped(members)
-    # The launcher's group, and the groups of ranks a launcher put in sessions of their own (torchrun
-    # starts every worker with start_new_session=True; the composer launcher keeps them in its group).
-    groups = {proc.pid}
-    for p in members:
-        with contextlib.suppress(ProcessLookupError):
-            groups.add(os.getpgid(p.pid))
-    for g in groups:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(g, signal.SIGKILL)
-    proc.wait(timeout=60)
-    gone, alive = psutil.wait_procs(members, timeout=10)
-    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f'processes survived the kill: {alive}'
-    return {'killed': len(members), 'groups': len(groups), 'shm': shm}
-
-
-def _unlink_shm(paths) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
 
 
 @pytest.fixture(scope='module')
@@ -249,37 +185,6 @@ def test_autoresume_may_overwrite_only_in_the_runs_own_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed
-
-DS_ARGS = [
-    '--deepspeed_config',
-    str(ZERO3_JSON),
-    '--n_layers',
-    '4',
-    '--d_model',
-    '32',
-    '--n_heads',
-    '4',
-    '--seq_len',
-    '16',
-    '--vocab_size',
-    '64',
-    '--steps',
-    str(STEPS),
-    '--prores_warmup',
-    str(T_WARMUP),
-    '--lr',
-    '1e-2',
-    '--lr_warmup',
-    '1',
-    '--eval_samples',
-    '16',
-    '--seed',
-    '0',
-    '--save_interval',
-    str(SAVE_EVERY),
-    '--log_interval',
-    '100',
-]
 
 
 def ds_cmd(save: Path, *extra) -> list[str]:

@@ -5,8 +5,7 @@ import warnings
 from composer import Trainer
 
 from prores_algo import ProRes, apply_prores
-from tests.support.helpers import tiny_composer_model, token_loader
-from tests.test_deprecations import tiny_decoder
+from tests.support.helpers import tiny_composer_model, tiny_decoder, token_loader
 
 
 def _short_warmup_warnings(caught):

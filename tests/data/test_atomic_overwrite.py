@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.s3_server import AWS_ENV, MotoS3, moto_available, process_env
+from tests.support.s3_server import moto_available, process_env
 from tests.support.stall_proxy import StallProxy
 
 pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 server: pip install 'moto[server]'")
@@ -28,22 +28,6 @@ pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 se
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(max_tokens=20000, val_fraction=0.1, progress=False)
 WRITE = ['--source', 'stdlib', '--tokenizer', 'byte', '--max-tokens', '20000', '--val-fraction', '0.1', '--no-progress']
-
-
-@pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    with MotoS3(log=tmp_path_factory.mktemp('moto') / 'moto.log') as s3:
-        yield s3
-
-
-@pytest.fixture
-def s3(server, monkeypatch):
-    """The module's server, reached from this process (streaming and boto3 read the environment)."""
-    for k in AWS_ENV:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
-    return server
 
 
 def _samples(path, cache=None, split='train'):

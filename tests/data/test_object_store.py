@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.s3_server import AWS_ENV, MotoS3, moto_available, process_env
+from tests.support.s3_server import MotoS3, moto_available, process_env
 
 pytestmark = pytest.mark.skipif(not moto_available(), reason="needs moto's S3 server: pip install 'moto[server]'")
 
@@ -43,35 +43,19 @@ WRITE = [
 
 
 @pytest.fixture(scope='module')
-def server(tmp_path_factory):
-    with MotoS3(log=tmp_path_factory.mktemp('moto') / 'moto.log') as s3:
-        yield s3
-
-
-@pytest.fixture
-def s3(server, monkeypatch):
-    """The module's server, reached from this process (streaming and boto3 read the environment)."""
-    for k in AWS_ENV:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
-    return server
-
-
-@pytest.fixture(scope='module')
-def dataset(server, tmp_path_factory):
+def dataset(s3_server, tmp_path_factory):
     """`prores-data --out s3://prores-test/ds --keep_local copy ...`, once for the module."""
     from prores_algo.training.data import main
 
     d = tmp_path_factory.mktemp('written')
     saved = dict(os.environ)
-    os.environ.update(server.env)
+    os.environ.update(s3_server.env)
     try:
-        assert main([*WRITE, '--out', f's3://{server.bucket}/ds', '--keep_local', str(d / 'copy')]) == 0
+        assert main([*WRITE, '--out', f's3://{s3_server.bucket}/ds', '--keep_local', str(d / 'copy')]) == 0
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return f's3://{server.bucket}/ds', d / 'copy'
+    return f's3://{s3_server.bucket}/ds', d / 'copy'
 
 
 def _nothing_loadable(folder: Path) -> None:

@@ -16,9 +16,9 @@ staged and must download the checkpoint from the store.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,18 +26,13 @@ import torch
 
 from tests.support.cut_proxy import CutProxy
 from tests.support.helpers import free_port
+from tests.support.processes import finish as _finish
+from tests.support.processes import kill_group_when
+from tests.support.processes import unlink_shm as _unlink_shm
 from tests.support.s3_server import AWS_ENV, MotoS3, moto_available, process_env
-from tests.test_reliability import (
-    BIN,
-    DS_ARGS,
-    DS_ENTRY,
-    ROOT,
-    SAVE_EVERY,
-    STEPS,
-    _finish,
-    _unlink_shm,
-    kill_group_when,
-)
+from tests.support.small_runs import DS_ARGS, DS_ENTRY, ROOT, SAVE_EVERY, STEPS
+
+BIN = Path(sys.executable).parent
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,16 +48,6 @@ def s3(tmp_path, monkeypatch):
         for k, v in server.env.items():  # this process reads the store too
             monkeypatch.setenv(k, v)
         yield server
-
-
-@pytest.fixture
-def reaper():
-    """Runs a test leaves behind when it fails are killed, every process of them."""
-    procs = []
-    yield procs.append
-    for proc in procs:
-        if proc.poll() is None:
-            kill_group_when(proc, lambda: True, Path(os.devnull))
 
 
 def _cmd(url: str, summary: Path, *extra) -> list[str]:

@@ -70,6 +70,13 @@ def tiny_config(**kw):
     return DecoderConfig(**cfg)
 
 
+def tiny_decoder(seed=0, **kw):
+    from prores_algo.training.models.decoder import Decoder
+
+    torch.manual_seed(seed)
+    return Decoder(tiny_config(**kw))
+
+
 def tiny_composer_model(seed=0, **kw):
     from prores_algo.training.models.composer_decoder import ComposerDecoder
 
