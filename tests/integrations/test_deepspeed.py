@@ -349,7 +349,7 @@ def test_ds_train_other_config_errors(no_dist_env):
         train({'deepspeed_config': str(ZERO3_JSON), 'n_layer': 3})
     with pytest.raises(ValueError, match='unknown schedule'):
         train({'deepspeed_config': str(ZERO3_JSON), 'schedule': 'nope'})
-    with pytest.raises(ValueError, match='unknown LR schedule'):
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         train({'deepspeed_config': str(ZERO3_JSON), 'lr_schedule': 'nope'})
 
 
@@ -455,7 +455,7 @@ def test_lr_lambda_warmup_delay():
 
 
 def test_lr_lambda_errors_and_lambdalr():
-    with pytest.raises(ValueError, match='unknown LR schedule'):
+    with pytest.raises(ValueError, match="unknown scheduler 'step'"):
         lr_lambda_from('step', max_steps=10)
     with pytest.raises(ValueError, match='tok'):
         lr_lambda_from('wsd', max_steps=10, lr_warmup='5e8tok')
@@ -611,7 +611,7 @@ def test_checkpoint_guard(tmp_path):
     (tmp_path / 'step3' / SIDECAR_FILE).unlink()
     m = _tiny_decoder()
     with pytest.raises(ValueError, match='t_warmup'):
-        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=True)
+        load_checkpoint(FakeEngine(m), apply_prores(m, t_warmup=9), str(tmp_path), tag='step3', strict=False)
     with pytest.raises(ValueError, match='records no ProRes configuration'):
         load_checkpoint(FakeEngine(m), None, str(tmp_path), tag='step3')
     with pytest.raises(FileNotFoundError, match='not found'):

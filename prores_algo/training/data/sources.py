@@ -118,7 +118,7 @@ def _folder_documents(root: Path) -> Iterator[str]:
     skipped = []
     for path in _sorted_files(root, TEXT_SUFFIXES):
         try:
-            yield from _file_documents(path, strict=True)
+            yield from _file_documents(path, strict=False)
         except (OSError, UnicodeDecodeError) as e:
             skipped.append(f'{path}: {type(e).__name__}')
     if skipped:
