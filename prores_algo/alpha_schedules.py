@@ -30,9 +30,9 @@ __all__ = [
 
 # The paper's T = W / L: 1000 optimizer steps of α warmup per layer (500 from 96 layers on).
 PAPER_STEPS_PER_LAYER = 1000
-# Below this many steps per layer, benchmarks/quality.py measured no gain from ProRes for both norm
-# placements (8 layers, linear: Pre-LN ahead from 100, Post-LN from 25, Post-LN stalls at 3); see
-# benchmarks/RESULTS.md.
+# Below this many steps per layer benchmarks/quality.py saw ProRes behind in the least forgiving regime
+# it measured (Pre-LN with branches starting small); what other regimes need is in warmup_advice, used
+# when the model was measured. This is the threshold when it was not.
 MIN_STEPS_PER_LAYER = 100
 
 
@@ -121,9 +121,11 @@ def short_warmup_message(warmup_steps: float, num_layers: int, auto_run_steps: f
         f'can collapse '
         f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
         f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
-        f'ProRes off for runs this short. That threshold was measured with the official N(0, 0.02) '
-        f'initialisation on a small model, and the initialisation may move it (benchmarks/RESULTS.md): '
-        f'`prores-compare` measures it on your own config.'
+        f'ProRes off for runs this short. That threshold holds where residual branches start small against '
+        f'the stream (Pre-LN, N(0, 0.02) at small width); larger branches or Post-LN needed 25 per layer '
+        f'(benchmarks/RESULTS.md). To be told for your model, give ProRes a batch to measure it on '
+        f'(apply_prores(..., example_inputs=batch); the Composer algorithm measures its first batch), or '
+        f'compare on your own config with `prores-compare`.'
     )
 
 

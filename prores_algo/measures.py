@@ -83,6 +83,11 @@ def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
 
 # --- branch size at initialisation --------------------------------------------------------------------
 
+# A stream that leaves a norm has one RMS at every position (exactly, up to the norm's eps and a trained
+# gain); a Pre-LN stream, a sum of an embedding and branch outputs, varies by ~1/sqrt(2·width) between
+# positions: 1% at width 4096. A thousandth separates the two.
+NORMALISED_SPREAD = 1e-3
+
 
 def _first_tensor(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
@@ -102,10 +107,14 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
     without ProRes (or at α = 1): with ProRes attached the branch outputs carry α.
 
     `model(*args, **kwargs)` is called once in eval mode. Returns `{'per_branch': [[r, ...] per layer],
-    'median': float, 'min': float, 'max': float}`.
+    'median': float, 'min': float, 'max': float, 'normalised_stream': bool}`. `normalised_stream` is
+    True when the stream entering every layer after the first has the same RMS at every position (to
+    `NORMALISED_SPREAD`): a norm sits on the stream itself (Post-LN, DeepNorm), where the ratio means
+    something else than in Pre-LN, whose stream is a sum of unnormalised branches.
     """
     found = layers if layers is not None else find_residual_layers(model)
     stream: dict[int, float] = {}
+    spread: dict[int, float] = {}  # per layer: std / mean of the per-position RMS of its input
     branch: dict[tuple[int, int], float] = {}
 
     def rms(t: torch.Tensor) -> float:
@@ -116,6 +125,9 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
             x = _first_tensor(a) if a else _first_tensor(kw.get('hidden_states'))
             if x is not None and i not in stream:
                 stream[i] = rms(x)
+                per_position = x.detach().float().square().mean(-1).sqrt().flatten()
+                if per_position.numel() > 1 and float(per_position.mean()) > 0:
+                    spread[i] = float(per_position.std() / per_position.mean())
 
         return hook
 
@@ -148,4 +160,11 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
     flat = sorted(r for row in per_branch for r in row)
     if not flat:
         raise ValueError('branch_to_stream_ratio: the forward pass reached no residual branch')
-    return {'per_branch': per_branch, 'median': flat[len(flat) // 2], 'min': flat[0], 'max': flat[-1]}
+    later = [spread[rl.index] for rl in found[1:] if rl.index in spread]
+    return {
+        'per_branch': per_branch,
+        'median': flat[len(flat) // 2],
+        'min': flat[0],
+        'max': flat[-1],
+        'normalised_stream': bool(later) and max(later) < NORMALISED_SPREAD,
+    }

@@ -168,8 +168,9 @@ class ProResSpec:
         return True
 
     @staticmethod
-    def warn_if_short(controller: ProResController) -> bool:
-        return warn_if_short_warmup(controller)
+    def warn_if_short(controller: ProResController, measure=None) -> bool:
+        """The short-warmup warning; `measure` (a `warmup_advice.InitMeasure`) makes it regime-aware."""
+        return warn_if_short_warmup(controller, measure)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def record(self, num_layers: int | None, **clock: Any) -> dict[str, Any]:

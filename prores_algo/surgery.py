@@ -48,7 +48,7 @@ from prores_algo.branch_scaling import (
 from prores_algo.layers import ResidualLayer, find_residual_layers, resolve_branch
 from prores_algo.scaled_linear import ALPHA_BUFFER, install_scaled_forward
 from prores_algo.timing import auto_warmup_steps, is_auto
-from prores_algo.warn import warn_user
+from prores_algo.warmup_advice import advise_warmup, warn_if_short_warmup
 
 # find_residual_layers and ResidualLayer live in prores_algo.layers; re-exported for code that imports them from here
 __all__ = [
@@ -98,6 +98,7 @@ class ProResController:
     ):
         self.mechanism = check_mechanism(mechanism)
         self._warned_short = False  # warn_if_short_warmup warns once per controller
+        self.init_measure = None  # warmup_advice.InitMeasure, once the model was measured on a batch
         # the run length (optimizer steps) when W came from t_warmup='auto' (timing.auto_warmup_steps), else None
         self.auto_run_steps: float | None = None
         self.layers = layers
@@ -354,6 +355,7 @@ def apply_prores(
     layer_pattern: str | None = None,
     remove_when_done: bool = True,
     mechanism: str = 'auto',
+    example_inputs=None,
 ) -> ProResController:
     """Scale every residual branch of `model` by its layer's α and return the controller.
 
@@ -373,6 +375,11 @@ def apply_prores(
             each branch (nn.Linear, Conv1D, FalconLinear; through a dropout or an MoE block's expert sum via
             `policies.FOLD_TARGETS`): no activation-sized memory traffic, `prores_algo.scaled_linear`; an
             output hook elsewhere. 'hook' uses the output hook everywhere. `controller.mechanisms` tells which.
+        example_inputs: a batch of your training data, as the model takes it (a tensor, a tuple of
+            positional arguments or a dict of keyword arguments). ProRes runs the model on it once (eval
+            mode, no gradient) to measure how large the branches start against the stream, and warns
+            only if W / L is short *for that regime* (`prores_algo.warmup_advice`); the measurement is
+            `controller.init_measure`. Without it, the warning uses the conservative 100 steps per layer.
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """
@@ -391,20 +398,8 @@ def apply_prores(
     controller.model = model
     if auto:
         controller.auto_run_steps = float(total_steps)
-    warn_if_short_warmup(controller)
+    if example_inputs is None:
+        warn_if_short_warmup(controller)
+    else:
+        advise_warmup(controller, model, example_inputs)
     return controller
-
-
-def warn_if_short_warmup(controller: ProResController) -> bool:
-    """Warn (once per controller) when W / L, in optimizer steps, is below the regime where ProRes helps.
-    Front ends call it once W is known in steps; True if it warned."""
-    if controller._warned_short or controller.warmup_steps is None:
-        return False
-    msg = alpha_schedules.short_warmup_message(
-        controller.warmup_steps, controller.num_layers, controller.auto_run_steps
-    )
-    if msg is None:
-        return False
-    controller._warned_short = True
-    warn_user(msg)
-    return True

@@ -7,20 +7,26 @@ Events:
   FIT_START   re-attach to branch modules other INIT-time algorithms replaced; resolve `t_warmup`
               (a `dur` fraction and 'auto' need `max_duration`; 'auto' is resolved once, and a resumed
               run keeps the W its checkpoint recorded); log `prores/warmup_steps`; warn if W > max_duration or if W / L is below the
-              steps per layer where ProRes helps; delay the LR warmup.
+              steps per layer where ProRes helps (on a fresh run with `measure_init`, that waits for the
+              first batch); delay the LR warmup.
   BATCH_START α ← schedule(state.timestamp): stateless, so a resumed run is exact; log α; once every
-              α is 1 for good, the hooks are removed (zero overhead after warmup).
+              α is 1 for good, the hooks are removed (zero overhead after warmup). On a fresh run's first
+              batch, measure how large the branches start (`warmup_advice`), log it under
+              `prores/init/*` and warn if W / L is short for that regime; the checkpoint keeps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
+from composer.core.precision import get_precision_context
 from composer.loggers import Logger
+from torch.nn.parallel import DistributedDataParallel
 
 from prores_algo.integrations.composer.lr import delay_lr_warmup
 from prores_algo.integrations.composer.time import parse_time
@@ -28,11 +34,13 @@ from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, su
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
 from prores_algo.timing import auto_warmup_steps, is_auto
+from prores_algo.warmup_advice import InitMeasure, head_of_batch, measure_init
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
 log = logging.getLogger(__name__)
 
+_MEASURE_SAMPLES = 8  # enough positions to measure on; few enough that the pass costs little memory
 _UNIT_FIELD = {TimeUnit.BATCH: 'batch', TimeUnit.TOKEN: 'token', TimeUnit.SAMPLE: 'sample'}
 
 
@@ -51,6 +59,11 @@ class ProRes(Algorithm):
         lr_warmup_delay: start the LR scheduler's warmup this much later (default '0ba', the paper's).
             With a warmup from 0, no parameter moves during the delay.
         log_interval: log `prores/alpha/layer_{i}` every this many batches (int or 'Nba'); default 1.
+        measure_init: on a fresh run's first batch, run the model once more on a few of its samples
+            (eval mode, no gradient, every α at 1) to measure how large the residual branches start against
+            the stream, log it (`prores/init/branch_to_stream`, `prores/init/normalised_stream`,
+            `prores/init/min_steps_per_layer`) and warn only if W / L is short for that regime (default
+            True; False: the conservative 100-steps-per-layer warning at FIT_START).
 
     Every front end takes `schedule` and `t_warmup` first, then the same keyword-only arguments in the
     same order (`ProResCallback`, `integrations.deepspeed.apply_prores`), then its own.
@@ -68,6 +81,7 @@ class ProRes(Algorithm):
         mechanism: str = 'auto',
         lr_warmup_delay: str | int | Time = '0ba',
         log_interval: str | int = 1,
+        measure_init: bool = True,
     ):
         self.spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done, mechanism)
         self.schedule = self.spec.schedule
@@ -95,6 +109,11 @@ class ProRes(Algorithm):
                 f'log_interval must be a positive number of batches (e.g. 1 or "100ba"), got {log_interval!r}'
             )
         self.log_interval = int(interval.value)
+        if not isinstance(measure_init, bool):
+            raise ValueError(f'measure_init must be true or false, got {measure_init!r}')
+        self.measure_init = measure_init
+        self.init_measure: InitMeasure | None = None  # measured on the first batch, or from the checkpoint
+        self._measure_pending = False
         self.layer_class = layer_class
         self.branches = self.spec.branches
         self.layer_pattern = layer_pattern
@@ -145,7 +164,11 @@ class ProRes(Algorithm):
         self._warn_if_longer_than_run(state)
         if self._unit == TimeUnit.BATCH:  # batches are optimizer steps: W / L is comparable to the paper's T
             logger.log_hyperparameters({WARMUP_STEPS_METRIC: float(self.controller.warmup_steps)})
-            self.spec.warn_if_short(self.controller)
+            fresh = int(state.timestamp.batch) == 0 and not self.controller.removed
+            if self.init_measure is None and self.measure_init and fresh:
+                self._measure_pending = True  # the advice waits for the first batch to measure on
+            else:  # a resumed run repeats the advice its first run measured
+                self.spec.warn_if_short(self.controller, self.init_measure)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
             # a model cast after INIT (`model.to(torch.bfloat16)`) casts α too: keep it fp32 and exact
@@ -158,6 +181,22 @@ class ProRes(Algorithm):
         batch = int(state.timestamp.batch)
         if batch % self.log_interval == 0:
             logger.log_metrics(alpha_metrics(alphas))
+        if self._measure_pending:
+            self._measure_pending = False
+            self._measure(state, logger)
+
+    def _measure(self, state: State, logger: Logger) -> None:
+        """Measure the model on the first samples of the first batch and give the advice for its regime."""
+        assert self.controller is not None
+        model = state.model
+        if isinstance(model, DistributedDataParallel):  # replicated weights: no collective needed
+            model = model.module
+        with get_precision_context(state.precision, state.precision_config):
+            measure = measure_init(self.controller, model, head_of_batch(state.batch, _MEASURE_SAMPLES))
+        self.init_measure = self.controller.init_measure = measure
+        logger.log_hyperparameters(measure.metrics())
+        log.info('ProRes: branches start at %.3g of the residual stream (%s)', measure.ratio, measure.regime)
+        self.spec.warn_if_short(self.controller, measure)
 
     # --- time ----------------------------------------------------------------------------------------
     def _now(self, state: State) -> float:
@@ -250,9 +289,14 @@ class ProRes(Algorithm):
         return self.spec.record(None if self.controller is None else self.controller.num_layers, **clock)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), 'config': self.config}
+        state = {**super().state_dict(), 'config': self.config}
+        if self.init_measure is not None:  # measured once, on the fresh run's first batch
+            state['init_measure'] = dataclasses.asdict(self.init_measure)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get('init_measure') is not None:
+            self.init_measure = InitMeasure(**state['init_measure'])
         saved = state.get('config')
         if saved is None:
             return

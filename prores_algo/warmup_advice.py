@@ -1,0 +1,194 @@
+"""Is this ProRes warmup long enough for *this* model? What the factor study measured, as data, and the
+check that measures a user's model on its first batch.
+
+`benchmarks/quality.py` paired ProRes and baseline runs (8 layers × 64 wide, byte-level text, 6 seeds
+per point) across the steps of α warmup per layer (W / L), the norm placement and the initialisation.
+What decided whether a short warmup hurt was how large the residual branches start against the stream
+they join (`measures.branch_to_stream_ratio`) and, with it, where the norm sits:
+
+* Pre-LN, branches small at init (ratio 0.058, the official N(0, 0.02) at width 64): ProRes behind in
+  6 of 6 seeds at W / L = 25, ahead in 6 of 6 at 100.
+* Pre-LN, branches larger (0.13–0.48: PyTorch's default init, a 768-wide model's scales, a small
+  embedding): ahead or inside the seed noise from W / L = 25 on.
+* A normalised stream (Post-LN): ahead or inside the seed noise at every init from W / L = 25 on.
+* W / L = 12 was behind in both placements (official init, 3 seeds) and is where Post-LN can collapse.
+
+Without a measurement (nothing to run the model on) the conservative `MIN_STEPS_PER_LAYER` holds.
+Torch only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from prores_algo.alpha_schedules import MIN_STEPS_PER_LAYER, PAPER_STEPS_PER_LAYER, short_warmup_message
+from prores_algo.measures import branch_to_stream_ratio
+from prores_algo.warn import warn_user
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    'InitMeasure',
+    'SMALL_BRANCH_RATIO',
+    'STUDY_MIN_STEPS_PER_LAYER',
+    'measure_init',
+    'min_steps_per_layer',
+    'warmup_advice',
+    'warn_if_short_warmup',
+    'advise_warmup',
+    'head_of_batch',
+    'INIT_RATIO_METRIC',
+    'INIT_NORMALISED_METRIC',
+    'INIT_MIN_STEPS_METRIC',
+]
+
+INIT_RATIO_METRIC = 'prores/init/branch_to_stream'
+INIT_NORMALISED_METRIC = 'prores/init/normalised_stream'
+INIT_MIN_STEPS_METRIC = 'prores/init/min_steps_per_layer'
+
+# Between the study's small-branch point (0.058, behind at W / L 25) and its next one (0.127, not behind).
+SMALL_BRANCH_RATIO = 0.1
+
+# The fewest steps of α warmup per layer at which ProRes was never behind its baseline, per regime.
+STUDY_MIN_STEPS_PER_LAYER: dict[str, int] = {
+    'pre, small branches': MIN_STEPS_PER_LAYER,  # 0.058: behind 6/6 at 25, ahead 6/6 at 100
+    'pre, large branches': 25,  # 0.13-0.48: ahead or inside the noise at 25
+    'normalised stream': 25,  # Post-LN, every init: ahead or inside the noise at 25; behind at 12
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InitMeasure:
+    """The model as initialised: the median branch-to-stream ratio and whether a norm sits on the stream."""
+
+    ratio: float
+    normalised_stream: bool
+
+    @property
+    def regime(self) -> str:
+        if self.normalised_stream:
+            return 'normalised stream'
+        return 'pre, small branches' if self.ratio < SMALL_BRANCH_RATIO else 'pre, large branches'
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            INIT_RATIO_METRIC: self.ratio,
+            INIT_NORMALISED_METRIC: float(self.normalised_stream),
+            INIT_MIN_STEPS_METRIC: float(min_steps_per_layer(self)),
+        }
+
+
+def min_steps_per_layer(measure: InitMeasure | None) -> int:
+    """The W / L below which the study saw ProRes behind, for this model's regime (None: not measured)."""
+    return MIN_STEPS_PER_LAYER if measure is None else STUDY_MIN_STEPS_PER_LAYER[measure.regime]
+
+
+@torch.no_grad()
+def measure_init(controller, model: torch.nn.Module, *args, **kwargs) -> InitMeasure:
+    """Measure `controller`'s model on one forward pass, `model(*args, **kwargs)` in eval mode (no dropout,
+    no random numbers drawn), with every α at 1 for the pass: the branches as they will be, not as
+    ProRes damps them. α is set back afterwards. `model` may be a wrapper of the controller's model
+    (DDP, FSDP, Composer's). Call it before the first optimizer step: later the ratio describes a
+    trained model."""
+    alphas = None if controller.removed else controller.alphas
+    if alphas is not None:
+        controller.set_alphas([1.0] * controller.num_layers)
+    try:
+        r = branch_to_stream_ratio(model, *args, layers=controller.layers, **kwargs)
+    finally:
+        if alphas is not None:
+            controller.set_alphas(alphas)
+    return InitMeasure(ratio=float(r['median']), normalised_stream=bool(r['normalised_stream']))
+
+
+def warmup_advice(
+    warmup_steps: float, num_layers: int, measure: InitMeasure, auto_run_steps: float | None = None
+) -> tuple[bool, str]:
+    """(short, message): whether W / L is below what the study needed in this model's regime, and one
+    line saying what was measured and what to do. `auto_run_steps`: the run length when W came from
+    t_warmup='auto' (then the run is too short for the warmup this regime needs)."""
+    per_layer = warmup_steps / num_layers
+    need = min_steps_per_layer(measure)
+    where = (
+        'a norm sits on the residual stream (Post-LN-like)'
+        if measure.normalised_stream
+        else f'Pre-LN, branches start at {measure.ratio:.3g} of the stream'
+    )
+    if per_layer >= need:
+        return False, (
+            f'ProRes: {where}; W / L = {per_layer:.3g} steps per layer is at or above the {need} at which '
+            f'ProRes was not behind its baseline in this regime (benchmarks/RESULTS.md).'
+        )
+    small = measure.regime == 'pre, small branches'
+    why = (
+        f'with branches this small (below {SMALL_BRANCH_RATIO}) the model already starts near identity, and a '
+        f'short ProRes warmup only delays it: behind in 6 of 6 seeds at 25 steps per layer, ahead at {need}'
+        if small
+        else 'at 12 steps per layer ProRes was behind in both placements, and Post-LN can collapse'
+    )
+    fix = f'Use t_warmup >= {need * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers})'
+    head = f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers'
+    if auto_run_steps is not None:
+        head = f"ProRes t_warmup='auto' gives W = {warmup_steps:g} steps over {num_layers} layers"
+        fix = (
+            f'auto caps W at a quarter of the run ({auto_run_steps:g} steps): train for at least '
+            f'{4 * need * num_layers} steps'
+        )
+    return True, (
+        f'{head}, W / L = {per_layer:.3g} steps of alpha warmup per layer, and {where}: {why} '
+        f'(benchmarks/RESULTS.md). {fix}, turn ProRes off for a run this short, or check with `prores-compare` '
+        'on your own config.'
+    )
+
+
+def warn_if_short_warmup(controller, measure: InitMeasure | None = None) -> bool:
+    """Warn (once per controller) when W / L, in optimizer steps, is below what ProRes needed: in the
+    measured model's regime when `measure` is given, else below the conservative `MIN_STEPS_PER_LAYER`.
+    Front ends call it once W is known in steps; True if it warned. A measured model with a long enough
+    W gets its advice at INFO level."""
+    if controller._warned_short or controller.warmup_steps is None:
+        return False
+    if measure is None:
+        msg = short_warmup_message(controller.warmup_steps, controller.num_layers, controller.auto_run_steps)
+        if msg is None:
+            return False
+    else:
+        short, msg = warmup_advice(controller.warmup_steps, controller.num_layers, measure, controller.auto_run_steps)
+        if not short:
+            log.info(msg)
+            return False
+    controller._warned_short = True
+    warn_user(msg)
+    return True
+
+
+def advise_warmup(controller, model: torch.nn.Module, example_inputs) -> InitMeasure:
+    """Measure `model` on `example_inputs` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments), keep the result as `controller.init_measure` and warn if W / L is short for its regime."""
+    if isinstance(example_inputs, dict):
+        measure = measure_init(controller, model, **example_inputs)
+    elif isinstance(example_inputs, tuple):
+        measure = measure_init(controller, model, *example_inputs)
+    else:
+        measure = measure_init(controller, model, example_inputs)
+    controller.init_measure = measure
+    warn_if_short_warmup(controller, measure)
+    return measure
+
+
+def head_of_batch(batch, n: int):
+    """The first `n` samples of a batch (tensors sliced on their first dimension, inside any dict, list or
+    tuple): enough to measure on, at a fraction of a training step's memory."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.ndim else batch
+    if isinstance(batch, Mapping):
+        return {k: head_of_batch(v, n) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, '_fields'):  # a namedtuple
+        return type(batch)(*(head_of_batch(v, n) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(head_of_batch(v, n) for v in batch)
+    return batch
