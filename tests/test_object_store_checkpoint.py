@@ -5,6 +5,10 @@ real S3-compatible server (tests/support/s3_server.py).
   node (an empty working directory: Composer's local copies are gone) resumes from the store and ends with
   parameters, α at every batch, losses and validation metrics bitwise equal to an uninterrupted run.
 * `load_path: s3://...` starts a fresh run from a stored checkpoint and ends equal to that run.
+* the server lost in the middle of a checkpoint's upload: the run stops with one line naming the store,
+  the file and where its local copy is kept (exit status 2, no traceback); the store's `latest` still names
+  the last complete checkpoint, and the same command, restarted once the server is back, resumes from it
+  and ends bitwise equal to an uninterrupted run.
 * faults, each a one-line error naming the setting and the fix, exit status 2, no traceback, before any
   training: a missing bucket, refused credentials (both entries), a load_path naming no object.
 
@@ -15,14 +19,17 @@ tests/integrations/test_deepspeed_object_store_checkpoint.py.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from prores_algo import alpha_schedules
+from tests.support.cut_proxy import CutProxy
 from tests.support.processes import kill_group_when
 from tests.support.processes import unlink_shm as _unlink_shm
 from tests.support.s3_server import moto_available, process_env
@@ -69,7 +76,9 @@ def _overrides(data: Path, url: str, *extra) -> list[str]:
     ]
 
 
-def _start(args: list[str], cwd: Path, env: dict, log: Path, module: bool = False) -> subprocess.Popen:
+def _start(
+    args: list[str], cwd: Path, env: dict, log: Path, module: bool = False, err: Path | None = None
+) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     head = (
         [sys.executable, '-m', 'prores_algo.training.composer_train']
@@ -77,9 +86,8 @@ def _start(args: list[str], cwd: Path, env: dict, log: Path, module: bool = Fals
         else [sys.executable, str(DRIVER), 'out.json']
     )
     env = process_env({**env, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)})
-    return subprocess.Popen(
-        head + args, cwd=cwd, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    stderr = open(err, 'w') if err else subprocess.STDOUT  # noqa: SIM115 (the run's own, open while it runs)
+    return subprocess.Popen(head + args, cwd=cwd, env=env, stdout=open(log, 'w'), stderr=stderr, start_new_session=True)
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> None:
@@ -104,9 +112,8 @@ def test_composer_object_store_checkpoint_kill9_autoresume_bitwise(s3, reaper, d
     url_a, url_b = f's3://{s3.bucket}/kill/a', f's3://{s3.bucket}/kill/b'
     straight = _start(_overrides(data, url_a), tmp_path / 'a', s3.env, tmp_path / 'a.log')
     reaper(straight)
-    # Composer uploads from worker processes it spawns, and writes `latest` once a checkpoint's files are
-    # in the store (processes that take a minute to start on a loaded 2-core machine): slow batches leave
-    # that time before the end of the run
+    # Composer writes `latest` once a checkpoint's files are in the store (it polls for them once a second):
+    # slow batches leave that time before the end of the run, on a loaded machine too
     victim = _start(
         _overrides(data, url_b), tmp_path / 'b1', {**s3.env, 'PRORES_TEST_SLEEP': '5.0'}, tmp_path / 'b1.log'
     )
@@ -165,6 +172,66 @@ def test_composer_object_store_checkpoint_load_path_starts_a_fresh_run(s3, data,
     _assert_same(
         _stored_model(s3, f'load/a/{final}', tmp_path / 'fa'), _stored_model(s3, f'load/b/{final}', tmp_path / 'fb')
     )
+
+
+@pytest.mark.slow
+def test_composer_object_store_checkpoint_server_lost_mid_upload(s3, reaper, data, tmp_path):
+    url_a, url = f's3://{s3.bucket}/lost/a', f's3://{s3.bucket}/lost/b'
+    steps = 8
+    short = (f'max_duration={steps}ba', 'save_interval=1ba')
+    straight = _start(_overrides(data, url_a, *short), tmp_path / 'a', s3.env, tmp_path / 'a.log')
+    reaper(straight)
+    poll = s3.client()  # the server itself; the run reaches it through the proxy
+    with CutProxy(s3.port) as proxy:
+        node_tmp = tmp_path / 'b_tmp'  # this run's temp dir: Composer's staging and the kept copy live here
+        node_tmp.mkdir()
+        env = {**s3.env, 'S3_ENDPOINT_URL': proxy.url, 'PRORES_TEST_SLEEP': '1.5', 'TMPDIR': str(node_tmp)}
+        run = _start(_overrides(data, url, *short), tmp_path / 'b', env, tmp_path / 'b.log', err=tmp_path / 'b.err')
+        reaper(run)
+        t0 = time.time()
+        while not s3.keys('lost/b/latest-rank0.pt.symlink'):  # a first checkpoint is complete in the store
+            assert run.poll() is None, (tmp_path / 'b.log').read_text()[-3000:] + (tmp_path / 'b.err').read_text()
+            assert time.time() - t0 < 300, 'no checkpoint reached the store'
+            time.sleep(0.05)
+        # the server goes away as the next checkpoint file is sent (it never arrives)
+        proxy.arm(rb'PUT /[^ ]*lost/b/ep0-ba\d+-rank0\.pt ')
+        assert run.wait(timeout=300) == 2, (tmp_path / 'b.log').read_text()[-3000:] + (tmp_path / 'b.err').read_text()
+        assert proxy.cut.is_set()
+    # one line (Composer's console log shares stderr; nothing else there speaks of an error), no traceback
+    err = (tmp_path / 'b.err').read_text()
+    line = err.splitlines()[-1]
+    assert 'Traceback' not in err + (tmp_path / 'b.log').read_text(), err[-3000:]
+    assert [ln for ln in err.splitlines() if re.search('error|exception|fail', ln, re.I)] == [line], err[-3000:]
+    m = re.fullmatch(
+        re.escape(f'error: checkpoint upload to {url} failed: ')
+        + r'(ep0-ba(\d+)-rank0\.pt): .+; the local copy is kept at (\S+); '
+        + re.escape('restart with autoresume once the store answers'),
+        line,
+    )
+    assert m, line
+    name, c, kept = m.group(1), int(m.group(2)), Path(m.group(3))
+    assert kept.name == name and kept.is_file() and kept.is_relative_to(node_tmp)
+    kept_state = torch.load(kept, map_location='cpu', weights_only=False)['state']
+    assert kept_state['timestamp']['Timestamp']['batch'] == c
+    latest = poll.get_object(Bucket=s3.bucket, Key='lost/b/latest-rank0.pt.symlink')['Body'].read().decode()
+    k = int(latest.split('-ba')[1].split('-')[0])
+    assert 0 < k < c <= steps and f'lost/b/{name}' not in s3.keys('lost/b/')  # nothing of it in the store
+
+    resumed = _start(_overrides(data, url, *short), tmp_path / 'b', s3.env, tmp_path / 'b2.log')  # the server is back
+    reaper(resumed)
+    _finish(resumed, tmp_path / 'b2.log')
+    _finish(straight, tmp_path / 'a.log')
+    a = json.loads((tmp_path / 'a' / 'out.json').read_text())
+    b = json.loads((tmp_path / 'b' / 'out.json').read_text())
+    assert b['first_batch'] == k, 'the restart resumes from the last complete checkpoint in the store'
+    for t in range(k, steps):
+        assert b['losses'][str(t)] == a['losses'][str(t)], t
+    assert b['result']['val_loss'] == a['result']['val_loss']
+    final = f'ep0-ba{steps}-rank0.pt'
+    _assert_same(
+        _stored_model(s3, f'lost/a/{final}', tmp_path / 'fa'), _stored_model(s3, f'lost/b/{final}', tmp_path / 'fb')
+    )
+    _assert_same(kept_state['model'], _stored_model(s3, f'lost/a/{name}', tmp_path / 'fc'))  # the kept copy is whole
 
 
 # ---------------------------------------------------------------------------------------------------

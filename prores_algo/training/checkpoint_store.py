@@ -340,14 +340,6 @@ def composer_latest_is_stored(save_folder: str, run_name: str | None) -> bool:
     return True
 
 
-def prompt_latest(trainer) -> None:
-    """Composer polls for a checkpoint's uploaded files every 30 s before it writes `latest` to the store;
-    once a second, a run killed soon after a save still leaves that save to resume from."""
-    saver = getattr(trainer, '_checkpoint_saver', None)
-    if saver is not None and getattr(saver, 'remote_uploader', None) is not None:
-        saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
-
-
 def save_overwrite(cfg) -> bool:
     """`save_overwrite`, or True when autoresume finds this run's own `latest` checkpoint in a local save_folder.
 

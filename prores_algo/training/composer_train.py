@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from prores_algo.training import recipe
-from prores_algo.training.checkpoint_store import check_composer_locations, prompt_latest, save_overwrite
+from prores_algo.training.checkpoint_store import StoreError, check_composer_locations, save_overwrite
+from prores_algo.training.composer_uploads import UploadFailed, stop_uploads, use_threads
 from prores_algo.training.config import ConfigError, TrainConfig, check_kwargs, load_config, report
 
 __all__ = ['main', 'build_trainer', 'build_model', 'named_class']
@@ -324,7 +325,7 @@ def build_trainer(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: 
         parallelism_config=parallelism,
         dist_timeout=cfg.dist_timeout,
     )
-    prompt_latest(trainer)
+    use_threads(trainer, cfg.save_folder)  # a lost store is one line, its checkpoint kept (composer_uploads)
     return trainer
 
 
@@ -374,7 +375,11 @@ def run(cfg: TrainConfig, extra_callbacks: tuple = (), extra_loggers: tuple = ()
         trainer.eval()
         result['val_loss_start'] = _val_loss(trainer)
         _say(f'[prores] validation loss before training: {result["val_loss_start"]:.4f}')
-    trainer.fit()
+    try:
+        trainer.fit()
+    except UploadFailed:
+        stop_uploads(trainer)
+        raise
     if last_eval.batch != int(trainer.state.timestamp.batch):  # else fit ended on an evaluation: not twice
         trainer.eval()
     result['val_loss'] = _val_loss(trainer)
@@ -420,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv[0], argv[1:])
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         return report(e)
     return 0
 

@@ -256,10 +256,12 @@ def one_line(error: BaseException) -> str:
 
 
 def report(error: BaseException) -> int:
-    """How both training entries report a user's mistake: one line on stderr, exit status 2."""
+    """How both training entries report a user's mistake (or a store that went away): one line on
+    stderr, exit status 2."""
     import sys
 
-    print(f'config error: {one_line(error)}', file=sys.stderr)
+    kind = 'config error' if isinstance(error, ConfigError) else 'error'
+    print(f'{kind}: {one_line(error)}', file=sys.stderr)
     return 2
 
 

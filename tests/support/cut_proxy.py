@@ -8,6 +8,9 @@ before; the proxy instead makes the server unreachable for the clients behind it
         ...                 # the 2nd upload request into global_step6 never arrives; from then on every
         proxy.restore()     # connection is closed at once, as by a server that went away; until restore()
 
+A proxy started with no `cut_at` passes everything until `arm(cut_at)`: a test can wait for a point it
+observes in the store (a checkpoint's pointer written) and lose the server at the next matching request.
+
 Requests are matched on the bytes the client sends (request lines are ASCII, checkpoint bodies do not
 contain the pattern's text), across chunk boundaries.
 """
@@ -43,6 +46,12 @@ class CutProxy:
         self._stop = True
         self._server.close()
         self._drop_all()
+
+    def arm(self, cut_at: bytes, nth: int = 1) -> None:
+        """From now on, the `nth` request matching `cut_at` (counted from now) is the cut."""
+        with self._lock:
+            self.seen, self.nth = 0, nth
+            self.pattern = re.compile(cut_at)
 
     def restore(self) -> None:
         """The server is reachable again; no further cut."""

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from prores_algo.training.checkpoint_store import StoreError
 from prores_algo.training.composer_train import run
 from prores_algo.training.config import ConfigError, load_config, report
 from tests.support.reliability_driver import Record
@@ -23,7 +24,7 @@ def main() -> int:
     rec = Record(float(os.environ.get('PRORES_TEST_SLEEP', '0')))
     try:
         result = run(load_config(yaml, overrides), extra_callbacks=(rec,))
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:  # as prores-train reports them
         return report(e)
     result.pop('wall_s')
     record = {'alphas': rec.alphas, 'losses': rec.losses, 'first_batch': rec.first_batch, 'result': result}
