@@ -34,7 +34,7 @@ from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, su
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
 from prores_algo.timing import auto_warmup_steps, is_auto
-from prores_algo.warmup_advice import InitMeasure, head_of_batch, measure_init
+from prores_algo.warmup_advice import InitMeasure, advise_warmup, head_of_batch
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
@@ -191,12 +191,11 @@ class ProRes(Algorithm):
         model = state.model
         if isinstance(model, DistributedDataParallel):  # replicated weights: no collective needed
             model = model.module
-        with get_precision_context(state.precision, state.precision_config):
-            measure = measure_init(self.controller, model, head_of_batch(state.batch, _MEASURE_SAMPLES))
-        self.init_measure = self.controller.init_measure = measure
+        with get_precision_context(state.precision, state.precision_config):  # a Composer batch is one argument
+            measure = advise_warmup(self.controller, model, (head_of_batch(state.batch, _MEASURE_SAMPLES),))
+        self.init_measure = measure
         logger.log_hyperparameters(measure.metrics())
         log.info('ProRes: branches start at %.3g of the residual stream (%s)', measure.ratio, measure.regime)
-        self.spec.warn_if_short(self.controller, measure)
 
     # --- time ----------------------------------------------------------------------------------------
     def _now(self, state: State) -> float:
