@@ -25,7 +25,6 @@ __all__ = [
     'ScheduleFn',
     'PAPER_STEPS_PER_LAYER',
     'MIN_STEPS_PER_LAYER',
-    'short_warmup_message',
 ]
 
 # The paper's T = W / L: 1000 optimizer steps of α warmup per layer (500 from 96 layers on).
@@ -95,38 +94,6 @@ def canonical_name(name: str) -> str:
             f'(aliases: {sorted(_ALIASES)}), or register your own with prores_algo.alpha_schedules.register().'
         )
     return name
-
-
-def short_warmup_message(warmup_steps: float, num_layers: int, auto_run_steps: float | None = None) -> str | None:
-    """A warning for a ProRes warmup too short per layer to help, or None. `warmup_steps` is W in
-    optimizer steps; `auto_run_steps` is the run length when W came from t_warmup='auto' (the message
-    then says that the cap at a quarter of the run decided it)."""
-    per_layer = warmup_steps / num_layers
-    if per_layer >= MIN_STEPS_PER_LAYER:
-        return None
-    if auto_run_steps is not None:
-        return (
-            f"ProRes t_warmup='auto' gives W = {warmup_steps:g} steps, W / L = {per_layer:.3g} steps of alpha "
-            f'warmup per layer over {num_layers} layers, below {MIN_STEPS_PER_LAYER} per layer, where our benchmark '
-            f'did not measure a gain for every norm placement (Post-LN with the linear schedule can collapse). '
-            f'The run length decides it: auto caps W at a quarter of the run ({auto_run_steps:g} steps); the '
-            f'paper would use W = {PAPER_STEPS_PER_LAYER * num_layers} ({PAPER_STEPS_PER_LAYER} per layer). '
-            f'Train for at least {4 * MIN_STEPS_PER_LAYER * num_layers} steps, or turn ProRes off for runs this short '
-            f'(or check with `prores-compare` on your own config: the initialisation may move the threshold).'
-        )
-    return (
-        f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers is {per_layer:.3g} steps of alpha '
-        f'warmup per layer. The paper uses {PAPER_STEPS_PER_LAYER}; below {MIN_STEPS_PER_LAYER} per layer our '
-        f'benchmark did not measure a gain for every norm placement, and Post-LN models with the linear schedule '
-        f'can collapse '
-        f'(every position the same vector, loss stuck at the unigram level). Use t_warmup >= '
-        f'{MIN_STEPS_PER_LAYER * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers}), or turn '
-        f'ProRes off for runs this short. That threshold holds where residual branches start small against '
-        f'the stream (Pre-LN, N(0, 0.02) at small width); larger branches or Post-LN needed 25 per layer '
-        f'(benchmarks/RESULTS.md). To be told for your model, give ProRes a batch to measure it on '
-        f'(apply_prores(..., example_inputs=batch); the Composer algorithm measures its first batch), or '
-        f'compare on your own config with `prores-compare`.'
-    )
 
 
 def _check_args(layer_index: int, num_layers: int, warmup_steps: float) -> None:

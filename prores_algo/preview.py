@@ -8,12 +8,13 @@
 --t_warmup takes what the trainers take: optimizer steps ('24000' or '24000ba'), a fraction of the run
 ('0.3dur') or 'auto' (min(1000·L, 0.25·run), `timing.auto_warmup_steps`); the last two need
 --max_duration, the run length in optimizer steps. The tool prints W / L and W's share of the run, and
-flags a W / L below `alpha_schedules.MIN_STEPS_PER_LAYER` as the trainers' warning does.
+flags a W / L below `alpha_schedules.MIN_STEPS_PER_LAYER` with the trainers' own words
+(`warmup_advice.warmup_advice`, unmeasured).
 
 Rows are sampled steps (evenly spaced from 0 to --duration, plus W itself), columns are layers; deep
 models show a subset of layers (always the first and the last) unless --all_layers is given. The values
-are exactly `prores_algo.alpha_schedules.alpha`. Imports only the pure-Python schedules (matplotlib only for
---png, with the Agg backend: no display needed).
+are exactly `prores_algo.alpha_schedules.alpha`. Needs no model and no device (matplotlib only for --png,
+with the Agg backend: no display needed).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from prores_algo import alpha_schedules
 from prores_algo.command_line import CommandParser
 from prores_algo.timing import auto_warmup_steps, is_auto, to_steps
+from prores_algo.warmup_advice import warmup_advice
 
 __all__ = ['alpha_table', 'format_table', 'sample_steps', 'sample_layers', 'plot_alpha_heatmap', 'main']
 
@@ -189,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(args.schedule, args.layers, t_warmup, steps, layers, digits=args.digits))
     share = '' if run is None else f'; W is {100 * t_warmup / run:.3g}% of the run ({run:g} steps)'
     print(f'W / L = {t_warmup / args.layers:g} steps per layer{share}')
-    short = alpha_schedules.short_warmup_message(t_warmup, args.layers, run if is_auto(args.t_warmup) else None)
-    if short is not None:
-        print(f'warning: {short}', file=sys.stderr)
+    short, advice = warmup_advice(t_warmup, args.layers, None, run if is_auto(args.t_warmup) else None)
+    if short:
+        print(f'warning: {advice}', file=sys.stderr)
     if t_warmup > duration:
         print(
             f'note: t_warmup ({t_warmup:g}) > duration ({duration:g}): the deepest layers never reach α = 1 '

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from prores_algo.alpha_schedules import MIN_STEPS_PER_LAYER, PAPER_STEPS_PER_LAYER, short_warmup_message
+from prores_algo.alpha_schedules import MIN_STEPS_PER_LAYER, PAPER_STEPS_PER_LAYER
 from prores_algo.measures import branch_to_stream_ratio
 from prores_algo.warn import warn_user
 
@@ -106,37 +106,48 @@ def measure_init(controller, model: torch.nn.Module, *args, **kwargs) -> InitMea
 
 
 def warmup_advice(
-    warmup_steps: float, num_layers: int, measure: InitMeasure, auto_run_steps: float | None = None
+    warmup_steps: float, num_layers: int, measure: InitMeasure | None = None, auto_run_steps: float | None = None
 ) -> tuple[bool, str]:
     """(short, message): whether W / L is below what the study needed in this model's regime, and one
-    line saying what was measured and what to do. `auto_run_steps`: the run length when W came from
-    t_warmup='auto' (then the run is too short for the warmup this regime needs)."""
+    line saying what was measured and what to do. `measure` None: the model was not measured, and the
+    conservative `MIN_STEPS_PER_LAYER` applies. `auto_run_steps`: the run length when W came from
+    t_warmup='auto' (then the run is too short for the warmup this regime needs). The one place the
+    short-warmup advice is worded: every front end and `prores-preview` use it."""
     per_layer = warmup_steps / num_layers
     need = min_steps_per_layer(measure)
-    where = (
-        'a norm sits on the residual stream (Post-LN-like)'
-        if measure.normalised_stream
-        else f'Pre-LN, branches start at {measure.ratio:.3g} of the stream'
-    )
+    if measure is None:
+        where = 'the model was not measured'
+    elif measure.normalised_stream:
+        where = 'a norm sits on the residual stream (Post-LN-like)'
+    else:
+        where = f'Pre-LN, branches start at {measure.ratio:.3g} of the stream'
     if per_layer >= need:
         return False, (
             f'ProRes: {where}; W / L = {per_layer:.3g} steps per layer is at or above the {need} at which '
             f'ProRes was not behind its baseline in this regime (benchmarks/RESULTS.md).'
         )
-    small = measure.regime == 'pre, small branches'
-    why = (
-        f'with branches this small (below {SMALL_BRANCH_RATIO}) the model already starts near identity, and a '
-        f'short ProRes warmup only delays it: behind in 6 of 6 seeds at 25 steps per layer, ahead at {need}'
-        if small
-        else 'at 12 steps per layer ProRes was behind in both placements, and Post-LN can collapse'
-    )
+    if measure is None:
+        why = (
+            f'below {need} per layer the study saw ProRes behind where residual branches start small against '
+            f'the stream (Pre-LN, N(0, 0.02) at small width), and Post-LN with the linear schedule can collapse; '
+            f'larger branches and Post-LN needed {STUDY_MIN_STEPS_PER_LAYER["normalised stream"]} per layer. '
+            'To be told for your model, give ProRes a batch to measure (apply_prores(..., example_inputs=batch); '
+            'the Composer algorithm measures its first batch)'
+        )
+    elif measure.regime == 'pre, small branches':
+        why = (
+            f'with branches this small (below {SMALL_BRANCH_RATIO}) the model already starts near identity, and '
+            f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 25 steps per layer, ahead at {need}'
+        )
+    else:
+        why = 'at 12 steps per layer ProRes was behind in both placements, and Post-LN can collapse'
     fix = f'Use t_warmup >= {need * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers})'
     head = f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers'
     if auto_run_steps is not None:
         head = f"ProRes t_warmup='auto' gives W = {warmup_steps:g} steps over {num_layers} layers"
         fix = (
-            f'auto caps W at a quarter of the run ({auto_run_steps:g} steps): train for at least '
-            f'{4 * need * num_layers} steps'
+            f'auto caps W at a quarter of the run ({auto_run_steps:g} steps), where the paper would use W = '
+            f'{PAPER_STEPS_PER_LAYER * num_layers}: train for at least {4 * need * num_layers} steps'
         )
     return True, (
         f'{head}, W / L = {per_layer:.3g} steps of alpha warmup per layer, and {where}: {why} '
@@ -152,15 +163,11 @@ def warn_if_short_warmup(controller, measure: InitMeasure | None = None) -> bool
     W gets its advice at INFO level."""
     if controller._warned_short or controller.warmup_steps is None:
         return False
-    if measure is None:
-        msg = short_warmup_message(controller.warmup_steps, controller.num_layers, controller.auto_run_steps)
-        if msg is None:
-            return False
-    else:
-        short, msg = warmup_advice(controller.warmup_steps, controller.num_layers, measure, controller.auto_run_steps)
-        if not short:
+    short, msg = warmup_advice(controller.warmup_steps, controller.num_layers, measure, controller.auto_run_steps)
+    if not short:
+        if measure is not None:
             log.info(msg)
-            return False
+        return False
     controller._warned_short = True
     warn_user(msg)
     return True

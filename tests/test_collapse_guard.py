@@ -10,6 +10,7 @@ import torch
 from prores_algo import alpha_schedules, apply_prores
 from prores_algo.integrations.composer import ResidualMonitor
 from prores_algo.monitor import position_cosine
+from prores_algo.warmup_advice import warmup_advice
 from tests.support.helpers import tiny_config
 
 # ----------------------------------------------------------------------------------- position cosine
@@ -48,10 +49,11 @@ def test_monitor_collapse_options_checked(kwargs, match):
 
 def test_short_warmup_message_thresholds():
     L = 12
-    assert alpha_schedules.short_warmup_message(alpha_schedules.MIN_STEPS_PER_LAYER * L, L) is None
-    msg = alpha_schedules.short_warmup_message(3 * L, L)
+    assert warmup_advice(alpha_schedules.MIN_STEPS_PER_LAYER * L, L)[0] is False
+    short, msg = warmup_advice(3 * L, L)
+    assert short and 'the model was not measured' in msg and 'example_inputs=batch' in msg
     assert '3 steps of alpha warmup per layer' in msg
-    assert f'The paper uses {alpha_schedules.PAPER_STEPS_PER_LAYER}' in msg
+    assert f'(the paper: {alpha_schedules.PAPER_STEPS_PER_LAYER * L})' in msg
     assert f'below {alpha_schedules.MIN_STEPS_PER_LAYER} per layer' in msg and 'collapse' in msg
     assert f't_warmup >= {alpha_schedules.MIN_STEPS_PER_LAYER * L} steps' in msg
 
