@@ -150,18 +150,35 @@ def quality_spl_detail(q: dict) -> str:
 
 
 def quality_depth(q: dict) -> str:
-    rows = []
-    for d, p in q['summary']['depth'].items():
-        if p['n_pairs']:
-            rows.append([d, fmt(p['baseline_mean']), fmt(p['prores_mean']), delta(p), ci(p), won(p), stalls(p)])
+    """One row per depth setting (placement, initialisation, T = W / L) and number of layers."""
+    rows, planned = [], len(q['config']['depth_seeds'])
+    for entry in q['summary']['depth'].values():
+        st = entry['setting']
+        for d, p in entry['layers'].items():
+            if p['n_pairs']:
+                rows.append(
+                    [
+                        f'{NORMS[st["norm"]]}, `{st["init"]}`, T = {st["spl"]:g}',
+                        d,
+                        fmt(p['baseline_mean']),
+                        fmt(p['prores_mean']),
+                        delta(p),
+                        ci(p),
+                        won(p),
+                        f'**{verdict(p, planned)}**',
+                        stalls(p),
+                    ]
+                )
     return table(
         [
+            'setting',
             'layers',
             'baseline val loss',
             'ProRes val loss',
             'Δ (mean ± SE)',
             'bootstrap 95% CI',
             'seeds ProRes ahead',
+            'verdict',
             'stalled ProRes / baseline',
         ],
         rows,

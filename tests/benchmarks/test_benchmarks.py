@@ -81,6 +81,14 @@ def test_quality_smoke(outputs):
         for norm in ('pre', 'post'):
             for spl in r['config']['factor_spl']:
                 assert r['summary']['factor'][init][norm][str(spl)]['n_pairs'] == len(r['config']['seeds'])
+    # the depth study at every setting: a pair per seed at every depth, T = W / L fixed across depths
+    assert [e['setting'] for e in r['summary']['depth'].values()] == r['config']['depth_settings']
+    assert {e['setting']['norm'] for e in r['summary']['depth'].values()} == {'pre', 'post'}
+    for entry in r['summary']['depth'].values():
+        for d in r['config']['depths']:
+            assert entry['layers'][str(d)]['n_pairs'] == len(r['config']['depth_seeds'])
+    depth_runs = [r['runs'][k]['spec'] for k in r['studies']['depth']]
+    assert {s['t_warmup'] / s['layers'] for s in depth_runs if s['variant'] != 'baseline'} == {2}
     # the branch-to-stream ratio of every initial model, measured before training
     bases = {quality.init_key(run['spec']) for run in r['runs'].values() if run['spec']['variant'] == 'baseline'}
     assert bases == set(r['init_ratios'])
