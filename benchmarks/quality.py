@@ -627,7 +627,7 @@ def _plot_depth(plt, results: dict):
             capsize=3,
             label=name,
         )
-    ax.set_ylabel('final validation loss (mean over seeds; dashed = baseline)')
+    ax.set_ylabel('final val loss (seed mean; dashed = baseline)')
     ax.legend(fontsize=8)
     ax2.axhline(0, color='gray', lw=1)
     ax2.set_ylabel('Δ val loss, ProRes − baseline (dots = seeds)')
