@@ -83,10 +83,18 @@ def position_cosine(hidden: torch.Tensor) -> torch.Tensor:
 
 # --- branch size at initialisation --------------------------------------------------------------------
 
-# A stream that leaves a norm has one RMS at every position (exactly, up to the norm's eps and a trained
-# gain); a Pre-LN stream, a sum of an embedding and branch outputs, varies by ~1/sqrt(2·width) between
-# positions: 1% at width 4096. A thousandth separates the two.
+# A stream that leaves a norm has one RMS at every position (exactly, up to the norm's eps, a trained
+# gain and the rounding of its dtype); a Pre-LN stream, a sum of an embedding and branch outputs, varies
+# by ~1/sqrt(2·width) between positions: 1% at width 4096. In float32 a thousandth separates the two. A
+# norm computed in bfloat16 rounds its 1/RMS to 2^-8 relative, a spread of ~0.1-0.3% between positions,
+# so a stream in a half-precision dtype is judged against half its epsilon instead (0.4% in bfloat16,
+# still below a Pre-LN stream's spread up to a width of ~30000).
 NORMALISED_SPREAD = 1e-3
+
+
+def normalised_spread_tolerance(dtype: torch.dtype) -> float:
+    """The per-position RMS spread below which a stream of `dtype` counts as leaving a norm."""
+    return max(NORMALISED_SPREAD, torch.finfo(dtype).eps / 2) if dtype.is_floating_point else NORMALISED_SPREAD
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -109,12 +117,13 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
     `model(*args, **kwargs)` is called once in eval mode. Returns `{'per_branch': [[r, ...] per layer],
     'median': float, 'min': float, 'max': float, 'normalised_stream': bool}`. `normalised_stream` is
     True when the stream entering every layer after the first has the same RMS at every position (to
-    `NORMALISED_SPREAD`): a norm sits on the stream itself (Post-LN, DeepNorm), where the ratio means
+    `normalised_spread_tolerance` of its dtype): a norm sits on the stream itself (Post-LN, DeepNorm), where the ratio means
     something else than in Pre-LN, whose stream is a sum of unnormalised branches.
     """
     found = layers if layers is not None else find_residual_layers(model)
     stream: dict[int, float] = {}
     spread: dict[int, float] = {}  # per layer: std / mean of the per-position RMS of its input
+    tolerance: dict[int, float] = {}  # per layer: the spread its input's dtype allows a normalised stream
     branch: dict[tuple[int, int], float] = {}
 
     def rms(t: torch.Tensor) -> float:
@@ -128,6 +137,7 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
                 per_position = x.detach().float().square().mean(-1).sqrt().flatten()
                 if per_position.numel() > 1 and float(per_position.mean()) > 0:
                     spread[i] = float(per_position.std() / per_position.mean())
+                    tolerance[i] = normalised_spread_tolerance(x.dtype)
 
         return hook
 
@@ -160,11 +170,11 @@ def branch_to_stream_ratio(model: nn.Module, *args, layers=None, **kwargs) -> di
     flat = sorted(r for row in per_branch for r in row)
     if not flat:
         raise ValueError('branch_to_stream_ratio: the forward pass reached no residual branch')
-    later = [spread[rl.index] for rl in found[1:] if rl.index in spread]
+    later = [spread[rl.index] / tolerance[rl.index] for rl in found[1:] if rl.index in spread]
     return {
         'per_branch': per_branch,
         'median': flat[len(flat) // 2],
         'min': flat[0],
         'max': flat[-1],
-        'normalised_stream': bool(later) and max(later) < NORMALISED_SPREAD,
+        'normalised_stream': bool(later) and max(later) < 1.0,
     }

@@ -78,6 +78,21 @@ def test_a_norm_on_the_stream_is_detected(norm, normalised, init):
     assert branch_to_stream_ratio(_decoder(norm, init), IDS)['normalised_stream'] is normalised
 
 
+@pytest.mark.parametrize('how', ['bf16 weights', 'bf16 autocast'])
+@pytest.mark.parametrize('norm, normalised', [('pre', False), ('post', True), ('deepnorm', True)])
+@pytest.mark.parametrize('d_model', [64, 256, 1024])
+def test_a_norm_on_the_stream_is_detected_in_bfloat16(norm, normalised, d_model, how):
+    """A norm computed in bfloat16 rounds 1/RMS to 2^-8: the stream's per-position RMS spreads by ~0.1%,
+    which in float32 would read as Pre-LN; the tolerance follows the stream's dtype."""
+    model = _decoder(norm, d_model=d_model)
+    if how == 'bf16 weights':
+        r = branch_to_stream_ratio(model.to(torch.bfloat16), IDS)
+    else:
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            r = branch_to_stream_ratio(model, IDS)
+    assert r['normalised_stream'] is normalised
+
+
 def test_hf_llama_is_pre_ln():
     from tests.support.hf import tiny_llama
 
