@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
@@ -131,8 +132,8 @@ def warmup_advice(
             f'below {need} per layer the study saw ProRes behind where residual branches start small against '
             f'the stream (Pre-LN, N(0, 0.02) at small width), and Post-LN with the linear schedule can collapse; '
             f'larger branches and Post-LN needed {STUDY_MIN_STEPS_PER_LAYER["normalised stream"]} per layer. '
-            'To be told for your model, give ProRes a batch to measure (apply_prores(..., example_inputs=batch); '
-            'the Composer algorithm measures its first batch)'
+            'To be told for your model, let ProRes measure a batch: apply_prores(..., example_inputs=batch) in '
+            'plain PyTorch or DeepSpeed, or the Composer algorithm with measure_init on (its default)'
         )
     elif measure.regime == 'pre, small branches':
         why = (
@@ -140,13 +141,16 @@ def warmup_advice(
             f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 25 steps per layer, ahead at {need}'
         )
     else:
-        why = 'at 12 steps per layer ProRes was behind in both placements, and Post-LN can collapse'
+        why = (
+            'at 12 steps per layer ProRes was behind in both placements (3 of 3 seeds each, official init), '
+            'and Post-LN can collapse'
+        )
     fix = f'Use t_warmup >= {need * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers})'
     head = f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers'
     if auto_run_steps is not None:
         head = f"ProRes t_warmup='auto' gives W = {warmup_steps:g} steps over {num_layers} layers"
         fix = (
-            f'auto caps W at a quarter of the run ({auto_run_steps:g} steps), where the paper would use W = '
+            f'auto caps W at a quarter of the run ({auto_run_steps:g} steps long), where the paper would use W = '
             f'{PAPER_STEPS_PER_LAYER * num_layers}: train for at least {4 * need * num_layers} steps'
         )
     return True, (
@@ -173,15 +177,23 @@ def warn_if_short_warmup(controller, measure: InitMeasure | None = None) -> bool
     return True
 
 
-def advise_warmup(controller, model: torch.nn.Module, example_inputs) -> InitMeasure:
-    """Measure `model` on `example_inputs` (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments), keep the result as `controller.init_measure` and warn if W / L is short for its regime."""
-    if isinstance(example_inputs, dict):
-        measure = measure_init(controller, model, **example_inputs)
+def advise_warmup(controller, model: torch.nn.Module, example_inputs) -> InitMeasure | None:
+    """Measure `model` on `example_inputs` (a tensor, a tuple of positional arguments, or a mapping of
+    keyword arguments such as a tokenizer's `BatchEncoding`), keep the result as `controller.init_measure`
+    and warn if W / L is short for its regime. A pass that gives no finite ratio (a NaN in the model's
+    output) counts as not measured: the conservative advice, and None."""
+    if isinstance(example_inputs, Mapping):
+        measure = measure_init(controller, model, **dict(example_inputs))
     elif isinstance(example_inputs, tuple):
         measure = measure_init(controller, model, *example_inputs)
     else:
         measure = measure_init(controller, model, example_inputs)
+    if not math.isfinite(measure.ratio):
+        warn_user(
+            f'ProRes could not measure the residual branches on the example batch (branch / stream ratio '
+            f'{measure.ratio}): the advice below is that for an unmeasured model'
+        )
+        measure = None
     controller.init_measure = measure
     warn_if_short_warmup(controller, measure)
     return measure

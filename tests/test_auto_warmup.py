@@ -59,7 +59,7 @@ def test_apply_prores_auto(total, expected):
     if expected / L < alpha_schedules.MIN_STEPS_PER_LAYER:
         assert len(msgs) == 1, msgs
         assert "t_warmup='auto'" in msgs[0] and f'W / L = {expected / L:.3g}' in msgs[0]
-        assert f'W = {1000 * L}' in msgs[0] and f'quarter of the run ({total} steps)' in msgs[0]
+        assert f'W = {1000 * L}' in msgs[0] and f'quarter of the run ({total} steps long)' in msgs[0]
     else:
         assert msgs == []
 

@@ -134,6 +134,47 @@ def test_measuring_draws_no_random_numbers_and_keeps_the_train_mode():
     assert prores.init_measure is not None and prores.init_measure.normalised_stream is False
 
 
+def test_a_tokenizers_batch_encoding_is_passed_as_keyword_arguments():
+    """What a tokenizer returns (`BatchEncoding`, a Mapping but not a dict) is the model's keyword arguments."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    model = T.GPT2LMHeadModel(cfg)
+    ids = IDS[:, :32] % 64
+    batch = T.BatchEncoding({'input_ids': ids, 'attention_mask': torch.ones_like(ids)})
+    expected = branch_to_stream_ratio(model, input_ids=ids, attention_mask=torch.ones_like(ids))['median']
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        prores = apply_prores(model, t_warmup=50, example_inputs=batch)
+    assert prores.init_measure.ratio == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_pass_without_a_finite_ratio_counts_as_not_measured():
+    model = _decoder()
+    with torch.no_grad():
+        model.embed.weight.fill_(float('nan'))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        prores = apply_prores(model, t_warmup=200, example_inputs=IDS)
+    msgs = [str(w.message) for w in rec]
+    assert prores.init_measure is None
+    assert any('could not measure the residual branches' in m and 'nan' in m for m in msgs), msgs
+    assert len(_short_warnings(rec)) == 1 and 'the model was not measured' in _short_warnings(rec)[0]
+
+
+def test_deepspeed_apply_prores_takes_a_batch_to_measure():
+    from prores_algo.integrations.deepspeed import apply_prores as ds_apply_prores
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        ds = ds_apply_prores(_decoder('pre', 'official'), t_warmup=200, example_inputs=IDS)
+    assert ds.controller.init_measure.regime == 'pre, small branches'
+    assert len(_short_warnings(rec)) == 1 and 'branches start at' in _short_warnings(rec)[0]
+    with pytest.raises(ValueError, match="example_inputs advises on W in optimizer steps: use time_unit='steps'"):
+        ds_apply_prores(_decoder(), t_warmup=200, time_unit='samples', example_inputs=IDS)
+
+
 def test_head_of_batch_slices_every_tensor():
     batch = {'input_ids': torch.arange(40).view(10, 4), 'extra': [torch.ones(10), 3], 'n': 7}
     head = head_of_batch(batch, 8)
@@ -223,6 +264,7 @@ def test_composer_resume_repeats_the_measured_advice_without_measuring(tmp_path)
     algo = ProRes(t_warmup='200ba')
     resumed, mem, short_resumed = _fit(algo, load_path=str(tmp_path / 'ep0-ba3-rank0.pt'))
     assert algo.init_measure == first.state.algorithms[0].init_measure
+    assert algo.controller.init_measure == algo.init_measure  # one answer, wherever it is read
     assert INIT_RATIO_METRIC not in mem.hyperparameters  # not measured again on a trained model
     assert short_resumed == short
 

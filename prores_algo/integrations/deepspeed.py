@@ -161,6 +161,7 @@ def apply_prores(
     mechanism: str = 'auto',
     time_unit: str = 'steps',
     total_steps: int | None = None,
+    example_inputs=None,
 ) -> DeepSpeedProRes:
     """Apply ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
@@ -168,14 +169,17 @@ def apply_prores(
     `t_warmup` is W in `time_unit` (optimizer steps by default; default W = 1000 steps per layer, the
     paper's T = 1000). `t_warmup='auto'`: W = min(1000·L, 0.25·total_steps), rounded to whole steps
     (`timing.auto_warmup_steps`); it needs `total_steps`, the run length in optimizer steps, and
-    `time_unit='steps'`. `layer_class`, `branches`, `layer_pattern`, `remove_when_done` and `mechanism`
-    are `prores_algo.apply_prores`'s.
+    `time_unit='steps'`. `layer_class`, `branches`, `layer_pattern`, `remove_when_done`, `mechanism` and
+    `example_inputs` (a batch to measure the branches on, for advice in this model's regime) are
+    `prores_algo.apply_prores`'s.
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
         model = model.module  # a DeepSpeed engine was passed: apply to the model inside it
     spec = ProResSpec(schedule, t_warmup, layer_class, branches, layer_pattern, remove_when_done, mechanism)
     if spec.auto and time_unit != 'steps':  # validated before any hook is attached
         raise ValueError(f"t_warmup='auto' counts optimizer steps: use time_unit='steps', not {time_unit!r}")
+    if example_inputs is not None and time_unit != 'steps':  # the advice compares W / L in optimizer steps
+        raise ValueError(f"example_inputs advises on W in optimizer steps: use time_unit='steps', not {time_unit!r}")
     controller = apply_prores_to_module(
         model,
         schedule,
@@ -186,6 +190,7 @@ def apply_prores(
         layer_pattern=layer_pattern,
         remove_when_done=remove_when_done,
         mechanism=mechanism,
+        example_inputs=example_inputs,
     )
     return DeepSpeedProRes(controller, time_unit, spec)
 

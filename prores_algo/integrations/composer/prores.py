@@ -168,6 +168,7 @@ class ProRes(Algorithm):
             if self.init_measure is None and self.measure_init and fresh:
                 self._measure_pending = True  # the advice waits for the first batch to measure on
             else:  # a resumed run repeats the advice its first run measured
+                self.controller.init_measure = self.init_measure
                 self.spec.warn_if_short(self.controller, self.init_measure)
         delay_lr_warmup(state, self.lr_warmup_delay)
         if not self.controller.removed:
@@ -194,8 +195,9 @@ class ProRes(Algorithm):
         with get_precision_context(state.precision, state.precision_config):  # a Composer batch is one argument
             measure = advise_warmup(self.controller, model, (head_of_batch(state.batch, _MEASURE_SAMPLES),))
         self.init_measure = measure
-        logger.log_hyperparameters(measure.metrics())
-        log.info('ProRes: branches start at %.3g of the residual stream (%s)', measure.ratio, measure.regime)
+        if measure is not None:
+            logger.log_hyperparameters(measure.metrics())
+            log.info('ProRes: branches start at %.3g of the residual stream (%s)', measure.ratio, measure.regime)
 
     # --- time ----------------------------------------------------------------------------------------
     def _now(self, state: State) -> float:
