@@ -43,12 +43,12 @@ def use_threads(trainer, save_folder: str | None) -> None:
     uploader = _uploader(trainer)
     if uploader is None:
         return
-    # Composer polls for a checkpoint's uploaded files every 30 s before it writes `latest` to the store;
-    # once a second, a run killed soon after a save still leaves that save to resume from
-    trainer._checkpoint_saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
     url = format_name_with_dist(save_folder or '', trainer.state.run_name).rstrip('/')
     if _split_url(url)[0] != 's3':
         return
+    # Composer polls for a checkpoint's uploaded files every 30 s before it writes `latest` to the store;
+    # once a second, a run killed soon after a save still leaves that save to resume from
+    trainer._checkpoint_saver._symlink_upload_wait_before_next_try_in_seconds = 1.0
     for pool in (uploader.upload_executor, uploader.check_remote_files_exist_executor):
         pool.shutdown(wait=False)  # nothing submitted yet: no worker process was started
     uploader.upload_executor = _KeepFailed(url)
@@ -64,13 +64,16 @@ class _KeepFailed(ThreadPoolExecutor):
         self.url, self.failed = url, False
 
     def submit(self, fn, /, *args, **kwargs):
+        if args:  # Composer 0.32 names every argument; a file could not be kept from positional ones
+            raise TypeError('prores-train checkpoint uploads take keyword arguments only (as Composer 0.32 passes)')
         return super().submit(self._upload, fn, kwargs)
 
     def _keep(self, kwargs: dict) -> tuple[str, str]:
         prefix = _split_url(self.url)[2]
         name = kwargs['remote_file_name']
-        name = os.path.relpath(name, prefix) if prefix else name
-        kept = os.path.join(staging_folder(self.url), name)
+        if prefix and not os.path.relpath(name, prefix).startswith('..'):
+            name = os.path.relpath(name, prefix)
+        kept = os.path.join(staging_folder(self.url), name.lstrip('/'))  # inside the staging folder, always
         os.makedirs(os.path.dirname(kept), exist_ok=True)
         shutil.move(kwargs['local_file_path'], kept)
         return name, kept
@@ -86,6 +89,12 @@ class _KeepFailed(ThreadPoolExecutor):
             raise
         except Exception as e:
             self.failed = True
+            if kwargs['remote_file_name'].endswith('.symlink'):  # Composer uploads it once the files are there
+                raise UploadFailed(
+                    f'upload of the latest-checkpoint pointer to {self.url} failed: {_cause(e)}; the '
+                    "checkpoint's files reached the store, and the store's pointer still names the previous "
+                    'checkpoint; restart with autoresume once the store answers'
+                ) from e
             name, kept = self._keep(kwargs)
             raise UploadFailed(
                 f'checkpoint upload to {self.url} failed: {name}: {_cause(e)}; the local copy is kept at {kept}; '
