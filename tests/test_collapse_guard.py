@@ -60,10 +60,14 @@ def test_short_warmup_message_thresholds():
 
 def test_apply_prores_warns_once_for_short_warmup():
     from prores_algo.training.models.decoder import Decoder
+    from prores_algo.warmup_advice import warn_if_short_warmup
 
     model = Decoder(tiny_config(n_layers=4))
-    with pytest.warns(UserWarning, match='steps of alpha warmup per layer'):
-        apply_prores(model, t_warmup=8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        controller = apply_prores(model, t_warmup=8)
+        assert warn_if_short_warmup(controller) is False  # a front end asking again: already warned
+    assert sum('steps of alpha warmup per layer' in str(w.message) for w in rec) == 1
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         apply_prores(Decoder(tiny_config(n_layers=4)), t_warmup=4 * alpha_schedules.MIN_STEPS_PER_LAYER)

@@ -63,7 +63,9 @@ class ProRes(Algorithm):
             (eval mode, no gradient, every α at 1) to measure how large the residual branches start against
             the stream, log it (`prores/init/branch_to_stream`, `prores/init/normalised_stream`,
             `prores/init/min_steps_per_layer`) and warn only if W / L is short for that regime (default
-            True; False: the conservative 100-steps-per-layer warning at FIT_START).
+            True; False: the conservative 100-steps-per-layer warning at FIT_START). Only where W is
+            counted in batches (optimizer steps): W in tokens or samples is not comparable to the study's
+            steps per layer, so nothing is measured or advised.
 
     Every front end takes `schedule` and `t_warmup` first, then the same keyword-only arguments in the
     same order (`ProResCallback`, `integrations.deepspeed.apply_prores`), then its own.
