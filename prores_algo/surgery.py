@@ -356,6 +356,7 @@ def apply_prores(
     remove_when_done: bool = True,
     mechanism: str = 'auto',
     example_inputs=None,
+    advise: bool = True,
 ) -> ProResController:
     """Scale every residual branch of `model` by its layer's α and return the controller.
 
@@ -380,6 +381,9 @@ def apply_prores(
             mode, no gradient) to measure how large the branches start against the stream, and warns
             only if W / L is short *for that regime* (`prores_algo.warmup_advice`); the measurement is
             `controller.init_measure`. Without it, the warning uses the conservative 100 steps per layer.
+        advise: False gives no short-warmup advice now: the caller measures later, once the model can run
+            (e.g. under DeepSpeed ZeRO-3, after `deepspeed.initialize`), with
+            `warmup_advice.advise_warmup(controller, engine, batch)`.
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """
@@ -398,8 +402,10 @@ def apply_prores(
     controller.model = model
     if auto:
         controller.auto_run_steps = float(total_steps)
-    if example_inputs is None:
-        warn_if_short_warmup(controller)
-    else:
+    if example_inputs is not None and not advise:
+        raise ValueError('apply_prores: example_inputs is for the advice, which advise=False turns off: pass one')
+    if example_inputs is not None:
         advise_warmup(controller, model, example_inputs)
+    elif advise:
+        warn_if_short_warmup(controller)
     return controller

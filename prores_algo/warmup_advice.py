@@ -41,6 +41,8 @@ __all__ = [
     'warmup_advice',
     'warn_if_short_warmup',
     'advise_warmup',
+    'record_advice',
+    'MEASURE_SAMPLES',
     'head_of_batch',
     'INIT_RATIO_METRIC',
     'INIT_NORMALISED_METRIC',
@@ -50,6 +52,8 @@ __all__ = [
 INIT_RATIO_METRIC = 'prores/init/branch_to_stream'
 INIT_NORMALISED_METRIC = 'prores/init/normalised_stream'
 INIT_MIN_STEPS_METRIC = 'prores/init/min_steps_per_layer'
+
+MEASURE_SAMPLES = 8  # samples of a batch to measure on: enough positions, little memory for the extra pass
 
 # Between the study's small-branch point (0.058, behind at W / L 25) and its next one (0.127, not behind).
 SMALL_BRANCH_RATIO = 0.1
@@ -179,15 +183,20 @@ def warn_if_short_warmup(controller, measure: InitMeasure | None = None) -> bool
 
 def advise_warmup(controller, model: torch.nn.Module, example_inputs) -> InitMeasure | None:
     """Measure `model` on `example_inputs` (a tensor, a tuple of positional arguments, or a mapping of
-    keyword arguments such as a tokenizer's `BatchEncoding`), keep the result as `controller.init_measure`
-    and warn if W / L is short for its regime. A pass that gives no finite ratio (a NaN in the model's
-    output) counts as not measured: the conservative advice, and None."""
+    keyword arguments such as a tokenizer's `BatchEncoding`) and `record_advice` for it."""
     if isinstance(example_inputs, Mapping):
         measure = measure_init(controller, model, **dict(example_inputs))
     elif isinstance(example_inputs, tuple):
         measure = measure_init(controller, model, *example_inputs)
     else:
         measure = measure_init(controller, model, example_inputs)
+    return record_advice(controller, measure)
+
+
+def record_advice(controller, measure: InitMeasure) -> InitMeasure | None:
+    """Keep `measure` as `controller.init_measure` and warn if W / L is short for its regime. A pass that
+    gave no finite ratio (a NaN in the model's output) counts as not measured: the conservative advice,
+    and None."""
     if not math.isfinite(measure.ratio):
         warn_user(
             f'ProRes could not measure the residual branches on the example batch (branch / stream ratio '

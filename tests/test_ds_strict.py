@@ -154,6 +154,22 @@ def test_a_flag_the_yaml_sets_stops_the_run(flags, expected, no_training, capsys
     assert len(err.splitlines()) == 1 and err.startswith('config error: ') and expected in err, err
 
 
+@pytest.mark.parametrize('value', [True, False])
+def test_measure_init_is_taken_by_the_deepspeed_loop(value):
+    """One vocabulary: `algorithms.prores.measure_init` means in prores-ds-train what it means in prores-train."""
+    from prores_algo.training.deepspeed.settings import from_yaml, resolve
+
+    plan = resolve(from_yaml(QS, [f'algorithms.prores.measure_init={str(value).lower()}'])[0])
+    assert plan.prores.measure_init is value
+
+
+def test_a_bad_measure_init_gets_prores_trains_message(no_training, capsys):
+    assert composer_entry.main([QS, 'algorithms.prores.measure_init=sometimes']) == 2
+    composer_msg = capsys.readouterr().err
+    assert ds_train.main(['--config', QS, 'algorithms.prores.measure_init=sometimes']) == 2
+    assert capsys.readouterr().err == composer_msg and 'measure_init must be true or false' in composer_msg
+
+
 def test_the_deepspeed_flags_still_apply_with_a_yaml(monkeypatch):
     seen = {}
     monkeypatch.setattr(ds_train, 'train', lambda c, o: seen.update(c=c, o=o) or {'rank': 1, 'final_eval_loss': None})

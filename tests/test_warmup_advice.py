@@ -175,6 +175,28 @@ def test_deepspeed_apply_prores_takes_a_batch_to_measure():
         ds_apply_prores(_decoder(), t_warmup=200, time_unit='samples', example_inputs=IDS)
 
 
+@pytest.mark.parametrize('front_end', ['apply_prores', 'deepspeed'])
+def test_advise_false_waits_for_the_caller_to_measure(front_end):
+    """What a ZeRO-3 user does (the model cannot run before deepspeed.initialize): attach without advice,
+    measure later; one warning, the measured one."""
+    from prores_algo.integrations.deepspeed import apply_prores as ds_apply_prores
+    from prores_algo.warmup_advice import advise_warmup
+
+    model = _decoder('pre', 'official')
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        if front_end == 'deepspeed':
+            controller = ds_apply_prores(model, t_warmup=200, advise=False).controller
+        else:
+            controller = apply_prores(model, t_warmup=200, advise=False)
+        assert not _short_warnings(rec)
+        measure = advise_warmup(controller, model, IDS)
+    assert measure.regime == 'pre, small branches' and controller.init_measure == measure
+    assert len(_short_warnings(rec)) == 1 and 'branches start at' in _short_warnings(rec)[0]
+    with pytest.raises(ValueError, match='example_inputs is for the advice, which advise=False turns off'):
+        apply_prores(_decoder(), t_warmup=200, advise=False, example_inputs=IDS)
+
+
 def test_head_of_batch_slices_every_tensor():
     batch = {'input_ids': torch.arange(40).view(10, 4), 'extra': [torch.ones(10), 3], 'n': 7}
     head = head_of_batch(batch, 8)

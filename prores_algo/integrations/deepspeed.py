@@ -162,6 +162,7 @@ def apply_prores(
     time_unit: str = 'steps',
     total_steps: int | None = None,
     example_inputs=None,
+    advise: bool = True,
 ) -> DeepSpeedProRes:
     """Apply ProRes to `model` (call before `deepspeed.initialize`; a model built under
     `deepspeed.zero.Init` is fine). Returns a `DeepSpeedProRes`; call `.step(engine)` before each forward.
@@ -169,9 +170,11 @@ def apply_prores(
     `t_warmup` is W in `time_unit` (optimizer steps by default; default W = 1000 steps per layer, the
     paper's T = 1000). `t_warmup='auto'`: W = min(1000·L, 0.25·total_steps), rounded to whole steps
     (`timing.auto_warmup_steps`); it needs `total_steps`, the run length in optimizer steps, and
-    `time_unit='steps'`. `layer_class`, `branches`, `layer_pattern`, `remove_when_done`, `mechanism` and
-    `example_inputs` (a batch to measure the branches on, for advice in this model's regime) are
-    `prores_algo.apply_prores`'s.
+    `time_unit='steps'`. `layer_class`, `branches`, `layer_pattern`, `remove_when_done`, `mechanism`,
+    `example_inputs` (a batch to measure the branches on, for advice in this model's regime) and `advise`
+    are `prores_algo.apply_prores`'s. Under ZeRO-3 with `zero.Init` the model cannot run before
+    `deepspeed.initialize`: pass `advise=False`, then `warmup_advice.advise_warmup(prores.controller,
+    engine, first_batch)` on every rank (the forward gathers the partitioned weights).
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
         model = model.module  # a DeepSpeed engine was passed: apply to the model inside it
@@ -191,6 +194,7 @@ def apply_prores(
         remove_when_done=remove_when_done,
         mechanism=mechanism,
         example_inputs=example_inputs,
+        advise=advise,
     )
     return DeepSpeedProRes(controller, time_unit, spec)
 

@@ -95,6 +95,7 @@ class ProResSettings:
     t_warmup: Any = None
     lr_warmup_delay: Any = 0
     mechanism: str = 'auto'
+    measure_init: bool = True
 
 
 def prores(cfg: TrainConfig) -> ProResSettings:
@@ -107,6 +108,7 @@ def prores(cfg: TrainConfig) -> ProResSettings:
         t_warmup=kw.get('t_warmup'),
         lr_warmup_delay=kw.get('lr_warmup_delay', 0),
         mechanism=kw.get('mechanism', 'auto'),
+        measure_init=kw.get('measure_init', True),
     )
 
 

@@ -119,7 +119,9 @@ def run_a(tmp_path_factory):
         ],
     )
     _ok(proc)
-    return SimpleNamespace(dir=d, ckpt=d / 'ckpt', ranks=_summaries(d / 'summary_{rank}.json', 2), stdout=proc.stdout)
+    return SimpleNamespace(
+        dir=d, ckpt=d / 'ckpt', ranks=_summaries(d / 'summary_{rank}.json', 2), stdout=proc.stdout, stderr=proc.stderr
+    )
 
 
 def test_zero3_partitions_parameters(run_a):
@@ -160,6 +162,17 @@ def test_zero3_alpha_identical_on_ranks_and_equal_to_schedule(run_a):
         'branches': None,
         'layer_pattern': None,
     }
+
+
+def test_zero3_measures_the_first_batch_on_every_rank(run_a):
+    """measure_init (on by default) on a fresh ZeRO-3 run built under zero.Init: every rank runs the
+    measuring forward in step (it gathers the partitioned weights), the ratio is averaged over the ranks,
+    and the advice is for that regime: 4 Pre-LN layers 32 wide, W / L = 2, short in any regime."""
+    m0, m1 = (r['init_measure'] for r in run_a.ranks)
+    assert m0 == m1 and m0['normalised_stream'] is False and 0 < m0['ratio'] < 10
+    assert f'prores: branches start at {m0["ratio"]:.3g} of the residual stream' in run_a.stdout
+    short = [ln for ln in run_a.stderr.splitlines() if 'steps of alpha warmup per layer' in ln]
+    assert short and all('branches start at' in ln for ln in short)  # the measured advice, not the generic one
 
 
 def test_zero3_loss_falls_and_is_logged(run_a):

@@ -34,13 +34,12 @@ from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, su
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
 from prores_algo.timing import auto_warmup_steps, is_auto
-from prores_algo.warmup_advice import InitMeasure, advise_warmup, head_of_batch
+from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, advise_warmup, head_of_batch
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
 log = logging.getLogger(__name__)
 
-_MEASURE_SAMPLES = 8  # enough positions to measure on; few enough that the pass costs little memory
 _UNIT_FIELD = {TimeUnit.BATCH: 'batch', TimeUnit.TOKEN: 'token', TimeUnit.SAMPLE: 'sample'}
 
 
@@ -195,7 +194,7 @@ class ProRes(Algorithm):
         if isinstance(model, DistributedDataParallel):  # replicated weights: no collective needed
             model = model.module
         with get_precision_context(state.precision, state.precision_config):  # a Composer batch is one argument
-            measure = advise_warmup(self.controller, model, (head_of_batch(state.batch, _MEASURE_SAMPLES),))
+            measure = advise_warmup(self.controller, model, (head_of_batch(state.batch, MEASURE_SAMPLES),))
         self.init_measure = measure
         if measure is not None:
             logger.log_hyperparameters(measure.metrics())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -63,6 +64,7 @@ from prores_algo.training.deepspeed.cli import parse
 from prores_algo.training.deepspeed.data import SyntheticTokens, loaders, micro_batches
 from prores_algo.training.deepspeed.settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
 from prores_algo.training.models.decoder import Decoder
+from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, measure_init, record_advice
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
 
@@ -166,8 +168,9 @@ def _init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, lr_factory):
-    """(engine, prores or None, zero_init): the model (under zero.Init for stage 3), ProRes, optimizer."""
+def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, lr_factory, advise: bool = True):
+    """(engine, prores or None, zero_init): the model (under zero.Init for stage 3), ProRes, optimizer.
+    `advise` False: the short-warmup advice waits for `_measure_first_batch`."""
     import deepspeed
 
     stage = (ds_config.get('zero_optimization') or {}).get('stage', 0)
@@ -178,7 +181,9 @@ def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, l
         w = plan.t_warmup
         if is_auto(plan.prores.t_warmup) and w == auto_warmup_steps(plan.model.n_layers, plan.steps):
             w = 'auto'  # the same W, through the same rule: its warning names the cap (a resume keeps its W)
-        prores = apply_prores(model, plan.prores.schedule, w, total_steps=plan.steps, mechanism=plan.prores.mechanism)
+        prores = apply_prores(
+            model, plan.prores.schedule, w, total_steps=plan.steps, mechanism=plan.prores.mechanism, advise=advise
+        )
     groups = recipe.param_groups(model, plan.optimizer.weight_decay)
     if ds_config.get('optimizer') is None:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(plan.optimizer.betas), eps=plan.optimizer.eps)
@@ -222,7 +227,8 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
 
         ds_logger.setLevel(logging.WARNING)
     rank, world = _init_distributed()
-    engine, prores, zero_init = _build_engine(plan, opts, ds_config, lr, lr_factory)
+    measure = plan.prores.enabled and plan.prores.measure_init and not load_dir  # a fresh run's first batch
+    engine, prores, zero_init = _build_engine(plan, opts, ds_config, lr, lr_factory, advise=not measure)
     partition_init = _partition_stats(engine)
     if load_dir:
         fetch_staged(plan, load_dir, load_tag)  # a checkpoint from an object store: its files, on every node
@@ -231,7 +237,10 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
     micro, accum = ds_config['train_micro_batch_size_per_gpu'], ds_config['gradient_accumulation_steps']
     train_loader, sampler, eval_loader = loaders(plan, opts, micro, accum, rank, world)
     loop = _Loop(plan, opts, engine, prores, eval_loader, rank, accum, store)
-    loop.run(micro_batches(train_loader, sampler, start * accum))
+    batches = micro_batches(train_loader, sampler, start * accum)
+    if measure:
+        batches = _measure_first_batch(engine, prores, batches, loop.device, rank)
+    loop.run(batches)
     out = loop.out
     last = out['eval'][-1] if out['eval'] else {}
     out.update(
@@ -249,6 +258,9 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
             'prores': None if prores is None else prores.state(),
             WARMUP_STEPS_METRIC: None if prores is None else float(prores.t_warmup),
             'prores_removed': None if prores is None else prores.removed,
+            'init_measure': None
+            if prores is None or prores.controller.init_measure is None
+            else dataclasses.asdict(prores.controller.init_measure),
             'start_step': start,
             'resumed_from': resumed_from,
             'partition_init': partition_init,
@@ -262,6 +274,22 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
     )
     _write_summary(out, opts.summary, rank)
     return out
+
+
+def _measure_first_batch(engine, prores, batches, device, rank: int):
+    """`algorithms.prores.measure_init`: measure how large the branches start on the first samples of this
+    rank's first micro-batch (every rank in step: under ZeRO-3 the forward gathers the weights), averaged
+    over the ranks so that all give the same advice, then the advice for that regime. The batch is then
+    trained on as usual: the data order is untouched."""
+    first = next(batches)
+    m = measure_init(prores.controller, engine, first['input_ids'][:MEASURE_SAMPLES].to(device))
+    t = torch.tensor([m.ratio, float(m.normalised_stream)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    world = torch.distributed.get_world_size()
+    measured = record_advice(prores.controller, InitMeasure(float(t[0]) / world, bool(t[1] == world)))
+    if measured is not None and rank == 0:
+        print(f'prores: branches start at {measured.ratio:.3g} of the residual stream ({measured.regime})', flush=True)
+    return itertools.chain([first], batches)
 
 
 def _prepare(config: TrainConfig, opts: DSOptions):

@@ -190,14 +190,13 @@ def from_yaml(
 
 
 def check_keys(config: TrainConfig) -> None:
-    """The names and keys under `algorithms` and `scheduler`, checked by prores-train's own checks (the same
-    'did you mean' messages; one table of LR schedules for both entries)."""
+    """The names, keys and values under `algorithms` and `scheduler`, checked by prores-train's own checks
+    (the same 'did you mean' messages; one table of LR schedules for both entries)."""
     from prores_algo.lr_schedules import lr_schedule_params
     from prores_algo.training import composer_train as composer_entry
 
-    table = composer_entry.ALGORITHMS()
-    for name, kwargs in config.algorithms.items():
-        composer_entry.named_class('algorithms', table, name, dict(kwargs or {}))
+    # built as prores-train builds them (nothing to train yet): names, keys and values get its messages
+    composer_entry._build_named('algorithms', composer_entry.ALGORITHMS(), config.algorithms)
     schedule = recipe.lr_schedule(config)
     if schedule is not None:
         try:
@@ -207,7 +206,7 @@ def check_keys(config: TrainConfig) -> None:
 
 
 # what the loop takes of `algorithms.prores` and `scheduler` (the rest must be absent or at its default)
-_PRORES_TAKEN = ('schedule', 't_warmup', 'lr_warmup_delay', 'log_interval', 'mechanism')
+_PRORES_TAKEN = ('schedule', 't_warmup', 'lr_warmup_delay', 'log_interval', 'mechanism', 'measure_init')
 _PRORES_DEFAULTS = {'layer_class': None, 'branches': None, 'layer_pattern': None, 'remove_when_done': True}
 
 
