@@ -37,6 +37,7 @@ __all__ = [
     'SMALL_BRANCH_RATIO',
     'STUDY_MIN_STEPS_PER_LAYER',
     'measure_init',
+    'measure_on_every_rank',
     'min_steps_per_layer',
     'warmup_advice',
     'warn_if_short_warmup',
@@ -110,6 +111,31 @@ def measure_init(controller, model: torch.nn.Module, *args, **kwargs) -> InitMea
     return InitMeasure(ratio=float(r['median']), normalised_stream=bool(r['normalised_stream']))
 
 
+def measure_on_every_rank(controller, model: torch.nn.Module, *args, **kwargs) -> InitMeasure:
+    """`measure_init` on this rank's inputs, averaged over the ranks of the default process group (if one
+    is initialised), so that every rank gives the same advice. Every rank must call it: under ZeRO-3 or
+    FSDP the forward gathers the sharded weights."""
+    m = measure_init(controller, model, *args, **kwargs)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return m
+    device = _device_of((args, kwargs))
+    if device is None or (dist.get_backend() == 'nccl' and device.type != 'cuda'):
+        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None
+    t = torch.tensor([m.ratio, float(m.normalised_stream)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return InitMeasure(ratio=float(t[0]) / world, normalised_stream=bool(t[1] == world))
+
+
+def _device_of(obj) -> torch.device | None:
+    """The device of the first tensor inside `obj` (tensors, dicts, lists, tuples), or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj.device
+    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    return next((d for d in map(_device_of, items) if d is not None), None)
+
+
 def warmup_advice(
     warmup_steps: float, num_layers: int, measure: InitMeasure | None = None, auto_run_steps: float | None = None
 ) -> tuple[bool, str]:
@@ -136,8 +162,8 @@ def warmup_advice(
             f'below {need} per layer the study saw ProRes behind where residual branches start small against '
             f'the stream (Pre-LN, N(0, 0.02) at small width), and Post-LN with the linear schedule can collapse; '
             f'larger branches and Post-LN needed {STUDY_MIN_STEPS_PER_LAYER["normalised stream"]} per layer. '
-            'To be told for your model, let ProRes measure a batch: apply_prores(..., example_inputs=batch) in '
-            'plain PyTorch or DeepSpeed, or the Composer algorithm with measure_init on (its default)'
+            'To be told for your model, let ProRes measure a batch: apply_prores(..., example_inputs=batch), or '
+            'measure_init on (the default of the Composer algorithm, the HF callback and both training entries)'
         )
     elif measure.regime == 'pre, small branches':
         why = (

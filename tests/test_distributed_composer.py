@@ -1,5 +1,6 @@
 """ProRes under Composer DDP and FSDP2 with `composer -n 2` on CPU (gloo): α on every rank at every
-step equals the schedule, FSDP2 really shards, and N batches straight == N/2 + checkpoint + resume."""
+step equals the schedule, the first-batch measurement agrees across ranks, FSDP2 really shards, and N
+batches straight == N/2 + checkpoint + resume."""
 
 import json
 import os
@@ -76,6 +77,9 @@ def test_two_process_training_and_exact_resume(kind, data, tmp_path):
         yaml, tmp_path / 'a', data, 'max_duration=6ba', f'save_folder={tmp_path}/ck_a', 'save_interval=3ba'
     )
     check_alphas(straight, range(6))
+    # measured on each rank's own first batch and averaged over the ranks: one answer, the same advice
+    assert straight[0]['init_measure'] == straight[1]['init_measure'] is not None
+    assert straight[0]['init_measure']['normalised_stream'] is False and straight[0]['init_measure']['ratio'] > 0
     if kind == 'fsdp2':
         shards = straight[0]['shards']
         assert shards, 'FSDP2 must turn parameters into DTensors'

@@ -7,6 +7,11 @@
 What happens:
   on_train_begin  the trainer's model (unwrapped from DDP / DeepSpeed / torch.compile wrappers) gets
                   ProRes' hooks; α is set for `state.global_step` (so a resumed run continues exactly).
+  first forward   (`measure_init`, a fresh run) before the first training forward runs, the model runs once
+                  more on a few of its samples (eval mode, no gradient, α at 1) to measure how large the
+                  branches start; the short-warmup advice is for that regime, and the first log carries
+                  `prores/init/*`. Not under FSDP or DeepSpeed, where a nested forward would disturb the
+                  sharding's own hooks: those runs get the conservative advice at on_train_begin.
   on_step_begin   α ← schedule(state.global_step). `global_step` counts *optimizer* steps, so with
                   gradient accumulation every micro-batch of a step trains with the same α, as in Composer.
   (t >= W)        the hooks are removed: zero overhead after warmup.
@@ -26,6 +31,7 @@ update size, position cosine, spike counters) is the monitor's callback for the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +42,7 @@ from transformers.trainer_callback import ExportableState
 from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics
 from prores_algo.surgery import ProResController
+from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, head_of_batch, measure_init, record_advice
 
 __all__ = ['ProResCallback', 'ResidualMonitorCallback', 'unwrap_model']
 
@@ -83,6 +90,11 @@ def _add_to_log(state, logs: dict, metrics: dict) -> None:
     logs.update(metrics)
 
 
+def _sharded(args) -> bool:
+    """Whether the Trainer shards the model (FSDP or DeepSpeed): no nested forward there."""
+    return bool(getattr(args, 'fsdp', None)) or getattr(args, 'deepspeed', None) is not None
+
+
 class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
     """Progressive Residual Warmup for `transformers.Trainer`.
 
@@ -96,6 +108,9 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         remove_when_done: remove the hooks once every α is 1 for good (default True).
         mechanism: 'auto' (α in the GEMM where it can ride, default) or 'hook' (see `apply_prores`).
         log_alphas: add `prores/alpha/layer_{i}` and `prores/alpha/mean` to every log.
+        measure_init: on a fresh run, measure how large the branches start on the first training batch
+            and advise for that regime (default True; see the module). False, or under FSDP / DeepSpeed:
+            the conservative 100-steps-per-layer warning at on_train_begin.
     """
 
     def __init__(
@@ -109,7 +124,10 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         remove_when_done: bool = True,
         mechanism: str = 'auto',
         log_alphas: bool = True,
+        measure_init: bool = True,
     ):
+        if not isinstance(measure_init, bool):
+            raise ValueError(f'measure_init must be true or false, got {measure_init!r}')
         self.spec = ProResSpec(
             schedule, t_warmup, layer_class, branches, layer_pattern, bool(remove_when_done), mechanism
         )
@@ -118,7 +136,11 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         self.controller: ProResController | None = None
         self.model: nn.Module | None = None
         self.recorded_warmup_steps: float | None = None  # W of an 'auto' run, from a checkpoint
+        self.measure_init = measure_init
+        self.init_measure: InitMeasure | None = None  # measured on the first batch, or from the checkpoint
         self._log_warmup = False
+        self._log_measure: dict[str, float] = {}
+        self._measure_hook = None
 
     @property
     def schedule(self) -> str:
@@ -151,8 +173,25 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         self._log_warmup = True
         self.model = model
         self.spec.warn_if_longer_than_run(self.controller, max_steps, 'steps', 'max_steps')
-        self.spec.warn_if_short(self.controller)
+        if step > 0:  # a resumed run repeats the advice its first run measured (or the conservative one)
+            self.init_measure = self._recorded_measure(state)
+            self.controller.init_measure = self.init_measure
+            self.spec.warn_if_short(self.controller, self.init_measure)
+        elif self.measure_init and not _sharded(args):
+            self._measure_hook = model.register_forward_pre_hook(self._measure_first_forward, with_kwargs=True)
+        else:
+            self.spec.warn_if_short(self.controller)
         self.set_step(step)
+
+    def _measure_first_forward(self, module, args, kwargs):
+        """A one-shot pre-hook: measure on the head of the first batch, then let the forward run."""
+        self._measure_hook.remove()
+        self._measure_hook = None
+        a, kw = head_of_batch((tuple(args), dict(kwargs)), MEASURE_SAMPLES)
+        measure = record_advice(self.controller, measure_init(self.controller, module, *a, **kw))
+        self.init_measure = measure
+        if measure is not None:
+            self._log_measure = measure.metrics()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.set_step(int(state.global_step))
@@ -164,6 +203,9 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         if self._log_warmup:  # W as resolved, once per train()
             metrics[WARMUP_STEPS_METRIC] = float(self.controller.warmup_steps)
             self._log_warmup = False
+        if self._log_measure:  # the branches as measured on the first batch, once
+            metrics.update(self._log_measure)
+            self._log_measure = {}
         _add_to_log(state, logs, metrics)
 
     # --- checkpoints: an 'auto' W travels in trainer_state.json (`stateful_callbacks`) ------------------
@@ -176,9 +218,18 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         w = ((saved or {}).get('attributes') or {}).get('recorded_warmup_steps')
         return None if w is None else float(w)
 
+    def _recorded_measure(self, state) -> InitMeasure | None:
+        m = self.init_measure  # restore_callback_states_from_checkpoint=True sets it (as the saved dict)
+        if m is None:
+            saved = (getattr(state, 'stateful_callbacks', None) or {}).get(type(self).__name__)
+            if isinstance(saved, list):
+                saved = saved[0] if saved else None
+            m = ((saved or {}).get('attributes') or {}).get('init_measure')
+        return InitMeasure(**m) if isinstance(m, dict) else m
+
     def state(self) -> dict:
-        """What `trainer_state.json` keeps (transformers' ExportableState): the arguments, JSON-safe, and
-        the W an 'auto' run resolved."""
+        """What `trainer_state.json` keeps (transformers' ExportableState): the arguments, JSON-safe, the W
+        an 'auto' run resolved and the branches as measured on the first batch."""
         spec = self.spec
         layer_class = spec.layer_class
         if layer_class is not None and not isinstance(layer_class, str):
@@ -193,8 +244,12 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
                 'layer_pattern': spec.layer_pattern,
                 'remove_when_done': spec.remove_when_done,
                 'mechanism': spec.mechanism,
+                'measure_init': self.measure_init,
             },
-            'attributes': {'recorded_warmup_steps': self.recorded_warmup_steps},
+            'attributes': {
+                'recorded_warmup_steps': self.recorded_warmup_steps,
+                'init_measure': None if self.init_measure is None else dataclasses.asdict(self.init_measure),
+            },
         }
 
     # --- helpers ------------------------------------------------------------------------------------

@@ -100,6 +100,67 @@ def test_real_trainer_install_puts_callback_before_reporters_and_resume_keeps_al
     check_alphas(seen, warmup=4, grad_accum=1)
 
 
+def _short(rec):
+    return [str(w.message) for w in rec if 'steps of alpha warmup per layer' in str(w.message)]
+
+
+@needs_accelerate
+def test_real_trainer_measures_the_first_batch_and_changes_no_number(tmp_path):
+    """measure_init (default): the first training batch's head is measured before its forward, the first log
+    carries prores/init/*, the advice is the measured one, and every loss equals the run without it."""
+    import warnings
+
+    from prores_algo.measures import branch_to_stream_ratio
+    from prores_algo.warmup_advice import INIT_RATIO_METRIC, MEASURE_SAMPLES
+
+    runs = {}
+    for measure in (True, False):
+        model = tiny_llama()
+        cb = ProResCallback(t_warmup=8, measure_init=measure)
+        trainer = T.Trainer(
+            model=model, args=hf_args(tmp_path / str(measure), 4), train_dataset=hf_tokens(), callbacks=[cb]
+        )
+        first = next(iter(trainer.get_train_dataloader()))  # the sampler is seeded: the batch training will see
+        expected = branch_to_stream_ratio(
+            tiny_llama(), **{k: v[:MEASURE_SAMPLES] for k, v in first.items() if torch.is_tensor(v)}
+        )
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            trainer.train()
+        logs = [h for h in trainer.state.log_history if 'loss' in h]
+        runs[measure] = (cb, logs, _short(rec), expected)
+    cb, logs, short, expected = runs[True]
+    assert cb.init_measure.ratio == pytest.approx(expected['median'], rel=1e-6)
+    assert cb.init_measure.normalised_stream is False and cb.controller.init_measure == cb.init_measure
+    assert logs[0][INIT_RATIO_METRIC] == cb.init_measure.ratio and INIT_RATIO_METRIC not in logs[1]
+    assert len(short) == 1 and 'branches start at' in short[0]
+    off_cb, off_logs, off_short, _ = runs[False]
+    assert off_cb.init_measure is None and INIT_RATIO_METRIC not in off_logs[0]
+    assert len(off_short) == 1 and 'the model was not measured' in off_short[0]
+    assert [h['loss'] for h in logs] == [h['loss'] for h in off_logs]  # the extra pass changes nothing
+
+
+@needs_accelerate
+def test_real_trainer_resume_repeats_the_measured_advice(tmp_path):
+    import warnings
+
+    args = hf_args(tmp_path, 4, save_strategy='steps', save_steps=2)
+    cb = ProResCallback(t_warmup=8)
+    T.Trainer(model=tiny_llama(), args=args, train_dataset=hf_tokens(), callbacks=[cb]).train()
+    cb2 = ProResCallback(t_warmup=8)
+    trainer2 = T.Trainer(model=tiny_llama(), args=args, train_dataset=hf_tokens(), callbacks=[cb2])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        trainer2.train(resume_from_checkpoint=str(tmp_path / 'checkpoint-2'))
+    assert cb2.init_measure == cb.init_measure and cb2.controller.init_measure == cb.init_measure
+    assert len(_short(rec)) == 1 and 'branches start at' in _short(rec)[0]
+
+
+def test_measure_init_must_be_a_bool():
+    with pytest.raises(ValueError, match='measure_init must be true or false'):
+        ProResCallback(measure_init='yes')
+
+
 DS_SCRIPT = textwrap.dedent("""
     import json, sys, tempfile
     import torch, transformers as T

@@ -2,9 +2,11 @@
 
 usage: composer -n 2 tests/support/dist_driver.py OUT_DIR CONFIG.yaml [key=value ...]
 Per rank: alphas read from the model's α buffers before every forward, the train losses, and for
-sharded runs the local vs full size of every parameter (proof that FSDP2 really partitions).
+sharded runs the local vs full size of every parameter (proof that FSDP2 really partitions), and ProRes'
+measurement of the branches on the first batch.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -41,10 +43,18 @@ def main():
     trainer = build_trainer(load_config(yaml, overrides), extra_callbacks=(rec,))
     trainer.fit()
     rank = dist.get_global_rank()
+    prores = next(a for a in trainer.state.algorithms if type(a).__name__ == 'ProRes')
+    measure = None if prores.init_measure is None else dataclasses.asdict(prores.init_measure)
     Path(out).mkdir(parents=True, exist_ok=True)
     Path(out, f'rank{rank}.json').write_text(
         json.dumps(
-            {'alphas': rec.alphas, 'losses': rec.losses, 'shards': rec.shards, 'world_size': dist.get_world_size()}
+            {
+                'alphas': rec.alphas,
+                'losses': rec.losses,
+                'shards': rec.shards,
+                'world_size': dist.get_world_size(),
+                'init_measure': measure,
+            }
         )
     )
     trainer.close()

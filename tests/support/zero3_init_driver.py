@@ -13,7 +13,8 @@ import sys
 import torch
 
 from prores_algo.integrations.deepspeed import apply_prores, check_deepspeed_config
-from prores_algo.training.deepspeed.loop import _init_distributed, build_model
+from prores_algo.training.deepspeed.loop import build_model
+from prores_algo.training.deepspeed.process_group import init_distributed
 from prores_algo.training.deepspeed.settings import from_flat, resolve
 from prores_algo.training.models.decoder import NORM_PLACEMENTS
 
@@ -53,7 +54,7 @@ def case(norm: str, prores: bool, ds_config: dict) -> dict:
 
 def main():
     out, ds_json = sys.argv[1:]
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     with open(ds_json) as f:
         ds_config = check_deepspeed_config(json.load(f), world_size=world)
     records = [case(norm, prores, ds_config) for norm in NORM_PLACEMENTS for prores in (True, False)]

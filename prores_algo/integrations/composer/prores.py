@@ -34,7 +34,13 @@ from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, su
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
 from prores_algo.timing import auto_warmup_steps, is_auto
-from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, advise_warmup, head_of_batch
+from prores_algo.warmup_advice import (
+    MEASURE_SAMPLES,
+    InitMeasure,
+    head_of_batch,
+    measure_on_every_rank,
+    record_advice,
+)
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
@@ -194,7 +200,8 @@ class ProRes(Algorithm):
         if isinstance(model, DistributedDataParallel):  # replicated weights: no collective needed
             model = model.module
         with get_precision_context(state.precision, state.precision_config):  # a Composer batch is one argument
-            measure = advise_warmup(self.controller, model, (head_of_batch(state.batch, MEASURE_SAMPLES),))
+            head = head_of_batch(state.batch, MEASURE_SAMPLES)
+            measure = record_advice(self.controller, measure_on_every_rank(self.controller, model, head))
         self.init_measure = measure
         if measure is not None:
             logger.log_hyperparameters(measure.metrics())

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 import zlib
@@ -62,9 +61,10 @@ from prores_algo.training.checkpoint_store import fetch_staged, save_to_store, s
 from prores_algo.training.config import ConfigError, TrainConfig, report
 from prores_algo.training.deepspeed.cli import parse
 from prores_algo.training.deepspeed.data import SyntheticTokens, loaders, micro_batches
+from prores_algo.training.deepspeed.process_group import init_distributed
 from prores_algo.training.deepspeed.settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
 from prores_algo.training.models.decoder import Decoder
-from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, measure_init, record_advice
+from prores_algo.warmup_advice import MEASURE_SAMPLES, measure_on_every_rank, record_advice
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
 
@@ -148,29 +148,9 @@ def _recorded_warmup(load_dir: str, tag: str | None) -> float | None:
     return None if w is None else float(w)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _init_distributed() -> tuple[int, int]:
-    import deepspeed
-
-    if 'WORLD_SIZE' not in os.environ:  # plain `python -m prores_algo.training.deepspeed.loop`: one process
-        os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')
-        os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
-        os.environ.setdefault('MASTER_PORT', str(_free_port()))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend='nccl' if torch.cuda.is_available() else 'gloo', auto_mpi_discovery=False, verbose=False
-        )
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
 def _build_engine(plan: StepPlan, opts: DSOptions, ds_config: dict, lr: float, lr_factory, advise: bool = True):
     """(engine, prores or None, zero_init): the model (under zero.Init for stage 3), ProRes, optimizer.
-    `advise` False: the short-warmup advice waits for `_measure_first_batch`."""
+    `advise` False: the short-warmup advice waits for the first batch (`train`)."""
     import deepspeed
 
     stage = (ds_config.get('zero_optimization') or {}).get('stage', 0)
@@ -226,7 +206,7 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     measure = plan.prores.enabled and plan.prores.measure_init and not load_dir  # a fresh run's first batch
     engine, prores, zero_init = _build_engine(plan, opts, ds_config, lr, lr_factory, advise=not measure)
     partition_init = _partition_stats(engine)
@@ -238,8 +218,13 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
     train_loader, sampler, eval_loader = loaders(plan, opts, micro, accum, rank, world)
     loop = _Loop(plan, opts, engine, prores, eval_loader, rank, accum, store)
     batches = micro_batches(train_loader, sampler, start * accum)
-    if measure:
-        batches = _measure_first_batch(engine, prores, batches, loop.device, rank)
+    if measure:  # on the first samples of each rank's first micro-batch, which is then trained on as usual
+        first = next(batches)
+        ids = first['input_ids'][:MEASURE_SAMPLES].to(loop.device)
+        measured = record_advice(prores.controller, measure_on_every_rank(prores.controller, engine, ids))
+        if measured is not None and rank == 0:
+            print(f'prores: branches start at {measured.ratio:.3g} of the residual stream ({measured.regime})')
+        batches = itertools.chain([first], batches)
     loop.run(batches)
     out = loop.out
     last = out['eval'][-1] if out['eval'] else {}
@@ -274,22 +259,6 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
     )
     _write_summary(out, opts.summary, rank)
     return out
-
-
-def _measure_first_batch(engine, prores, batches, device, rank: int):
-    """`algorithms.prores.measure_init`: measure how large the branches start on the first samples of this
-    rank's first micro-batch (every rank in step: under ZeRO-3 the forward gathers the weights), averaged
-    over the ranks so that all give the same advice, then the advice for that regime. The batch is then
-    trained on as usual: the data order is untouched."""
-    first = next(batches)
-    m = measure_init(prores.controller, engine, first['input_ids'][:MEASURE_SAMPLES].to(device))
-    t = torch.tensor([m.ratio, float(m.normalised_stream)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    world = torch.distributed.get_world_size()
-    measured = record_advice(prores.controller, InitMeasure(float(t[0]) / world, bool(t[1] == world)))
-    if measured is not None and rank == 0:
-        print(f'prores: branches start at {measured.ratio:.3g} of the residual stream ({measured.regime})', flush=True)
-    return itertools.chain([first], batches)
 
 
 def _prepare(config: TrainConfig, opts: DSOptions):
