@@ -383,10 +383,12 @@ def apply_prores(
             `controller.init_measure`. Without it, the warning uses the conservative 100 steps per layer.
         advise: False gives no short-warmup advice now: the caller measures later, once the model can run
             (e.g. under DeepSpeed ZeRO-3, after `deepspeed.initialize`), with
-            `warmup_advice.advise_warmup(controller, engine, batch)`.
+            `warmup_advice.advise_warmup(controller, engine, batch, every_rank=True)` on every rank.
 
     The model is left at step 0 (every α from the schedule at t = 0): call `set_step` every optimizer step.
     """
+    if example_inputs is not None and not advise:
+        raise ValueError('apply_prores: example_inputs is for the advice, which advise=False turns off: pass one')
     auto = is_auto(t_warmup)
     if auto and total_steps is None:
         raise ValueError(
@@ -402,8 +404,6 @@ def apply_prores(
     controller.model = model
     if auto:
         controller.auto_run_steps = float(total_steps)
-    if example_inputs is not None and not advise:
-        raise ValueError('apply_prores: example_inputs is for the advice, which advise=False turns off: pass one')
     if example_inputs is not None:
         advise_warmup(controller, model, example_inputs)
     elif advise:

@@ -37,7 +37,7 @@ __all__ = [
     'SMALL_BRANCH_RATIO',
     'STUDY_MIN_STEPS_PER_LAYER',
     'measure_init',
-    'measure_on_every_rank',
+    'measure_and_advise',
     'min_steps_per_layer',
     'warmup_advice',
     'warn_if_short_warmup',
@@ -111,17 +111,15 @@ def measure_init(controller, model: torch.nn.Module, *args, **kwargs) -> InitMea
     return InitMeasure(ratio=float(r['median']), normalised_stream=bool(r['normalised_stream']))
 
 
-def measure_on_every_rank(controller, model: torch.nn.Module, *args, **kwargs) -> InitMeasure:
-    """`measure_init` on this rank's inputs, averaged over the ranks of the default process group (if one
-    is initialised), so that every rank gives the same advice. Every rank must call it: under ZeRO-3 or
-    FSDP the forward gathers the sharded weights."""
-    m = measure_init(controller, model, *args, **kwargs)
+def _average_over_ranks(m: InitMeasure, inputs) -> InitMeasure:
+    """`m` averaged over the ranks of the default process group (if one is initialised): every rank gives
+    the same advice. A collective: every rank must reach it (a failed measurement arrives as NaN)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return m
-    device = _device_of((args, kwargs))
-    if device is None or (dist.get_backend() == 'nccl' and device.type != 'cuda'):
-        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else None
+    device = _device_of(inputs)
+    if dist.get_backend() == 'nccl' and (device is None or device.type != 'cuda'):
+        device = torch.device('cuda', torch.cuda.current_device())
     t = torch.tensor([m.ratio, float(m.normalised_stream)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     world = dist.get_world_size()
@@ -163,7 +161,8 @@ def warmup_advice(
             f'the stream (Pre-LN, N(0, 0.02) at small width), and Post-LN with the linear schedule can collapse; '
             f'larger branches and Post-LN needed {STUDY_MIN_STEPS_PER_LAYER["normalised stream"]} per layer. '
             'To be told for your model, let ProRes measure a batch: apply_prores(..., example_inputs=batch), or '
-            'measure_init on (the default of the Composer algorithm, the HF callback and both training entries)'
+            'measure_init (on by default where the front end can run the model: the Composer algorithm, the HF '
+            'callback outside FSDP and DeepSpeed, a fresh prores-ds-train run)'
         )
     elif measure.regime == 'pre, small branches':
         why = (
@@ -207,26 +206,45 @@ def warn_if_short_warmup(controller, measure: InitMeasure | None = None) -> bool
     return True
 
 
-def advise_warmup(controller, model: torch.nn.Module, example_inputs) -> InitMeasure | None:
+def advise_warmup(controller, model: torch.nn.Module, example_inputs, *, every_rank: bool = False):
     """Measure `model` on `example_inputs` (a tensor, a tuple of positional arguments, or a mapping of
-    keyword arguments such as a tokenizer's `BatchEncoding`) and `record_advice` for it."""
+    keyword arguments such as a tokenizer's `BatchEncoding`) and `record_advice` for it; returns the
+    `InitMeasure`, or None when nothing could be measured. `every_rank`: average over the ranks of the
+    default process group, which every rank must then call (Composer, the HF callback and the DeepSpeed
+    loop do; a ZeRO-3 or FSDP forward needs every rank anyway)."""
     if isinstance(example_inputs, Mapping):
-        measure = measure_init(controller, model, **dict(example_inputs))
+        args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, tuple):
-        measure = measure_init(controller, model, *example_inputs)
+        args, kwargs = example_inputs, {}
     else:
-        measure = measure_init(controller, model, example_inputs)
-    return record_advice(controller, measure)
+        args, kwargs = (example_inputs,), {}
+    return measure_and_advise(controller, model, args, kwargs, every_rank=every_rank)
 
 
-def record_advice(controller, measure: InitMeasure) -> InitMeasure | None:
-    """Keep `measure` as `controller.init_measure` and warn if W / L is short for its regime. A pass that
-    gave no finite ratio (a NaN in the model's output) counts as not measured: the conservative advice,
-    and None."""
+def measure_and_advise(controller, model: torch.nn.Module, args: tuple, kwargs: dict, every_rank: bool = False):
+    """`model(*args, **kwargs)` measured, then `record_advice`. The measurement only gives advice: an error in
+    its forward pass is a warning and the conservative advice, never the end of a run (nor, with
+    `every_rank`, a rank missing from the collective)."""
+    failure = None
+    try:
+        measure = measure_init(controller, model, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 (any error of the user's model: advice is not worth a crash)
+        failure = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+        measure = InitMeasure(ratio=math.nan, normalised_stream=False)
+    if every_rank:
+        measure = _average_over_ranks(measure, (args, kwargs))
+    return record_advice(controller, measure, failure)
+
+
+def record_advice(controller, measure: InitMeasure, failure: str | None = None) -> InitMeasure | None:
+    """Keep `measure` as `controller.init_measure` and warn if W / L is short for its regime. A measurement
+    without a finite ratio (the forward failed: `failure`, or gave a NaN) counts as not measured: the
+    conservative advice, and None."""
     if not math.isfinite(measure.ratio):
+        why = failure or f'the branch / stream ratio came out {measure.ratio}'
         warn_user(
-            f'ProRes could not measure the residual branches on the example batch (branch / stream ratio '
-            f'{measure.ratio}): the advice below is that for an unmeasured model'
+            f'ProRes could not measure the residual branches on the first batch ({why}); W / L is judged as '
+            f'for an unmeasured model ({MIN_STEPS_PER_LAYER} steps per layer)'
         )
         measure = None
     controller.init_measure = measure
@@ -235,14 +253,32 @@ def record_advice(controller, measure: InitMeasure) -> InitMeasure | None:
 
 
 def head_of_batch(batch, n: int):
-    """The first `n` samples of a batch (tensors sliced on their first dimension, inside any dict, list or
-    tuple): enough to measure on, at a fraction of a training step's memory."""
+    """The first `n` samples of a batch: every tensor whose first dimension is the batch size is sliced (inside
+    any dict, list or tuple); others (a packed `pixel_values`, `cu_seq_lens`, a scalar) are kept whole, so
+    the batch stays consistent. The batch size is that of `input_ids` where there is one, else of the first
+    tensor; a batch of `n` samples or fewer is returned as it is."""
+    size = _batch_size(batch)
+    if size is None or size <= n:
+        return batch
+    return _head(batch, n, size)
+
+
+def _batch_size(batch) -> int | None:
+    if isinstance(batch, Mapping) and isinstance(batch.get('input_ids'), torch.Tensor) and batch['input_ids'].ndim:
+        return batch['input_ids'].shape[0]
     if isinstance(batch, torch.Tensor):
-        return batch[:n] if batch.ndim else batch
+        return batch.shape[0] if batch.ndim else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    return next((b for b in map(_batch_size, items) if b is not None), None)
+
+
+def _head(batch, n: int, size: int):
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.ndim and batch.shape[0] == size else batch
     if isinstance(batch, Mapping):
-        return {k: head_of_batch(v, n) for k, v in batch.items()}
+        return {k: _head(v, n, size) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, '_fields'):  # a namedtuple
-        return type(batch)(*(head_of_batch(v, n) for v in batch))
+        return type(batch)(*(_head(v, n, size) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(head_of_batch(v, n) for v in batch)
+        return type(batch)(_head(v, n, size) for v in batch)
     return batch

@@ -204,6 +204,58 @@ def test_head_of_batch_slices_every_tensor():
     assert head['n'] == 7 and head_of_batch(torch.ones(3, 2), 8).shape == (3, 2)
 
 
+def test_head_of_batch_keeps_what_is_not_one_row_per_sample():
+    """A vision-language batch packs every image's patches into one tensor (Qwen2-VL's pixel_values), a
+    packed batch has its cu_seq_lens: cut to 8 rows they would no longer match the samples kept."""
+    batch = {
+        'input_ids': torch.zeros(12, 16, dtype=torch.long),
+        'pixel_values': torch.ones(48, 3),  # 4 patches per sample
+        'cu_seq_lens': torch.arange(13),
+        'num_items_in_batch': torch.tensor(180),
+    }
+    head = head_of_batch(batch, 8)
+    assert head['input_ids'].shape == (8, 16) and head['pixel_values'].shape == (48, 3)
+    assert head['cu_seq_lens'].shape == (13,) and int(head['num_items_in_batch']) == 180
+    small = {'input_ids': torch.zeros(3, 4), 'pixel_values': torch.ones(12, 3)}
+    assert head_of_batch(small, 8) is small  # no more samples than asked for: the batch as it is
+
+
+def test_a_measurement_that_fails_is_a_warning_never_a_crash():
+    """The measurement only gives advice: the model's own error becomes one warning and the conservative
+    advice, and the model is left with ProRes attached and usable."""
+
+    class Picky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _decoder()
+
+        def forward(self, ids):
+            if not self.training:
+                raise RuntimeError('size of tensor a (8) must match the size of tensor b (48)')
+            return self.inner(ids)
+
+    model = Picky()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        prores = apply_prores(model, t_warmup=200, example_inputs=IDS)
+    msgs = [str(w.message) for w in rec]
+    assert prores.init_measure is None and prores.alphas
+    failed = [m for m in msgs if 'could not measure the residual branches' in m]
+    assert len(failed) == 1 and 'RuntimeError: size of tensor a (8)' in failed[0] and '\n' not in failed[0]
+    assert len(_short_warnings(rec)) == 1 and 'the model was not measured' in _short_warnings(rec)[0]
+    model.train()
+    assert torch.isfinite(model(IDS)).all()
+
+
+def test_advise_false_with_a_batch_is_refused_before_any_hook():
+    model = _decoder()
+    with pytest.raises(ValueError, match='example_inputs is for the advice'):
+        apply_prores(model, t_warmup=200, advise=False, example_inputs=IDS)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert apply_prores(model, t_warmup=200).num_layers == 4  # nothing was left attached
+
+
 # --- apply_prores(example_inputs=...) warns for the regime it measured ---------------------------------------
 @pytest.mark.parametrize(
     'norm, init, warns',

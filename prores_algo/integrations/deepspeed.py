@@ -174,7 +174,7 @@ def apply_prores(
     `example_inputs` (a batch to measure the branches on, for advice in this model's regime) and `advise`
     are `prores_algo.apply_prores`'s. Under ZeRO-3 with `zero.Init` the model cannot run before
     `deepspeed.initialize`: pass `advise=False`, then `warmup_advice.advise_warmup(prores.controller,
-    engine, first_batch)` on every rank (the forward gathers the partitioned weights).
+    engine, first_batch, every_rank=True)` on every rank (the forward gathers the partitioned weights).
     """
     if hasattr(model, 'global_steps') and hasattr(model, 'module'):
         model = model.module  # a DeepSpeed engine was passed: apply to the model inside it

@@ -32,6 +32,7 @@ update size, position cosine, spike counters) is the monitor's callback for the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,7 @@ from transformers.trainer_callback import ExportableState
 from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, sum_squares
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics
 from prores_algo.surgery import ProResController
-from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, head_of_batch, measure_init, record_advice
+from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, head_of_batch, measure_and_advise
 
 __all__ = ['ProResCallback', 'ResidualMonitorCallback', 'unwrap_model']
 
@@ -90,9 +91,14 @@ def _add_to_log(state, logs: dict, metrics: dict) -> None:
     logs.update(metrics)
 
 
-def _sharded(args) -> bool:
-    """Whether the Trainer shards the model (FSDP or DeepSpeed): no nested forward there."""
-    return bool(getattr(args, 'fsdp', None)) or getattr(args, 'deepspeed', None) is not None
+def _sharded(args, model: nn.Module) -> bool:
+    """Whether the Trainer shards the model (FSDP or DeepSpeed, set in TrainingArguments or through
+    accelerate's config): no nested forward there."""
+    if getattr(args, 'fsdp', None) or getattr(args, 'deepspeed', None) is not None:
+        return True
+    if any(os.environ.get(k, '').lower() in ('1', 'true') for k in ('ACCELERATE_USE_DEEPSPEED', 'ACCELERATE_USE_FSDP')):
+        return True
+    return any(hasattr(p, 'ds_id') or type(p).__name__ in ('FlatParameter', 'DTensor') for p in model.parameters())
 
 
 class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
@@ -177,18 +183,27 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
             self.init_measure = self._recorded_measure(state)
             self.controller.init_measure = self.init_measure
             self.spec.warn_if_short(self.controller, self.init_measure)
-        elif self.measure_init and not _sharded(args):
-            self._measure_hook = model.register_forward_pre_hook(self._measure_first_forward, with_kwargs=True)
+        elif self.measure_init and not _sharded(args, model):  # first in line: other hooks see only training
+            self._measure_hook = model.register_forward_pre_hook(
+                self._measure_first_forward, with_kwargs=True, prepend=True
+            )
         else:
             self.spec.warn_if_short(self.controller)
         self.set_step(step)
 
     def _measure_first_forward(self, module, args, kwargs):
-        """A one-shot pre-hook: measure on the head of the first batch, then let the forward run."""
+        """A one-shot pre-hook: measure on the head of the first *training* batch (an evaluation or a
+        generation before it is let through), then let the forward run."""
+        if self._measure_hook is None or not (module.training and torch.is_grad_enabled()):
+            return
         self._measure_hook.remove()
         self._measure_hook = None
-        a, kw = head_of_batch((tuple(args), dict(kwargs)), MEASURE_SAMPLES)
-        measure = record_advice(self.controller, measure_init(self.controller, module, *a, **kw))
+        kwargs = {k: v for k, v in kwargs.items() if k != 'past_key_values'}  # never write a caller's cache
+        if not args:  # HF's Trainer calls model(**inputs): the batch size is that of input_ids
+            kwargs = head_of_batch(kwargs, MEASURE_SAMPLES)
+        else:
+            args, kwargs = head_of_batch((tuple(args), kwargs), MEASURE_SAMPLES)
+        measure = measure_and_advise(self.controller, module, tuple(args), kwargs, every_rank=True)
         self.init_measure = measure
         if measure is not None:
             self._log_measure = measure.metrics()
@@ -197,16 +212,19 @@ class ProResCallback(_FirstInLine, TrainerCallback, ExportableState):
         self.set_step(int(state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.log_alphas or self.controller is None or logs is None:
+        if self.controller is None or logs is None:
             return
-        metrics = self.alpha_metrics()
-        if self._log_warmup:  # W as resolved, once per train()
-            metrics[WARMUP_STEPS_METRIC] = float(self.controller.warmup_steps)
-            self._log_warmup = False
-        if self._log_measure:  # the branches as measured on the first batch, once
+        metrics = {}
+        if self._log_measure:  # the branches as measured on the first batch, once (whatever log_alphas says)
             metrics.update(self._log_measure)
             self._log_measure = {}
-        _add_to_log(state, logs, metrics)
+        if self.log_alphas:
+            metrics.update(self.alpha_metrics())
+        if self.log_alphas and self._log_warmup:  # W as resolved, once per train()
+            metrics[WARMUP_STEPS_METRIC] = float(self.controller.warmup_steps)
+            self._log_warmup = False
+        if metrics:
+            _add_to_log(state, logs, metrics)
 
     # --- checkpoints: an 'auto' W travels in trainer_state.json (`stateful_callbacks`) ------------------
     def _recorded_warmup(self, state) -> float | None:

@@ -104,10 +104,18 @@ def _short(rec):
     return [str(w.message) for w in rec if 'steps of alpha warmup per layer' in str(w.message)]
 
 
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=L, n_head=2, resid_pdrop=0.1, embd_pdrop=0.1)
+    return T.GPT2LMHeadModel(cfg)
+
+
 @needs_accelerate
 def test_real_trainer_measures_the_first_batch_and_changes_no_number(tmp_path):
-    """measure_init (default): the first training batch's head is measured before its forward, the first log
-    carries prores/init/*, the advice is the measured one, and every loss equals the run without it."""
+    """measure_init (default): the head (8 of 12 samples) of the first *training* batch is measured before its
+    forward, though an evaluation runs first (eval_on_start); the first training log carries prores/init/*,
+    the advice is the measured one; a GPT-2 with dropout, over two epochs, gives every loss exactly as the
+    run without the measurement (no random number drawn, the data order untouched)."""
     import warnings
 
     from prores_algo.measures import branch_to_stream_ratio
@@ -115,21 +123,28 @@ def test_real_trainer_measures_the_first_batch_and_changes_no_number(tmp_path):
 
     runs = {}
     for measure in (True, False):
-        model = tiny_llama()
         cb = ProResCallback(t_warmup=8, measure_init=measure)
-        trainer = T.Trainer(
-            model=model, args=hf_args(tmp_path / str(measure), 4), train_dataset=hf_tokens(), callbacks=[cb]
+        args = hf_args(
+            tmp_path / str(measure),
+            8,
+            per_device_train_batch_size=12,
+            eval_strategy='steps',
+            eval_steps=100,
+            eval_on_start=True,
+            per_device_eval_batch_size=4,
         )
+        data, val = hf_tokens(), hf_tokens(n=8, seed=1)
+        trainer = T.Trainer(model=_tiny_gpt2(), args=args, train_dataset=data, eval_dataset=val, callbacks=[cb])
         first = next(iter(trainer.get_train_dataloader()))  # the sampler is seeded: the batch training will see
-        expected = branch_to_stream_ratio(
-            tiny_llama(), **{k: v[:MEASURE_SAMPLES] for k, v in first.items() if torch.is_tensor(v)}
-        )
+        head = {k: v[:MEASURE_SAMPLES] for k, v in first.items()}
+        expected = branch_to_stream_ratio(_tiny_gpt2(), **head)
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter('always')
             trainer.train()
         logs = [h for h in trainer.state.log_history if 'loss' in h]
         runs[measure] = (cb, logs, _short(rec), expected)
     cb, logs, short, expected = runs[True]
+    assert len(logs) == 8 and first['input_ids'].shape[0] == 12
     assert cb.init_measure.ratio == pytest.approx(expected['median'], rel=1e-6)
     assert cb.init_measure.normalised_stream is False and cb.controller.init_measure == cb.init_measure
     assert logs[0][INIT_RATIO_METRIC] == cb.init_measure.ratio and INIT_RATIO_METRIC not in logs[1]
@@ -138,6 +153,17 @@ def test_real_trainer_measures_the_first_batch_and_changes_no_number(tmp_path):
     assert off_cb.init_measure is None and INIT_RATIO_METRIC not in off_logs[0]
     assert len(off_short) == 1 and 'the model was not measured' in off_short[0]
     assert [h['loss'] for h in logs] == [h['loss'] for h in off_logs]  # the extra pass changes nothing
+
+
+@needs_accelerate
+def test_real_trainer_logs_the_measurement_without_alpha_logs(tmp_path):
+    from prores_algo.warmup_advice import INIT_RATIO_METRIC
+
+    cb = ProResCallback(t_warmup=400, log_alphas=False)
+    trainer = T.Trainer(model=tiny_llama(), args=hf_args(tmp_path, 2), train_dataset=hf_tokens(), callbacks=[cb])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if 'loss' in h]
+    assert logs[0][INIT_RATIO_METRIC] == cb.init_measure.ratio and 'prores/alpha/mean' not in logs[0]
 
 
 @needs_accelerate

@@ -34,13 +34,7 @@ from prores_algo.monitor import MonitorBase, local_tensor, per_layer_metrics, su
 from prores_algo.spec import WARMUP_STEPS_METRIC, ProResSpec, alpha_metrics, check_resume, default_warmup
 from prores_algo.surgery import ProResController
 from prores_algo.timing import auto_warmup_steps, is_auto
-from prores_algo.warmup_advice import (
-    MEASURE_SAMPLES,
-    InitMeasure,
-    head_of_batch,
-    measure_on_every_rank,
-    record_advice,
-)
+from prores_algo.warmup_advice import MEASURE_SAMPLES, InitMeasure, advise_warmup, head_of_batch
 
 __all__ = ['ProRes', 'ResidualMonitor']
 
@@ -201,7 +195,7 @@ class ProRes(Algorithm):
             model = model.module
         with get_precision_context(state.precision, state.precision_config):  # a Composer batch is one argument
             head = head_of_batch(state.batch, MEASURE_SAMPLES)
-            measure = record_advice(self.controller, measure_on_every_rank(self.controller, model, head))
+            measure = advise_warmup(self.controller, model, (head,), every_rank=True)
         self.init_measure = measure
         if measure is not None:
             logger.log_hyperparameters(measure.metrics())

@@ -64,7 +64,7 @@ from prores_algo.training.deepspeed.data import SyntheticTokens, loaders, micro_
 from prores_algo.training.deepspeed.process_group import init_distributed
 from prores_algo.training.deepspeed.settings import DEFAULTS, DSOptions, StepPlan, checked_ds_config, from_flat, resolve
 from prores_algo.training.models.decoder import Decoder
-from prores_algo.warmup_advice import MEASURE_SAMPLES, measure_on_every_rank, record_advice
+from prores_algo.warmup_advice import MEASURE_SAMPLES, advise_warmup
 
 __all__ = ['DEFAULTS', 'DSOptions', 'train', 'main', 'SyntheticTokens', 'build_model']
 
@@ -221,7 +221,7 @@ def train(cfg: Mapping[str, Any] | TrainConfig, options: DSOptions | None = None
     if measure:  # on the first samples of each rank's first micro-batch, which is then trained on as usual
         first = next(batches)
         ids = first['input_ids'][:MEASURE_SAMPLES].to(loop.device)
-        measured = record_advice(prores.controller, measure_on_every_rank(prores.controller, engine, ids))
+        measured = advise_warmup(prores.controller, engine, ids, every_rank=True)
         if measured is not None and rank == 0:
             print(f'prores: branches start at {measured.ratio:.3g} of the residual stream ({measured.regime})')
         batches = itertools.chain([first], batches)
