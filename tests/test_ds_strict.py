@@ -144,6 +144,7 @@ def test_llm_foundry_scheduler_names_are_checked_too(no_training, capsys, tmp_pa
         (['--n_layers', '3'], 'give the override model.n_layers=3 instead'),
         (['--data', '/x'], 'give the override data.path=/x instead'),
         (['--seed', '3'], 'give the override seed=3 instead'),
+        (['--no_measure_init'], 'give the override algorithms.prores.measure_init=false instead'),
         (['--lr_warmup', '10'], 'give the override scheduler.lr_warmup=10ba instead'),
         (['--norm', 'pre'], '--norm has no effect'),  # even when it equals the YAML: given, so refused
     ],
@@ -161,6 +162,14 @@ def test_measure_init_is_taken_by_the_deepspeed_loop(value):
 
     plan = resolve(from_yaml(QS, [f'algorithms.prores.measure_init={str(value).lower()}'])[0])
     assert plan.prores.measure_init is value
+
+
+def test_the_flat_flag_turns_measure_init_off():
+    from prores_algo.training.deepspeed.cli import parse
+    from prores_algo.training.deepspeed.settings import resolve
+
+    assert resolve(parse([])[0]).prores.measure_init is True
+    assert resolve(parse(['--no_measure_init'])[0]).prores.measure_init is False
 
 
 def test_a_bad_measure_init_gets_prores_trains_message(no_training, capsys):

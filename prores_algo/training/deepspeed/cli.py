@@ -43,6 +43,7 @@ FLAG_KEYS: dict[str, str] = {
     'lr_warmup_delay': 'algorithms.prores.lr_warmup_delay',
     'schedule': 'algorithms.prores.schedule',
     't_warmup': 'algorithms.prores.t_warmup',
+    'measure_init': 'algorithms.prores.measure_init',
     'prores': 'algorithms.prores',
     'data': 'data.path',
     'seed': 'seed',
@@ -86,14 +87,16 @@ def _refusal(flag: str, value: Any) -> str:
             f'--{"no_prores" if flag == "prores" else "schedule " + str(value)} has no effect with --config (ProRes is on when the YAML lists algorithms.prores): '
             'remove algorithms.prores from the YAML'
         )
-    if flag in _BATCHES and isinstance(value, (int, float)) and float(value).is_integer():
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif flag in _BATCHES and isinstance(value, (int, float)) and float(value).is_integer():
         value = f'{int(value)}ba'
     spelling = FLAG_SPELLING.get(flag, flag)
     return f'--{spelling} has no effect with --config (the YAML sets {key}): give the override {key}={value} instead'
 
 
 # flags whose spelling differs from their key (`dest`)
-FLAG_SPELLING = {'t_warmup': 'prores_warmup', 'prores': 'no_prores'}
+FLAG_SPELLING = {'t_warmup': 'prores_warmup', 'prores': 'no_prores', 'measure_init': 'no_measure_init'}
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -188,6 +191,12 @@ def parser() -> argparse.ArgumentParser:
     )
     _deprecated_alias(g, '--t_warmup', '--prores_warmup', dest='t_warmup', type=_warmup_arg)
     g.add_argument('--no_prores', dest='prores', action='store_false')
+    g.add_argument(
+        '--no_measure_init',
+        dest='measure_init',
+        action='store_false',
+        help='do not measure the branches on the first batch (algorithms.prores.measure_init: false)',
+    )
     _loop_flags(p)
     return p
 

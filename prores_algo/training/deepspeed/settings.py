@@ -82,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     'prores': True,
     'schedule': 'linear',
     't_warmup': None,
+    'measure_init': True,
     # data (None: the synthetic token set) and loop
     'data': None,
     'local_cache': None,
@@ -129,6 +130,8 @@ def from_flat(cfg: Mapping[str, Any]) -> tuple[TrainConfig, DSOptions]:
         algorithms['prores'] = {'schedule': f['schedule'], 'lr_warmup_delay': delay}
         if f['t_warmup'] is not None:
             algorithms['prores']['t_warmup'] = f['t_warmup']
+        if not f['measure_init']:
+            algorithms['prores']['measure_init'] = False
     elif delay != '0ba':
         raise ConfigError(
             f'lr_warmup_delay={f["lr_warmup_delay"]!r} delays the LR warmup for ProRes '
