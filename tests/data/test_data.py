@@ -319,14 +319,19 @@ def test_concurrent_jobs_register_shared_memory_without_collisions(corpus, tmp_p
 
 
 DIST_RACE_SCRIPT = """
-import sys, time
+import sys, time, traceback
 import torch.distributed as dist
 from prores_algo.training.data import TokenDataset
 dist.init_process_group('gloo')
 path, n, start, report = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 while time.time() < start:
     time.sleep(0.001)
-live = [TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False) for _ in range(n)]
+try:
+    live = [TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False) for _ in range(n)]
+except Exception:  # torchrun prints only the last rank's traceback: keep each rank's own
+    with open(report.format(rank=dist.get_rank()), 'w') as f:
+        f.write(traceback.format_exc())
+    raise
 dist.barrier()
 # one file per rank: both ranks share the launcher's stdout, where unbuffered prints can interleave
 with open(report.format(rank=dist.get_rank()), 'w') as f:
@@ -373,10 +378,108 @@ def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, 
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
+    failed = [Path(r.format(rank=rank)) for r in reports for rank in range(2)]
+    failed = {p.name: p.read_text()[-3000:] for p in failed if p.exists() and 'constructed' not in p.read_text()}
     for p, (_out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, failed or err[-3000:]
     constructed = [Path(report.format(rank=rank)).read_text() for report in reports for rank in range(2)]
     assert constructed == ['constructed 6'] * 4
+
+
+FREED_DURING_SCAN_SCRIPT = """
+import os, sys, time, traceback
+import torch.distributed as dist
+from streaming.base.constant import LOCALS
+from streaming.base.shared import SharedMemory, prefix
+from prores_algo.training.data import TokenDataset
+dist.init_process_group('gloo')
+path, marker, report = sys.argv[1], sys.argv[2], sys.argv[3]
+rank, scan = dist.get_rank(), prefix._check_and_find_retrying
+if rank == 0:
+    # another job's dataset holds the lowest free prefix, and exits right after this leader has scanned
+    free = scan(['/elsewhere'], [None], shm_name=LOCALS, retry=0)
+    other = SharedMemory(prefix._get_path(free, LOCALS), True, 64, auto_cleanup=False)
+    def leader_scan(*args, **kwargs):
+        found = scan(*args, **kwargs)
+        if not os.path.exists(marker):
+            other.cleanup()
+            open(marker, 'w').close()
+        return found
+    prefix._check_and_find_retrying = leader_scan
+else:
+    def late_scan(*args, **kwargs):  # streaming has every rank scan; this one scans after the exit
+        while not os.path.exists(marker):
+            time.sleep(0.01)
+        return scan(*args, **kwargs)
+    prefix._check_and_find_retrying = late_scan
+try:
+    ds = TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False)
+    result = f'prefix {ds._shm_prefix_int}'
+except Exception:
+    result = traceback.format_exc()
+with open(report.format(rank=rank), 'w') as f:
+    f.write(result)
+os._exit(0)  # a failed rank would leave its peer in a barrier
+"""
+
+
+def test_multi_rank_job_survives_another_job_freeing_a_prefix_during_registration(corpus, tmp_path):
+    # streaming 0.13 alone: rank 0 registers the prefix it scanned, rank 1 scans after the other job
+    # freed a lower one and dies with 'shared memory prefix=N was not registered by local leader'
+    # (seen in CI with two 2-rank jobs and two single-process jobs starting and exiting together).
+    root, _ = corpus
+    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
+    script = tmp_path / 'freed_during_scan.py'
+    script.write_text(FREED_DURING_SCAN_SCRIPT)
+    report = str(tmp_path / 'rank{rank}.txt')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]
+        + [str(tmp_path / 'ds'), str(tmp_path / 'freed'), report],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    results = [Path(report.format(rank=rank)).read_text() for rank in range(2)]
+    assert proc.returncode == 0 and (tmp_path / 'freed').exists(), proc.stderr[-3000:]
+    assert results[0] == results[1] and results[0].startswith('prefix '), results
+
+
+REUSED_LOCAL_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+from prores_algo.training.data import TokenDataset
+dist.init_process_group('gloo')
+remote, local, report = sys.argv[1], sys.argv[2], sys.argv[3]
+first = TokenDataset(local=local, remote=remote, split='train', batch_size=1, shuffle=False)
+try:  # the same local cache for a second remote dataset: the leader's scan refuses it
+    TokenDataset(local=local, remote=remote, split='train', batch_size=1, shuffle=False)
+    result = 'constructed'
+except Exception as e:
+    result = f'{type(e).__name__}: {e}'
+with open(report.format(rank=dist.get_rank()), 'w') as f:
+    f.write(result)
+os._exit(0)
+"""
+
+
+def test_multi_rank_job_whose_leader_refuses_the_prefix_fails_on_every_rank(corpus, tmp_path):
+    # Only the leader scans now; its refusal must reach the other ranks instead of leaving them waiting.
+    root, _ = corpus
+    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
+    script = tmp_path / 'reused_local.py'
+    script.write_text(REUSED_LOCAL_SCRIPT)
+    report = str(tmp_path / 'rank{rank}.txt')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]
+        + [str(tmp_path / 'ds'), str(tmp_path / 'cache'), report],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    leader, other = (Path(report.format(rank=rank)).read_text() for rank in range(2))
+    assert leader.startswith('ValueError: Reused local directory'), leader
+    assert other.startswith("RuntimeError: this node's local leader could not register"), other
 
 
 # ----------------------------------------------------------------------------------------------- atomicity

@@ -54,18 +54,13 @@ def _shm_registration_lock():
     streaming 0.13 registers a dataset's shared memory by scanning for the first free integer prefix
     and then creating `/<prefix>_locals`; the scan and the create are not atomic, so two jobs that
     construct datasets at the same moment pick the same prefix and one dies with
-    `FileExistsError: '/000745_locals'` (or, in a multi-rank job, with 'shared memory prefix=N was not
-    registered by local leader', when a non-leader rank's scan saw a prefix that another job took
-    before its leader's create). A machine-wide flock held by the local leader (LOCAL_RANK 0) across
-    the whole constructor makes scan-and-create atomic between jobs. In a distributed job every
-    rank scans, so the other ranks must not start until their leader holds the lock: a barrier after
-    the leader acquires it. They never take the lock themselves: they meet their leader at barriers
-    inside the constructor, so waiting on the lock as well would deadlock. The flock is released if
-    its holder dies; if it cannot be had in SHM_LOCK_TIMEOUT_S we go on without it.
+    `FileExistsError: '/000745_locals'`. A machine-wide flock held by the local leader (LOCAL_RANK 0)
+    across the whole constructor makes scan-and-create atomic between jobs. The other ranks of a job
+    never take the lock: they meet their leader at barriers inside the constructor, so waiting on the
+    lock as well would deadlock; they take their leader's prefix instead of scanning
+    (`_leader_chooses_shm_prefix`). The flock is released if its holder dies; if it cannot be had in
+    SHM_LOCK_TIMEOUT_S we go on without it.
     """
-    import torch.distributed as dist
-
-    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     leader = int(os.environ.get('LOCAL_RANK', '0')) == 0
     lock = None
     if leader:
@@ -81,12 +76,67 @@ def _shm_registration_lock():
             )
             lock = None
     try:
-        if group:
-            dist.barrier()  # every leader of this job holds its machine's lock before any rank scans
-        yield
+        with _leader_chooses_shm_prefix():
+            yield
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _leader_chooses_shm_prefix():
+    """Within it, every rank of a distributed job uses the shared-memory prefix its local leader found.
+
+    streaming 0.13 has every rank scan /dev/shm for the first free prefix on its own and expects the
+    scans to agree. They need not: a job that exits meanwhile frees its prefixes (its atexit cleanup
+    takes no lock), and a non-leader whose scan ran after the free picks a lower prefix than its
+    leader registered: 'shared memory prefix=N was not registered by local leader'. Here only the local
+    leader scans (under the machine lock), and an all-reduce hands its choice to the ranks of its node;
+    streaming's own registration and checks then run unchanged on that prefix. A failing scan on the
+    leader (streaming's 'Reused local directory') still reaches the collective, so no rank hangs."""
+    import torch.distributed as dist
+    from streaming.base import dataset as streaming_dataset
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared import prefix as streaming_prefix
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    get_shm_prefix = streaming_dataset.get_shm_prefix
+    scan = streaming_prefix._check_and_find_retrying
+
+    def leaders_prefix(streams_local, streams_remote, world, retry=100):
+        streaming_prefix._check_self(streams_local)
+        failure, chosen = None, 0
+        if world.is_local_leader:
+            try:
+                chosen = max(scan(streams_local, streams_remote, shm_name=n, retry=retry) for n in SHM_TO_CLEAN)
+            except ValueError as e:
+                failure, chosen = e, -1
+        device = torch.device('cpu')
+        if dist.get_backend() == 'nccl':
+            device = torch.device('cuda', torch.cuda.current_device())
+        choices = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+        choices[dist.get_rank()] = chosen
+        dist.all_reduce(choices)
+        if failure is not None:
+            raise failure
+        chosen = int(choices[world.node * world.ranks_per_node])
+        if chosen < 0:
+            raise RuntimeError(
+                "this node's local leader could not register the dataset's shared memory; its error says why"
+            )
+        streaming_prefix._check_and_find_retrying = lambda *args, **kwargs: chosen
+        try:
+            return get_shm_prefix(streams_local, streams_remote, world, retry)
+        finally:
+            streaming_prefix._check_and_find_retrying = scan
+
+    streaming_dataset.get_shm_prefix = leaders_prefix
+    try:
+        yield
+    finally:
+        streaming_dataset.get_shm_prefix = get_shm_prefix
 
 
 class TokenDataset(StreamingDataset):
