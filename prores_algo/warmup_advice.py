@@ -11,7 +11,9 @@ they join (`measures.branch_to_stream_ratio`) and, with it, where the norm sits:
 * Pre-LN, branches larger (0.13–0.48: PyTorch's default init, a 768-wide model's scales, a small
   embedding): ahead or inside the seed noise from W / L = 25 on.
 * A normalised stream (Post-LN): ahead or inside the seed noise at every init from W / L = 25 on.
-* W / L = 12 was behind in both placements (official init, 3 seeds) and is where Post-LN can collapse.
+* W / L = 12, the shortest tested, was erratic where branches start small (official init: Pre-LN behind in
+  6 of 6 seeds; Post-LN behind in 4 of 5, one ProRes run stalled) and ahead or inside the seed noise where
+  they start larger; 25 is the fewest steps per layer that was safe at every initialisation.
 
 Without a measurement (nothing to run the model on) the conservative `MIN_STEPS_PER_LAYER` holds.
 Torch only.
@@ -171,8 +173,9 @@ def warmup_advice(
         )
     else:
         why = (
-            'at 12 steps per layer ProRes was behind in both placements (3 of 3 seeds each, official init), '
-            'and Post-LN can collapse'
+            '25 steps per layer is the fewest the study found safe at every initialisation; at 12 ProRes was '
+            'erratic where branches start small (official init, Post-LN: behind in 4 of 5 seeds, one ProRes run '
+            'stalled) and ahead or inside the seed noise where they start larger'
         )
     fix = f'Use t_warmup >= {need * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers})'
     head = f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers'
