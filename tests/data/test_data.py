@@ -386,6 +386,25 @@ def test_concurrent_multi_rank_jobs_register_shared_memory_consistently(corpus, 
     assert constructed == ['constructed 6'] * 4
 
 
+def _two_rank_job(script_text, corpus, tmp_path, arg):
+    """Run `script_text` as a 2-rank torchrun job over a fresh dataset, with arguments (dataset, arg,
+    report path pattern); each rank writes its result to its report. Returns the two results."""
+    root, _ = corpus
+    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
+    script = tmp_path / 'two_rank_job.py'
+    script.write_text(script_text)
+    report = str(tmp_path / 'rank{rank}.txt')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]
+        + [str(tmp_path / 'ds'), arg, report],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [Path(report.format(rank=rank)).read_text() for rank in range(2)]
+
+
 FREED_DURING_SCAN_SCRIPT = """
 import os, sys, time, traceback
 import torch.distributed as dist
@@ -427,20 +446,8 @@ def test_multi_rank_job_survives_another_job_freeing_a_prefix_during_registratio
     # streaming 0.13 alone: rank 0 registers the prefix it scanned, rank 1 scans after the other job
     # freed a lower one and dies with 'shared memory prefix=N was not registered by local leader'
     # (seen in CI with two 2-rank jobs and two single-process jobs starting and exiting together).
-    root, _ = corpus
-    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
-    script = tmp_path / 'freed_during_scan.py'
-    script.write_text(FREED_DURING_SCAN_SCRIPT)
-    report = str(tmp_path / 'rank{rank}.txt')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]
-        + [str(tmp_path / 'ds'), str(tmp_path / 'freed'), report],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    results = [Path(report.format(rank=rank)).read_text() for rank in range(2)]
-    assert proc.returncode == 0 and (tmp_path / 'freed').exists(), proc.stderr[-3000:]
+    results = _two_rank_job(FREED_DURING_SCAN_SCRIPT, corpus, tmp_path, str(tmp_path / 'freed'))
+    assert (tmp_path / 'freed').exists()
     assert results[0] == results[1] and results[0].startswith('prefix '), results
 
 
@@ -464,20 +471,7 @@ os._exit(0)
 
 def test_multi_rank_job_whose_leader_refuses_the_prefix_fails_on_every_rank(corpus, tmp_path):
     # Only the leader scans now; its refusal must reach the other ranks instead of leaving them waiting.
-    root, _ = corpus
-    write_mds(str(root), tmp_path / 'ds', seq_len=8, val_fraction=0, progress=False)
-    script = tmp_path / 'reused_local.py'
-    script.write_text(REUSED_LOCAL_SCRIPT)
-    report = str(tmp_path / 'rank{rank}.txt')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script)]
-        + [str(tmp_path / 'ds'), str(tmp_path / 'cache'), report],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    leader, other = (Path(report.format(rank=rank)).read_text() for rank in range(2))
+    leader, other = _two_rank_job(REUSED_LOCAL_SCRIPT, corpus, tmp_path, str(tmp_path / 'cache'))
     assert leader.startswith('ValueError: Reused local directory'), leader
     assert other.startswith("RuntimeError: this node's local leader could not register"), other
 
