@@ -7,13 +7,11 @@ What decided whether a short warmup hurt was how large the residual branches sta
 they join (`measures.branch_to_stream_ratio`) and, with it, where the norm sits:
 
 * Pre-LN, branches small at init (ratio 0.058, the official N(0, 0.02) at width 64): ProRes behind in
-  6 of 6 seeds at W / L = 25, ahead in 6 of 6 at 100.
-* Pre-LN, branches larger (0.13–0.48: PyTorch's default init, a 768-wide model's scales, a small
-  embedding): ahead or inside the seed noise from W / L = 25 on.
-* A normalised stream (Post-LN): ahead or inside the seed noise at every init from W / L = 25 on.
-* W / L = 12, the shortest tested, was erratic where branches start small (official init: Pre-LN behind in
-  6 of 6 seeds; Post-LN behind in 4 of 5, one ProRes run stalled) and ahead or inside the seed noise where
-  they start larger; 25 is the fewest steps per layer that was safe at every initialisation.
+  6 of 6 seeds at W / L = 12 and 25, ahead in 6 of 6 at 100.
+* A norm on the stream (Post-LN), branches small (0.010, the same init): erratic at W / L = 12 (behind in
+  4 of 5 seeds, one ProRes run stalled), ahead or inside the seed noise from 25 on.
+* Branches larger (0.13–0.48: PyTorch's default init, a 768-wide model's scales, a small embedding), in
+  either placement: ahead or inside the seed noise at every W / L tested, from 12 (the shortest) on.
 
 Without a measurement (nothing to run the model on) the conservative `MIN_STEPS_PER_LAYER` holds.
 Torch only.
@@ -58,14 +56,16 @@ INIT_MIN_STEPS_METRIC = 'prores/init/min_steps_per_layer'
 
 MEASURE_SAMPLES = 8  # samples of a batch to measure on: enough positions, little memory for the extra pass
 
-# Between the study's small-branch point (0.058, behind at W / L 25) and its next one (0.127, not behind).
+# Between the study's small-branch points (0.058 Pre-LN, 0.010 Post-LN, the official init) and the next
+# ones up (0.127 and 0.129, PyTorch's init), which were not behind at any W / L.
 SMALL_BRANCH_RATIO = 0.1
 
-# The fewest steps of α warmup per layer at which ProRes was never behind its baseline, per regime.
+# The fewest steps of α warmup per layer at which ProRes was never behind its baseline, per regime
+# (6 seeds per point; 12 is the shortest W / L the study ran).
 STUDY_MIN_STEPS_PER_LAYER: dict[str, int] = {
-    'pre, small branches': MIN_STEPS_PER_LAYER,  # 0.058: behind 6/6 at 25, ahead 6/6 at 100
-    'pre, large branches': 25,  # 0.13-0.48: ahead or inside the noise at 25
-    'normalised stream': 25,  # Post-LN, every init: ahead or inside the noise at 25; behind at 12
+    'pre, small branches': MIN_STEPS_PER_LAYER,  # 0.058: behind 6/6 at 12 and 25, ahead 6/6 at 100
+    'normalised stream, small branches': 25,  # 0.010: at 12 behind 4/5 and one ProRes stall; 5/6 ahead at 25
+    'large branches': 12,  # 0.13-0.48, Pre- and Post-LN: ahead or inside the noise at 12, 25 and 100
 }
 
 
@@ -78,9 +78,9 @@ class InitMeasure:
 
     @property
     def regime(self) -> str:
-        if self.normalised_stream:
-            return 'normalised stream'
-        return 'pre, small branches' if self.ratio < SMALL_BRANCH_RATIO else 'pre, large branches'
+        if self.ratio >= SMALL_BRANCH_RATIO:
+            return 'large branches'
+        return 'normalised stream, small branches' if self.normalised_stream else 'pre, small branches'
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -149,7 +149,7 @@ def warmup_advice(
     if measure is None:
         where = 'the model was not measured'
     elif measure.normalised_stream:
-        where = 'a norm sits on the residual stream (Post-LN-like)'
+        where = f'a norm sits on the residual stream (Post-LN-like), branches start at {measure.ratio:.3g} of it'
     else:
         where = f'Pre-LN, branches start at {measure.ratio:.3g} of the stream'
     if per_layer >= need:
@@ -160,8 +160,9 @@ def warmup_advice(
     if measure is None:
         why = (
             f'below {need} per layer the study saw ProRes behind where residual branches start small against '
-            f'the stream (Pre-LN, N(0, 0.02) at small width), and Post-LN with the linear schedule can collapse; '
-            f'larger branches and Post-LN needed {STUDY_MIN_STEPS_PER_LAYER["normalised stream"]} per layer. '
+            f'the stream (Pre-LN, N(0, 0.02) at small width), Post-LN with small branches needed '
+            f'{STUDY_MIN_STEPS_PER_LAYER["normalised stream, small branches"]} (and can collapse at a few steps per '
+            f'layer), branches at a tenth of the stream or more {STUDY_MIN_STEPS_PER_LAYER["large branches"]}. '
             'To be told for your model, let ProRes measure a batch: apply_prores(..., example_inputs=batch), or '
             'measure_init (on by default where the front end can run the model: the Composer algorithm, the HF '
             'callback outside FSDP and DeepSpeed, a fresh prores-ds-train run)'
@@ -169,13 +170,18 @@ def warmup_advice(
     elif measure.regime == 'pre, small branches':
         why = (
             f'with branches this small (below {SMALL_BRANCH_RATIO}) the model already starts near identity, and '
-            f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 25 steps per layer, ahead at {need}'
+            f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 12 and 25 steps per layer, ahead '
+            f'at {need}'
+        )
+    elif measure.regime == 'normalised stream, small branches':
+        why = (
+            f'with branches this small (below {SMALL_BRANCH_RATIO}) behind a norm, 12 steps per layer was erratic '
+            f'(behind in 4 of 5 seeds, one ProRes run stalled) and {need} was not behind'
         )
     else:
         why = (
-            '25 steps per layer is the fewest the study found safe at every initialisation; at 12 ProRes was '
-            'erratic where branches start small (official init, Post-LN: behind in 4 of 5 seeds, one ProRes run '
-            'stalled) and ahead or inside the seed noise where they start larger'
+            f'{need} steps per layer is the shortest warmup the study ran; there and above, branches this large '
+            'had ProRes ahead or inside the seed noise in both placements, below it nothing was measured'
         )
     fix = f'Use t_warmup >= {need * num_layers} steps (the paper: {PAPER_STEPS_PER_LAYER * num_layers})'
     head = f'ProRes t_warmup = {warmup_steps:g} steps over {num_layers} layers'

@@ -41,12 +41,14 @@ def _short_warnings(record):
 @pytest.mark.parametrize(
     'measure, need',
     [
-        (InitMeasure(0.058, False), 100),  # Pre-LN, official init at width 64: behind at 25, ahead at 100
+        (InitMeasure(0.058, False), 100),  # Pre-LN, official init at width 64: behind at 12 and 25, ahead at 100
         (InitMeasure(SMALL_BRANCH_RATIO - 1e-9, False), 100),
-        (InitMeasure(SMALL_BRANCH_RATIO, False), 25),  # PyTorch's init (0.127), width768 (0.24), 0.48
-        (InitMeasure(0.48, False), 25),
-        (InitMeasure(0.010, True), 25),  # Post-LN: every init ahead or inside the noise at 25
-        (InitMeasure(0.9, True), 25),
+        (InitMeasure(SMALL_BRANCH_RATIO, False), 12),  # PyTorch's init (0.127), width768 (0.24), 0.48
+        (InitMeasure(0.48, False), 12),
+        (InitMeasure(0.010, True), 25),  # Post-LN, official init: erratic at 12, not behind from 25
+        (InitMeasure(SMALL_BRANCH_RATIO - 1e-9, True), 25),
+        (InitMeasure(SMALL_BRANCH_RATIO, True), 12),  # Post-LN, larger inits: not behind from 12
+        (InitMeasure(0.9, True), 12),
         (None, MIN_STEPS_PER_LAYER),  # not measured: the conservative threshold
     ],
 )
@@ -54,7 +56,9 @@ def test_min_steps_per_layer_per_regime(measure, need):
     assert min_steps_per_layer(measure) == need
 
 
-@pytest.mark.parametrize('measure, need', [(InitMeasure(0.05, False), 100), (InitMeasure(0.2, False), 25)])
+@pytest.mark.parametrize(
+    'measure, need', [(InitMeasure(0.05, False), 100), (InitMeasure(0.05, True), 25), (InitMeasure(0.2, False), 12)]
+)
 def test_advice_switches_exactly_at_the_regimes_threshold(measure, need):
     L = 8
     short, msg = warmup_advice(need * L - 1, L, measure)
@@ -68,7 +72,11 @@ def test_advice_names_the_regime_and_the_auto_cap():
     assert short and 'branches start at 0.058 of the stream' in msg and 'behind in 6 of 6 seeds' in msg
     short, msg = warmup_advice(96, 8, InitMeasure(0.01, True), auto_run_steps=384)
     assert short and "t_warmup='auto' gives W = 96" in msg and 'train for at least 800 steps' in msg
-    assert 'a norm sits on the residual stream' in msg
+    assert 'a norm sits on the residual stream (Post-LN-like), branches start at 0.01 of it' in msg
+    short, msg = warmup_advice(96, 8, InitMeasure(0.01, True))
+    assert short and 'behind in 4 of 5 seeds, one ProRes run stalled' in msg and 'Use t_warmup >= 200' in msg
+    short, msg = warmup_advice(88, 8, InitMeasure(0.2, False))
+    assert short and 'the shortest warmup the study ran' in msg and 'Use t_warmup >= 96' in msg
 
 
 # --- the measurement on real models ----------------------------------------------------------------------
@@ -314,7 +322,7 @@ def test_composer_measures_the_first_batch_logs_it_and_advises(init, warns):
     assert algo.init_measure.ratio == pytest.approx(expected['median'], rel=1e-6)
     assert mem.hyperparameters[INIT_RATIO_METRIC] == algo.init_measure.ratio
     assert mem.hyperparameters[INIT_NORMALISED_METRIC] == 0.0
-    assert mem.hyperparameters[INIT_MIN_STEPS_METRIC] == (100.0 if warns else 25.0)
+    assert mem.hyperparameters[INIT_MIN_STEPS_METRIC] == (100.0 if warns else 12.0)
     assert (len(short) == 1) is warns and (not short or 'branches start at' in short[0])
     assert trainer.state.model.training
 
