@@ -473,7 +473,44 @@ def test_multi_rank_job_whose_leader_refuses_the_prefix_fails_on_every_rank(corp
     # Only the leader scans now; its refusal must reach the other ranks instead of leaving them waiting.
     leader, other = _two_rank_job(REUSED_LOCAL_SCRIPT, corpus, tmp_path, str(tmp_path / 'cache'))
     assert leader.startswith('ValueError: Reused local directory'), leader
-    assert other.startswith("RuntimeError: this node's local leader could not register"), other
+    assert other.startswith('RuntimeError: a local leader could not register'), other
+
+
+OTHER_NODE_FAILS_SCRIPT = """
+import os, sys
+from datetime import timedelta
+os.environ['LOCAL_WORLD_SIZE'] = '1'  # two simulated nodes of one rank each: both ranks are local leaders
+import torch.distributed as dist
+from streaming.base.shared import prefix
+from prores_algo.training.data import TokenDataset, token_dataset
+dist.init_process_group('gloo', timeout=timedelta(seconds=60))
+path, lock_dir, report = sys.argv[1], sys.argv[2], sys.argv[3]
+rank = dist.get_rank()
+token_dataset._SHM_LOCK_DIR = f'{lock_dir}{rank}'  # each simulated node has a machine (and a lock) of its own
+os.makedirs(token_dataset._SHM_LOCK_DIR)
+if rank == 0:
+    def failing_scan(*args, **kwargs):
+        raise OSError('node 0 cannot read /dev/shm')
+    prefix._check_and_find_retrying = failing_scan
+try:
+    TokenDataset(local=path, remote=None, split='train', batch_size=1, shuffle=False)
+    result = 'constructed'
+except Exception as e:
+    result = f'{type(e).__name__}: {e}'
+with open(report.format(rank=rank), 'w') as f:
+    f.write(result)
+os._exit(0)
+"""
+
+
+def test_a_leader_failing_on_one_node_fails_the_other_nodes_instead_of_leaving_them_waiting(corpus, tmp_path):
+    # Node 1's own leader found a prefix, but node 0 gave up: node 1 must not wait in streaming's barrier
+    # for it (that would last the process group's timeout, 60 s here, 30 min by default).
+    start = time.time()
+    node0, node1 = _two_rank_job(OTHER_NODE_FAILS_SCRIPT, corpus, tmp_path, str(tmp_path / 'lock'))
+    assert node0 == 'OSError: node 0 cannot read /dev/shm'
+    assert node1.startswith('RuntimeError: a local leader could not register'), node1
+    assert time.time() - start < 55
 
 
 # ----------------------------------------------------------------------------------------------- atomicity

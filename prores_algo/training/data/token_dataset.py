@@ -4,9 +4,11 @@ machine-wide lock around streaming's shared-memory registration."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,16 +56,17 @@ def _shm_registration_lock():
     streaming 0.13 registers a dataset's shared memory by scanning for the first free integer prefix
     and then creating `/<prefix>_locals`; the scan and the create are not atomic, so two jobs that
     construct datasets at the same moment pick the same prefix and one dies with
-    `FileExistsError: '/000745_locals'`. A machine-wide flock held by the local leader (LOCAL_RANK 0)
+    `FileExistsError: '/000745_locals'`. A machine-wide flock held by streaming's local leader
     across the whole constructor makes scan-and-create atomic between jobs. The other ranks of a job
     never take the lock: they meet their leader at barriers inside the constructor, so waiting on the
     lock as well would deadlock; they take their leader's prefix instead of scanning
     (`_leader_chooses_shm_prefix`). The flock is released if its holder dies; if it cannot be had in
     SHM_LOCK_TIMEOUT_S we go on without it.
     """
-    leader = int(os.environ.get('LOCAL_RANK', '0')) == 0
+    from streaming.base.world import World
+
     lock = None
-    if leader:
+    if World.detect().is_local_leader:  # streaming's own notion of the leader (RANK, LOCAL_WORLD_SIZE)
         from filelock import FileLock, Timeout  # a dependency of mosaicml-streaming
 
         lock = FileLock(os.path.join(_SHM_LOCK_DIR, 'prores_algo_streaming_shm.lock'))
@@ -93,50 +96,58 @@ def _leader_chooses_shm_prefix():
     leader registered: 'shared memory prefix=N was not registered by local leader'. Here only the local
     leader scans (under the machine lock), and an all-reduce hands its choice to the ranks of its node;
     streaming's own registration and checks then run unchanged on that prefix. A failing scan on the
-    leader (streaming's 'Reused local directory') still reaches the collective, so no rank hangs."""
+    leader (streaming's 'Reused local directory') still reaches the collective, and every rank of every
+    node raises, so no rank waits in a barrier for ranks that gave up. One constructor at a time per
+    process: the patch is module-wide."""
     import torch.distributed as dist
     from streaming.base import dataset as streaming_dataset
-    from streaming.base.constant import SHM_TO_CLEAN
     from streaming.base.shared import prefix as streaming_prefix
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         yield
         return
-    get_shm_prefix = streaming_dataset.get_shm_prefix
-    scan = streaming_prefix._check_and_find_retrying
-
-    def leaders_prefix(streams_local, streams_remote, world, retry=100):
-        streaming_prefix._check_self(streams_local)
-        failure, chosen = None, 0
-        if world.is_local_leader:
-            try:
-                chosen = max(scan(streams_local, streams_remote, shm_name=n, retry=retry) for n in SHM_TO_CLEAN)
-            except ValueError as e:
-                failure, chosen = e, -1
-        device = torch.device('cpu')
-        if dist.get_backend() == 'nccl':
-            device = torch.device('cuda', torch.cuda.current_device())
-        choices = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
-        choices[dist.get_rank()] = chosen
-        dist.all_reduce(choices)
-        if failure is not None:
-            raise failure
-        chosen = int(choices[world.node * world.ranks_per_node])
-        if chosen < 0:
-            raise RuntimeError(
-                "this node's local leader could not register the dataset's shared memory; its error says why"
-            )
-        streaming_prefix._check_and_find_retrying = lambda *args, **kwargs: chosen
+    with _PATCH_LOCK:
+        get_shm_prefix = streaming_dataset.get_shm_prefix
+        scan = streaming_prefix._check_and_find_retrying
+        streaming_dataset.get_shm_prefix = functools.partial(_leaders_prefix, get_shm_prefix, scan)
         try:
-            return get_shm_prefix(streams_local, streams_remote, world, retry)
+            yield
         finally:
-            streaming_prefix._check_and_find_retrying = scan
+            streaming_dataset.get_shm_prefix = get_shm_prefix
 
-    streaming_dataset.get_shm_prefix = leaders_prefix
+
+_PATCH_LOCK = threading.Lock()
+
+
+def _leaders_prefix(get_shm_prefix, scan, streams_local, streams_remote, world, retry=100):
+    """streaming's `get_shm_prefix` on the prefix this node's local leader found (see above)."""
+    import torch.distributed as dist
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared import prefix as streaming_prefix
+
+    streaming_prefix._check_self(streams_local)
+    failure, chosen = None, 0
+    if world.is_local_leader:
+        try:
+            chosen = max(scan(streams_local, streams_remote, shm_name=n, retry=retry) for n in SHM_TO_CLEAN)
+        except Exception as e:  # reach the collective first: the other ranks wait in it
+            failure, chosen = e, -1
+    device = torch.device('cpu')
+    if dist.get_backend() == 'nccl':
+        device = torch.device('cuda', torch.cuda.current_device())
+    choices = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    choices[dist.get_rank()] = chosen
+    dist.all_reduce(choices)
+    if failure is not None:
+        raise failure
+    if bool((choices < 0).any()):
+        raise RuntimeError("a local leader could not register the dataset's shared memory; its error says why")
+    chosen = int(choices[world.node * world.ranks_per_node])
+    streaming_prefix._check_and_find_retrying = lambda *args, **kwargs: chosen
     try:
-        yield
+        return get_shm_prefix(streams_local, streams_remote, world, retry)
     finally:
-        streaming_dataset.get_shm_prefix = get_shm_prefix
+        streaming_prefix._check_and_find_retrying = scan
 
 
 class TokenDataset(StreamingDataset):
