@@ -319,6 +319,30 @@ def test_deepnorm_zero3_cli_runs(tmp_path):
         assert len(s['losses']) == 2 and all(math.isfinite(x) for x in s['losses'])
 
 
+@pytest.mark.slow
+def test_deepspeed_launcher_streams_the_data_on_two_processes(tmp_path):
+    """`deepspeed --num_gpus 2 --module ...`, the launcher the docs name, on streaming MDS data. It sets
+    LOCAL_SIZE, not the LOCAL_WORLD_SIZE streaming reads: without the translation in
+    `process_group.init_distributed` streaming takes each rank for a node of its own and both register
+    the same shared memory (the run hung on the machine lock, then failed)."""
+    from prores_algo.training.data import write_mds
+
+    write_mds('stdlib', tmp_path / 'data', seq_len=32, val_fraction=0.1, max_tokens=20_000, progress=False)
+    env = env_without_dist()
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
+    summary = tmp_path / 'summary_{rank}.json'
+    cmd = [str(TORCHRUN.parent / 'deepspeed'), '--num_gpus', '2', '--master_port', str(free_port())]
+    cmd += ['--module', 'prores_algo.training.deepspeed.loop', '--config', str(ROOT / 'yamls' / 'quickstart.yaml')]
+    cmd += ['--deepspeed_config', str(ZERO3_JSON), '--require_stage3', '--summary', str(summary)]
+    cmd += [f'data.path={tmp_path / "data"}', 'data.source=null', 'data.seq_len=32', 'model.d_model=32']
+    cmd += ['model.n_heads=4', 'model.n_layers=3', 'global_train_batch_size=8', 'algorithms.prores.t_warmup=8ba']
+    cmd += ['max_duration=4ba', 'eval_interval=100ba']
+    _ok(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300))
+    for s in _summaries(summary, 2):
+        assert s['world_size'] == 2 and s['zero_stage'] == 3
+        assert len(s['losses']) == 4 and all(math.isfinite(x) for x in s['losses'])
+
+
 # ---------------------------------------------------------------------------------------------------
 # ds_train config errors (raised before any process group exists: in-process and fast)
 # ---------------------------------------------------------------------------------------------------

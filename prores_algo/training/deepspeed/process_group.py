@@ -25,6 +25,10 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0')
         os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
         os.environ.setdefault('MASTER_PORT', str(free_port()))
+    # The `deepspeed` launcher names the ranks per node LOCAL_SIZE; streaming reads LOCAL_WORLD_SIZE, and
+    # without it takes every rank for a node of its own: all register the same shared-memory prefix.
+    if 'LOCAL_SIZE' in os.environ:
+        os.environ.setdefault('LOCAL_WORLD_SIZE', os.environ['LOCAL_SIZE'])
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend='nccl' if torch.cuda.is_available() else 'gloo', auto_mpi_discovery=False, verbose=False
