@@ -755,6 +755,11 @@ def keep_finished(results: dict, out: Path, specs: list) -> None:
         results['resumed'] = int(old.get('resumed', 0)) + 1
 
 
+def _status(runs: dict, planned: list[str]) -> str:
+    """'complete' when every planned run is measured, else 'partial' (`--resume` measures the rest)."""
+    return 'complete' if all(k in runs for k in planned) else 'partial'
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -762,6 +767,7 @@ def main(argv=None) -> dict:
     if args.plots_only:  # the summary is recomputed from the runs, so a change of statistics reaches it
         results = json.loads(out.read_text())
         results['summary'] = summarize(results['runs'], results['studies'], results['config'], results['init_ratios'])
+        results['status'] = _status(results['runs'], results['planned'])  # a stopped study no longer says running
         write_json(out, results)
         print('wrote', make_plots(results, out.parent))
         return results
@@ -806,7 +812,7 @@ def main(argv=None) -> dict:
 
     run_pool(_safe_execute, [(s, str(data_path), unigram) for s in todo], args.jobs, on_result)  # priority order
     results['summary'] = summarize(results['runs'], studies, m, results['init_ratios'])
-    results['status'] = 'complete' if all(run_key(s) in results['runs'] for s in specs) else 'partial'
+    results['status'] = _status(results['runs'], [run_key(s) for s in specs])
     results['elapsed_s'] = time.time() - t0
     results['figures'] = make_plots(results, out.parent)
     write_json(out, results)
