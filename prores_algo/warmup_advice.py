@@ -7,7 +7,7 @@ What decided whether a short warmup hurt was how large the residual branches sta
 they join (`measures.branch_to_stream_ratio`) and, with it, where the norm sits:
 
 * Pre-LN, branches small at init (ratio 0.058, the official N(0, 0.02) at width 64): ProRes behind in
-  6 of 6 seeds at W / L = 12 and 25, ahead in 6 of 6 at 100.
+  6 of 6 seeds at W / L = 12 and 25, still behind at 50 (4 of 6), ahead in 6 of 6 at 100.
 * A norm on the stream (Post-LN), branches small (0.010, the same init): erratic at W / L = 12 (behind in
   4 of 5 seeds, one ProRes run stalled), ahead or inside the seed noise from 25 on.
 * Branches larger (0.13–0.48: PyTorch's default init, a 768-wide model's scales, a small embedding), in
@@ -63,8 +63,8 @@ SMALL_BRANCH_RATIO = 0.1
 # The fewest steps of α warmup per layer at which ProRes was never behind its baseline, per regime
 # (6 seeds per point; 12 is the shortest W / L the study ran).
 STUDY_MIN_STEPS_PER_LAYER: dict[str, int] = {
-    'pre, small branches': MIN_STEPS_PER_LAYER,  # 0.058: behind 6/6 at 12 and 25, ahead 6/6 at 100
-    'normalised stream, small branches': 25,  # 0.010: at 12 behind 4/5 and one ProRes stall; 5/6 ahead at 25
+    'pre, small branches': MIN_STEPS_PER_LAYER,  # 0.058: behind 6/6 at 12 and 25, 4/6 at 50; ahead 6/6 at 100
+    'normalised stream, small branches': 25,  # 0.010: at 12 behind 4/5, one ProRes stall; 5/6 ahead at 25, 6/6 at 50
     'large branches': 12,  # 0.13-0.48, Pre- and Post-LN: ahead or inside the noise at 12, 25 and 100
 }
 
@@ -170,8 +170,8 @@ def warmup_advice(
     elif measure.regime == 'pre, small branches':
         why = (
             f'with branches this small (below {SMALL_BRANCH_RATIO}) the model already starts near identity, and '
-            f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 12 and 25 steps per layer, ahead '
-            f'at {need}'
+            f'a short ProRes warmup only delays it: behind in 6 of 6 seeds at 12 and 25 steps per layer, still '
+            f'behind at 50, ahead at {need}'
         )
     elif measure.regime == 'normalised stream, small branches':
         why = (
